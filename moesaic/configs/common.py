@@ -1,0 +1,83 @@
+"""The pieces every config shares: the sections, their defaults and the sharding rules.
+
+A config file picks the shapes and calls `build(...)`. Sections:
+  model   the transformer (moesaic.model.config.ModelConfig reads it)
+  mesh    device mesh sizes; -1 fills the remaining devices
+  rules   logical axis -> mesh axes (None = replicated)
+  data    where the prepared sources live and how batches are cut
+  train   optimizer, schedule, steps, checkpoints
+  branch  the branch job: which source, how the own router row starts, what is frozen
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Logical axes named in model code, mapped onto the mesh ('data', 'fsdp', 'expert', 'tensor').
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+)
+
+# What a coordinated branch job never trains: regexes over parameter paths ("blocks/attn/q").
+# The base experts and base router rows are frozen by index, see moesaic.branch_train.
+DEFAULT_FROZEN = (
+    r"^embed/",
+    r"^lm_head/",
+    r"^final_norm/",
+    r"^blocks/attn/",
+    r"^blocks/attn_norm/",
+    r"^blocks/ffn_norm/",
+)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """`"source=code,preset=smoke"` -> ConfigDict, typed by the defaults."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"config argument {item!r}: expected one of {sorted(defaults)}=value")
+        default = defaults[key]
+        out[key] = type(default)(value) if default is not None else value
+    return out
+
+
+def build(*, model: dict, seq_len: int, global_batch: int, steps: int, lr: float,
+          source: str = "", data_dir: str = "") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=264, eos_id=256, pad_id=257, tokenizer="bytes",
+        d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=0, d_ff=512,
+        n_experts=1, top_k=1, norm_topk_prob=False, router_bias=True,
+        rope_theta=10_000.0, norm_eps=1e-6, init_std=0.02,
+        dispatch="dropless", capacity_factor=1.25,
+        z_loss_weight=1e-5, lb_loss_weight=0.0,
+        dtype="float32", param_dtype="float32", remat="none",
+    ))
+    c.model.update(model)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+    c.rules = DEFAULT_RULES
+    c.data = ml_collections.ConfigDict(dict(
+        dir=data_dir, mixture="public", seq_len=seq_len, global_batch=global_batch,
+        eval_batches=8,
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=steps, lr=lr, warmup_steps=max(1, steps // 20), min_lr_ratio=0.1,
+        b1=0.9, b2=0.95, weight_decay=0.0, clip=1.0,
+        log_every=10, ckpt_every=max(1, steps // 4), keep=2,
+    ))
+    c.branch = ml_collections.ConfigDict(dict(
+        source=source, mode="coordinated", router_init="mean_hidden", router_noise=0.02,
+        router_vector="", train_top_k=0, frozen=DEFAULT_FROZEN, stats_batches=8,
+    ))
+    return c

@@ -1,0 +1,12 @@
+"""FlexOlmo 7x7B: the OLMo-2 7B base with 7 experts, 5 active (the released configuration).
+
+    moesaic plan --config moesaic/configs/flexolmo_7x7b.py --mesh data=1,fsdp=8 --hbm 80GB
+"""
+
+from moesaic.configs import olmo2_7b
+
+
+def get_config(arg=None):
+    config = olmo2_7b.get_config("experts=7" + (f",{arg}" if arg else ""))
+    config.model.top_k = 5
+    return config

@@ -1,0 +1,87 @@
+"""Configs on the command line, big_vision style.
+
+`--config moesaic/configs/tiny.py:source=code` loads the file and calls `get_config("source=code")`;
+`--config.model.d_model=256` then overrides one field. Values are parsed with the type of the
+field they replace, so a typo or a wrong type is an error that names the field.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path.py[:arg]` and returns `get_config(arg)`."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"moesaic_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path!r} has no get_config(arg) function")
+    return module.get_config(arg or None)
+
+
+def _parse_value(text: str, old):
+    if isinstance(old, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if isinstance(old, str) or old is None:
+        try:
+            return ast.literal_eval(text) if old is None else text
+        except (ValueError, SyntaxError):
+            return text
+    value = ast.literal_eval(text)
+    if isinstance(old, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(old, (int, float)) and not isinstance(value, type(old)):
+        raise ValueError(f"expected {type(old).__name__}, got {text!r}")
+    if isinstance(old, (tuple, list)):
+        value = type(old)(value)
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Applies `a.b.c=value` overrides in place."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like --config.a.b=value")
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            if name not in node:
+                raise KeyError(f"config has no field {key!r} (no {name!r})")
+            node = node[name]
+        if leaf not in node:
+            raise KeyError(f"config has no field {key!r}")
+        try:
+            node[leaf] = _parse_value(text, node[leaf])
+        except (ValueError, SyntaxError) as err:
+            raise ValueError(f"config field {key!r}: {err}") from None
+
+
+def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config.x=y` overrides from the other arguments."""
+    rest, overrides = [], []
+    for arg in argv:
+        if arg.startswith("--config."):
+            overrides.append(arg[len("--config."):])
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
+def resolve(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
+    config = load_config_file(spec)
+    apply_overrides(config, overrides)
+    return config
