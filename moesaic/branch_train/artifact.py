@@ -1,0 +1,61 @@
+"""The branch artifact: what one party hands to the merge (DESIGN.md, contract 3).
+
+Only what the owner trained, plus aggregates of its data under the base model:
+
+    blocks/ffn/w_gate  (L, 1, D, F)    the owner's expert in every layer (expert axis kept)
+    blocks/ffn/w_up    (L, 1, D, F)
+    blocks/ffn/w_down  (L, 1, F, D)
+    blocks/ffn/router  (L, 1, D)       its router row
+    blocks/ffn/bias    (L, 1)          its bias (the model clamps it to <= 0)
+    stats/x_sum        (L, D) float32  per layer, sum of the router inputs (X^T 1)
+    stats/xtx          (L, D, D)       per layer, X^T X
+    stats/mean_hidden  (L, D)          x_sum / n_tokens
+
+meta.json: kind="branch", source, base_fingerprint (of the base it started from),
+frozen_hashes {tensor name: hash of that base tensor as the branch job held it at the end},
+base_experts (n experts in the base), model (the branch model's ModelConfig, n_experts =
+base_experts + 1), config (the resolved job config), tokens_seen, stats_tokens,
+stats_documents, steps. No text and no per-document values.
+
+A `dense` branch (BTX/BTM baselines) is a whole model checkpoint with kind="dense_branch".
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping
+
+import numpy as np
+
+from moesaic.model import io
+
+KIND = "branch"
+DENSE_KIND = "dense_branch"
+OWN_TENSORS = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down",
+               "blocks/ffn/router", "blocks/ffn/bias")
+STATS = ("stats/x_sum", "stats/xtx", "stats/mean_hidden")
+REQUIRED_META = ("source", "base_fingerprint", "frozen_hashes", "base_experts", "model",
+                 "config", "tokens_seen", "stats_tokens", "stats_documents", "steps")
+
+
+def own_slices(flat: Mapping[str, object], index: int) -> dict[str, np.ndarray]:
+    """The owner's tensors from a full branch model's parameters: expert `index`."""
+    return {name: np.asarray(flat[name])[:, index:index + 1] for name in OWN_TENSORS}
+
+
+def save(path: str | pathlib.Path, own: Mapping, stats: Mapping, meta: dict, **kw) -> None:
+    missing = [n for n in OWN_TENSORS if n not in own] + [n for n in STATS if n not in stats]
+    missing += [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"branch artifact {path}: missing {missing}")
+    extra = sorted(set(own) - set(OWN_TENSORS)) + sorted(set(stats) - set(STATS))
+    if extra:
+        raise ValueError(f"branch artifact {path}: unexpected tensors {extra}")
+    io.save(path, {**own, **stats}, {**meta, "kind": KIND}, **kw)
+
+
+def read_meta(path: str | pathlib.Path) -> dict:
+    meta = io.read_meta(path)
+    if meta.get("kind") != KIND:
+        raise ValueError(f"{path} is a {meta.get('kind')!r} checkpoint, not a branch artifact")
+    return meta

@@ -1,0 +1,93 @@
+"""The model's hyperparameters, checked once when a config becomes a `ModelConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import ml_collections
+
+DISPATCHES = ("dropless", "capacity")
+REMATS = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 264
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0: d_model // n_heads
+    d_ff: int = 512
+    n_experts: int = 1
+    top_k: int = 1
+    norm_topk_prob: bool = False
+    router_bias: bool = True
+    router_trainable: bool = True  # False: router rows are RouterState, never optimized
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    z_loss_weight: float = 1e-5
+    lb_loss_weight: float = 0.0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    eos_id: int = 256
+    pad_id: int = 257
+    tokenizer: str = "bytes"
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ValueError(f"model.{field}={getattr(self, field)!r}: {why}")
+
+        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                      "n_experts", "top_k"):
+            if getattr(self, field) < 1:
+                bad(field, "must be at least 1")
+        if self.head_dim == 0 and self.d_model % self.n_heads:
+            bad("d_model", f"not divisible by n_heads={self.n_heads}; set model.head_dim")
+        if self.n_heads % self.n_kv_heads:
+            bad("n_kv_heads", f"must divide n_heads={self.n_heads}")
+        if self.top_k > self.n_experts:
+            bad("top_k", f"exceeds n_experts={self.n_experts}")
+        if self.dispatch not in DISPATCHES:
+            bad("dispatch", f"unknown dispatch; one of {DISPATCHES}")
+        if self.remat not in REMATS:
+            bad("remat", f"unknown remat policy; one of {REMATS}")
+        if self.capacity_factor <= 0:
+            bad("capacity_factor", "must be positive")
+        for field in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, field))
+            except TypeError:
+                bad(field, "not a dtype name")
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict | dict) -> ModelConfig:
+        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 1
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)

@@ -1,0 +1,179 @@
+"""Model checkpoints: one Orbax tree of parameters plus a JSON metadata file, written whole or
+not at all (DESIGN.md, contract 8).
+
+    PATH/params/      Orbax (OCDBT) tree, flat: {"blocks/ffn/w_gate": array, ...}
+    PATH/meta.json    {"kind": ..., "model": ModelConfig fields, "fingerprint": ..., ...}
+
+Everything is written under `PATH.partial` and renamed to PATH when complete: a reader either
+sees a finished checkpoint or none. Restoring takes an abstract target with the shardings of
+the current mesh, so a checkpoint written on one mesh loads onto another; single tensors can
+be read alone (merges and exports stream tensor by tensor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import shutil
+from collections.abc import Iterable, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from moesaic.model.config import ModelConfig
+from moesaic.model.sharding import Rules, make_mesh, state_shardings
+from moesaic.model.transformer import Decoder
+
+META = "meta.json"
+PARAMS = "params"
+
+
+def flatten(state: nnx.State | Mapping) -> dict[str, jax.Array]:
+    """nnx.State or nested dict -> {"blocks/ffn/w_gate": array}."""
+    if isinstance(state, nnx.State):
+        state = state.to_pure_dict()
+    out = {}
+
+    def walk(prefix, node):
+        if isinstance(node, Mapping):
+            for key in sorted(node, key=str):
+                walk(f"{prefix}/{key}" if prefix else str(key), node[key])
+        else:
+            out[prefix] = node
+    walk("", state)
+    return out
+
+
+def unflatten(flat: Mapping[str, object]) -> dict:
+    out: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def tensor_hash(array) -> str:
+    """sha256 of one tensor's dtype, shape and bytes."""
+    array = np.asarray(jax.device_get(array))
+    digest = hashlib.sha256(f"{array.dtype}|{array.shape}|".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint_of_hashes(hashes: Mapping[str, str]) -> str:
+    """The fingerprint from per-tensor hashes, so it can be computed tensor by tensor."""
+    lines = "".join(f"{name}:{hashes[name]}\n" for name in sorted(hashes))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def fingerprint(flat: Mapping[str, object]) -> str:
+    """sha256 over every tensor's name and hash, in name order."""
+    return fingerprint_of_hashes({name: tensor_hash(value) for name, value in flat.items()})
+
+
+def is_complete(path: str | pathlib.Path) -> bool:
+    path = pathlib.Path(path)
+    return (path / META).is_file() and (path / PARAMS).is_dir()
+
+
+def read_meta(path: str | pathlib.Path) -> dict:
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not is_complete(path):
+        raise ValueError(f"{path} is not a complete moesaic checkpoint (no {META} or {PARAMS}/)")
+    return json.loads((path / META).read_text())
+
+
+def save(path: str | pathlib.Path, flat: Mapping[str, jax.Array], meta: dict, *,
+         overwrite: bool = False) -> None:
+    """Writes a checkpoint atomically. `meta` gets the parameter fingerprint added unless it
+    has one. All processes call this; process 0 renames."""
+    path = pathlib.Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another output or remove it")
+    partial = path.with_name(path.name + ".partial")
+    if jax.process_index() == 0 and partial.exists():
+        shutil.rmtree(partial)
+    multihost_utils.sync_global_devices(f"moesaic-save-start:{path}")
+    meta = dict(meta)
+    meta.setdefault("fingerprint", fingerprint(flat))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(partial / PARAMS, unflatten(flat))
+        checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        (partial / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        if path.exists():
+            shutil.rmtree(path)
+        partial.rename(path)
+    multihost_utils.sync_global_devices(f"moesaic-save-done:{path}")
+
+
+def tensor_metadata(path: str | pathlib.Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Name -> (shape, dtype) of every stored tensor, without reading any."""
+    read_meta(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(pathlib.Path(path) / PARAMS).item_metadata.tree
+    return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in flatten(tree).items()}
+
+
+def load_tensors(path: str | pathlib.Path, names: Iterable[str],
+                 shardings: Mapping[str, jax.sharding.Sharding] | None = None) -> dict:
+    """Reads only the named tensors (numpy unless a sharding is given)."""
+    names = list(names)
+    shapes = tensor_metadata(path)
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise KeyError(f"{path} has no tensor(s) {missing}")
+    item = unflatten({n: jax.ShapeDtypeStruct(*shapes[n]) for n in names})
+    restore_args = unflatten({
+        n: (ocp.ArrayRestoreArgs(sharding=shardings[n]) if shardings and n in shardings
+            else ocp.RestoreArgs(restore_type=np.ndarray)) for n in names})
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.restore(pathlib.Path(path) / PARAMS, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+    return flatten(tree)
+
+
+def model_config(meta: dict) -> ModelConfig:
+    return ModelConfig.from_config(meta["model"])
+
+
+def abstract_model(cfg: ModelConfig) -> Decoder:
+    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+
+
+def load(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,
+         rules: Rules | None = None, cfg: ModelConfig | None = None) -> tuple[Decoder, dict]:
+    """Restores a model onto `mesh` (default: all local devices, replicated unless `rules`
+    shard it). Nothing the size of the model is allocated twice."""
+    meta = read_meta(path)
+    cfg = cfg or model_config(meta)
+    model = abstract_model(cfg)
+    graphdef, state = nnx.split(model)
+    mesh = mesh or make_mesh({"data": -1})
+    shardings = flatten(state_shardings(state, mesh, rules or ()))
+    abstract = flatten(jax.tree.map(lambda v: v, state))
+    stored = tensor_metadata(path)
+    for name, value in abstract.items():
+        if name not in stored:
+            raise ValueError(f"{path}: tensor {name!r} missing; the checkpoint does not match "
+                             f"its model config")
+        if stored[name][0] != tuple(value.shape):
+            raise ValueError(f"{path}: tensor {name!r} has shape {stored[name][0]}, the model "
+                             f"config needs {tuple(value.shape)}")
+    flat = load_tensors(path, abstract, shardings)
+    nnx.replace_by_pure_dict(state, unflatten(flat))
+    return nnx.merge(graphdef, state), meta
+
+
+def save_model(path: str | pathlib.Path, model: Decoder, meta: dict | None = None, **kw) -> None:
+    meta = {"kind": "model", **(meta or {}), "model": model.cfg.to_dict()}
+    save(path, flatten(nnx.state(model)), meta, **kw)

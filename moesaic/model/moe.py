@@ -1,0 +1,113 @@
+"""The FFN of every block: a Mixture of SwiGLU experts stacked expert-first.
+
+  w_gate, w_up: (E, D, F)   w_down: (E, F, D)   router: (E, D)   bias: (E,)
+
+Routing (FlexOlmo): logits = router @ x (+ bias, clamped to <= 0 for every expert but index 0,
+the public one), softmax in float32 over all experts, top-k; the top-k weights are not
+renormalised unless `norm_topk_prob`. E = 1 is a plain SwiGLU FFN without a router.
+
+Dispatch paths live in `moesaic.model.dispatch`; this module owns the parameters, routing and
+the auxiliary losses, which it returns rather than hides.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moesaic.model import dispatch
+from moesaic.model.config import ModelConfig
+from moesaic.model.layers import stacked_param
+from moesaic.model.sharding import constrain
+
+
+class RouterState(nnx.Variable):
+    """Router rows and biases that no optimizer updates (nonparametric routers: centroids,
+    ridge solutions, frozen random rows). Checkpoints carry them like parameters."""
+
+
+class Routing(NamedTuple):
+    weights_tk: jax.Array  # (T, k) float32 mixing weights of the chosen experts
+    experts_tk: jax.Array  # (T, k) int32 chosen experts, best first
+    probs_te: jax.Array  # (T, E) float32 softmax over all experts
+    logits_te: jax.Array  # (T, E) float32
+
+
+def effective_bias(bias_e: jax.Array) -> jax.Array:
+    """FlexOlmo's negative bias: min(b, 0) for every expert but the public one (index 0)."""
+    clamped = jnp.minimum(bias_e.astype(jnp.float32), 0.0)
+    return clamped.at[0].set(0.0)
+
+
+def route(x_td: jax.Array, router_ed: jax.Array, bias_e: jax.Array | None, top_k: int,
+          norm_topk_prob: bool) -> Routing:
+    logits = jnp.einsum("td,ed->te", x_td.astype(jnp.float32), router_ed.astype(jnp.float32))
+    if bias_e is not None:
+        logits = logits + effective_bias(bias_e)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(weights, experts.astype(jnp.int32), probs, logits)
+
+
+def routing_losses(r: Routing, n_experts: int) -> dict[str, jax.Array]:
+    """Router z-loss, the load-balancing loss E * sum_e f_e P_e, and each expert's share of
+    tokens and of router weight."""
+    counts = jnp.zeros((n_experts,), jnp.float32).at[r.experts_tk.reshape(-1)].add(1.0)
+    token_share = counts / r.experts_tk.size
+    weight_sum = jnp.zeros((n_experts,), jnp.float32).at[r.experts_tk.reshape(-1)].add(
+        r.weights_tk.reshape(-1))
+    z = jax.nn.logsumexp(r.logits_te, axis=-1)
+    return dict(
+        z_loss=jnp.mean(z * z),
+        lb_loss=n_experts * jnp.sum(token_share * jnp.mean(r.probs_te, axis=0)),
+        token_share=token_share,
+        weight_share=weight_sum / jnp.maximum(jnp.sum(weight_sum), 1e-9),
+    )
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
+        self.w_gate = stacked_param(rngs, cfg, (e, d, f), ("expert", "embed", "mlp"))
+        self.w_up = stacked_param(rngs, cfg, (e, d, f), ("expert", "embed", "mlp"))
+        self.w_down = stacked_param(rngs, cfg, (e, f, d), ("expert", "mlp", "embed"))
+        if cfg.is_moe:
+            kind = nnx.Param if cfg.router_trainable else RouterState
+            self.router = stacked_param(rngs, cfg, (e, d), ("expert", "embed"), kind=kind)
+            if cfg.router_bias:
+                self.bias = stacked_param(None, cfg, (e,), ("expert",), init="zeros", kind=kind)
+
+    def routing(self, x_td: jax.Array) -> Routing:
+        bias = self.bias[...] if self.cfg.router_bias else None
+        return route(x_td, self.router[...], bias, self.cfg.top_k, self.cfg.norm_topk_prob)
+
+    def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        cfg = self.cfg
+        dt = cfg.compute_dtype
+        w_gate, w_up, w_down = (w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down))
+        b, t, d = x_btd.shape
+        if not cfg.is_moe:
+            y = swiglu(x_btd, w_gate[0], w_up[0], w_down[0])
+            one = jnp.ones((1,), jnp.float32)
+            zero = jnp.zeros((), jnp.float32)
+            return y, dict(z_loss=zero, lb_loss=zero, dropped=zero, token_share=one,
+                           weight_share=one)
+        x_td = x_btd.reshape(b * t, d)
+        r = self.routing(x_td)
+        fn = dispatch.get(cfg.dispatch)
+        y_td, dropped = fn(x_td, r.weights_tk, r.experts_tk, w_gate, w_up, w_down,
+                           capacity_factor=cfg.capacity_factor)
+        aux = routing_losses(r, cfg.n_experts)
+        aux["dropped"] = dropped.astype(jnp.float32) / r.experts_tk.size
+        y = constrain(y_td.reshape(b, t, d), ("batch", "length", "embed"))
+        return y.astype(x_btd.dtype), aux

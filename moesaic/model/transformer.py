@@ -1,0 +1,117 @@
+"""The one decoder for every expert count (OLMo-2 / FlexOlmo block, post-norm, no input norm):
+
+    h   = x + RMSNorm(Attn(x))
+    out = h + RMSNorm(FFN(h))          FFN = MoE over E SwiGLU experts (E = 1: dense)
+
+then a final RMSNorm and an untied lm_head. The blocks' parameters are stacked over layers and
+the decoder scans one block over them (one compiled block whatever the depth).
+
+Parameter paths (what freeze patterns, merges and exports name):
+    embed (V, D) | blocks/attn/{q,k,v,o,q_norm,k_norm} | blocks/attn_norm (L, D)
+    blocks/ffn/{w_gate,w_up,w_down,router,bias} | blocks/ffn_norm (L, D) | final_norm | lm_head
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moesaic.model.config import ModelConfig
+from moesaic.model.layers import Attention, rms_norm, stacked_param
+from moesaic.model.moe import MoE
+from moesaic.model.sharding import constrain
+
+_REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attn = Attention(cfg, rngs=rngs)
+        self.attn_norm = stacked_param(None, cfg, (cfg.d_model,), ("embed",), init="ones")
+        self.ffn = MoE(cfg, rngs=rngs)
+        self.ffn_norm = stacked_param(None, cfg, (cfg.d_model,), ("embed",), init="ones")
+
+    def __call__(self, x_btd, positions_bt, collect_stats: bool = False):
+        eps = self.cfg.norm_eps
+        h = x_btd + rms_norm(self.attn(x_btd, positions_bt), self.attn_norm[...], eps)
+        h = constrain(h, ("batch", "length", "embed"))
+        y, aux = self.ffn(h)
+        if collect_stats:  # what a party's router statistics need: sums, no per-token data
+            h32 = h.reshape(-1, h.shape[-1]).astype(jnp.float32)
+            aux["x_sum"] = jnp.sum(h32, axis=0)
+            aux["xtx"] = h32.T @ h32
+        out = h + rms_norm(y, self.ffn_norm[...], eps)
+        return constrain(out, ("batch", "length", "embed")), aux
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.param_dtype)
+        v, d = cfg.vocab_size, cfg.d_model
+        self.embed = nnx.Param(cfg.init_std * jax.random.normal(rngs.params(), (v, d), dtype),
+                               axes=("vocab", "embed"))
+        self.blocks = Block(cfg, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((d,), dtype), axes=("embed",))
+        self.lm_head = nnx.Param(cfg.init_std * jax.random.normal(rngs.params(), (d, v), dtype),
+                                 axes=("embed", "vocab"))
+
+    def hidden(self, tokens_bt: jax.Array, collect_stats: bool = False):
+        """Final hidden states (B, T, D) before the final norm, and per-layer aux (L, ...)."""
+        cfg = self.cfg
+        x = self.embed[...].astype(cfg.compute_dtype)[tokens_bt]
+        x = constrain(x, ("batch", "length", "embed"))
+        positions = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        graphdef, layers = nnx.split(self.blocks)
+
+        def body(x, layer):
+            return nnx.merge(graphdef, layer)(x, positions, collect_stats)
+
+        if _REMAT[cfg.remat] is not None:
+            body = jax.checkpoint(body, policy=_REMAT[cfg.remat])
+        return jax.lax.scan(body, x, layers)
+
+    def __call__(self, tokens_bt: jax.Array, collect_stats: bool = False):
+        """Logits (B, T, V) in float32 and aux: z_loss, lb_loss, dropped (means over layers),
+        expert_token_share / expert_weight_share (L, E), and with `collect_stats` the
+        per-layer router-input sums x_sum (L, D), xtx (L, D, D) and n_tokens."""
+        x, per_layer = self.hidden(tokens_bt, collect_stats)
+        x = rms_norm(x, self.final_norm[...], self.cfg.norm_eps)
+        logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype))
+        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        aux = {
+            "z_loss": jnp.mean(per_layer["z_loss"]),
+            "lb_loss": jnp.mean(per_layer["lb_loss"]),
+            "dropped": jnp.mean(per_layer["dropped"]),
+            "expert_token_share": per_layer["token_share"],
+            "expert_weight_share": per_layer["weight_share"],
+        }
+        if collect_stats:
+            aux.update(x_sum=per_layer["x_sum"], xtx=per_layer["xtx"],
+                       n_tokens=jnp.asarray(tokens_bt.size, jnp.float32))
+        return logits, aux
+
+
+def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
+    """Per-token negative log-likelihood in float32."""
+    logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
+
+
+def lm_loss(model: Decoder, batch_bt1: jax.Array) -> tuple[jax.Array, dict]:
+    """Training objective on a packed batch (B, T+1): mean next-token NLL over non-pad targets
+    plus the configured z-loss and load-balancing terms. Returns (loss, metrics)."""
+    cfg = model.cfg
+    inputs, targets = batch_bt1[:, :-1], batch_bt1[:, 1:]
+    logits, aux = model(inputs)
+    mask = (targets != cfg.pad_id).astype(jnp.float32)
+    nll = jnp.sum(token_nll(logits, targets) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    loss = nll + cfg.z_loss_weight * aux["z_loss"] + cfg.lb_loss_weight * aux["lb_loss"]
+    return loss, dict(nll=nll, z_loss=aux["z_loss"], lb_loss=aux["lb_loss"],
+                      dropped=aux["dropped"])
