@@ -1,0 +1,44 @@
+"""Shared test helpers. Multi-device code runs in a subprocess with fake CPU devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, *, devices: int = 1, timeout: int = 300, env: dict | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter with `devices` fake CPU devices."""
+    full_env = dict(os.environ)
+    full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    full_env["JAX_PLATFORMS"] = "cpu"
+    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout, env=full_env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def last_json_line(stdout: str):
+    """The last line of a subprocess's output that parses as JSON (how tests pass results)."""
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    raise AssertionError(f"no JSON line in output:\n{stdout}")
+
+
+@pytest.fixture
+def devices_subprocess():
+    return run_python
