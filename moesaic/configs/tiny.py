@@ -1,4 +1,5 @@
-"""tiny: the embedded default. Byte vocabulary, 4 layers of width 128; trains on a 2-core CPU in minutes.
+"""tiny: the embedded default. Byte vocabulary, 4 layers of width 128; trains on 2 CPU cores
+in minutes.
 
     moesaic train --config moesaic/configs/tiny.py --config.train.steps=50
     moesaic pretrain --config moesaic/configs/tiny.py --workdir runs/w

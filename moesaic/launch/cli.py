@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Configs: --config moesaic/configs/tiny.py:arg --config.model.d_model=256",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in _available().items():
+    for name, (_, help_text) in _available().items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 

@@ -4,8 +4,8 @@ assignments a capacity limit dropped). Slow by design; tests only."""
 
 from __future__ import annotations
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 from moesaic.model.dispatch import capacity_of
 from moesaic.model.moe import Routing, swiglu

@@ -1,0 +1,202 @@
+"""The model: each MoE dispatch path against the loop reference, routing semantics, the
+logical axes of every parameter, config validation, and sharded equals single-device."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moesaic.model import Decoder, ModelConfig, dispatch, lm_loss, moe
+from moesaic.model.reference import capacity_keep, moe_reference
+from tests.conftest import last_json_line, run_python
+
+D, F, T = 16, 24, 40
+
+
+def _weights(key, e):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    return (jax.random.normal(k1, (e, D, F)) * 0.3, jax.random.normal(k2, (e, D, F)) * 0.3,
+            jax.random.normal(k3, (e, F, D)) * 0.3, jax.random.normal(k4, (e, D)))
+
+
+@pytest.mark.parametrize("path", ["dropless", "capacity"])
+@pytest.mark.parametrize("e,k,capacity_factor", [(2, 1, 1.0), (4, 2, 0.5), (4, 2, 2.0),
+                                                 (8, 3, 1.0), (3, 3, 0.75)])
+def test_dispatch_matches_loop_reference(path, e, k, capacity_factor):
+    x = jax.random.normal(jax.random.key(1), (T, D))
+    w_gate, w_up, w_down, router = _weights(jax.random.key(e * 10 + k), e)
+    bias = jnp.linspace(-0.5, 0.5, e)
+
+    def fast(x, w_gate, w_up, w_down, router):
+        r = moe.route(x, router, bias, k, False)
+        y, dropped = dispatch.get(path)(x, r.weights_tk, r.experts_tk, w_gate, w_up, w_down,
+                                        capacity_factor=capacity_factor)
+        return y, dropped
+
+    def slow(x, w_gate, w_up, w_down, router):
+        r = moe.route(x, router, bias, k, False)
+        cf = capacity_factor if path == "capacity" else None
+        return moe_reference(x, r, w_gate, w_up, w_down, capacity_factor=cf)
+
+    y_fast, dropped = fast(x, w_gate, w_up, w_down, router)
+    y_slow = slow(x, w_gate, w_up, w_down, router)
+    np.testing.assert_allclose(y_fast, y_slow, atol=1e-5, rtol=1e-5)
+
+    r = moe.route(x, router, bias, k, False)
+    expected_drops = (0 if path == "dropless" else
+                      int((~capacity_keep(np.asarray(r.experts_tk), e, capacity_factor)).sum()))
+    assert int(dropped) == expected_drops
+    if path == "capacity" and capacity_factor < 1:
+        assert expected_drops > 0  # the case really drops tokens
+
+    args = (x, w_gate, w_up, w_down, router)
+    grads_fast = jax.grad(lambda *a: jnp.sum(fast(*a)[0] ** 2), argnums=range(5))(*args)
+    grads_slow = jax.grad(lambda *a: jnp.sum(slow(*a) ** 2), argnums=range(5))(*args)
+    for g_fast, g_slow in zip(grads_fast, grads_slow):
+        np.testing.assert_allclose(g_fast, g_slow, atol=1e-4, rtol=1e-4)
+
+
+def test_single_expert_is_plain_swiglu():
+    cfg = ModelConfig(d_model=D, d_ff=F, n_layers=1, n_heads=2, n_kv_heads=2, n_experts=1)
+    layer = moe.MoE(cfg, rngs=nnx.Rngs(0))
+    assert not hasattr(layer, "router")
+    graphdef, state = nnx.split(layer)
+    one_layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+    x = jax.random.normal(jax.random.key(2), (2, 5, D))
+    y, _ = one_layer(x)
+    g, u, d = (np.asarray(w[...][0, 0]) for w in (layer.w_gate, layer.w_up, layer.w_down))
+    xn = np.asarray(x)
+    expected = (xn @ g) / (1 + np.exp(-(xn @ g))) * (xn @ u) @ d
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+
+
+def test_topk_renormalisation_and_negative_bias():
+    x = jnp.eye(4, D)
+    router = jnp.eye(3, D) * 2.0  # token i prefers expert i (token 3 is indifferent)
+    r = moe.route(x, router, None, 2, norm_topk_prob=False)
+    probs = np.asarray(jax.nn.softmax(np.asarray(x @ router.T), -1))
+    np.testing.assert_allclose(r.probs_te, probs, rtol=1e-6)
+    np.testing.assert_array_equal(r.experts_tk[:3, 0], [0, 1, 2])
+    np.testing.assert_allclose(r.weights_tk, np.sort(probs, -1)[:, ::-1][:, :2], rtol=1e-6)
+    assert np.all(np.asarray(r.weights_tk).sum(-1) < 1)  # FlexOlmo: not renormalised
+    r_norm = moe.route(x, router, None, 2, norm_topk_prob=True)
+    np.testing.assert_allclose(np.asarray(r_norm.weights_tk).sum(-1), 1.0, rtol=1e-6)
+
+    # Negative bias: positive entries are clamped to 0, expert 0 (public) never gets one.
+    bias = jnp.array([-5.0, 3.0, -1.0])
+    np.testing.assert_array_equal(moe.effective_bias(bias), [0.0, 0.0, -1.0])
+    r_bias = moe.route(x, router, bias, 1, False)
+    logits = np.asarray(x @ router.T) + np.array([0.0, 0.0, -1.0])
+    np.testing.assert_allclose(r_bias.logits_te, logits, rtol=1e-6)
+    assert int(r_bias.experts_tk[2, 0]) == 2  # 2 - 1 > 0: still its own expert
+    x_weak = x.at[2, 2].set(0.4)  # 0.8 - 1 < 0: the public expert wins now
+    assert int(moe.route(x_weak, router, bias, 1, False).experts_tk[2, 0]) == 0
+
+
+def test_losses_are_returned():
+    cfg = ModelConfig(d_model=32, d_ff=48, n_layers=2, n_experts=4, top_k=2,
+                      z_loss_weight=0.1, lb_loss_weight=0.01)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    batch = jax.random.randint(jax.random.key(0), (2, 9), 0, 256)
+    loss, metrics = lm_loss(model, batch)
+    expected = metrics["nll"] + 0.1 * metrics["z_loss"] + 0.01 * metrics["lb_loss"]
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    assert float(metrics["z_loss"]) > 0 and float(metrics["lb_loss"]) >= 1.0 - 1e-5
+    _, aux = model(batch)
+    np.testing.assert_allclose(np.asarray(aux["expert_token_share"]).sum(-1), 1.0, rtol=1e-6)
+
+
+EXPECTED_AXES = {
+    "embed": ("vocab", "embed"),
+    "blocks/attn/q": ("layers", "embed", "heads", "head_dim"),
+    "blocks/attn/k": ("layers", "embed", "kv_heads", "head_dim"),
+    "blocks/attn/v": ("layers", "embed", "kv_heads", "head_dim"),
+    "blocks/attn/o": ("layers", "heads", "head_dim", "embed"),
+    "blocks/attn/q_norm": ("layers", "heads", "head_dim"),
+    "blocks/attn/k_norm": ("layers", "kv_heads", "head_dim"),
+    "blocks/attn_norm": ("layers", "embed"),
+    "blocks/ffn/w_gate": ("layers", "expert", "embed", "mlp"),
+    "blocks/ffn/w_up": ("layers", "expert", "embed", "mlp"),
+    "blocks/ffn/w_down": ("layers", "expert", "mlp", "embed"),
+    "blocks/ffn/router": ("layers", "expert", "embed"),
+    "blocks/ffn/bias": ("layers", "expert"),
+    "blocks/ffn_norm": ("layers", "embed"),
+    "final_norm": ("embed",),
+    "lm_head": ("embed", "vocab"),
+}
+
+
+def test_every_parameter_has_its_declared_axes():
+    cfg = ModelConfig(d_model=32, d_ff=48, n_layers=3, n_heads=4, n_kv_heads=2, n_experts=3,
+                      top_k=2)
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    found = {"/".join(map(str, path)): (v.get_metadata()["axes"], v.shape)
+             for path, v in nnx.to_flat_state(nnx.state(model))}
+    assert set(found) == set(EXPECTED_AXES)
+    for name, (axes, shape) in found.items():
+        assert tuple(axes) == EXPECTED_AXES[name], name
+        assert len(axes) == len(shape), name
+
+
+@pytest.mark.parametrize("changes,field", [
+    (dict(n_experts=2, top_k=3), "top_k"),
+    (dict(d_model=30, n_heads=4), "d_model"),
+    (dict(dispatch="einsum-magic"), "dispatch"),
+    (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"),
+    (dict(remat="sometimes"), "remat"),
+])
+def test_bad_config_values_are_named(changes, field):
+    with pytest.raises(ValueError, match=f"model.{field}="):
+        ModelConfig(**changes)
+
+
+def test_unknown_config_field_is_named():
+    with pytest.raises(ValueError, match="n_expertz"):
+        ModelConfig.from_config({"n_expertz": 2})
+
+
+SHARDED = """
+import json, jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from moesaic.configs.common import DEFAULT_RULES
+from moesaic.model import Decoder, ModelConfig, lm_loss
+from moesaic.model.sharding import activate, make_mesh, state_shardings
+
+results = {}
+for dispatch in ("dropless", "capacity"):
+    cfg = ModelConfig(d_model=32, d_ff=64, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4,
+                      top_k=2, dispatch=dispatch, capacity_factor=2.0)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    batch = jax.random.randint(jax.random.key(1), (8, 17), 0, 256)
+
+    def loss_fn(state, batch):
+        return lm_loss(nnx.merge(graphdef, state), batch)[0]
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+    loss1, grads1 = grad_fn(state, batch)
+    mesh = make_mesh(dict(data=2, fsdp=1, expert=4, tensor=1))
+    shardings = state_shardings(state, mesh, DEFAULT_RULES)
+    sharded = jax.device_put(state, shardings)
+    assert "expert" in str(sharded["blocks"]["ffn"]["w_gate"].sharding.spec)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data",)))
+    with activate(mesh, DEFAULT_RULES):
+        loss8, grads8 = jax.jit(jax.value_and_grad(loss_fn))(
+            sharded, jax.device_put(batch, batch_sharding))
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(grads1), jax.tree.leaves(grads8)))
+    results[dispatch] = dict(loss1=float(loss1), loss8=float(loss8), grad_diff=diff,
+                             devices=len(jax.devices()))
+print(json.dumps(results))
+"""
+
+
+def test_sharded_forward_backward_equals_single_device():
+    results = last_json_line(run_python(SHARDED, devices=8).stdout)
+    for path, r in results.items():
+        assert r["devices"] == 8
+        assert abs(r["loss1"] - r["loss8"]) < 1e-5, path
+        assert r["grad_diff"] < 1e-5, path
