@@ -1,0 +1,236 @@
+"""The embedded corpora: four domains and a public mixture, built offline and reproducibly.
+
+Recipe (every file list sorted, then ordered by a hash of its relative path; documents of at
+most `DOC_BYTES`; exact duplicates dropped; no absolute path ever enters the text):
+  code   Python source of the standard library (`sysconfig` stdlib; tests, idlelib,
+         turtledemo and lib2to3 left out), the first piece of each file.
+  prose  English technical prose from site-packages: docstrings (parsed with `ast`, never
+         imported) and .rst/.md/.txt documentation, kept when mostly letters and spaces.
+  law    license and legal text: LICENSE/COPYING/NOTICE files in site-packages (the
+         *.dist-info ones included), the stdlib LICENSE.txt, then, while short of the size,
+         /usr/share/common-licenses and /usr/share/doc/*/copyright when the system has them.
+  math   arithmetic and word problems with answers, from a seeded generator.
+A document is held out when its stable hash falls below `HELDOUT_FRACTION`; documents are
+taken until the train split has (1 - HELDOUT_FRACTION) * SIZES[size] bytes and the held-out
+split HELDOUT_FRACTION * SIZES[size] (law may run short on a system with few license files).
+`public` takes the training documents of every domain whose second hash (salt "public") is
+below `PUBLIC_SHARE` for its train split, and the band [PUBLIC_SHARE, PUBLIC_SHARE +
+PUBLIC_HELDOUT_SHARE) for its held-out split: never a domain's held-out document.
+The same machine builds the same bytes twice.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import os
+import random
+import re
+import sysconfig
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from moesaic.data.prepare import write_source
+from moesaic.data.sources import cut_document, heldout_score
+from moesaic.data.tokenizer import BYTES
+
+SIZES = {"default": 1_300_000, "smoke": 130_000}  # bytes of text per domain, both splits
+DOC_BYTES = 6_000
+MAX_FILE_BYTES = 400_000
+HELDOUT_FRACTION = 0.06
+PUBLIC_SHARE = 0.12
+PUBLIC_HELDOUT_SHARE = 0.02
+DOMAINS = ("code", "prose", "law", "math")
+SKIP_STDLIB_PARTS = {"site-packages", "dist-packages", "test", "tests", "idlelib",
+                     "turtledemo", "lib2to3", "__pycache__"}
+LICENSE_NAME = re.compile(r"^(licen[cs]e|copying|notice|copyright)", re.IGNORECASE)
+PROSE_SUFFIXES = {".rst", ".md", ".txt"}
+
+
+def _hash_ordered(root: Path, paths: Iterable[Path]) -> list[tuple[str, Path]]:
+    rel = [(p.relative_to(root).as_posix(), p) for p in paths]
+    return sorted(rel, key=lambda item: (hashlib.sha256(item[0].encode()).digest(), item[0]))
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            return None
+        data = path.read_bytes()
+        return None if b"\0" in data else data.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _mostly_words(text: str) -> bool:
+    return len(text) >= 160 and sum(c.isalpha() or c.isspace() for c in text) >= 0.8 * len(text)
+
+
+def _pieces(texts: Iterable[str], *, whole: bool = True) -> Iterator[str]:
+    """Documents of at most DOC_BYTES from `texts` (all pieces, or only the first when
+    `whole` is False), short ones and exact duplicates (up to whitespace) dropped."""
+    seen = set()
+    for text in texts:
+        pieces = cut_document(text.strip() + "\n", DOC_BYTES)
+        for piece in pieces if whole else pieces[:1]:
+            key = hashlib.sha256(" ".join(piece.split()).encode()).digest()
+            if key not in seen and len(piece) >= 200:
+                seen.add(key)
+                yield piece
+
+
+def _stdlib() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _site_packages() -> Path:
+    return Path(sysconfig.get_paths()["purelib"])
+
+
+def code_texts() -> Iterator[str]:
+    root = _stdlib()
+    files = (p for p in root.rglob("*.py") if not SKIP_STDLIB_PARTS & set(p.parts))
+    for _, path in _hash_ordered(root, files):
+        text = _read_text(path)
+        if text:
+            yield text
+
+
+def _docstrings(source: str) -> list[str]:
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    found = (ast.get_docstring(node, clean=True) for node in ast.walk(tree)
+             if isinstance(node, kinds))
+    return [inspect.cleandoc(d) for d in found if d and _mostly_words(d)]
+
+
+def prose_texts() -> Iterator[str]:
+    root = _site_packages()
+    files = (p for p in root.rglob("*") if (p.suffix == ".py" or p.suffix in PROSE_SUFFIXES)
+             and ".dist-info" not in p.as_posix() and not LICENSE_NAME.match(p.name))
+    for _, path in _hash_ordered(root, files):
+        text = _read_text(path)
+        if not text:
+            continue
+        if path.suffix == ".py":
+            strings = _docstrings(text)
+            if strings:
+                yield "\n\n".join(strings)
+        elif _mostly_words(text):
+            yield text
+
+
+def law_texts() -> Iterator[str]:
+    site = _site_packages()
+    yield from (t for _, p in _hash_ordered(site, (p for p in site.rglob("*")
+                                                    if LICENSE_NAME.match(p.name)))
+                if (t := _read_text(p)))
+    stdlib_license = _stdlib() / "LICENSE.txt"
+    if stdlib_license.is_file() and (t := _read_text(stdlib_license)):
+        yield t
+    for root, pattern in ((Path("/usr/share/common-licenses"), "*"),
+                          (Path("/usr/share/doc"), "*/copyright")):
+        if root.is_dir():
+            yield from (t for _, p in _hash_ordered(root, root.glob(pattern))
+                        if p.is_file() and (t := _read_text(p)))
+
+
+NAMES = ("Ada", "Bela", "Chen", "Dara", "Emil", "Farah", "Gus", "Hana", "Ivo", "Jun", "Kofi",
+         "Lena", "Mira", "Noor", "Otto", "Priya", "Quinn", "Rosa", "Sami", "Tova")
+ITEMS = ("apples", "books", "marbles", "stamps", "coins", "pencils", "shells", "cards")
+
+
+def _problem(rng: random.Random) -> tuple[str, str]:
+    kind = rng.randrange(8)
+    a, b, c = rng.randint(2, 999), rng.randint(2, 999), rng.randint(2, 99)
+    if kind == 0:
+        op = rng.choice("+-*")
+        return f"What is {a} {op} {b}?", str(eval(f"{a} {op} {b}"))  # noqa: S307 (digits only)
+    if kind == 1:
+        return f"Compute {a} * ({b} - {c}).", str(a * (b - c))
+    if kind == 2:
+        q, r = divmod(a * c + b % c, c)
+        return f"Divide {a * c + b % c} by {c}. Give quotient and remainder.", f"{q} r {r}"
+    if kind == 3:
+        name, other, item = rng.choice(NAMES), rng.choice(NAMES), rng.choice(ITEMS)
+        give = rng.randint(1, a + b)
+        return (f"{name} has {a} {item}. {name} buys {b} more and gives {give} to {other}. "
+                f"How many {item} does {name} have now?", str(a + b - give))
+    if kind == 4:
+        v, t = rng.randint(20, 180), rng.randint(1, 12)
+        return f"A train travels at {v} km/h for {t} hours. How far does it go?", f"{v * t} km"
+    if kind == 5:
+        w, h = rng.randint(2, 60), rng.randint(2, 60)
+        return (f"A rectangle is {w} m wide and {h} m long. What are its area and perimeter?",
+                f"area {w * h} m^2, perimeter {2 * (w + h)} m")
+    if kind == 6:
+        p, n = rng.choice((5, 10, 15, 20, 25, 40, 50, 75)), rng.randint(1, 90) * 20
+        return f"What is {p}% of {n}?", f"{p * n // 100}" + (".5" if p * n % 100 else "")
+    x, k = rng.randint(-40, 40), rng.randint(2, 12)
+    return f"Solve for x: {k}x + {b} = {k * x + b}.", f"x = {x}"
+
+
+def math_texts(seed: int = 0) -> Iterator[str]:
+    rng = random.Random(seed)
+    while True:
+        problems = (_problem(rng) for _ in range(rng.randint(8, 24)))
+        yield "\n\n".join(f"Problem {i + 1}: {q}\nAnswer: {a}"
+                          for i, (q, a) in enumerate(problems))
+
+
+TEXTS: dict[str, Callable[[], Iterator[str]]] = {
+    "code": code_texts, "prose": prose_texts, "law": law_texts, "math": math_texts}
+
+
+def domain_documents(domain: str, size: str = "default") -> dict[str, list[str]]:
+    """{"train": [...], "heldout": [...]} documents of one embedded domain."""
+    if size not in SIZES:
+        raise ValueError(f"size {size!r}: one of {sorted(SIZES)}")
+    want = {"train": SIZES[size] * (1 - HELDOUT_FRACTION),
+            "heldout": SIZES[size] * HELDOUT_FRACTION}
+    docs: dict[str, list[str]] = {"train": [], "heldout": []}
+    have = {"train": 0, "heldout": 0}
+    for doc in _pieces(TEXTS[domain](), whole=domain != "code"):
+        split = "heldout" if heldout_score(doc) < HELDOUT_FRACTION else "train"
+        if have[split] < want[split]:
+            docs[split].append(doc)
+            have[split] += len(doc.encode("utf-8"))
+        if all(have[k] >= want[k] for k in want):
+            break
+    return docs
+
+
+def public_documents(domains: dict[str, dict[str, list[str]]]) -> dict[str, list[str]]:
+    """A share of every domain's training documents; never a domain's held-out document."""
+    train, held = [], []
+    for name in sorted(domains):
+        for doc in domains[name]["train"]:
+            score = heldout_score(doc, salt="public")
+            if score < PUBLIC_SHARE:
+                train.append((score, doc))
+            elif score < PUBLIC_SHARE + PUBLIC_HELDOUT_SHARE:
+                held.append((score, doc))
+    return {"train": [d for _, d in sorted(train)], "heldout": [d for _, d in sorted(held)]}
+
+
+def build_embedded(out_dir: str | os.PathLike, *, size: str = "default") -> dict[str, dict]:
+    """Write code, prose, law, math and public under `out_dir`; return their manifests."""
+    domains, manifests = {}, {}
+    for name in tqdm(DOMAINS + ("public",), desc="embedded corpora", unit="source"):
+        splits = public_documents(domains) if name == "public" else domain_documents(name, size)
+        if name != "public":
+            domains[name] = splits
+        origin = {"kind": "embedded", "size": size, "recipe": "moesaic.data.corpora",
+                  "heldout_fraction": HELDOUT_FRACTION, "doc_bytes": DOC_BYTES}
+        if name == "public":
+            origin.update(share=PUBLIC_SHARE, heldout_share=PUBLIC_HELDOUT_SHARE)
+        manifests[name] = write_source(
+            out_dir, name, {split: (lambda docs=docs: docs) for split, docs in splits.items()},
+            tokenizer=BYTES, origin=origin)
+    return manifests

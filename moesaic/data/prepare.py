@@ -1,0 +1,199 @@
+"""Sources -> TFDS ArrayRecord datasets, one folder per source, written atomically.
+
+Layout of DATA_DIR/<source>/ :
+  manifest.json                 documents / bytes / tokens per split, content hash, tokenizer,
+                                skipped files with reasons (see `write_source`)
+  index-<split>.npy             int64 (documents, 2): tokens and UTF-8 bytes of each document
+  moesaic_tokens/1.0.0/         the TFDS dataset: splits `train` and `heldout`, one record per
+                                document {"tokens": int32[n]} in the order written (no shuffle)
+
+Everything is written into DATA_DIR/.<source>.tmp-<pid> and renamed into place at the end;
+a failure removes the temporary folder, so a half-written dataset never exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from moesaic.data import sources as sources_lib
+from moesaic.data.tokenizer import Tokenizer, load_tokenizer
+
+SPLITS = ("train", "heldout")
+TFDS_NAME = "moesaic_tokens"
+TFDS_VERSION = "1.0.0"
+MANIFEST_FORMAT = "moesaic-data/1"
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, int]] = []
+        self.hash = hashlib.sha256()
+        self.duplicates = 0
+        self._seen: set[bytes] = set()
+
+    def is_duplicate(self, text: str) -> bool:
+        key = hashlib.sha256(text.encode("utf-8")).digest()
+        if key in self._seen:
+            self.duplicates += 1
+            return True
+        self._seen.add(key)
+        return False
+
+    def summary(self) -> dict:
+        rows = np.asarray(self.rows, np.int64).reshape(-1, 2)
+        return {"documents": len(rows), "tokens": int(rows[:, 0].sum()),
+                "bytes": int(rows[:, 1].sum()), "duplicates_dropped": self.duplicates}
+
+
+class TokenDocuments(tfds.core.GeneratorBasedBuilder):
+    """One record per document: {"tokens": int32[n]}; splits given as text iterators."""
+
+    name = TFDS_NAME
+    VERSION = tfds.core.Version(TFDS_VERSION)
+    url_infos = None  # nothing is downloaded; TFDS would otherwise look for a checksums file
+
+    def __init__(self, *, source: str, splits: dict[str, Callable[[], Iterable[str]]],
+                 tokenizer: Tokenizer, **kwargs):
+        self._source, self._splits, self._tokenizer = source, splits, tokenizer
+        self.stats = {split: _Stats() for split in splits}
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = tfds.features.FeaturesDict(
+            {"tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32)})
+        # One feature only: tf.Example maps with several keys serialize in a random order,
+        # which would make two builds of the same data differ in their bytes.
+        return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split) for split in self._splits}
+
+    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
+        stats = self.stats[split]
+        for text in self._splits[split]():
+            if stats.is_duplicate(text):
+                continue
+            tokens = self._tokenizer.encode(text)
+            if not len(tokens):
+                continue
+            stats.hash.update(len(tokens).to_bytes(8, "little") + tokens.tobytes())
+            stats.rows.append((len(tokens), len(text.encode("utf-8"))))
+            yield len(stats.rows) - 1, {"tokens": tokens}
+        if not stats.rows:
+            raise ValueError(f"source {self._source!r}: split {split!r} has no documents; "
+                             "give more text or change --heldout-fraction")
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_source(out_dir: str | os.PathLike, name: str,
+                 splits: dict[str, Callable[[], Iterable[str]]], *,
+                 tokenizer: Tokenizer, origin: dict, log: sources_lib.ReadLog | None = None
+                 ) -> dict:
+    """Write DATA_DIR/<name>/ from text iterators per split; return the manifest.
+
+    Each split is a zero-argument callable giving document texts in the order to store them.
+    Exact duplicate documents within a split are dropped (counted). Raises ValueError (and
+    leaves nothing behind) when a split ends up empty.
+    """
+    if not sources_lib.SOURCE_NAME.match(name):
+        raise ValueError(f"source name {name!r}: letters, digits, '_', '.', '-' only")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        builder = TokenDocuments(source=name, splits=splits, tokenizer=tokenizer,
+                                 data_dir=str(tmp), file_format="array_record")
+        tfds.display_progress_bar(False)
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
+        content = hashlib.sha256(tokenizer.identity.encode())
+        split_info = {}
+        for split, stats in builder.stats.items():
+            np.save(tmp / f"index-{split}.npy", np.asarray(stats.rows, np.int64).reshape(-1, 2))
+            content.update(split.encode() + stats.hash.digest())
+            split_info[split] = stats.summary()
+        log = log or sources_lib.ReadLog()
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "source": name,
+            "tokenizer": tokenizer.manifest(),
+            "splits": split_info,
+            "content_hash": content.hexdigest(),
+            "tfds_dir": f"{TFDS_NAME}/{TFDS_VERSION}",
+            "origin": origin,
+            "num_skipped": len(log.skipped),
+            "skipped": log.skipped,
+            "documents_cut": log.documents_cut,
+            "long_lines_cut": log.long_lines_cut,
+        }
+        shutil.rmtree(tmp / "downloads", ignore_errors=True)  # TFDS makes it; nothing is in it
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        _swap_into_place(tmp, out_dir / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def prepare_source(spec: sources_lib.SourceSpec, out_dir: str | os.PathLike, *,
+                   tokenizer: Tokenizer, glob: str = "**/*", text_field: str = "text",
+                   heldout_fraction: float = 0.05,
+                   max_doc_bytes: int = sources_lib.MAX_DOC_BYTES) -> dict:
+    """Read one source (folder, .jsonl or text file), split by document hash, write it."""
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"--heldout-fraction {heldout_fraction}: must be in (0, 1)")
+    log = sources_lib.ReadLog()  # filled by the train pass; both passes read the same files
+
+    def split_docs(heldout: bool) -> Callable[[], Iterator[str]]:
+        def docs() -> Iterator[str]:
+            pass_log = sources_lib.ReadLog() if heldout else log
+            if not heldout:  # a repeated pass must not count its skips twice
+                log.skipped.clear()
+                log.documents_cut = log.long_lines_cut = 0
+            for text in sources_lib.read_source(spec.path, pass_log, glob=glob,
+                                                text_field=text_field,
+                                                max_doc_bytes=max_doc_bytes):
+                if (sources_lib.heldout_score(text) < heldout_fraction) == heldout:
+                    yield text
+        return docs
+
+    # Count the documents first, so an empty source is named before anything is written.
+    probe = sources_lib.ReadLog()
+    if next(sources_lib.read_source(spec.path, probe, glob=glob, text_field=text_field,
+                                    max_doc_bytes=max_doc_bytes), None) is None:
+        detail = f"; skipped {len(probe.skipped)}: {probe.skipped[:5]}" if probe.skipped else ""
+        raise ValueError(f"source {spec.name!r}: no documents in {str(spec.path)!r} "
+                         f"(glob {glob!r}){detail}")
+    origin = {"kind": "jsonl" if spec.path.suffix == ".jsonl" else "files",
+              "path": spec.path.name, "glob": glob, "text_field": text_field,
+              "heldout_fraction": heldout_fraction, "max_doc_bytes": max_doc_bytes}
+    return write_source(out_dir, spec.name,
+                        {"train": split_docs(False), "heldout": split_docs(True)},
+                        tokenizer=tokenizer, origin=origin, log=log)
+
+
+def prepare(sources: list[str], out_dir: str | os.PathLike, *, tokenizer: str | None = "bytes",
+            glob: str = "**/*", text_field: str = "text", heldout_fraction: float = 0.05,
+            max_doc_bytes: int = sources_lib.MAX_DOC_BYTES) -> list[dict]:
+    """`moesaic data prepare`: each "NAME=PATH" becomes DATA_DIR/NAME/. Returns the manifests."""
+    specs = sources_lib.parse_sources(sources)
+    tok = load_tokenizer(tokenizer)
+    return [prepare_source(spec, out_dir, tokenizer=tok, glob=glob, text_field=text_field,
+                           heldout_fraction=heldout_fraction, max_doc_bytes=max_doc_bytes)
+            for spec in specs]
