@@ -90,6 +90,10 @@ class PackedSequences(grain.MapDataset):
     def __len__(self) -> int:
         return sys.maxsize
 
+    def clear_cache(self) -> None:
+        """Forget decoded documents (the cache only saves time; results never depend on it)."""
+        self._read.cache_clear()
+
     def _read_doc(self, index: int) -> np.ndarray:
         return np.asarray(self._docs[index]["tokens"], np.int32)
 
@@ -156,6 +160,7 @@ class TokenBatches:
         self.bytes_per_token = sum(
             w * m["splits"][split]["bytes"] / max(1, m["splits"][split]["tokens"])
             for w, m in zip(self.weights.values(), self.manifests.values()))
+        self.streams = dict(zip(self.weights, streams))
         self.dataset = (streams[0] if len(streams) == 1 else
                         grain.MapDataset.mix(streams, list(self.weights.values())))
 
