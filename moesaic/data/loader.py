@@ -86,6 +86,7 @@ class PackedSequences(grain.MapDataset):
             raise ValueError(f"source has {int(self._lengths.sum())} tokens (with eos), fewer "
                              f"than one sequence of seq_len + 1 = {self._width}")
         self._read = functools.lru_cache(maxsize=256)(self._read_doc)
+        self._epoch = functools.lru_cache(maxsize=2)(self._epoch_tables)  # per instance
 
     def __len__(self) -> int:
         return sys.maxsize
@@ -97,8 +98,7 @@ class PackedSequences(grain.MapDataset):
     def _read_doc(self, index: int) -> np.ndarray:
         return np.asarray(self._docs[index]["tokens"], np.int32)
 
-    @functools.lru_cache(maxsize=2)  # noqa: B019 (one instance per source and loader)
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _epoch_tables(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([*self._key, epoch])
         doc_order = rng.permutation(len(self._lengths))
         ends = np.cumsum(self._lengths[doc_order])

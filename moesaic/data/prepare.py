@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tqdm import tqdm
 
 from moesaic.data import sources as sources_lib
 from moesaic.data.tokenizer import Tokenizer, load_tokenizer
@@ -196,4 +197,4 @@ def prepare(sources: list[str], out_dir: str | os.PathLike, *, tokenizer: str | 
     tok = load_tokenizer(tokenizer)
     return [prepare_source(spec, out_dir, tokenizer=tok, glob=glob, text_field=text_field,
                            heldout_fraction=heldout_fraction, max_doc_bytes=max_doc_bytes)
-            for spec in specs]
+            for spec in tqdm(specs, desc="prepare", unit="source", disable=len(specs) < 2)]
