@@ -30,12 +30,12 @@ DEFAULT_RULES = (
 # What a coordinated branch job never trains: regexes over parameter paths ("blocks/attn/q").
 # The base experts and base router rows are frozen by index, see moesaic.branch_train.
 DEFAULT_FROZEN = (
-    r"^embed/",
-    r"^lm_head/",
-    r"^final_norm/",
+    r"^embed$",
+    r"^lm_head$",
+    r"^final_norm$",
     r"^blocks/attn/",
-    r"^blocks/attn_norm/",
-    r"^blocks/ffn_norm/",
+    r"^blocks/attn_norm$",
+    r"^blocks/ffn_norm$",
 )
 
 

@@ -1,0 +1,129 @@
+"""The base a branch job starts from: checked, loaded onto this job's mesh, and the party's
+router statistics and own router row computed under it.
+
+A base is a model checkpoint (`moesaic.model.io`) of kind "public" (or "model"/"merged":
+any whole model). Its shape fields must equal the job config's model section; the fields
+that only say how to run it (dispatch, dtype, remat, loss weights) come from the job config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from moesaic.model import io
+from moesaic.model.config import ModelConfig
+from moesaic.model.sharding import Rules
+from moesaic.model.transformer import Decoder
+from moesaic.routing import stats as router_stats
+
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                "d_ff", "tokenizer", "eos_id", "pad_id", "rope_theta", "norm_eps")
+RUNTIME_FIELDS = ("dispatch", "capacity_factor", "z_loss_weight", "lb_loss_weight", "dtype",
+                  "remat")
+ROUTER_INITS = ("mean_hidden", "public_noise", "vector")
+BASE_KINDS = ("public", "model", "merged")
+
+
+@dataclasses.dataclass
+class Base:
+    cfg: ModelConfig
+    model: Decoder
+    flat: dict[str, jax.Array]
+    meta: dict
+
+
+def read_base(path: str | pathlib.Path, config: ml_collections.ConfigDict) -> dict:
+    """The base's meta.json (plus "tensors": its tensor names), after checking that it
+    exists, is a whole model and matches the job config's model shape."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"base checkpoint {str(path)!r} does not exist; run "
+                                "`moesaic pretrain` first or point --base at its WORKDIR/public")
+    meta = io.read_meta(path)
+    if meta.get("kind") not in BASE_KINDS:
+        raise ValueError(f"base {str(path)!r} is a {meta.get('kind')!r} checkpoint; a branch "
+                         f"starts from a whole model ({', '.join(BASE_KINDS)})")
+    base_cfg = io.model_config(meta)
+    wanted = dict(config.model)
+    diffs = [f"{f}: base {getattr(base_cfg, f)!r}, config {wanted[f]!r}"
+             for f in SHAPE_FIELDS if f in wanted and wanted[f] != getattr(base_cfg, f)]
+    if diffs:
+        raise ValueError(f"the job config does not match the base {str(path)!r}: "
+                         + "; ".join(diffs) + ". Use the config the base was trained with.")
+    stored = io.tensor_metadata(path)
+    abstract = io.flatten(nnx.state(io.abstract_model(base_cfg)))
+    for name, value in abstract.items():
+        if name not in stored or stored[name][0] != tuple(value.shape):
+            have = stored[name][0] if name in stored else "missing"
+            raise ValueError(f"base {str(path)!r}: tensor {name!r} is {have}, its meta.json "
+                             f"model needs {tuple(value.shape)}; the checkpoint is damaged "
+                             "or was written for another model")
+    if "fingerprint" not in meta:
+        raise ValueError(f"base {str(path)!r}: meta.json has no fingerprint")
+    return {**meta, "tensors": sorted(stored)}
+
+
+def job_model_config(base_cfg: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
+    """The base's shapes with the job config's way of running them."""
+    runtime = {f: config.model[f] for f in RUNTIME_FIELDS if f in config.model}
+    return base_cfg.replace(**runtime)
+
+
+def load_base(path: str | pathlib.Path, meta: dict, mesh: Mesh, rules: Rules) -> Base:
+    cfg = io.model_config(meta)
+    model, _ = io.load(path, mesh=mesh, rules=rules, cfg=cfg)
+    return Base(cfg, model, io.flatten(nnx.state(model)), meta)
+
+
+def party_stats(base: Base, config: ml_collections.ConfigDict, data_dir: str | pathlib.Path,
+                mesh: Mesh, rules: Rules) -> router_stats.RouterStats:
+    """Router statistics of the party's source under the base, on
+    config.branch.stats_batches global batches."""
+    batch = int(config.data.global_batch)
+    sequences, n_docs = router_stats.stats_sequences(
+        data_dir, str(config.branch.source), seq_len=int(config.data.seq_len),
+        max_sequences=int(config.branch.stats_batches) * batch)
+    return router_stats.collect(base.model, sequences, n_docs, batch_rows=batch, mesh=mesh,
+                                rules=rules)
+
+
+def own_router_row(config: ml_collections.ConfigDict, base: Base,
+                   stats: router_stats.RouterStats) -> jax.Array:
+    """(L, D) initial router row of the owner's expert, by config.branch.router_init:
+    mean_hidden  the unit-normalised mean router input of the party's data (default)
+    public_noise the base's public row (expert 0) plus router_noise * N(0, 1); an MoE base only
+    vector       a .npy file (config.branch.router_vector) of shape (D,) or (L, D), as given
+    """
+    kind = str(config.branch.router_init)
+    n_layers, d = base.cfg.n_layers, base.cfg.d_model
+    if kind == "mean_hidden":
+        return router_stats.unit_rows(stats.mean_hidden)
+    if kind == "public_noise":
+        if not base.cfg.is_moe:
+            raise ValueError("config.branch.router_init='public_noise' needs an MoE base: a "
+                             "dense base has no public router row; use 'mean_hidden' or "
+                             "'vector'")
+        key = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5EED)
+        noise = float(config.branch.router_noise) * jax.random.normal(key, (n_layers, d))
+        return base.flat["blocks/ffn/router"][:, 0].astype(jnp.float32) + noise
+    if kind == "vector":
+        path = str(config.branch.router_vector)
+        if not path or not pathlib.Path(path).is_file():
+            raise FileNotFoundError(f"config.branch.router_vector={path!r}: no such .npy file "
+                                    "(router_init='vector' needs one)")
+        vector = np.load(path)
+        if vector.shape == (d,):
+            vector = np.broadcast_to(vector, (n_layers, d))
+        if vector.shape != (n_layers, d):
+            raise ValueError(f"router vector {path!r} has shape {vector.shape}; need ({d},) or "
+                             f"({n_layers}, {d})")
+        return jnp.asarray(vector, jnp.float32)
+    raise ValueError(f"config.branch.router_init={kind!r}: one of {ROUTER_INITS}")

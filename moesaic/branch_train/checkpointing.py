@@ -1,0 +1,97 @@
+"""A training job's own checkpoints: WORKDIR/ckpt, Orbax CheckpointManager.
+
+Each step directory holds `state` ({"params": trainable tree, "opt": optimizer state}) and
+`meta` (JSON: step, tokens_seen, kind, base_fingerprint, the resolved config). Saves are
+asynchronous, every `every` steps and at the end, keeping the last `keep`; a step
+directory that was not finalised (a job killed while writing) is not seen. Restoring takes
+an abstract target that carries the current mesh's shardings (contract 8). Only the
+trainable tree is saved: frozen tensors come back from the base, never from here.
+
+`StopSignal` turns SIGTERM (preemption, `scancel`) into a flag the loop checks between steps,
+so the job saves and exits 0 instead of dying mid-write.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import signal
+import types
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from moesaic.model import io
+
+
+class JobCheckpoints:
+    def __init__(self, workdir: str | pathlib.Path, *, every: int, keep: int):
+        self.directory = pathlib.Path(workdir).absolute() / "ckpt"
+        self.every = max(1, int(every))
+        options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True,
+                                               enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, step: int, abstract_state) -> tuple[dict, dict]:
+        """(state, meta) of `step`, restored onto the shardings carried by `abstract_state`."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["meta"]
+
+    def read_meta(self, step: int) -> dict:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
+    def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
+        """Starts an async save when `step` is due (or `force`); returns whether it did."""
+        if not force and step % self.every:
+            return False
+        if step in self.manager.all_steps():
+            return False
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, shardings) -> object:
+    """ShapeDtypeStructs of `tree` with the given shardings (same structure)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def nested(flat: dict) -> dict:
+    """Orbax keys must not contain '/': store the flat trees nested."""
+    return io.unflatten(flat)
+
+
+class StopSignal:
+    """SIGTERM (and SIGINT) -> a flag; every process agrees on it before acting."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True when any process was asked to stop (a collective when multi-process)."""
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+        return bool(np.any(flags))
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,61 @@
+"""The command-line arguments the training commands share (train, pretrain, branch) and how
+they become a resolved config and a `trainer.Job`.
+
+Data: --data DIR, else config.data.dir, else (a branch) the data folder beside the base's
+workdir (WORKDIR/data of the pretraining run that wrote --base), else the embedded corpora
+built into WORKDIR/data (once; reused when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import jax
+import ml_collections
+from jax.experimental import multihost_utils
+
+from moesaic.branch_train import distributed
+from moesaic.launch import config_cli
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, default_config: str = "") -> None:
+    parser.add_argument("--config", default=default_config, required=not default_config,
+                        help="config file[:arg], e.g. moesaic/configs/tiny.py:source=code")
+    parser.add_argument("--workdir", required=True, help="checkpoints, metrics and outputs")
+    parser.add_argument("--data", default="", help="prepared data folder (DATA_DIR)")
+    parser.add_argument("--embedded-size", default="default", choices=("default", "smoke"),
+                        help="size of the embedded corpora built when no data is given")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distributed.add_arguments(parser)
+
+
+def resolve_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+    return config_cli.resolve(args.config, getattr(args, "config_overrides", []))
+
+
+def _has_sources(folder: pathlib.Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*/manifest.json"))
+
+
+def data_dir(args: argparse.Namespace, config: ml_collections.ConfigDict,
+             base: pathlib.Path | None = None) -> pathlib.Path:
+    """The data folder for this job (see the module docstring); builds the embedded corpora
+    when nothing else is given."""
+    if args.data:
+        return pathlib.Path(args.data)
+    if config.data.dir:
+        return pathlib.Path(config.data.dir)
+    if base is not None and _has_sources(base.parent / "data"):
+        return base.parent / "data"
+    folder = pathlib.Path(args.workdir) / "data"
+    if not _has_sources(folder):
+        if jax.process_index() == 0:
+            from moesaic.data.corpora import build_embedded
+
+            print(f"no data given: building the embedded corpora ({args.embedded_size}) "
+                  f"in {folder}", flush=True)
+            build_embedded(folder, size=args.embedded_size)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("moesaic-embedded-data")
+    return folder

@@ -1,0 +1,41 @@
+"""`moesaic branch`: one party's job. Restores the base, upcycles it to [base experts..., own],
+trains only the owner's expert, router row and bias on its own source
+(config.branch.source) and writes WORKDIR/artifact. With config.branch.mode=dense: plain
+continued pretraining of a dense copy (the BTX / BTM baselines).
+
+    moesaic branch --config moesaic/configs/tiny.py:source=code --base runs/w/public \
+        --workdir runs/w/branches/code
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+from moesaic.branch_train import cli_args, distributed
+from moesaic.branch_train.trainer import Job, train
+
+MODES = {"coordinated": "branch", "dense": "dense"}
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    cli_args.add_arguments(parser)
+    parser.add_argument("--base", required=True, help="the public checkpoint (WORKDIR/public)")
+
+
+def run(args: argparse.Namespace) -> int:
+    distributed.initialize(args)
+    config = cli_args.resolve_config(args)
+    mode = str(config.branch.mode)
+    if mode not in MODES:
+        raise ValueError(f"config.branch.mode={mode!r}: one of {sorted(MODES)}")
+    base = pathlib.Path(args.base)
+    job = Job(kind=MODES[mode], workdir=pathlib.Path(args.workdir), base=base,
+              data_dir=cli_args.data_dir(args, config, base),
+              show_progress=not args.no_progress)
+    result = train(config, job)
+    if result.stopped:
+        print(f"stopped at step {result.step} (checkpoint saved in {args.workdir}/ckpt)")
+    else:
+        print(f"branch artifact: {result.output}")
+    return 0

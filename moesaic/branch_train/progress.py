@@ -1,0 +1,92 @@
+"""What a training job shows and records: the parameter overview at start, a progress bar
+with loss and tokens/s, WORKDIR/metrics.jsonl (one JSON object per logged step) and
+TensorBoard event files in WORKDIR/tb (tensorboardX, no TensorFlow). Process 0 writes;
+the others stay quiet.
+
+On resume the JSONL keeps only the lines up to the restored step, so the file always
+holds one loss curve, the same as an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from moesaic.branch_train.upcycle import ParamLayout
+
+
+def parameter_overview(layout: ParamLayout, trainable_shardings: Mapping,
+                       frozen_shardings: Mapping) -> str:
+    """A table: every trainable and frozen array, its shape and its PartitionSpec."""
+    counts = layout.counts()
+    lines = [f"parameters: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen "
+             f"({layout.cfg.n_experts} experts, top-{layout.cfg.top_k})"]
+    for kind, shapes, shardings in (("train", layout.trainable_shapes(), trainable_shardings),
+                                    ("frozen", layout.frozen_shapes(), frozen_shardings)):
+        for name, s in shapes.items():
+            spec = tuple(shardings[name].spec)
+            lines.append(f"  {kind:6s} {name:22s} {str(tuple(s.shape)):22s} "
+                         f"{int(np.prod(s.shape)):>12,}  {spec}")
+    return "\n".join(lines)
+
+
+class MetricsLog:
+    def __init__(self, workdir: str | pathlib.Path, *, start_step: int, total_steps: int,
+                 tokens_per_step: int, show_progress: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.tokens_per_step = tokens_per_step
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self._last = (start_step, time.perf_counter())
+        self._bar = None
+        self._tb = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in self._lines() if json.loads(line)["step"] <= start_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"), purge_step=start_step + 1)
+        self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
+                         disable=not show_progress, dynamic_ncols=True)
+
+    def _lines(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        return [line for line in self.path.read_text().splitlines() if line.strip()]
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> dict:
+        """Records the metrics of `step` (after step `step` ran); adds tokens/s since the
+        last call. Returns the record."""
+        now = time.perf_counter()
+        last_step, last_time = self._last
+        self._last = (step, now)
+        rate = (step - last_step) * self.tokens_per_step / max(now - last_time, 1e-9)
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()},
+                  "tokens_per_s": rate}
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            for key, value in record.items():
+                if key != "step":
+                    self._tb.add_scalar(f"train/{key}", value, step)
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:,.0f}")
+        return record
+
+    def close(self) -> None:
+        if self.enabled:
+            self._bar.close()
+            self._tb.close()
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+    """The records of WORKDIR/metrics.jsonl."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,266 @@
+"""The trainer of every job: public pretraining, a coordinated branch, a dense branch.
+
+    result = train(config, Job(kind="branch", workdir=..., data_dir=..., base=...))
+
+It reads top to bottom in fixed phases: mesh -> data -> abstract init -> shardings -> step
+-> restore -> loop -> outputs. The parameters live in two flat pytrees (see `upcycle`):
+`trainable`, the only thing the optimizer sees, and `frozen`, base tensors the step reads
+but never differentiates. The step assembles the full parameters, runs the model
+functionally and updates the trainable tree; `frozen` is an input, never an output, so it
+cannot change.
+
+Restore precedence: this workdir's latest checkpoint (resume); else the base (a branch);
+else a fresh initialisation (pretraining). Batches are a pure function of (seed, step),
+so a resumed run recomputes exactly the batches an uninterrupted one would have seen.
+Outputs: pretraining writes WORKDIR/public (a model checkpoint, kind "public"); a
+coordinated branch WORKDIR/artifact (`moesaic.branch_train.artifact`); a dense branch
+WORKDIR/artifact as a whole model checkpoint (kind "dense_branch").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from moesaic.branch_train import artifact, base_model, upcycle
+from moesaic.branch_train.checkpointing import JobCheckpoints, StopSignal, abstract_like, nested
+from moesaic.branch_train.optimizer import make_optimizer, schedule
+from moesaic.branch_train.progress import MetricsLog, parameter_overview
+from moesaic.data.loader import TokenBatches
+from moesaic.data.tokenizer import check_tokenizer
+from moesaic.model import io
+from moesaic.model.config import ModelConfig
+from moesaic.model.sharding import activate, logical_to_spec, make_mesh
+from moesaic.model.transformer import Decoder, lm_loss
+from moesaic.routing import stats as router_stats
+
+KINDS = ("pretrain", "branch", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    kind: str  # "pretrain" | "branch" (coordinated) | "dense" (continued pretraining)
+    workdir: pathlib.Path
+    data_dir: pathlib.Path
+    base: pathlib.Path | None = None
+    show_progress: bool = True
+    write_output: bool = True
+
+
+@dataclasses.dataclass
+class Result:
+    step: int  # the step the job reached
+    losses: dict[int, float]  # loss after each logged step of this run
+    stopped: bool  # ended early by SIGTERM (saved)
+    output: pathlib.Path | None
+    layout: upcycle.ParamLayout
+    trainable: dict
+    frozen: dict
+    opt_state: object
+
+
+def train(config: ml_collections.ConfigDict, job: Job) -> Result:
+    if job.kind not in KINDS:
+        raise ValueError(f"job kind {job.kind!r}: one of {KINDS}")
+    if job.kind != "pretrain" and job.base is None:
+        raise ValueError(f"a {job.kind} job needs --base (the public checkpoint)")
+    workdir = pathlib.Path(job.workdir)
+    seed, steps = int(config.seed), int(config.train.steps)
+
+    # ---- mesh ------------------------------------------------------------------------
+    mesh = make_mesh(dict(config.mesh))
+    rules = tuple(tuple(r) for r in config.rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    # ---- data ------------------------------------------------------------------------
+    source = str(config.branch.source)
+    if job.kind != "pretrain" and not source:
+        raise ValueError("a branch job needs the party's source: config.branch.source "
+                         "(e.g. --config moesaic/configs/tiny.py:source=code)")
+    mixture = str(config.data.mixture) if job.kind == "pretrain" else source
+    seq_len, global_batch = int(config.data.seq_len), int(config.data.global_batch)
+    batches = TokenBatches(job.data_dir, mixture, seq_len=seq_len, global_batch=global_batch,
+                           seed=seed, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    batch_shape = (global_batch, seq_len + 1)
+    batch_sharding = NamedSharding(
+        mesh, logical_to_spec(("batch", "length"), rules, mesh, batch_shape))
+
+    # ---- abstract init: the model this job runs and which of its parameters train -----
+    base_meta = None
+    if job.kind == "pretrain":
+        model_cfg = ModelConfig.from_config(config.model)
+        layout = upcycle.make_layout(model_cfg)
+    else:
+        base_meta = base_model.read_base(job.base, config)
+        base_cfg = base_model.job_model_config(io.model_config(base_meta), config)
+        if job.kind == "branch":
+            model_cfg = upcycle.branch_config(base_cfg, int(config.branch.train_top_k))
+            layout = upcycle.make_layout(model_cfg, frozen_patterns=tuple(config.branch.frozen),
+                                         base_experts=base_cfg.n_experts)
+        else:
+            model_cfg = base_cfg
+            layout = upcycle.make_layout(model_cfg)
+    for data_source in batches.manifests.values():
+        check_tokenizer(model_cfg, data_source)
+
+    # ---- shardings -------------------------------------------------------------------
+    abstract_trainable, abstract_frozen = layout.trainable_shapes(), layout.frozen_shapes()
+    trainable_shardings = layout.shardings(abstract_trainable, mesh, rules)
+    frozen_shardings = layout.shardings(abstract_frozen, mesh, rules)
+    tx = make_optimizer(config.train)
+    lr_at = schedule(config.train)
+    abstract_opt = jax.eval_shape(tx.init, abstract_trainable)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, trainable_shardings,
+                                          transform_non_params=lambda _: replicated)
+    if jax.process_index() == 0:
+        print(parameter_overview(layout, trainable_shardings, frozen_shardings), flush=True)
+
+    # ---- step ------------------------------------------------------------------------
+    def train_step(trainable, opt_state, frozen, batch, step):
+        def loss_fn(params):
+            with activate(mesh, rules):
+                return lm_loss(layout.model(params, frozen), batch)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = dict(loss=loss, nll=aux["nll"], z_loss=aux["z_loss"],
+                       grad_norm=optax.global_norm(grads), lr=lr_at(step))
+        return trainable, opt_state, metrics
+
+    step_fn = jax.jit(
+        train_step, donate_argnums=(0, 1),
+        in_shardings=(trainable_shardings, opt_shardings, frozen_shardings, batch_sharding,
+                      replicated),
+        out_shardings=(trainable_shardings, opt_shardings, replicated))
+
+    # ---- restore: resume this workdir; else start from the base; else initialise -------
+    stats = None
+    if job.kind == "pretrain":
+        frozen = {}
+        fresh = jax.jit(lambda: upcycle.split_full(layout, io.flatten(nnx.state(
+            Decoder(model_cfg, rngs=nnx.Rngs(seed))))),
+            out_shardings=(trainable_shardings, frozen_shardings))
+        make_trainable = lambda: fresh()[0]  # noqa: E731
+    else:
+        base = base_model.load_base(job.base, base_meta, mesh, rules)
+        if job.kind == "branch":
+            stats = base_model.party_stats(base, config, job.data_dir, mesh, rules)
+            own_row = base_model.own_router_row(config, base, stats)
+            trainable0, frozen = upcycle.upcycle(layout, base.flat, base.cfg, own_row)
+        else:
+            trainable0, frozen = upcycle.split_full(layout, base.flat)
+        frozen = jax.device_put(frozen, frozen_shardings)
+        # Own copies: the step donates the trainable buffers, and an own expert sliced from a
+        # dense base can share its buffer with the frozen public expert.
+        make_trainable = lambda: jax.device_put(  # noqa: E731
+            jax.tree.map(lambda a: jnp.array(a, copy=True), trainable0), trainable_shardings)
+        del base
+
+    checkpoints = JobCheckpoints(workdir, every=int(config.train.ckpt_every),
+                                 keep=int(config.train.keep))
+    start = checkpoints.latest_step()
+    if start is not None:
+        meta = checkpoints.read_meta(start)
+        if meta.get("kind") != job.kind or meta.get("model") != model_cfg.to_dict():
+            raise ValueError(f"{checkpoints.directory} holds a {meta.get('kind')!r} job of "
+                             "another model; use a fresh --workdir for this job")
+        target = {"params": nested(abstract_like(abstract_trainable, trainable_shardings)),
+                  "opt": abstract_like(abstract_opt, opt_shardings)}
+        state, _ = checkpoints.restore(start, target)
+        trainable, opt_state = io.flatten(state["params"]), state["opt"]
+    else:
+        start = 0
+        trainable = make_trainable()
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+
+    # ---- loop ------------------------------------------------------------------------
+    tokens_per_step = global_batch * seq_len
+    base_fingerprint = base_meta["fingerprint"] if base_meta else None
+
+    def job_meta(step: int) -> dict:
+        return {"kind": job.kind, "step": step, "tokens_seen": step * tokens_per_step,
+                "model": model_cfg.to_dict(), "base_fingerprint": base_fingerprint,
+                "config": config.to_dict()}
+
+    log = MetricsLog(workdir, start_step=start, total_steps=steps,
+                     tokens_per_step=tokens_per_step, show_progress=job.show_progress)
+    stop = StopSignal()
+    losses, step, stopped = {}, start, False
+    log_every = max(1, int(config.train.log_every))
+    try:
+        while step < steps:
+            batch = jax.make_array_from_process_local_data(
+                batch_sharding, batches.get(step), batch_shape)
+            trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
+                                                    jnp.asarray(step, jnp.int32))
+            step += 1
+            if step % log_every == 0 or step == steps:
+                record = log.log(step, jax.device_get(metrics))
+                losses[step] = record["loss"]
+            stopped = stop.agreed()
+            checkpoints.save(step, {"params": nested(trainable), "opt": opt_state},
+                             job_meta(step), force=stopped or step == steps)
+            if stopped:
+                break
+    finally:
+        stop.restore()
+        log.close()
+        checkpoints.close()
+
+    # ---- outputs -----------------------------------------------------------------------
+    output = None
+    if job.write_output and not stopped:
+        output = write_output(job, config, layout, trainable, frozen, stats, job_meta(step),
+                              base_meta)
+    return Result(step, losses, stopped, output, layout, trainable, frozen, opt_state)
+
+
+def _host(array) -> np.ndarray:
+    """A (possibly sharded, possibly multi-process) array as one numpy array on every host."""
+    if isinstance(array, jax.Array) and not array.is_fully_replicated:
+        full = NamedSharding(array.sharding.mesh, PartitionSpec())
+        array = jax.jit(lambda x: x, out_shardings=full)(array)
+    return np.asarray(array)
+
+
+def write_output(job: Job, config, layout: upcycle.ParamLayout, trainable: dict, frozen: dict,
+                 stats: router_stats.RouterStats | None, meta: dict,
+                 base_meta: dict | None) -> pathlib.Path:
+    """WORKDIR/public (pretraining) or WORKDIR/artifact (a branch)."""
+    workdir = pathlib.Path(job.workdir)
+    full = layout.assemble(trainable, frozen)
+    common = {"config": meta["config"], "tokens_seen": meta["tokens_seen"],
+              "steps": meta["step"]}
+    if job.kind == "pretrain":
+        path = workdir / "public"
+        io.save_model(path, layout.model(trainable, frozen),
+                      {**common, "kind": "public", "mixture": str(config.data.mixture)},
+                      overwrite=True)
+        return path
+    path = workdir / "artifact"
+    source = str(config.branch.source)
+    if job.kind == "dense":
+        io.save(path, {n: _host(a) for n, a in full.items()},
+                {**common, "kind": artifact.DENSE_KIND, "source": source,
+                 "model": layout.cfg.to_dict(), "base_fingerprint": base_meta["fingerprint"]},
+                overwrite=True)
+        return path
+    own = {n: _host(trainable[n]) for n in upcycle.EXPERT_TENSORS}
+    base_names = set(base_meta["tensors"])
+    frozen_hashes = {n: io.tensor_hash(_host(a)) for n, a in frozen.items() if n in base_names}
+    artifact.save(path, own, stats.tensors(), {
+        **common, "source": source, "base_fingerprint": base_meta["fingerprint"],
+        "frozen_hashes": frozen_hashes, "base_experts": layout.base_experts,
+        "model": layout.cfg.to_dict(), "stats_tokens": stats.n_tokens,
+        "stats_documents": stats.n_documents}, overwrite=True)
+    return path

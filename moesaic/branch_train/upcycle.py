@@ -1,0 +1,204 @@
+"""Which parameters a job trains, and how a branch model is built from its base.
+
+A job's parameters live in two flat pytrees ({"blocks/attn/q": array, ...}):
+
+  trainable  what the optimizer sees, nothing else
+  frozen     the base tensors the job must not change (never differentiated, never in the
+             optimizer state, so weight decay cannot touch them)
+
+The expert-axis tensors of a coordinated branch (`EXPERT_TENSORS`) are split: the frozen
+tree holds the n base experts / router rows / biases, the trainable tree the owner's single
+slice (expert axis of size 1). `ParamLayout.assemble` concatenates them along the expert
+axis, base experts first and the owner's last (index n), into the full parameters the
+model runs with. Which whole tensors are frozen is data: regexes over parameter paths
+(config.branch.frozen).
+
+Upcycling (Komatsuzaki et al.): a base with n experts (n = 1: dense) becomes n + 1 experts;
+the owner's expert starts as a copy of the base's expert 0 (the public FFN), its bias at 0.
+A dense base has no router: its public row is the zero vector (frozen), so the owner's
+logit r_own . x + b_own is measured relative to the public expert's, which is exactly the
+quantity FlexOlmo's pairwise routing compares (r_i . x + b_i > r_pub . x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from moesaic.model import io
+from moesaic.model.config import ModelConfig
+from moesaic.model.sharding import Rules, logical_to_spec, variable_axes
+from moesaic.model.transformer import Decoder
+
+EXPERT_TENSORS = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down",
+                  "blocks/ffn/router", "blocks/ffn/bias")
+EXPERT_AXIS = 1  # (layers, expert, ...)
+
+Flat = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamLayout:
+    """The parameters of the model a job runs, and how they split into trainable/frozen."""
+
+    cfg: ModelConfig
+    shapes: Mapping[str, tuple[int, ...]]  # full parameter shapes
+    axes: Mapping[str, tuple[str | None, ...]]  # logical axes of each full parameter
+    dtypes: Mapping[str, np.dtype]
+    trainable: tuple[str, ...]  # trained whole
+    frozen: tuple[str, ...]  # frozen whole
+    split: tuple[str, ...]  # expert tensors: frozen base experts [0:n] + trainable own [n]
+    base_experts: int  # n (0 unless split)
+
+    def trainable_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+        out = {n: jax.ShapeDtypeStruct(self.shapes[n], self.dtypes[n]) for n in self.trainable}
+        for n in self.split:
+            out[n] = jax.ShapeDtypeStruct(self._part_shape(n, 1), self.dtypes[n])
+        return dict(sorted(out.items()))
+
+    def frozen_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+        out = {n: jax.ShapeDtypeStruct(self.shapes[n], self.dtypes[n]) for n in self.frozen}
+        for n in self.split:
+            out[n] = jax.ShapeDtypeStruct(self._part_shape(n, self.base_experts), self.dtypes[n])
+        return dict(sorted(out.items()))
+
+    def _part_shape(self, name: str, experts: int) -> tuple[int, ...]:
+        shape = list(self.shapes[name])
+        shape[EXPERT_AXIS] = experts
+        return tuple(shape)
+
+    def shardings(self, shapes: Mapping[str, jax.ShapeDtypeStruct], mesh: Mesh,
+                  rules: Rules) -> dict[str, NamedSharding]:
+        """NamedShardings by logical axes; a dimension the mesh does not divide (an expert
+        slice of size 1) stays replicated."""
+        return {n: NamedSharding(mesh, logical_to_spec(self.axes[n], rules, mesh, s.shape))
+                for n, s in shapes.items()}
+
+    def assemble(self, trainable: Mapping[str, jax.Array],
+                 frozen: Mapping[str, jax.Array]) -> Flat:
+        """The full parameters: whole tensors as they are, split tensors concatenated along
+        the expert axis (base experts first, the owner's last)."""
+        full = {n: trainable[n] for n in self.trainable}
+        full.update({n: frozen[n] for n in self.frozen})
+        for n in self.split:
+            full[n] = jnp.concatenate([frozen[n], trainable[n]], axis=EXPERT_AXIS)
+        return full
+
+    def model(self, trainable: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array]
+              ) -> Decoder:
+        """The model run functionally on the assembled parameters (usable inside jit)."""
+        return build_model(self.cfg, self.assemble(trainable, frozen))
+
+    def counts(self) -> dict[str, int]:
+        t = sum(int(np.prod(s.shape)) for s in self.trainable_shapes().values())
+        f = sum(int(np.prod(s.shape)) for s in self.frozen_shapes().values())
+        return {"trainable": t, "frozen": f}
+
+
+def _abstract_state(cfg: ModelConfig):
+    return nnx.split(io.abstract_model(cfg))
+
+
+def build_model(cfg: ModelConfig, flat: Mapping[str, jax.Array]) -> Decoder:
+    """A Decoder of `cfg` whose parameters are `flat` (no copy; works on tracers)."""
+    graphdef, state = _graph(cfg)
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(state)
+    names = [_path_name(path) for path, _ in leaves_with_path]
+    missing = sorted(set(names) - set(flat))
+    if missing:
+        raise KeyError(f"parameters {missing} missing for the model config")
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names]))
+
+
+_GRAPHS: dict[ModelConfig, tuple] = {}
+
+
+def _graph(cfg: ModelConfig):
+    if cfg not in _GRAPHS:
+        _GRAPHS[cfg] = _abstract_state(cfg)
+    return _GRAPHS[cfg]
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", None)) for k in path
+                    if isinstance(k, jax.tree_util.DictKey))
+
+
+def make_layout(cfg: ModelConfig, *, frozen_patterns: Sequence[str] = (),
+                base_experts: int = 0) -> ParamLayout:
+    """Layout of `cfg`'s parameters. `base_experts` > 0 splits the expert tensors (a
+    coordinated branch: experts [0, base_experts) frozen, the last one trained); whole
+    tensors matching a `frozen_patterns` regex are frozen, the rest trained."""
+    _, state = _graph(cfg)
+    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(state)
+    names = [_path_name(p) for p, _ in leaves_with_path]
+    shapes = {n: tuple(v.shape) for n, v in zip(names, variables)}
+    axes = {n: variable_axes(v) for n, v in zip(names, variables)}
+    dtypes = {n: np.dtype(v.dtype) for n, v in zip(names, variables)}
+    try:
+        compiled = [re.compile(p) for p in frozen_patterns]
+    except re.error as err:
+        raise ValueError(f"config.branch.frozen: bad regex {err.pattern!r}: {err}") from None
+    split = tuple(n for n in names if base_experts and n in EXPERT_TENSORS)
+    if base_experts and base_experts != cfg.n_experts - 1:
+        raise ValueError(f"a branch of a base with {base_experts} experts needs n_experts="
+                         f"{base_experts + 1}, the model has {cfg.n_experts}")
+    frozen = tuple(n for n in names if n not in split and any(p.search(n) for p in compiled))
+    trainable = tuple(n for n in names if n not in split and n not in frozen)
+    return ParamLayout(cfg, shapes, axes, dtypes, trainable, frozen, split, base_experts)
+
+
+def branch_config(base: ModelConfig, train_top_k: int = 0) -> ModelConfig:
+    """The branch model: the base plus one expert, with a router and bias; top-k = all
+    experts unless `train_top_k` says otherwise."""
+    experts = base.n_experts + 1
+    top_k = train_top_k or experts
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"config.branch.train_top_k={train_top_k}: must be 0 (all) or in "
+                         f"[1, {experts}]")
+    return base.replace(n_experts=experts, top_k=top_k, router_bias=True)
+
+
+def upcycle(layout: ParamLayout, base: Mapping[str, jax.Array], base_cfg: ModelConfig,
+            own_router_ld: jax.Array) -> tuple[Flat, Flat]:
+    """(trainable, frozen) of a coordinated branch from the base's flat parameters: the
+    owner's expert = the base's expert 0, its router row = `own_router_ld` (L, D), its
+    bias 0; the base's experts, rows and biases frozen as they are (a dense base: zero row,
+    zero bias)."""
+    n, lyr, d = base_cfg.n_experts, base_cfg.n_layers, base_cfg.d_model
+    dtype = layout.dtypes["blocks/ffn/w_gate"]
+    base = dict(base)
+    if not base_cfg.is_moe:
+        base["blocks/ffn/router"] = jnp.zeros((lyr, n, d), dtype)
+    if "blocks/ffn/bias" not in base:
+        base["blocks/ffn/bias"] = jnp.zeros((lyr, n), dtype)
+    own = {
+        "blocks/ffn/w_gate": base["blocks/ffn/w_gate"][:, :1],
+        "blocks/ffn/w_up": base["blocks/ffn/w_up"][:, :1],
+        "blocks/ffn/w_down": base["blocks/ffn/w_down"][:, :1],
+        "blocks/ffn/router": jnp.asarray(own_router_ld, dtype).reshape(lyr, 1, d),
+        "blocks/ffn/bias": jnp.zeros((lyr, 1), dtype),
+    }
+    trainable = {n_: base[n_] for n_ in layout.trainable}
+    trainable.update({n_: own[n_] for n_ in layout.split})
+    frozen = {n_: base[n_] for n_ in (*layout.frozen, *layout.split)}
+    return trainable, frozen
+
+
+def split_full(layout: ParamLayout, full: Mapping[str, jax.Array]) -> tuple[Flat, Flat]:
+    """(trainable, frozen) from full parameters of the layout's model (pretraining, dense
+    branches, or an initialised model)."""
+    trainable = {n: full[n] for n in layout.trainable}
+    frozen = {n: full[n] for n in layout.frozen}
+    for n in layout.split:
+        trainable[n] = full[n][:, layout.base_experts:]
+        frozen[n] = full[n][:, :layout.base_experts]
+    return trainable, frozen

@@ -1,0 +1,112 @@
+"""Router statistics a party computes locally from its own data under the base model.
+
+Per layer, over the router inputs x (the residual stream entering each FFN) of the party's
+tokens: x_sum = X^T 1 (L, D), xtx = X^T X (L, D, D), mean_hidden = x_sum / n_tokens, plus
+the token and document counts. These are the sufficient statistics of a ridge router
+(DUME), the centroid of a nearest-centroid router, and FlexOlmo's hidden-state init of a
+router row. Aggregates only: no text and no per-document values leave the party.
+
+Documents are read in stored order, joined by eos and cut into whole sequences (no
+padding, so every counted position is a real token of the party's data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from moesaic.model.sharding import Rules, activate, logical_to_spec
+from moesaic.model.transformer import Decoder
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterStats:
+    x_sum: np.ndarray  # (L, D) float64
+    xtx: np.ndarray  # (L, D, D) float64
+    n_tokens: int
+    n_documents: int
+
+    @property
+    def mean_hidden(self) -> np.ndarray:
+        """(L, D) mean router input."""
+        return self.x_sum / max(self.n_tokens, 1)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The artifact's stats/* tensors, float32."""
+        return {"stats/x_sum": self.x_sum.astype(np.float32),
+                "stats/xtx": self.xtx.astype(np.float32),
+                "stats/mean_hidden": self.mean_hidden.astype(np.float32)}
+
+
+def stats_sequences(data_dir: str | os.PathLike, source: str, *, seq_len: int,
+                    max_sequences: int) -> tuple[np.ndarray, int]:
+    """(int32 (N, seq_len) sequences, documents that contributed a token) from the first
+    training documents of `source`, joined by eos; N <= max_sequences, whole sequences only."""
+    from moesaic.data.loader import documents, load_manifest
+
+    eos = load_manifest(data_dir, source)["tokenizer"]["eos_id"]
+    want = max_sequences * seq_len
+    parts, total, n_docs = [], 0, 0
+    for doc in documents(data_dir, source, "train"):
+        parts.append(np.append(doc, np.int32(eos)))
+        total += len(doc) + 1
+        n_docs += 1
+        if total >= want:
+            break
+    n = min(total // seq_len, max_sequences)
+    if n < 1:
+        raise ValueError(f"source {source!r} in {str(data_dir)!r} has {total} training tokens, "
+                         f"fewer than one sequence of {seq_len} for its router statistics")
+    used = n * seq_len
+    starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+    n_docs = int(np.sum(starts < used))
+    return np.concatenate(parts)[:used].reshape(n, seq_len).astype(np.int32), n_docs
+
+
+def collect(model: Decoder, sequences: np.ndarray, n_documents: int, *, batch_rows: int,
+            mesh: Mesh, rules: Rules = ()) -> RouterStats:
+    """Runs `model` with `collect_stats=True` over `sequences` (the same array on every
+    process) in batches of `batch_rows` global rows, sharded over the mesh's batch axes, and
+    sums in float64 on the host. A tail shorter than `batch_rows` is left out."""
+    n_rows = (len(sequences) // batch_rows) * batch_rows
+    if n_rows == 0:
+        raise ValueError(f"router statistics need at least {batch_rows} sequences (one global "
+                         f"batch), got {len(sequences)}")
+    spec = logical_to_spec(("batch", "length"), rules, mesh, (batch_rows, sequences.shape[1]))
+    batch_sharding = NamedSharding(mesh, spec)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    procs, me = jax.process_count(), jax.process_index()
+    if batch_rows % procs:
+        raise ValueError(f"batch of {batch_rows} rows does not split over {procs} processes")
+    local = batch_rows // procs
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def sums(state, tokens):
+        with activate(mesh, rules):
+            _, aux = nnx.merge(graphdef, state)(tokens, collect_stats=True)
+        out = (aux["x_sum"], aux["xtx"])
+        return jax.lax.with_sharding_constraint(out, replicated)
+
+    x_sum = xtx = None
+    for start in range(0, n_rows, batch_rows):
+        rows = sequences[start + me * local: start + (me + 1) * local]
+        tokens = jax.make_array_from_process_local_data(
+            batch_sharding, rows, (batch_rows, sequences.shape[1]))
+        s, q = (np.asarray(a.addressable_data(0), np.float64) for a in sums(state, tokens))
+        x_sum = s if x_sum is None else x_sum + s
+        xtx = q if xtx is None else xtx + q
+    return RouterStats(x_sum, xtx, n_rows * sequences.shape[1], n_documents)
+
+
+def unit_rows(vectors_ld: np.ndarray) -> jax.Array:
+    """Each layer's vector scaled to unit L2 norm (a zero vector stays zero)."""
+    v = jnp.asarray(vectors_ld, jnp.float32)
+    return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
