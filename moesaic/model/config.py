@@ -7,7 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 import ml_collections
 
-DISPATCHES = ("dropless", "capacity")
+DISPATCHES = ("dropless", "dropless_ragged", "dropless_gather", "capacity")
 REMATS = ("none", "full", "dots")
 
 

@@ -3,8 +3,13 @@
     fn(x_td, weights_tk, experts_tk, w_gate_edf, w_up_edf, w_down_efd, *, capacity_factor)
         -> (y_td, dropped)   # dropped: how many (token, expert) assignments were not served
 
-  dropless  sort the T*k assignments by expert and run grouped matmuls (`jax.lax.ragged_dot`):
-            every token is served. On GPU/TPU this lowers to grouped-matmul kernels.
+  dropless  every token is served. Two implementations, picked per backend by measurement
+            (bench/moe_layer.py):
+            dropless_ragged  sort the T*k assignments by expert, grouped matmuls
+                             (`jax.lax.ragged_dot`); GPU/TPU lower it to grouped kernels.
+            dropless_gather  the capacity path with C = T (no expert can overflow): XLA:CPU
+                             lowers ragged_dot to a dense dot over all experts plus slow
+                             scatters, and this is about 2.5x faster there.
   capacity  each expert takes at most C = ceil(T*k/E * capacity_factor) assignments, first
             choices before second ones, earlier tokens first; tokens are gathered into an
             (E, C, D) buffer, the experts run as one batched einsum, overflow is dropped and
@@ -37,8 +42,8 @@ def get(name: str) -> Callable:
     return _REGISTRY[name]
 
 
-@register("dropless")
-def dropless(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, capacity_factor=None):
+@register("dropless_ragged")
+def dropless_ragged(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, capacity_factor=None):
     t, k = experts_tk.shape
     n_experts = w_gate.shape[0]
     flat_experts = experts_tk.reshape(-1)
@@ -81,3 +86,16 @@ def capacity(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, capacity_fac
     weight = (weights_tk.T.reshape(-1) * keep).astype(served.dtype)
     y = jnp.zeros_like(x_td).at[token_of].add(served * weight[:, None])
     return y, jnp.sum(~keep).astype(jnp.int32)
+
+
+@register("dropless_gather")
+def dropless_gather(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, capacity_factor=None):
+    n_experts = w_gate.shape[0]
+    return capacity(x_td, weights_tk, experts_tk, w_gate, w_up, w_down,
+                    capacity_factor=n_experts / experts_tk.shape[1])
+
+
+@register("dropless")
+def dropless(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, capacity_factor=None):
+    fn = dropless_gather if jax.default_backend() == "cpu" else dropless_ragged
+    return fn(x_td, weights_tk, experts_tk, w_gate, w_up, w_down)

@@ -16,13 +16,16 @@ import hashlib
 import json
 import pathlib
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.serialization import ocdbt_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from moesaic.model.config import ModelConfig
 from moesaic.model.sharding import Rules, make_mesh, state_shardings
@@ -59,10 +62,14 @@ def unflatten(flat: Mapping[str, object]) -> dict:
     return out
 
 
+def _hasher(dtype, shape):
+    return hashlib.sha256(f"{np.dtype(dtype)}|{tuple(shape)}|".encode())
+
+
 def tensor_hash(array) -> str:
     """sha256 of one tensor's dtype, shape and bytes."""
     array = np.asarray(jax.device_get(array))
-    digest = hashlib.sha256(f"{array.dtype}|{array.shape}|".encode())
+    digest = _hasher(array.dtype, array.shape)
     digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
@@ -114,6 +121,122 @@ def save(path: str | pathlib.Path, flat: Mapping[str, jax.Array], meta: dict, *,
             shutil.rmtree(path)
         partial.rename(path)
     multihost_utils.sync_global_devices(f"moesaic-save-done:{path}")
+
+
+class TensorSource:
+    """A tensor that `save_streaming` materialises only piece by piece: shape and dtype up
+    front; `pieces()` yields consecutive blocks along axis 0 (C order), each written and
+    dropped before the next is produced."""
+
+    def __init__(self, shape: tuple[int, ...], dtype, pieces: Callable[[], Iterable]):
+        self.shape, self.dtype, self.pieces = tuple(shape), np.dtype(dtype), pieces
+        self.ndim, self.size = len(self.shape), int(np.prod(self.shape, dtype=np.int64))
+
+
+class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
+    """Writes `TensorSource`s one after another, piece by piece, with the tensorstore spec a
+    numpy leaf gets (same typestr, same chunks), so the checkpoint reads like any other.
+    Records each tensor's `tensor_hash` on the way."""
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+        self.hashes: dict[str, str] = {}
+
+    async def _background_serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        for source, info, arg in zip(values, infos, args):
+            spec = ts_utils.build_array_write_spec(
+                info=info, arg=arg, global_shape=source.shape, local_shape=source.shape,
+                dtype=source.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+                process_index=ocdbt_utils.get_process_index_for_subdir(
+                    use_ocdbt=info.is_ocdbt_checkpoint))
+            store = await ts.open(ts.Spec(spec.json), create=True, open=True,
+                                  context=info.ts_context)
+            digest, row = _hasher(source.dtype, source.shape), 0
+            for piece in source.pieces():
+                piece = np.asarray(piece, order="C")
+                if piece.dtype != source.dtype or piece.shape[1:] != source.shape[1:] or (
+                        source.ndim == 0 and piece.shape != ()):
+                    raise ValueError(f"tensor {info.name}: piece {piece.dtype}{piece.shape} "
+                                     f"does not fit {source.dtype}{source.shape}")
+                digest.update(piece.tobytes())
+                if source.ndim == 0:
+                    await store.write(piece)
+                    row = None
+                    continue
+                await store[row:row + piece.shape[0]].write(piece)
+                row += piece.shape[0]
+                del piece
+            if row is not None and row != (source.shape[0] if source.ndim else 0):
+                raise ValueError(f"tensor {info.name}: pieces cover {row} of "
+                                 f"{source.shape[0]} rows")
+            self.hashes[info.name] = digest.hexdigest()
+
+
+def save_streaming(path: str | pathlib.Path, sources: Mapping[str, TensorSource], meta: dict,
+                   *, overwrite: bool = False) -> dict[str, str]:
+    """Like `save`, but holds only a piece of one tensor in memory at a time. Same layout on
+    disk as `save` of numpy arrays, same atomic rename (nothing but PATH.partial exists until
+    it is complete; on error PATH.partial is removed). The fingerprint is computed while
+    writing (unless `meta` has one). Returns {name: tensor_hash}. Single process."""
+    path = pathlib.Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another output or remove it")
+    partial = path.with_name(path.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    writer = _StreamingNumpyHandler()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (TensorSource, writer), (jax.Array, ocp.type_handlers.ArrayHandler()))
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+    try:
+        with ocp.Checkpointer(handler) as checkpointer:
+            checkpointer.save(partial / PARAMS, args=ocp.args.PyTreeSave(unflatten(sources)))
+        hashes = {name: writer.hashes[name.replace("/", ".")] for name in sources}
+        meta = {**meta, "fingerprint": meta.get("fingerprint") or fingerprint_of_hashes(hashes)}
+        (partial / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    partial.rename(path)
+    return hashes
+
+
+class TensorReader:
+    """Reads blocks of one stored tensor (`reader[l]`, `reader[a:b]`) without reading the rest:
+    what lets a merge go layer by layer through tensors larger than memory."""
+
+    def __init__(self, path: str | pathlib.Path, name: str):
+        params = pathlib.Path(path) / PARAMS
+        tree_meta = json.loads((params / "_METADATA").read_text())
+        spec = ts_utils.ArrayReadSpec(
+            directory=params.as_posix(), relative_array_filename=name.replace("/", "."),
+            use_zarr3=bool(tree_meta.get("use_zarr3", False)),
+            use_ocdbt=bool(tree_meta.get("use_ocdbt", True)))
+        try:
+            self._store = ts.open(ts.Spec(spec.json), open=True,
+                                  context=ts_utils.get_ts_context(use_ocdbt=True)).result()
+        except ValueError as err:
+            raise KeyError(f"{path} has no tensor {name!r}") from err
+        self.name, self.shape = name, tuple(self._store.shape)
+        self.dtype = np.dtype(self._store.dtype.numpy_dtype)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.asarray(self._store[index].read().result())
+
+    def read(self) -> np.ndarray:
+        return np.asarray(self._store.read().result())
+
+    def hash(self, rows_per_piece: int = 1) -> str:
+        """`tensor_hash` of the stored tensor, read `rows_per_piece` rows at a time."""
+        digest = _hasher(self.dtype, self.shape)
+        if not self.shape:
+            digest.update(np.asarray(self.read(), order="C").tobytes())
+        for row in range(0, self.shape[0] if self.shape else 0, rows_per_piece):
+            digest.update(np.ascontiguousarray(self[row:row + rows_per_piece]).tobytes())
+        return digest.hexdigest()
 
 
 def tensor_metadata(path: str | pathlib.Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

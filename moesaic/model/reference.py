@@ -30,11 +30,11 @@ def moe_reference(x_td, routing: Routing, w_gate, w_up, w_down, *,
                   capacity_factor: float | None = None):
     t, k = routing.experts_tk.shape
     n_experts = w_gate.shape[0]
-    experts = np.asarray(routing.experts_tk)
-    keep = (np.ones((t, k), bool) if capacity_factor is None
-            else capacity_keep(experts, n_experts, capacity_factor))
+    experts = routing.experts_tk
+    keep = (jnp.ones((t, k), bool) if capacity_factor is None  # jittable without a capacity
+            else capacity_keep(np.asarray(experts), n_experts, capacity_factor))
     y = jnp.zeros_like(x_td)
     for e in range(n_experts):
-        mix = jnp.sum(routing.weights_tk * jnp.asarray((experts == e) & keep), axis=-1)
+        mix = jnp.sum(routing.weights_tk * ((experts == e) & keep), axis=-1)
         y = y + mix[:, None] * swiglu(x_td, w_gate[e], w_up[e], w_down[e])
     return y
