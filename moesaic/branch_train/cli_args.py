@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 
 import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
 from moesaic.branch_train import distributed
+from moesaic.branch_train.trainer import Job, Result, train
 from moesaic.launch import config_cli
 
 
@@ -59,3 +61,20 @@ def data_dir(args: argparse.Namespace, config: ml_collections.ConfigDict,
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("moesaic-embedded-data")
     return folder
+
+
+def run_job(config: ml_collections.ConfigDict, job: Job, output_name: str
+            ) -> tuple[int, Result | None]:
+    """Runs the job; an input error (missing base, mismatched config or data) is printed as
+    one line and gives exit code 2. Returns (exit code, result)."""
+    try:
+        result = train(config, job)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2, None
+    if result.stopped:
+        print(f"stopped at step {result.step}; checkpoint saved in {job.workdir}/ckpt, "
+              "run the same command again to resume")
+    elif result.output is not None:
+        print(f"{output_name}: {result.output}")
+    return 0, result

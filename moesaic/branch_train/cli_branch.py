@@ -13,7 +13,7 @@ import argparse
 import pathlib
 
 from moesaic.branch_train import cli_args, distributed
-from moesaic.branch_train.trainer import Job, train
+from moesaic.branch_train.trainer import Job
 
 MODES = {"coordinated": "branch", "dense": "dense"}
 
@@ -33,9 +33,4 @@ def run(args: argparse.Namespace) -> int:
     job = Job(kind=MODES[mode], workdir=pathlib.Path(args.workdir), base=base,
               data_dir=cli_args.data_dir(args, config, base),
               show_progress=not args.no_progress)
-    result = train(config, job)
-    if result.stopped:
-        print(f"stopped at step {result.step} (checkpoint saved in {args.workdir}/ckpt)")
-    else:
-        print(f"branch artifact: {result.output}")
-    return 0
+    return cli_args.run_job(config, job, "branch artifact")[0]

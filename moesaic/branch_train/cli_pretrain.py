@@ -10,7 +10,7 @@ import argparse
 import pathlib
 
 from moesaic.branch_train import cli_args, distributed
-from moesaic.branch_train.trainer import Job, train
+from moesaic.branch_train.trainer import Job
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -22,9 +22,4 @@ def run(args: argparse.Namespace) -> int:
     config = cli_args.resolve_config(args)
     job = Job(kind="pretrain", workdir=pathlib.Path(args.workdir),
               data_dir=cli_args.data_dir(args, config), show_progress=not args.no_progress)
-    result = train(config, job)
-    if result.stopped:
-        print(f"stopped at step {result.step} (checkpoint saved in {args.workdir}/ckpt)")
-    else:
-        print(f"public model: {result.output}")
-    return 0
+    return cli_args.run_job(config, job, "public model")[0]

@@ -10,7 +10,7 @@ import argparse
 import pathlib
 
 from moesaic.branch_train import cli_args, distributed
-from moesaic.branch_train.trainer import Job, train
+from moesaic.branch_train.trainer import Job
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +24,9 @@ def run(args: argparse.Namespace) -> int:
     job = Job(kind="pretrain", workdir=pathlib.Path(args.workdir),
               data_dir=cli_args.data_dir(args, config), show_progress=not args.no_progress,
               write_output=False)
-    result = train(config, job)
+    code, result = cli_args.run_job(config, job, "")
+    if result is None:
+        return code
     if result.losses:
         first, last = min(result.losses), max(result.losses)
         print(f"loss {result.losses[first]:.4f} at step {first} -> "

@@ -134,7 +134,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = dict(loss=loss, nll=aux["nll"], z_loss=aux["z_loss"],
-                       grad_norm=optax.global_norm(grads), lr=lr_at(step))
+                       grad_norm=optax.tree.norm(grads), lr=lr_at(step))
         return trainable, opt_state, metrics
 
     step_fn = jax.jit(

@@ -1,0 +1,112 @@
+"""Public pretraining: outputs and records, exact resume after SIGKILL, SIGTERM saves and
+exits 0."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from train_helpers import ROOT, make_data, moesaic_command, overrides_argv, run_moesaic, tiny_config
+
+from moesaic.branch_train.checkpointing import JobCheckpoints
+from moesaic.branch_train.progress import read_metrics
+from moesaic.branch_train.trainer import Job, train
+from moesaic.model import io
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> pathlib.Path:
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def _pretrain_argv(workdir, data, **overrides) -> list[str]:
+    return ["pretrain", "--config", "moesaic/configs/tiny.py", "--workdir", str(workdir),
+            "--data", str(data), "--no-progress", *overrides_argv(**overrides)]
+
+
+def _steps_saved(workdir: pathlib.Path) -> list[int]:
+    folder = workdir / "ckpt"
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def test_pretrain_writes_the_public_model_metrics_and_resumes_a_finished_run(data, tmp_path):
+    config = tiny_config()
+    result = train(config, Job("pretrain", tmp_path, data, show_progress=False))
+    assert result.step == 6 and not result.stopped and result.frozen == {}
+    assert result.losses[6] < result.losses[1]
+
+    meta = io.read_meta(tmp_path / "public")
+    assert meta["kind"] == "public" and meta["steps"] == 6
+    assert meta["tokens_seen"] == 6 * 8 * 16 and meta["model"]["d_model"] == 32
+    stored = io.load_tensors(tmp_path / "public", result.trainable)
+    for name, value in result.trainable.items():
+        np.testing.assert_array_equal(stored[name], np.asarray(value), err_msg=name)
+
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records] == [result.losses[s] for s in range(1, 7)]
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in records)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert JobCheckpoints(tmp_path, every=2, keep=2).latest_step() == 6
+
+    again = train(config, Job("pretrain", tmp_path, data, show_progress=False))
+    assert again.step == 6 and again.losses == {}
+    assert len(read_metrics(tmp_path)) == 6
+
+
+def test_sigkill_then_restart_equals_an_uninterrupted_run(data, tmp_path):
+    steps = dict(train__steps=40, train__ckpt_every=5)
+    reference_argv, env = moesaic_command(_pretrain_argv(tmp_path / "ref", data, **steps))
+    reference = subprocess.Popen(reference_argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    killed = tmp_path / "killed"
+    argv, env = moesaic_command(_pretrain_argv(killed, data, **steps))
+    victim = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not any(s >= 10 for s in _steps_saved(killed)) and victim.poll() is None:
+        assert time.time() < deadline, "the job saved no checkpoint in time"
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the job ended before it could be killed"
+    assert not (killed / "public").exists() and max(_steps_saved(killed)) < 40
+
+    run_moesaic(_pretrain_argv(killed, data, **steps))
+    assert reference.wait(timeout=240) == 0
+
+    curve = [(r["step"], r["loss"]) for r in read_metrics(killed)]
+    assert curve == [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref")]
+    assert [s for s, _ in curve] == list(range(1, 41))
+    names = io.tensor_metadata(killed / "public")
+    resumed, uninterrupted = (io.load_tensors(w / "public", names)
+                              for w in (killed, tmp_path / "ref"))
+    for name in names:
+        np.testing.assert_array_equal(resumed[name], uninterrupted[name], err_msg=name)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(data, tmp_path):
+    argv, env = moesaic_command(_pretrain_argv(tmp_path, data, train__steps=100_000,
+                                               train__ckpt_every=100_000))
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    saved = _steps_saved(tmp_path)
+    assert len(saved) == 1 and 3 <= saved[0] < 100_000
+    assert f"stopped at step {saved[0]}" in out
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] <= saved[0]
+    assert not (tmp_path / "public").exists()
