@@ -1,0 +1,110 @@
+"""`moesaic merge`: fuse branches into one MoE; remove or add an expert.
+
+    moesaic merge --base B --branch P1 --branch P2 --router learned-rows --top-k 2 --out M
+    moesaic merge remove M --source P --out M2
+    moesaic merge add M --branch P3 --out M3
+    moesaic merge soup --branch D1 --branch D2 [--weights-data DIR] --out S
+    moesaic merge btx --branch D1 --branch D2 --router centroid --top-k 2 --out X
+
+Router kinds: learned-rows, centroid, ridge, random (moesaic.routing). A refusal (an input
+that fails verification) prints what is wrong and where, writes nothing, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moesaic.merge.sources import MergeRefused
+from moesaic.routing.registry import KINDS
+
+ACTIONS = ("remove", "add", "soup", "btx")
+
+
+def _router_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--router", choices=sorted(KINDS), required=required,
+                        help="how the router rows are built")
+    parser.add_argument("--top-k", type=int, default=None, help="experts per token")
+    parser.add_argument("--public-stats", default=None,
+                        help="checkpoint with stats/{x_sum,xtx,mean_hidden} of public data "
+                             "(the public expert's class for centroid and ridge)")
+    parser.add_argument("--public-data", default=None,
+                        help="prepared data folder: compute the public stats from its "
+                             "'public' source under the base model")
+    parser.add_argument("--ridge-lambda", type=float, default=None)
+    parser.add_argument("--router-scale", type=float, default=None,
+                        help="multiplies centroid / ridge rows (softmax temperature)")
+    parser.add_argument("--seed", type=int, default=None, help="random router seed")
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", default="merge", choices=("merge", *ACTIONS),
+                        help="merge (default), remove, add, soup or btx")
+    parser.add_argument("merged", nargs="?", default=None,
+                        help="the merged checkpoint (remove / add)")
+    parser.add_argument("--base", help="the public checkpoint every branch started from")
+    parser.add_argument("--branch", action="append", default=[],
+                        help="a branch artifact (repeat); dense branches for soup / btx")
+    parser.add_argument("--source", help="remove: the party to opt out")
+    parser.add_argument("--out", required=True, help="where to write (must not exist)")
+    parser.add_argument("--weights-data", default=None,
+                        help="soup: data folder; weight each branch by its loss there")
+    parser.add_argument("--weights-source", default="public",
+                        help="soup: which source of --weights-data to score on")
+    parser.add_argument("--weighting", choices=("softmax", "inverse"), default="softmax",
+                        help="soup: exp(-loss) softmax or inverse-loss weights")
+    _router_args(parser, required=False)
+
+
+def _options(args) -> dict:
+    out = {}
+    if args.ridge_lambda is not None:
+        out["ridge_lambda"] = args.ridge_lambda
+    if args.router_scale is not None:
+        out["scale"] = args.router_scale
+    if args.seed is not None:
+        out["seed"] = args.seed
+    return out
+
+
+def _public_stats(args, base_path):
+    if args.public_stats and args.public_data:
+        raise MergeRefused("give --public-stats or --public-data, not both")
+    if args.public_data:
+        from moesaic.merge.public_stats import compute_public_stats
+        return compute_public_stats(base_path, args.public_data, args.out)
+    return args.public_stats
+
+
+def _run(args) -> None:
+    from moesaic.merge import fuse
+
+    if args.action == "merge":
+        if not args.base or not args.router:
+            raise MergeRefused("merge needs --base and --router (and --branch for each party)")
+        public = _public_stats(args, args.base)
+        fuse.merge_paths(args.base, args.branch, router=args.router, top_k=args.top_k or 1,
+                         out=args.out, public_stats=public, options=_options(args))
+    elif args.action == "remove":
+        if not args.merged or not args.source:
+            raise MergeRefused("usage: moesaic merge remove M --source P --out M2")
+        fuse.remove(args.merged, args.source, out=args.out, top_k=args.top_k)
+    elif args.action == "add":
+        if not args.merged or not args.branch:
+            raise MergeRefused("usage: moesaic merge add M --branch P3 --out M3")
+        fuse.add(args.merged, args.branch, out=args.out, top_k=args.top_k)
+    else:
+        from moesaic.merge import baselines
+        if args.action == "soup":
+            baselines.soup_cli(args)
+        else:
+            baselines.btx_cli(args, _options(args))
+
+
+def run(args) -> int:
+    try:
+        _run(args)
+    except (MergeRefused, FileExistsError) as err:
+        print(f"moesaic merge: refused: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,197 @@
+"""The merge: verify, build the router, then write the merged MoE tensor by tensor.
+
+Merged checkpoint (an io checkpoint, loadable with `io.load`):
+    every shared tensor of the base, as it is
+    blocks/ffn/{w_gate,w_up,w_down}  (L, E, ...) experts [base experts..., P1, P2, ...]
+    blocks/ffn/{router,bias}         built by the router kind (RouterState: never optimized)
+    rows/<source>/{router,bias}      each party's learned row and bias (and rows/public/ for
+                                     an MoE base's router), so any kind can be rebuilt
+    stats/<source>/{x_sum,xtx,mean_hidden}  each party's router statistics (stats/public/ if
+                                     public statistics were given)
+meta.json: kind "merged", model (n_experts = base experts + parties, router_trainable False),
+experts [{"source", "fingerprint", "branch_meta"}], base_fingerprint, router {kind, top_k,
+options, inputs}, merge {base_model, base_tensors, public_stats...}, routing_report.
+
+Memory: one layer of one tensor at a time (io.save_streaming pulls pieces; every piece is a
+layer slice read from disk), whatever the number of parties.
+
+`remove` and `add` read the base and the parties back out of a merged checkpoint and run
+this same merge, so they give exactly the parameters of a merge made at once.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+
+import numpy as np
+
+from moesaic.merge import sources as src
+from moesaic.merge.sources import (
+    BIAS,
+    EXPERT_TENSORS,
+    FFN_EXPERT,
+    PUBLIC,
+    ROUTER,
+    STAT_NAMES,
+    Base,
+    MergeRefused,
+    Party,
+    PublicStats,
+)
+from moesaic.merge.verify import router_dtype, verify
+from moesaic.model import io
+from moesaic.routing import registry, report
+
+
+def router_inputs(base: Base, parties: list[Party], public: PublicStats | None,
+                  options: dict) -> registry.RouterInputs:
+    cfg = base.cfg
+    base_rows = base.tensors[ROUTER].read().astype(np.float32) if ROUTER in base.tensors else None
+    base_bias = base.tensors[BIAS].read().astype(np.float32) if BIAS in base.tensors else None
+
+    def public_stat(stat: str, layer: int) -> np.ndarray:
+        return public.stats[stat].rows(layer, layer + 1)[0]
+
+    return registry.RouterInputs(
+        n_layers=cfg.n_layers, d_model=cfg.d_model,
+        sources=base.expert_names() + [p.source for p in parties],
+        base_experts=base.n_experts, base_rows=base_rows, base_bias=base_bias,
+        party_rows=lambda i: parties[i].own[ROUTER].read()[:, 0, :],
+        party_bias=lambda i: parties[i].own[BIAS].read()[:, 0],
+        party_stat=lambda i, stat, layer: parties[i].stats[stat].rows(layer, layer + 1)[0],
+        party_tokens=[p.stats_tokens for p in parties],
+        public_stat=public_stat if public is not None else None,
+        public_tokens=public.tokens if public is not None else 0,
+        options=dict(options))
+
+
+def _copy(view: src.View) -> io.TensorSource:
+    return io.TensorSource(view.shape, view.dtype, view.pieces)
+
+
+def _stacked_experts(base_view: src.View, party_views: list[src.View]) -> io.TensorSource:
+    shape = list(base_view.shape)
+    shape[1] += len(party_views)
+
+    def pieces():
+        for layer in range(shape[0]):
+            parts = [base_view.rows(layer, layer + 1)]
+            parts += [v.rows(layer, layer + 1) for v in party_views]
+            yield np.concatenate(parts, axis=1)
+
+    return io.TensorSource(tuple(shape), base_view.dtype, pieces)
+
+
+def _in_memory(array: np.ndarray) -> io.TensorSource:
+    return io.TensorSource(array.shape, array.dtype, lambda: [array])
+
+
+def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
+          out: str | pathlib.Path, public: PublicStats | None = None,
+          options: dict | None = None, overwrite: bool = False,
+          log: Callable[[str], None] = print) -> dict:
+    """Verifies, builds the router, writes the merged checkpoint at `out`; returns its meta.
+    Raises MergeRefused (nothing written) when an input fails verification."""
+    out = pathlib.Path(out)
+    inputs_paths = {base.path.resolve(), *(p.path.resolve() for p in parties)}
+    if out.resolve() in inputs_paths:
+        raise MergeRefused(f"output {out} is one of the inputs; write to a new path")
+    if out.exists() and not overwrite:
+        raise MergeRefused(f"output {out} exists; choose another path or remove it")
+    build = registry.get(router)
+    n_experts = base.n_experts + len(parties)
+    if not 1 <= top_k <= n_experts:
+        raise MergeRefused(f"--top-k {top_k}: the merged model has {n_experts} experts "
+                           f"({base.n_experts} base + {len(parties)} parties)")
+    options = dict(options or {})
+    verify(base, parties, public)
+    try:
+        built = build(router_inputs(base, parties, public, options))
+    except ValueError as err:
+        raise MergeRefused(str(err)) from None
+    names = base.expert_names() + [p.source for p in parties]
+    reports, warnings = report.routing_report(built.rows, names)
+    log(report.format_report(reports, names))
+    for warning in warnings:
+        log(f"WARNING: {warning}")
+
+    row_dtype = router_dtype(base, parties)
+    tensors: dict[str, io.TensorSource] = {}
+    for name, view in base.tensors.items():
+        if name not in EXPERT_TENSORS:
+            tensors[name] = _copy(view)
+    for name in FFN_EXPERT:
+        tensors[name] = _stacked_experts(base.tensors[name], [p.own[name] for p in parties])
+    tensors[ROUTER] = _in_memory(built.rows.astype(row_dtype))
+    tensors[BIAS] = _in_memory(built.bias.astype(row_dtype))
+    for name in (ROUTER, BIAS):
+        leaf = name.rsplit("/", 1)[1]
+        if name in base.tensors:
+            tensors[f"rows/{PUBLIC}/{leaf}"] = _copy(base.tensors[name])
+        for p in parties:
+            tensors[f"rows/{p.source}/{leaf}"] = _copy(p.own[name])
+    for p in parties:
+        for stat in STAT_NAMES:
+            tensors[f"stats/{p.source}/{stat}"] = _copy(p.stats[stat])
+    if public is not None:
+        for stat in STAT_NAMES:
+            tensors[f"stats/{PUBLIC}/{stat}"] = _copy(public.stats[stat])
+
+    cfg = base.cfg.replace(n_experts=n_experts, top_k=top_k, router_trainable=False,
+                           router_bias=True)
+    experts = [{"source": s, "fingerprint": base.fingerprint} for s in base.expert_names()]
+    experts += [{"source": p.source, "fingerprint": p.meta["fingerprint"],
+                 "branch_meta": p.meta} for p in parties]
+    meta = {
+        "kind": "merged",
+        "model": cfg.to_dict(),
+        "experts": experts,
+        "base_fingerprint": base.fingerprint,
+        "router": {"kind": router, "top_k": top_k, "options": options,
+                   "inputs": built.inputs, "trainable": False},
+        "merge": {"base_model": base.cfg.to_dict(), "base_tensors": sorted(base.tensors),
+                  "public_stats": public is not None,
+                  "public_stats_tokens": public.tokens if public is not None else 0},
+        "routing_report": [{k: v for k, v in r.items()} for r in reports],
+        "routing_warnings": warnings,
+    }
+    io.save_streaming(out, tensors, meta, overwrite=overwrite)
+    log(f"merged {n_experts} experts ({', '.join(names)}) with router {router!r}, top-{top_k} "
+        f"-> {out}")
+    return io.read_meta(out)
+
+
+def merge_paths(base_path, branch_paths, *, public_stats=None, **kw) -> dict:
+    """`merge` from paths: a base checkpoint and branch artifacts."""
+    base = src.open_base(base_path)
+    parties = [src.open_branch(p) for p in branch_paths]
+    public = src.open_public_stats(public_stats) if public_stats else None
+    return merge(base, parties, public=public, **kw)
+
+
+def _again(merged_path, parties_change, *, out, top_k=None, overwrite=False, log=print):
+    base, parties, meta = src.parties_of_merged(merged_path)
+    public = src.public_stats_of_merged(merged_path, meta)
+    parties = parties_change(parties)
+    router = meta["router"]
+    return merge(base, parties, router=router["kind"], top_k=top_k or router["top_k"],
+                 out=out, public=public, options=router["options"], overwrite=overwrite,
+                 log=log)
+
+
+def remove(merged_path, source: str, *, out, **kw) -> dict:
+    """The merged model without `source`'s expert: exactly a merge that never had it."""
+    def without(parties):
+        kept = [p for p in parties if p.source != source]
+        if len(kept) == len(parties):
+            raise MergeRefused(f"{merged_path} has no party {source!r}; its parties: "
+                               f"{[p.source for p in parties]}")
+        return kept
+    return _again(merged_path, without, out=out, **kw)
+
+
+def add(merged_path, branch_paths, *, out, **kw) -> dict:
+    """The merged model with more parties: exactly a merge of all of them at once."""
+    new = [src.open_branch(p) for p in branch_paths]
+    return _again(merged_path, lambda parties: parties + new, out=out, **kw)

@@ -1,0 +1,244 @@
+"""What a merge reads: the base and the parties, as views on stored tensors, never loaded whole.
+
+A `View` is a stored tensor (or an expert slice of one) read a block of layers at a time
+along axis 0, so a merge of tensors larger than memory holds one layer of one tensor at once.
+
+The base and each party can come from two places, read the same way:
+  - a base checkpoint and branch artifacts (moesaic.branch_train.artifact), for a fresh merge;
+  - a merged checkpoint, which keeps every input it was built from (the base's experts as
+    its first experts, each party's expert slot, learned rows under rows/<source>/ and
+    statistics under stats/<source>/), for `remove` and `add`.
+So remove/add re-run the very same merge on the same values, which is why they reproduce a
+merge made at once bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+
+import numpy as np
+
+from moesaic.branch_train import artifact
+from moesaic.model import io
+from moesaic.model.config import ModelConfig
+
+FFN_EXPERT = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down")
+ROUTER, BIAS = "blocks/ffn/router", "blocks/ffn/bias"
+EXPERT_TENSORS = (*FFN_EXPERT, ROUTER, BIAS)
+STAT_NAMES = ("x_sum", "xtx", "mean_hidden")
+PUBLIC = "public"
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+PIECE_BYTES = 64 << 20  # rows read per block of a tensor without a layer axis
+
+
+class View:
+    """A stored tensor, optionally restricted to experts [lo, hi) of axis 1."""
+
+    def __init__(self, path: str | pathlib.Path, name: str, experts: tuple[int, int] | None = None):
+        self.reader = io.TensorReader(path, name)
+        self.path, self.name, self.experts = pathlib.Path(path), name, experts
+        shape = list(self.reader.shape)
+        if experts is not None:
+            shape[1] = experts[1] - experts[0]
+        self.shape, self.dtype = tuple(shape), self.reader.dtype
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        if self.experts is None:
+            return self.reader[start:stop]
+        return self.reader[start:stop, self.experts[0]:self.experts[1]]
+
+    def read(self) -> np.ndarray:
+        if not self.shape:
+            return self.reader.read()
+        return self.rows(0, self.shape[0])
+
+    def row_block(self) -> int:
+        """Rows per piece: one layer for stacked tensors, a byte budget otherwise."""
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        return max(1, min(self.shape[0], PIECE_BYTES // max(row_bytes, 1)))
+
+    def pieces(self):
+        if not self.shape:
+            yield self.read()
+            return
+        step = self.row_block()
+        for start in range(0, self.shape[0], step):
+            yield self.rows(start, min(start + step, self.shape[0]))
+
+    def hash(self) -> str:
+        digest = io._hasher(self.dtype, self.shape)
+        for piece in self.pieces():
+            digest.update(np.asarray(piece, order="C").tobytes())
+        return digest.hexdigest()
+
+    def __repr__(self) -> str:
+        return f"{self.path}:{self.name}"
+
+
+@dataclasses.dataclass
+class Base:
+    """The public model every party started from."""
+
+    path: pathlib.Path
+    cfg: ModelConfig
+    fingerprint: str  # as recorded; verified against the tensors by `verify`
+    tensors: dict[str, View]  # every base parameter
+    origin: str  # "checkpoint" or "merged"
+
+    @property
+    def n_experts(self) -> int:
+        return self.cfg.n_experts
+
+    def expert_names(self) -> list[str]:
+        """Names of the base's experts in the merged model: public, or public_0.. ."""
+        if self.n_experts == 1:
+            return [PUBLIC]
+        return [f"{PUBLIC}_{j}" for j in range(self.n_experts)]
+
+
+@dataclasses.dataclass
+class Party:
+    """One party's contribution: its expert, its learned router row and bias, its stats."""
+
+    source: str
+    path: pathlib.Path
+    meta: dict  # the branch artifact's meta (kept in the merged checkpoint's meta)
+    own: dict[str, View]  # EXPERT_TENSORS, expert axis of size 1
+    stats: dict[str, View]  # STAT_NAMES -> (L, D) / (L, D, D)
+
+    @property
+    def stats_tokens(self) -> int:
+        return int(self.meta.get("stats_tokens", 0))
+
+
+@dataclasses.dataclass
+class PublicStats:
+    """Router statistics of public data (for the public expert's centroid / ridge class)."""
+
+    path: pathlib.Path
+    stats: dict[str, View]
+    tokens: int
+
+
+# ---- from a base checkpoint and branch artifacts ------------------------------------------
+
+def uncommitted_reason(path: pathlib.Path) -> str | None:
+    partial = path.with_name(path.name + ".partial")
+    if not path.exists():
+        if partial.exists():
+            return f"{path} was never committed (only {partial.name} exists: the job that " \
+                   f"wrote it did not finish)"
+        return f"{path} does not exist"
+    if not io.is_complete(path):
+        return f"{path} is not a committed checkpoint (no {io.META} or {io.PARAMS}/): " \
+               f"the job that wrote it did not finish"
+    return None
+
+
+def committed_meta(path: pathlib.Path, label: str) -> dict:
+    """The meta of a committed checkpoint, or MergeRefused naming `label`."""
+    reason = uncommitted_reason(path)
+    if reason:
+        raise MergeRefused(f"{label}: {reason}")
+    return io.read_meta(path)
+
+
+def open_base(path: str | pathlib.Path) -> Base:
+    path = pathlib.Path(path)
+    meta = committed_meta(path, "base")
+    if "model" not in meta:
+        raise MergeRefused(f"base {path}: a {meta.get('kind')!r} checkpoint, not a model")
+    if meta.get("kind") == "merged":
+        return base_of_merged(path, meta)
+    names = io.tensor_metadata(path)
+    return Base(path, io.model_config(meta), meta["fingerprint"],
+                {n: View(path, n) for n in names}, "checkpoint")
+
+
+def open_branch(path: str | pathlib.Path) -> Party:
+    path = pathlib.Path(path)
+    meta = committed_meta(path, f"branch {path}")
+    if meta.get("kind") != artifact.KIND:
+        raise MergeRefused(f"branch {path}: a {meta.get('kind')!r} checkpoint, not a branch "
+                           f"artifact (kind {artifact.KIND!r})")
+    missing = [k for k in artifact.REQUIRED_META if k not in meta]
+    stored = io.tensor_metadata(path)
+    missing += [n for n in (*artifact.OWN_TENSORS, *artifact.STATS) if n not in stored]
+    if missing:
+        raise MergeRefused(f"branch {path}: incomplete artifact, missing {missing}")
+    source = str(meta["source"])
+    if not SOURCE_NAME.match(source) or source.startswith(PUBLIC):
+        raise MergeRefused(f"branch {path}: source name {source!r} is not usable (letters, "
+                           f"digits, _ . -; not starting with {PUBLIC!r})")
+    own = {n: View(path, n) for n in EXPERT_TENSORS}
+    stats = {s: View(path, f"stats/{s}") for s in STAT_NAMES}
+    return Party(source, path, meta, own, stats)
+
+
+def open_public_stats(path: str | pathlib.Path) -> PublicStats:
+    """A checkpoint holding stats/{x_sum,xtx,mean_hidden} of public data (for instance a
+    branch artifact's layout, or `moesaic.routing.stats` output saved with io.save) and
+    meta "stats_tokens"."""
+    path = pathlib.Path(path)
+    meta = committed_meta(path, "public stats")
+    stored = io.tensor_metadata(path)
+    missing = [f"stats/{s}" for s in STAT_NAMES if f"stats/{s}" not in stored]
+    if missing:
+        raise MergeRefused(f"public stats {path}: missing {missing}")
+    return PublicStats(path, {s: View(path, f"stats/{s}") for s in STAT_NAMES},
+                       int(meta.get("stats_tokens", 0)))
+
+
+# ---- from a merged checkpoint ---------------------------------------------------------------
+
+def base_of_merged(path: pathlib.Path, meta: dict) -> Base:
+    """The base a merged checkpoint was built from: its shared tensors, its first experts,
+    and (for an MoE base) the base router rows kept under rows/public/."""
+    merge = meta["merge"]
+    cfg = ModelConfig.from_config(merge["base_model"])
+    names = io.tensor_metadata(path)
+    tensors = {}
+    for name in merge["base_tensors"]:
+        if name in FFN_EXPERT:
+            tensors[name] = View(path, name, (0, cfg.n_experts))
+        elif name in (ROUTER, BIAS):
+            tensors[name] = View(path, f"rows/{PUBLIC}/{name.rsplit('/', 1)[1]}")
+        elif name in names:
+            tensors[name] = View(path, name)
+        else:
+            raise MergeRefused(f"merged checkpoint {path}: base tensor {name!r} missing")
+    return Base(path, cfg, meta["base_fingerprint"], tensors, "merged")
+
+
+def parties_of_merged(path: str | pathlib.Path) -> tuple[Base, list[Party], dict]:
+    """(base, parties, meta) of a merged checkpoint: everything needed to merge again."""
+    path = pathlib.Path(path)
+    meta = committed_meta(path, "merged checkpoint")
+    if meta.get("kind") != "merged":
+        raise MergeRefused(f"{path}: a {meta.get('kind')!r} checkpoint, not a merged one")
+    base = base_of_merged(path, meta)
+    parties = []
+    for slot, expert in enumerate(meta["experts"]):
+        if expert["source"].startswith(PUBLIC):
+            continue
+        source = expert["source"]
+        own = {n: View(path, n, (slot, slot + 1)) for n in FFN_EXPERT}
+        own[ROUTER] = View(path, f"rows/{source}/router")
+        own[BIAS] = View(path, f"rows/{source}/bias")
+        stats = {s: View(path, f"stats/{source}/{s}") for s in STAT_NAMES}
+        parties.append(Party(source, path, expert["branch_meta"], own, stats))
+    return base, parties, meta
+
+
+def public_stats_of_merged(path: str | pathlib.Path, meta: dict) -> PublicStats | None:
+    if not meta["merge"].get("public_stats"):
+        return None
+    return PublicStats(pathlib.Path(path),
+                       {s: View(path, f"stats/{PUBLIC}/{s}") for s in STAT_NAMES},
+                       int(meta["merge"]["public_stats_tokens"]))
+
+
+class MergeRefused(Exception):
+    """A merge input failed verification; nothing was written."""

@@ -1,0 +1,157 @@
+"""Checks every merge input before anything is written (DESIGN.md, contract 2).
+
+A merge refuses (raises `MergeRefused`, naming the branch and the tensor) when:
+  - a checkpoint is not committed (a `.partial` folder, no meta);
+  - two parties share a source name;
+  - a branch started from another base (its base_fingerprint is not the base's);
+  - the base's tensors no longer match its recorded fingerprint;
+  - a tensor the branch held frozen differs from the base's (its frozen_hashes entry), or a
+    base tensor is missing from frozen_hashes (the branch trained it: its expert was fit to
+    a shared tensor the merged model will not have);
+  - a tensor's shape or dtype does not fit the base;
+  - a tensor holds NaN or Inf.
+Everything is read a layer at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moesaic.merge.sources import (
+    BIAS,
+    FFN_EXPERT,
+    ROUTER,
+    STAT_NAMES,
+    Base,
+    MergeRefused,
+    Party,
+    PublicStats,
+)
+from moesaic.model import io
+
+
+def base_hashes(base: Base) -> dict[str, str]:
+    """Per-tensor hashes of the base, checked against its recorded fingerprint."""
+    hashes = {name: view.hash() for name, view in sorted(base.tensors.items())}
+    if io.fingerprint_of_hashes(hashes) != base.fingerprint:
+        raise MergeRefused(f"base {base.path}: its tensors do not match its recorded "
+                           f"fingerprint {base.fingerprint[:12]}...; the checkpoint was "
+                           f"modified after it was written")
+    return hashes
+
+
+def _expected_frozen_hash(base: Base, hashes: dict[str, str], name: str, party: Party):
+    if name in hashes:
+        return hashes[name]
+    if name in (ROUTER, BIAS) and name not in base.tensors:
+        # a base without a router (dense) or without bias: the branch froze zeros there
+        own = party.own[name]
+        shape = (own.shape[0], base.n_experts, *own.shape[2:])
+        return io.tensor_hash(np.zeros(shape, own.dtype))
+    return None
+
+
+def check_unique(sources: list[str]) -> None:
+    seen = set()
+    for source in sources:
+        if source in seen:
+            raise MergeRefused(f"source {source!r} appears twice; every party's source name "
+                               f"must be unique (rename one branch's source or drop it)")
+        seen.add(source)
+
+
+def check_finite(label: str, view) -> None:
+    if not np.issubdtype(view.dtype, np.floating) and view.dtype.kind != "V":
+        return
+    for start, piece in _pieces_with_rows(view):
+        bad = ~np.isfinite(np.asarray(piece, np.float32))
+        if bad.any():
+            where = np.argwhere(bad)[0]
+            where[0] += start
+            raise MergeRefused(f"{label}: tensor {view.name!r} holds NaN or Inf (first at "
+                               f"index {tuple(int(i) for i in where)}); the job that wrote it "
+                               f"diverged")
+
+
+def _pieces_with_rows(view):
+    if not view.shape:
+        yield 0, view.read()
+        return
+    step = view.row_block()
+    for start in range(0, view.shape[0], step):
+        yield start, view.rows(start, min(start + step, view.shape[0]))
+
+
+def _check_shape(label: str, name: str, got, want_shape, want_dtype=None) -> None:
+    if tuple(got.shape) != tuple(want_shape):
+        raise MergeRefused(f"{label}: tensor {name!r} has shape {tuple(got.shape)}, the base "
+                           f"needs {tuple(want_shape)} (the branch was trained from a model of "
+                           f"another shape)")
+    if want_dtype is not None and np.dtype(got.dtype) != np.dtype(want_dtype):
+        raise MergeRefused(f"{label}: tensor {name!r} has dtype {got.dtype}, the base has "
+                           f"{want_dtype}")
+
+
+def check_party(base: Base, hashes: dict[str, str], party: Party, row_dtype) -> None:
+    label = f"branch {party.source!r} ({party.path})"
+    meta = party.meta
+    if meta.get("base_fingerprint") != base.fingerprint:
+        raise MergeRefused(f"{label}: trained from another base (base_fingerprint "
+                           f"{str(meta.get('base_fingerprint'))[:12]}..., this base is "
+                           f"{base.fingerprint[:12]}...); merge it with the base it started from")
+    if int(meta.get("base_experts", -1)) != base.n_experts:
+        raise MergeRefused(f"{label}: built on a base with {meta.get('base_experts')} experts, "
+                           f"this base has {base.n_experts}")
+    frozen = dict(meta.get("frozen_hashes") or {})
+    for name in sorted(frozen):
+        expected = _expected_frozen_hash(base, hashes, name, party)
+        if expected is None:
+            raise MergeRefused(f"{label}: frozen tensor {name!r} is not a tensor of the base")
+        if frozen[name] != expected:
+            raise MergeRefused(f"{label}: frozen tensor {name!r} differs from the base's "
+                               f"(hash {frozen[name][:12]}... vs {expected[:12]}...); the "
+                               f"branch changed a tensor it must not train")
+    unlisted = sorted(set(hashes) - set(frozen))
+    if unlisted:
+        raise MergeRefused(f"{label}: base tensor(s) {unlisted} are not in its frozen_hashes: "
+                           f"the branch trained them, so its expert does not fit the base")
+    cfg = base.cfg
+    lyr, d = cfg.n_layers, cfg.d_model
+    for name in FFN_EXPERT:
+        want = list(base.tensors[name].shape)
+        want[1] = 1
+        _check_shape(label, name, party.own[name], want, base.tensors[name].dtype)
+    _check_shape(label, ROUTER, party.own[ROUTER], (lyr, 1, d), row_dtype)
+    _check_shape(label, BIAS, party.own[BIAS], (lyr, 1), row_dtype)
+    stat_shapes = {"x_sum": (lyr, d), "xtx": (lyr, d, d), "mean_hidden": (lyr, d)}
+    for stat in STAT_NAMES:
+        _check_shape(label, f"stats/{stat}", party.stats[stat], stat_shapes[stat])
+    for view in (*party.own.values(), *party.stats.values()):
+        check_finite(label, view)
+
+
+def router_dtype(base: Base, parties: list[Party]) -> np.dtype:
+    if ROUTER in base.tensors:
+        return np.dtype(base.tensors[ROUTER].dtype)
+    if parties:
+        return np.dtype(parties[0].own[ROUTER].dtype)
+    return np.dtype(base.cfg.param_dtype)
+
+
+def verify(base: Base, parties: list[Party], public: PublicStats | None = None
+           ) -> dict[str, str]:
+    """Runs every check; returns the base's per-tensor hashes."""
+    check_unique([p.source for p in parties])
+    hashes = base_hashes(base)
+    row_dtype = router_dtype(base, parties)
+    for party in parties:
+        check_party(base, hashes, party, row_dtype)
+    if public is not None:
+        cfg = base.cfg
+        shapes = {"x_sum": (cfg.n_layers, cfg.d_model), "mean_hidden": (cfg.n_layers, cfg.d_model),
+                  "xtx": (cfg.n_layers, cfg.d_model, cfg.d_model)}
+        for stat in STAT_NAMES:
+            _check_shape(f"public stats {public.path}", f"stats/{stat}", public.stats[stat],
+                         shapes[stat])
+            check_finite(f"public stats {public.path}", public.stats[stat])
+    return hashes

@@ -1,0 +1,78 @@
+"""The router kinds a merge can build, by name. One small module each; each exposes
+`build(inputs: RouterInputs) -> Router`.
+
+    learned-rows  the rows and biases each branch trained (FlexOlmo)
+    centroid      per layer, each party's normalised mean router input
+    ridge         per layer, the closed-form ridge solution from summed X^T X and X^T y (DUME)
+    random        frozen random rows, seeded (the control)
+
+A router's rows only ever depend on its inputs in slot order, so removing or adding a party
+and building again gives the router a merge made at once would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+
+import numpy as np
+
+KINDS = {
+    "learned-rows": "moesaic.routing.learned_rows",
+    "centroid": "moesaic.routing.centroid",
+    "ridge": "moesaic.routing.ridge",
+    "random": "moesaic.routing.random",
+}
+
+
+@dataclasses.dataclass
+class RouterInputs:
+    """What a router kind may use. Slots: the base's experts first, then the parties."""
+
+    n_layers: int
+    d_model: int
+    sources: list[str]  # one per slot
+    base_experts: int
+    base_rows: np.ndarray | None  # (L, Eb, D) the base router rows (an MoE base), else None
+    base_bias: np.ndarray | None  # (L, Eb)
+    party_rows: Callable[[int], np.ndarray]  # party index -> its learned row (L, D)
+    party_bias: Callable[[int], np.ndarray]  # party index -> its learned bias (L,)
+    party_stat: Callable[[int, str, int], np.ndarray]  # (party, stat, layer) -> array
+    party_tokens: list[int]
+    public_stat: Callable[[str, int], np.ndarray] | None  # (stat, layer), or None
+    public_tokens: int
+    options: dict  # kind options (ridge_lambda, seed, ...)
+
+    @property
+    def n_parties(self) -> int:
+        return len(self.sources) - self.base_experts
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.sources)
+
+
+@dataclasses.dataclass
+class Router:
+    rows: np.ndarray  # (L, E, D) float32
+    bias: np.ndarray  # (L, E) float32
+    inputs: dict  # what the rows were computed from (recorded in the merged meta)
+
+
+def get(kind: str) -> Callable[[RouterInputs], Router]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown router kind {kind!r}; one of {sorted(KINDS)}")
+    return importlib.import_module(KINDS[kind]).build
+
+
+def base_rows_within(inputs: RouterInputs, public_row_ld: np.ndarray) -> np.ndarray:
+    """Rows of the base's experts when the router kind gives one row to "public": every base
+    expert gets that row plus its base router row minus their mean, so the base's own
+    choice among its experts is unchanged (softmax ignores a shared shift) and the kind
+    decides public versus the parties. (L, Eb, D)."""
+    public = public_row_ld[:, None, :].astype(np.float32)
+    if inputs.base_rows is None:
+        return public
+    centred = inputs.base_rows - inputs.base_rows.mean(axis=1, keepdims=True)
+    return public + centred.astype(np.float32)

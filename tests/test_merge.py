@@ -1,0 +1,305 @@
+"""The merge: layout and values of the merged model, every refusal, opt-out and join bit for
+bit, streaming writes identical to whole writes. Branches are synthetic artifacts built
+from a tiny base the way the branch job builds them (own expert = base expert 0 + noise)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from moesaic.branch_train import artifact
+from moesaic.merge import fuse, sources
+from moesaic.merge.sources import MergeRefused
+from moesaic.model import Decoder, ModelConfig, io
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=48,
+                  eos_id=62, pad_id=63)
+
+
+def make_base(path, cfg=CFG, seed=0):
+    io.save_model(path, Decoder(cfg, rngs=nnx.Rngs(seed)), {"kind": "public"})
+    return path
+
+
+def synthetic_stats(cfg, seed, n_tokens=200):
+    rng = np.random.default_rng(seed)
+    centre = rng.standard_normal(cfg.d_model) * 3
+    x = centre + rng.standard_normal((cfg.n_layers, n_tokens, cfg.d_model))
+    x = x.astype(np.float64)
+    x_sum = x.sum(axis=1)
+    xtx = np.einsum("ltd,lte->lde", x, x)
+    return {"stats/x_sum": x_sum.astype(np.float32), "stats/xtx": xtx.astype(np.float32),
+            "stats/mean_hidden": (x_sum / n_tokens).astype(np.float32)}, n_tokens
+
+
+def make_branch(base_path, path, source, seed, *, tamper=None, noise=0.01):
+    """A branch artifact as the branch job writes it. `tamper(own, stats, meta, hashes)` may
+    change anything before it is saved."""
+    meta = io.read_meta(base_path)
+    cfg = io.model_config(meta)
+    base = io.load_tensors(base_path, io.tensor_metadata(base_path))
+    rng = np.random.default_rng(seed)
+    lyr, d, eb = cfg.n_layers, cfg.d_model, cfg.n_experts
+    own = {n: (base[n][:, :1] + noise * rng.standard_normal(base[n][:, :1].shape)
+               ).astype(base[n].dtype) for n in sources.FFN_EXPERT}
+    own[sources.ROUTER] = (0.1 * rng.standard_normal((lyr, 1, d))).astype(np.float32)
+    own[sources.BIAS] = (-np.abs(0.1 * rng.standard_normal((lyr, 1)))).astype(np.float32)
+    hashes = {n: io.tensor_hash(v) for n, v in base.items()}
+    if eb == 1:
+        hashes[sources.ROUTER] = io.tensor_hash(np.zeros((lyr, 1, d), np.float32))
+        hashes[sources.BIAS] = io.tensor_hash(np.zeros((lyr, 1), np.float32))
+    stats, n_tokens = synthetic_stats(cfg, seed + 1000)
+    branch_meta = {"source": source, "base_fingerprint": meta["fingerprint"],
+                   "frozen_hashes": hashes, "base_experts": eb,
+                   "model": cfg.replace(n_experts=eb + 1, top_k=eb + 1).to_dict(),
+                   "config": {}, "tokens_seen": 1000, "stats_tokens": n_tokens,
+                   "stats_documents": 4, "steps": 3}
+    if tamper:
+        tamper(own, stats, branch_meta, hashes)
+    artifact.save(path, own, stats, branch_meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    base = make_base(root / "base")
+    branches = {s: make_branch(base, root / f"b_{s}", s, seed)
+                for seed, s in enumerate(["code", "math", "law"], start=1)}
+    pub = root / "public_stats"
+    stats, n = synthetic_stats(CFG, 99)
+    io.save(pub, stats, {"kind": "router_stats", "stats_tokens": n})
+    return {"root": root, "base": base, "branches": branches, "public": pub}
+
+
+def all_tensors(path):
+    return io.load_tensors(path, io.tensor_metadata(path))
+
+
+def test_merged_layout_values_and_loads(world, tmp_path):
+    out = tmp_path / "m"
+    b = world["branches"]
+    meta = fuse.merge_paths(world["base"], [b["code"], b["math"]], router="learned-rows",
+                            top_k=2, out=out, log=lambda s: None)
+    assert meta["kind"] == "merged" and meta["model"]["n_experts"] == 3
+    assert [e["source"] for e in meta["experts"]] == ["public", "code", "math"]
+    assert meta["base_fingerprint"] == io.read_meta(world["base"])["fingerprint"]
+    assert meta["router"]["kind"] == "learned-rows" and meta["router"]["top_k"] == 2
+    merged, base = all_tensors(out), all_tensors(world["base"])
+    code, math = all_tensors(b["code"]), all_tensors(b["math"])
+    for name in base:
+        if name not in sources.FFN_EXPERT:
+            np.testing.assert_array_equal(merged[name], base[name])
+    for name in sources.FFN_EXPERT:
+        np.testing.assert_array_equal(merged[name][:, :1], base[name])
+        np.testing.assert_array_equal(merged[name][:, 1:2], code[name])
+        np.testing.assert_array_equal(merged[name][:, 2:3], math[name])
+    router = merged[sources.ROUTER]
+    np.testing.assert_array_equal(router[:, 0], 0)  # dense base: the zero public row
+    np.testing.assert_array_equal(router[:, 1:2], code[sources.ROUTER])
+    np.testing.assert_array_equal(merged[sources.BIAS][:, 2:3], math[sources.BIAS])
+    np.testing.assert_array_equal(merged["stats/math/xtx"], math["stats/xtx"])
+    assert meta["fingerprint"] == io.fingerprint(merged)  # streamed fingerprint is the real one
+
+    model, _ = io.load(out)
+    assert model.cfg.n_experts == 3 and not model.cfg.router_trainable
+    assert not isinstance(model.blocks.ffn.router, nnx.Param)  # RouterState: no optimizer
+    tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % 60
+    logits, _ = model(tokens)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_merge_of_one_branch_equals_the_branch_model(world, tmp_path):
+    """Merging one branch with learned rows gives exactly the model the branch trained:
+    base + its expert, zero public row, its row and bias."""
+    out = tmp_path / "m"
+    fuse.merge_paths(world["base"], [world["branches"]["code"]], router="learned-rows",
+                     top_k=2, out=out, log=lambda s: None)
+    merged, _ = io.load(out)
+    code = all_tensors(world["branches"]["code"])
+    base = all_tensors(world["base"])
+    flat = dict(base)
+    for name in sources.FFN_EXPERT:
+        flat[name] = np.concatenate([base[name], code[name]], axis=1)
+    flat[sources.ROUTER] = np.concatenate(
+        [np.zeros_like(code[sources.ROUTER]), code[sources.ROUTER]], axis=1)
+    flat[sources.BIAS] = np.concatenate([np.zeros_like(code[sources.BIAS]),
+                                         code[sources.BIAS]], axis=1)
+    branch_model = Decoder(CFG.replace(n_experts=2, top_k=2), rngs=nnx.Rngs(0))
+    nnx.update(branch_model, nnx.State(io.unflatten(flat)))
+    tokens = np.arange(24, dtype=np.int32).reshape(2, 12) % 60
+    np.testing.assert_array_equal(np.asarray(merged(tokens)[0]),
+                                  np.asarray(branch_model(tokens)[0]))
+
+
+def _expect_refusal(world, tmp_path, branch_paths, match, **kw):
+    out = tmp_path / "refused"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(MergeRefused, match=match):
+        fuse.merge_paths(world["base"], branch_paths, router=kw.pop("router", "learned-rows"),
+                         top_k=1, out=out, log=lambda s: None, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    assert not out.exists() and not out.with_name("refused.partial").exists()
+
+
+def test_refuses_branch_of_another_base(world, tmp_path):
+    other = make_base(tmp_path / "other_base", seed=7)
+    stray = make_branch(other, tmp_path / "stray", "stray", 5)
+    _expect_refusal(world, tmp_path, [world["branches"]["code"], stray],
+                    r"branch 'stray'.*another base")
+
+
+def test_refuses_modified_frozen_tensor(world, tmp_path):
+    def tamper(own, stats, meta, hashes):
+        meta["frozen_hashes"]["blocks/attn/q"] = "0" * 64
+    bad = make_branch(world["base"], tmp_path / "bad", "bad", 5, tamper=tamper)
+    _expect_refusal(world, tmp_path, [bad], r"branch 'bad'.*frozen tensor 'blocks/attn/q'")
+
+
+def test_refuses_trained_shared_tensor(world, tmp_path):
+    def tamper(own, stats, meta, hashes):
+        del meta["frozen_hashes"]["embed"]
+    bad = make_branch(world["base"], tmp_path / "bad", "bad", 5, tamper=tamper)
+    _expect_refusal(world, tmp_path, [bad], r"branch 'bad'.*\['embed'\].*frozen_hashes")
+
+
+def test_refuses_shape_mismatch(world, tmp_path):
+    def tamper(own, stats, meta, hashes):
+        own["blocks/ffn/w_up"] = own["blocks/ffn/w_up"][:, :, :, :40]
+    bad = make_branch(world["base"], tmp_path / "bad", "bad", 5, tamper=tamper)
+    _expect_refusal(world, tmp_path, [bad], r"branch 'bad'.*'blocks/ffn/w_up' has shape")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_refuses_nan_and_inf(world, tmp_path, value):
+    def tamper(own, stats, meta, hashes):
+        own["blocks/ffn/w_down"][1, 0, 3, 4] = value
+    bad = make_branch(world["base"], tmp_path / "bad", "bad", 5, tamper=tamper)
+    _expect_refusal(world, tmp_path, [bad],
+                    r"branch 'bad'.*'blocks/ffn/w_down' holds NaN or Inf.*\(1, 0, 3, 4\)")
+
+
+def test_refuses_uncommitted_checkpoint(world, tmp_path):
+    half = tmp_path / "half"
+    shutil.copytree(world["branches"]["law"], half.with_name("half.partial"))
+    _expect_refusal(world, tmp_path, [half], r"never committed.*half.partial")
+    no_meta = tmp_path / "no_meta"
+    shutil.copytree(world["branches"]["law"], no_meta)
+    (no_meta / io.META).unlink()
+    _expect_refusal(world, tmp_path, [no_meta], r"not a committed checkpoint")
+
+
+def test_refuses_duplicate_sources(world, tmp_path):
+    twin = make_branch(world["base"], tmp_path / "twin", "code", 9)
+    _expect_refusal(world, tmp_path, [world["branches"]["code"], twin], r"'code' appears twice")
+
+
+def test_refuses_modified_base(world, tmp_path):
+    base = tmp_path / "base_copy"
+    shutil.copytree(world["base"], base)
+    meta = json.loads((base / io.META).read_text())
+    meta["fingerprint"] = "f" * 64
+    (base / io.META).write_text(json.dumps(meta))
+    with pytest.raises(MergeRefused, match="do not match its recorded fingerprint"):
+        fuse.merge_paths(base, [], router="learned-rows", top_k=1, out=tmp_path / "o",
+                         log=lambda s: None)
+
+
+def _params(path):
+    return all_tensors(path)
+
+
+def _assert_same(a, b):
+    pa, pb = _params(a), _params(b)
+    assert sorted(pa) == sorted(pb)
+    for name in pa:
+        assert pa[name].dtype == pb[name].dtype
+        np.testing.assert_array_equal(pa[name], pb[name], err_msg=name)
+    assert io.read_meta(a)["fingerprint"] == io.read_meta(b)["fingerprint"]
+
+
+@pytest.mark.parametrize("router", ["learned-rows", "centroid", "ridge", "random"])
+def test_remove_and_add_are_exact(world, tmp_path, router):
+    b = world["branches"]
+    kw = dict(router=router, top_k=2, public_stats=world["public"], log=lambda s: None)
+    fuse.merge_paths(world["base"], [b["code"], b["math"], b["law"]], out=tmp_path / "all", **kw)
+    fuse.merge_paths(world["base"], [b["code"], b["law"]], out=tmp_path / "no_math", **kw)
+    fuse.merge_paths(world["base"], [b["code"], b["math"]], out=tmp_path / "two", **kw)
+
+    fuse.remove(tmp_path / "all", "math", out=tmp_path / "removed", log=lambda s: None)
+    _assert_same(tmp_path / "removed", tmp_path / "no_math")
+    fuse.add(tmp_path / "two", [b["law"]], out=tmp_path / "added", log=lambda s: None)
+    _assert_same(tmp_path / "added", tmp_path / "all")
+
+
+def test_remove_unknown_source_and_add_verifies(world, tmp_path):
+    b = world["branches"]
+    fuse.merge_paths(world["base"], [b["code"]], router="learned-rows", top_k=1,
+                     out=tmp_path / "m", log=lambda s: None)
+    with pytest.raises(MergeRefused, match="no party 'law'"):
+        fuse.remove(tmp_path / "m", "law", out=tmp_path / "r", log=lambda s: None)
+    other = make_base(tmp_path / "other", seed=3)
+    stray = make_branch(other, tmp_path / "stray", "stray", 4)
+    with pytest.raises(MergeRefused, match="another base"):
+        fuse.add(tmp_path / "m", [stray], out=tmp_path / "a", log=lambda s: None)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "a").exists()
+
+
+def test_streaming_write_equals_whole_write(tmp_path):
+    rng = np.random.default_rng(0)
+    flat = {"a/w": rng.standard_normal((5, 3, 4)).astype(np.float32),
+            "b": np.arange(7, dtype=np.int32), "c": np.array(2.5, np.float32)}
+    io.save(tmp_path / "whole", flat, {"kind": "x"})
+
+    def pieces(v):
+        return (lambda: [v]) if v.ndim == 0 else (lambda: [v[i:i + 2] for i in range(0, len(v), 2)])
+    hashes = io.save_streaming(tmp_path / "stream", {
+        k: io.TensorSource(v.shape, v.dtype, pieces(v)) for k, v in flat.items()}, {"kind": "x"})
+    assert hashes == {k: io.tensor_hash(v) for k, v in flat.items()}
+    assert io.read_meta(tmp_path / "stream")["fingerprint"] == \
+        io.read_meta(tmp_path / "whole")["fingerprint"]
+    read = (pathlib.Path(tmp_path) / p / io.PARAMS / "_METADATA" for p in ("whole", "stream"))
+    assert len({r.read_text() for r in read}) == 1  # same tree metadata on disk
+    got = io.load_tensors(tmp_path / "stream", flat)
+    for k in flat:
+        np.testing.assert_array_equal(got[k], flat[k])
+    assert io.TensorReader(tmp_path / "whole", "a/w").hash() == io.tensor_hash(flat["a/w"])
+
+    def broken():
+        yield flat["a/w"][:2]
+        raise RuntimeError("source failed")
+    with pytest.raises(RuntimeError, match="source failed"):
+        io.save_streaming(tmp_path / "broken", {"a/w": io.TensorSource((5, 3, 4), np.float32,
+                                                                        broken)}, {})
+    assert not (tmp_path / "broken").exists() and not (tmp_path / "broken.partial").exists()
+
+
+def test_cli_merge_remove_add_and_refusal(world, tmp_path, capsys):
+    from moesaic.launch.cli import main
+    b = world["branches"]
+    out = tmp_path / "m"
+    assert main(["merge", "--base", str(world["base"]), "--branch", str(b["code"]),
+                 "--branch", str(b["math"]), "--router", "centroid", "--top-k", "2",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "routing report" in printed and "max cos" in printed
+    assert io.read_meta(out)["router"]["inputs"]["public"].startswith("normalised mean")
+    assert main(["merge", "remove", str(out), "--source", "math", "--out",
+                 str(tmp_path / "r")]) == 0
+    assert [e["source"] for e in io.read_meta(tmp_path / "r")["experts"]] == ["public", "code"]
+    assert main(["merge", "add", str(tmp_path / "r"), "--branch", str(b["law"]), "--out",
+                 str(tmp_path / "a")]) == 0
+    assert io.read_meta(tmp_path / "a")["model"]["n_experts"] == 3
+    code = main(["merge", "--base", str(world["base"]), "--branch", str(b["code"]),
+                 "--branch", str(b["code"]), "--router", "learned-rows", "--out",
+                 str(tmp_path / "dup")])
+    assert code == 2 and "appears twice" in capsys.readouterr().err
+    assert not (tmp_path / "dup").exists()
+    code = main(["merge", "--base", str(world["base"]), "--branch", str(b["code"]),
+                 "--router", "ridge", "--out", str(tmp_path / "ridge")])
+    assert code == 2 and "--public-stats" in capsys.readouterr().err
