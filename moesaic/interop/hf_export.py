@@ -1,0 +1,198 @@
+"""Export: a moesaic model checkpoint -> a folder `transformers.AutoModelForCausalLM` loads as
+FlexOlmoForCausalLM (model_type flex_olmo).
+
+Writes config.json, safetensors (one model.safetensors, or shards of at most `max_shard_bytes`
+with model.safetensors.index.json), tokenizer.json and tokenizer_config.json, under OUT.partial
+renamed to OUT when complete. Tensors are read slice by slice (one layer, one expert) with
+`io.TensorReader`, so memory holds at most one shard. The layout is the inverse of
+`hf_import`'s. A dense model (E = 1) is written as a FlexOlmo with one expert and a zero router
+(softmax over one expert is 1: the same function); transformers 5 loads it.
+
+FlexOlmoForCausalLM has no router bias: a model whose effective biases (moe.effective_bias) are
+non-zero is refused unless `drop_router_bias`, which routes without them.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+from collections.abc import Callable
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from moesaic.interop.byte_tokenizer import write_byte_tokenizer
+from moesaic.interop.hf_config import hf_config_from_model
+from moesaic.model import io
+from moesaic.model.config import ModelConfig
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30,
+          "GB": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2048' -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"--max-shard-size {text!r}: want a size like 5GB, 500MB or 123456")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def effective_router_bias(path: str | pathlib.Path, cfg: ModelConfig) -> np.ndarray | None:
+    """(L, E) biases as the model applies them (min(b, 0), expert 0 forced to 0), or None."""
+    if not (cfg.is_moe and cfg.router_bias):
+        return None
+    bias = io.load_tensors(path, ["blocks/ffn/bias"])["blocks/ffn/bias"].astype(np.float32)
+    effective = np.minimum(bias, 0.0)
+    effective[:, 0] = 0.0
+    return effective
+
+
+class _Plan:
+    """The Hugging Face keys in file order, each with its shape, dtype and a reader."""
+
+    def __init__(self, path: pathlib.Path, cfg: ModelConfig):
+        self.entries: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]] = []
+        stored = io.tensor_metadata(path)
+        opened: dict[str, object] = {}
+
+        def read(name, index=()):
+            if name not in opened:
+                opened[name] = io.TensorReader(path, name)
+            return opened[name][index]
+
+        d, n, k, hd, f, e_count = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size,
+                                   cfg.d_ff, cfg.n_experts)
+        dtype = stored["embed"][1]
+
+        def add(key, shape, fn):
+            self.entries.append((key, tuple(shape), dtype, fn))
+
+        add("model.embed_tokens.weight", (cfg.vocab_size, d), lambda: read("embed"))
+        for i in range(cfg.n_layers):
+            pre = f"model.layers.{i}."
+            for proj, heads in (("q", n), ("k", k), ("v", k)):
+                add(f"{pre}self_attn.{proj}_proj.weight", (heads * hd, d),
+                    lambda p=proj, h=heads, i=i: read(f"blocks/attn/{p}", (i,))
+                    .transpose(1, 2, 0).reshape(h * hd, d))
+            add(f"{pre}self_attn.o_proj.weight", (d, n * hd),
+                lambda i=i: read("blocks/attn/o", (i,)).transpose(2, 0, 1).reshape(d, n * hd))
+            for proj, heads in (("q", n), ("k", k)):
+                add(f"{pre}self_attn.{proj}_norm.weight", (heads * hd,),
+                    lambda p=proj, i=i: read(f"blocks/attn/{p}_norm", (i,)).reshape(-1))
+            add(f"{pre}post_attention_layernorm.weight", (d,),
+                lambda i=i: read("blocks/attn_norm", (i,)))
+            add(f"{pre}post_feedforward_layernorm.weight", (d,),
+                lambda i=i: read("blocks/ffn_norm", (i,)))
+            if cfg.is_moe:
+                add(f"{pre}mlp.gate.weight", (e_count, d),
+                    lambda i=i: read("blocks/ffn/router", (i,)))
+            else:
+                add(f"{pre}mlp.gate.weight", (1, d), lambda: np.zeros((1, d), dtype))
+            for e in range(e_count):
+                for proj, name, shape in (("gate_proj", "w_gate", (f, d)),
+                                          ("up_proj", "w_up", (f, d)),
+                                          ("down_proj", "w_down", (d, f))):
+                    add(f"{pre}mlp.experts.{e}.{proj}.weight", shape,
+                        lambda nm=name, i=i, e=e: read(f"blocks/ffn/{nm}", (i, e)).T)
+        add("model.norm.weight", (d,), lambda: read("final_norm"))
+        add("lm_head.weight", (cfg.vocab_size, d), lambda: read("lm_head").T)
+
+    def shards(self, max_bytes: int) -> list[list[int]]:
+        groups: list[list[int]] = [[]]
+        size = 0
+        for i, (_, shape, dtype, _) in enumerate(self.entries):
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            if groups[-1] and size + nbytes > max_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += nbytes
+        return groups
+
+
+def _write_tokenizer(cfg: ModelConfig, out: pathlib.Path, log) -> None:
+    if cfg.tokenizer in ("", "bytes"):
+        write_byte_tokenizer(out / "tokenizer.json", vocab_size=cfg.vocab_size,
+                             eos_id=cfg.eos_id, pad_id=cfg.pad_id)
+        log("export-hf: byte tokenizer -> tokenizer.json (ByteLevel BPE without merges: byte b "
+            f"is id b; <|endoftext|>={cfg.eos_id}, <pad>={cfg.pad_id}, reserved ids up to "
+            f"{cfg.vocab_size - 1})")
+    else:
+        source = pathlib.Path(cfg.tokenizer)
+        source = source / "tokenizer.json" if source.is_dir() else source
+        if not source.is_file():
+            raise FileNotFoundError(f"model.tokenizer={cfg.tokenizer!r} does not exist; the "
+                                    "export needs the tokenizer.json the model was trained with")
+        shutil.copyfile(source, out / "tokenizer.json")
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096}
+    vocab = json.loads((out / "tokenizer.json").read_text()).get("added_tokens", [])
+    names = {t["id"]: t["content"] for t in vocab}
+    for field, token_id in (("eos_token", cfg.eos_id), ("pad_token", cfg.pad_id)):
+        if token_id in names:
+            tok_cfg[field] = names[token_id]
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
+
+
+def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
+              max_shard_bytes: int = 5 * 2**30, drop_router_bias: bool = False,
+              overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Writes the FlexOlmoForCausalLM folder; returns its config.json dict."""
+    model_path, out = pathlib.Path(model_path), pathlib.Path(out)
+    meta = io.read_meta(model_path)
+    cfg = io.model_config(meta)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose another output or pass --overwrite")
+    bias = effective_router_bias(model_path, cfg)
+    if bias is not None and np.any(bias != 0):
+        layers = sorted({int(i) for i in np.nonzero(bias)[0]})
+        detail = (f"non-zero router bias in layers {layers} (largest |b| "
+                  f"{float(np.abs(bias).max()):.4g}, per expert {np.abs(bias).max(0).round(4)})")
+        if not drop_router_bias:
+            raise ValueError(f"{model_path}: {detail}. FlexOlmoForCausalLM has no router bias, "
+                             "so the exported model would route differently. Pass "
+                             "--drop-router-bias to export without it.")
+        log(f"export-hf: dropping {detail}. The exported router scores softmax(W x) instead of "
+            "softmax(W x + b): experts with a negative bias are chosen more often and get larger "
+            "weights than in moesaic; logits differ wherever that changes the mix.")
+    plan = _Plan(model_path, cfg)
+    hf_meta = meta.get("hf", {}).get("config", {})
+    config = hf_config_from_model(
+        cfg, dtype=str(plan.entries[0][2]), bos_token_id=hf_meta.get("bos_token_id"),
+        max_position_embeddings=hf_meta.get("max_position_embeddings", 4096))
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    groups = plan.shards(max_shard_bytes)
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    weight_map, total = {}, 0
+    for file, group in zip(names, groups):
+        tensors = {}
+        for i in group:
+            key, shape, dtype, fn = plan.entries[i]
+            array = np.ascontiguousarray(fn().astype(dtype, copy=False))
+            if array.shape != shape:
+                raise AssertionError(f"{key}: built {array.shape}, planned {shape}")
+            tensors[key] = array
+            weight_map[key] = file
+            total += array.nbytes
+        save_file(tensors, str(partial / file), metadata={"format": "pt"})
+        del tensors
+    if len(groups) > 1:
+        (partial / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (partial / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+    _write_tokenizer(cfg, partial, log)
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    log(f"export-hf: wrote {out}: FlexOlmoForCausalLM E={cfg.n_experts} top_k={cfg.top_k}, "
+        f"{len(plan.entries)} tensors, {total / 2**20:.1f} MiB in {len(groups)} file(s)")
+    return config
