@@ -1,0 +1,295 @@
+"""`moesaic plan`: compile a branch job's train step ahead of time, before a cluster is booked.
+
+    moesaic plan --config moesaic/configs/olmo2_7b.py:source=code --mesh data=1,fsdp=8 --hbm 80GB
+
+The step is lowered and compiled for abstract arguments (`jax.ShapeDtypeStruct`s carrying
+the `NamedSharding` of each array on the asked mesh) on fake CPU devices, so nothing the size
+of the model is ever allocated. It prints the per-device memory XLA plans (arguments,
+outputs, aliased donations, temporaries), the same split counted by hand (trainable and
+frozen parameters, optimizer state, batch) and the sharding of every parameter. A plan whose
+per-device need exceeds --hbm is refused: exit code 3 and how much it needs.
+
+The job planned is the branch job of `moesaic branch` (config.branch.mode): the model of the
+base (its checkpoint's meta.json with --base, else the config's model section with
+--base-experts experts; 1 = a dense base, FlexOlmo's case) upcycled by one expert, trainable
+= the owner's expert slice, router row and bias; AdamW state only for those.
+
+Fake devices need XLA_FLAGS=--xla_force_host_platform_device_count=N set before jax is
+imported: when jax is already imported in this process, the command re-runs itself in a
+fresh interpreter with the flag set.
+
+On CPU XLA's `peak_memory` ignores temporaries; the need reported is argument + output -
+alias + temporaries (see jax-notes.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+EXIT_DOES_NOT_FIT = 3
+_REEXEC_MARK = "MOESAIC_PLAN_CHILD"
+
+
+def parse_bytes(text: str) -> int:
+    """"80GB" -> 80e9, "16GiB" -> 16 * 2**30, "1024" -> 1024 (GB is decimal, GiB binary)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B|B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"--hbm {text!r}: expected a size such as 80GB, 16GiB or 1024")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """"data=1,fsdp=8" -> {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}."""
+    mesh = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+    for item in filter(None, text.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep or name not in mesh or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh {text!r}: expected axis=size pairs with sizes >= 1 over "
+                             f"the axes {tuple(mesh)}, e.g. data=1,fsdp=8")
+        mesh[name] = int(value)
+    return mesh
+
+
+def human(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.2f} GB"
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True,
+                        help="config file[:arg], e.g. moesaic/configs/olmo2_7b.py:source=code")
+    parser.add_argument("--mesh", default="",
+                        help="mesh sizes, e.g. data=1,fsdp=8 (default: config.mesh, which "
+                             "must then have no -1)")
+    parser.add_argument("--hbm", default="",
+                        help="memory per device, e.g. 80GB; a plan needing more is refused")
+    parser.add_argument("--base", default="",
+                        help="a base checkpoint: plan for its model (reads meta.json only)")
+    parser.add_argument("--base-experts", type=int, default=1,
+                        help="experts of the base when no --base is given (1: dense)")
+    parser.add_argument("--json", action="store_true", help="print the plan as one JSON line")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moesaic.launch import config_cli
+
+    config = config_cli.resolve(args.config, getattr(args, "config_overrides", []))
+    mesh_shape = parse_mesh(args.mesh) if args.mesh else dict(config.mesh)
+    if any(int(v) < 1 for v in mesh_shape.values()):
+        raise SystemExit(f"moesaic plan: config.mesh {mesh_shape} has a -1 (fill the rest); "
+                         "give the sizes with --mesh, e.g. --mesh data=1,fsdp=8")
+    devices = math.prod(int(v) for v in mesh_shape.values())
+    if not _has_fake_devices(devices):
+        return _reexec(devices, _argv(args))
+    hbm = parse_bytes(args.hbm) if args.hbm else None
+    plan = make_plan(config, mesh_shape, base=args.base, base_experts=args.base_experts)
+    print(json.dumps(plan.to_dict()) if args.json else plan.report(hbm))
+    if hbm is not None and plan.needed > hbm:
+        hints = ["shard more (--mesh fsdp=...)", "lower --config.data.global_batch"]
+        if str(config.model.remat) != "full":
+            hints.append("set --config.model.remat=full")
+        print(f"moesaic plan: refused: the step needs {human(plan.needed)} per device, "
+              f"--hbm gives {human(hbm)} ({human(plan.needed - hbm)} short); "
+              + ", ".join(hints), file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
+    return 0
+
+
+# ---- fake devices ----------------------------------------------------------------------
+
+def _has_fake_devices(count: int) -> bool:
+    """True when jax can give `count` CPU devices here (setting the flag if jax is not
+    imported yet); False when this process must re-run itself."""
+    if "jax" not in sys.modules:
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                       os.environ.get("XLA_FLAGS", ""))
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}"
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    try:
+        cpus = jax.devices("cpu")
+    except RuntimeError:  # JAX_PLATFORMS names no cpu backend
+        cpus = []
+    if len(cpus) >= count:
+        return True
+    if os.environ.get(_REEXEC_MARK):
+        raise SystemExit(f"moesaic plan: asked for {count} fake CPU devices, got {len(cpus)}")
+    return False
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command line of `args` again, for the fresh interpreter."""
+    argv = ["--config", args.config, "--base-experts", str(args.base_experts)]
+    for flag, value in (("--mesh", args.mesh), ("--hbm", args.hbm), ("--base", args.base)):
+        argv += [flag, value] if value else []
+    argv += ["--json"] if args.json else []
+    return argv + [f"--config.{o}" for o in getattr(args, "config_overrides", [])]
+
+
+def _reexec(count: int, argv: list[str]) -> int:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **{_REEXEC_MARK: "1"})
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}"
+    return subprocess.call([sys.executable, "-m", "moesaic.launch.cli", "plan", *argv],
+                           env=env)
+
+
+# ---- the plan --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Plan:
+    mesh: dict[str, int]
+    experts: int  # of the branch model
+    counts: dict[str, int]  # trainable / frozen parameter counts
+    by_hand: dict[str, int]  # per-device bytes: trainable, frozen, optimizer, batch
+    xla: dict[str, int]  # per-device bytes: argument, output, alias, temp
+    parameters: list[dict]  # name, kind, shape, dtype, spec, bytes per device
+    compile_seconds: float
+
+    @property
+    def needed(self) -> int:
+        x = self.xla
+        return x["argument"] + x["output"] - x["alias"] + x["temp"]
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "needed": self.needed}
+
+    def report(self, hbm: int | None) -> str:
+        lines = [f"branch step on mesh {self.mesh} ({math.prod(self.mesh.values())} devices), "
+                 f"{self.experts} experts: {self.counts['trainable']:,} trainable, "
+                 f"{self.counts['frozen']:,} frozen parameters "
+                 f"(compiled in {self.compile_seconds:.1f} s)", "", "parameters:"]
+        for p in self.parameters:
+            lines.append(f"  {p['kind']:6s} {p['name']:22s} {str(tuple(p['shape'])):24s} "
+                         f"{p['dtype']:8s} {str(tuple(p['spec'])):30s} "
+                         f"{human(p['bytes_per_device']):>10s}/device")
+        lines += ["", "per device, counted from the shardings:"]
+        lines += [f"  {k:10s} {human(v):>10s}" for k, v in self.by_hand.items()]
+        lines += ["per device, planned by XLA:"]
+        lines += [f"  {k:10s} {human(v):>10s}" for k, v in self.xla.items()]
+        verdict = f"needs {human(self.needed)} per device (argument + output - alias + temp)"
+        if hbm is not None:
+            verdict += (f"; fits {human(hbm)}" if self.needed <= hbm
+                        else f"; does NOT fit {human(hbm)}")
+        return "\n".join([*lines, verdict])
+
+
+def _per_device_bytes(shape: tuple[int, ...], dtype, sharding) -> int:
+    import numpy as np
+
+    return int(np.prod(sharding.shard_shape(tuple(shape)), dtype=np.int64)) * \
+        np.dtype(dtype).itemsize
+
+
+def branch_layout(config, *, base: str = "", base_experts: int = 1):
+    """The `upcycle.ParamLayout` of the branch job `moesaic branch` would run."""
+    from moesaic.branch_train import base_model, upcycle
+    from moesaic.model import io
+    from moesaic.model.config import ModelConfig
+
+    if base:
+        base_cfg = base_model.job_model_config(io.model_config(io.read_meta(base)), config)
+    else:
+        if base_experts < 1:
+            raise ValueError(f"--base-experts={base_experts}: must be at least 1 (1: dense)")
+        model_cfg = ModelConfig.from_config(config.model)
+        base_cfg = model_cfg.replace(n_experts=base_experts,
+                                     top_k=min(model_cfg.top_k, base_experts))
+    mode = str(config.branch.mode)
+    if mode == "dense":
+        return upcycle.make_layout(base_cfg)
+    if mode != "coordinated":
+        raise ValueError(f"config.branch.mode={mode!r}: one of ['coordinated', 'dense']")
+    branch_cfg = upcycle.branch_config(base_cfg, int(config.branch.train_top_k))
+    return upcycle.make_layout(branch_cfg, frozen_patterns=tuple(config.branch.frozen),
+                               base_experts=base_cfg.n_experts)
+
+
+def make_plan(config, mesh_shape: dict[str, int], *, base: str = "",
+              base_experts: int = 1) -> Plan:
+    """Lowers and compiles the branch train step for abstract sharded arguments."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from moesaic.branch_train.optimizer import make_optimizer, schedule
+    from moesaic.model.sharding import activate, logical_to_spec, make_mesh
+    from moesaic.model.transformer import lm_loss
+
+    layout = branch_layout(config, base=base, base_experts=base_experts)
+    devices = math.prod(mesh_shape.values())
+    mesh = make_mesh(dict(mesh_shape), devices=jax.devices("cpu")[:devices])
+    rules = tuple(tuple(r) for r in config.rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    trainable_shapes, frozen_shapes = layout.trainable_shapes(), layout.frozen_shapes()
+    trainable_shardings = layout.shardings(trainable_shapes, mesh, rules)
+    frozen_shardings = layout.shardings(frozen_shapes, mesh, rules)
+    tx, lr_at = make_optimizer(config.train), schedule(config.train)
+    opt_shapes = jax.eval_shape(tx.init, trainable_shapes)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, trainable_shardings,
+                                          transform_non_params=lambda _: replicated)
+    seq_len, global_batch = int(config.data.seq_len), int(config.data.global_batch)
+    batch_shape = (global_batch, seq_len + 1)
+    batch_sharding = NamedSharding(
+        mesh, logical_to_spec(("batch", "length"), rules, mesh, batch_shape))
+
+    # The step of moesaic.branch_train.trainer.train, with the same shardings and donation.
+    def train_step(trainable, opt_state, frozen, batch, step):
+        def loss_fn(params):
+            with activate(mesh, rules):
+                return lm_loss(layout.model(params, frozen), batch)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = dict(loss=loss, nll=aux["nll"], z_loss=aux["z_loss"],
+                       grad_norm=optax.tree.norm(grads), lr=lr_at(step))
+        return trainable, opt_state, metrics
+
+    step_fn = jax.jit(
+        train_step, donate_argnums=(0, 1),
+        in_shardings=(trainable_shardings, opt_shardings, frozen_shardings, batch_sharding,
+                      replicated),
+        out_shardings=(trainable_shardings, opt_shardings, replicated))
+
+    def abstract(shapes, shardings):
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, shardings)
+
+    args = (abstract(trainable_shapes, trainable_shardings), abstract(opt_shapes, opt_shardings),
+            abstract(frozen_shapes, frozen_shardings),
+            jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sharding),
+            jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
+    start = time.perf_counter()
+    memory = step_fn.lower(*args).compile().memory_analysis()
+    seconds = time.perf_counter() - start
+
+    def total(tree) -> int:
+        return sum(_per_device_bytes(a.shape, a.dtype, a.sharding) for a in jax.tree.leaves(tree))
+
+    by_hand = {"trainable": total(args[0]), "frozen": total(args[2]),
+               "optimizer": total(args[1]), "batch": total(args[3]) + total(args[4])}
+    xla = {"argument": int(memory.argument_size_in_bytes),
+           "output": int(memory.output_size_in_bytes),
+           "alias": int(memory.alias_size_in_bytes), "temp": int(memory.temp_size_in_bytes)}
+    parameters = [
+        {"name": name, "kind": kind, "shape": list(a.shape), "dtype": str(a.dtype),
+         "spec": [s if s is None or isinstance(s, str) else list(s) for s in a.sharding.spec],
+         "bytes_per_device": _per_device_bytes(a.shape, a.dtype, a.sharding)}
+        for kind, tree in (("train", args[0]), ("frozen", args[2]))
+        for name, a in tree.items()]
+    return Plan(dict(mesh_shape), layout.cfg.n_experts, layout.counts(), by_hand, xla,
+                parameters, seconds)
