@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 import time
 from collections.abc import Mapping
 
@@ -36,6 +37,20 @@ def parameter_overview(layout: ParamLayout, trainable_shardings: Mapping,
     return "\n".join(lines)
 
 
+def _summary_writer() -> type:
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when
+    it can (seconds of start-up) only to accept torch tensors, which a JAX job never has."""
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if block:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsLog:
     def __init__(self, workdir: str | pathlib.Path, *, start_step: int, total_steps: int,
                  tokens_per_step: int, show_progress: bool = True):
@@ -50,9 +65,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [line for line in self._lines() if json.loads(line)["step"] <= start_step]
         self.path.write_text("".join(line + "\n" for line in kept))
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"), purge_step=start_step + 1)
+        self._tb = _summary_writer()(str(pathlib.Path(workdir) / "tb"), purge_step=start_step + 1)
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
                          disable=not show_progress, dynamic_ncols=True)
 

@@ -1,0 +1,180 @@
+"""The branch job: frozen by construction, the artifact contract, MoE bases, dense mode,
+router-row init, and clear errors for bad inputs."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from train_helpers import make_data, tiny_config
+
+from moesaic.branch_train import artifact, base_model, upcycle
+from moesaic.branch_train.trainer import Job, train
+from moesaic.model import io
+from moesaic.routing.stats import RouterStats
+
+
+def _job(kind, workdir, data, base=None, **kw) -> Job:
+    return Job(kind, pathlib.Path(workdir), pathlib.Path(data), base=base, show_progress=False,
+               **kw)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> pathlib.Path:
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def dense_base(data, tmp_path_factory) -> pathlib.Path:
+    workdir = tmp_path_factory.mktemp("pretrain")
+    train(tiny_config(train__steps=3), _job("pretrain", workdir, data))
+    return workdir / "public"
+
+
+@pytest.fixture(scope="module")
+def code_branch(data, dense_base, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("branch_code")
+    return train(tiny_config("source=code"), _job("branch", workdir, data, dense_base)), workdir
+
+
+def _base_tensors(base: pathlib.Path) -> dict[str, np.ndarray]:
+    return io.load_tensors(base, io.tensor_metadata(base))
+
+
+def test_frozen_tensors_stay_bit_identical_and_have_no_optimizer_state(dense_base, code_branch):
+    result, _ = code_branch
+    base = _base_tensors(dense_base)
+    layout = result.layout
+    assert layout.cfg.n_experts == 2 and layout.cfg.top_k == 2 and layout.base_experts == 1
+    assert set(layout.split) == set(upcycle.EXPERT_TENSORS)
+    assert set(layout.trainable) == set()  # everything else matches config.branch.frozen
+    for name in base:
+        np.testing.assert_array_equal(np.asarray(result.frozen[name]), base[name], err_msg=name)
+    full = layout.assemble(result.trainable, result.frozen)
+    np.testing.assert_array_equal(np.asarray(full["blocks/ffn/w_up"][:, :1]),
+                                  base["blocks/ffn/w_up"])
+    own_up = np.asarray(result.trainable["blocks/ffn/w_up"])
+    assert not np.array_equal(own_up, base["blocks/ffn/w_up"]), "the own expert did not train"
+
+    trainable_shapes = {n: tuple(a.shape) for n, a in result.trainable.items()}
+    opt_dicts = [node for node in jax.tree.leaves(
+        result.opt_state, is_leaf=lambda x: isinstance(x, dict)) if isinstance(node, dict)]
+    assert len(opt_dicts) == 2  # Adam's mu and nu, each over the trainable leaves only
+    for tree in opt_dicts:
+        assert {n: tuple(a.shape) for n, a in tree.items()} == trainable_shapes
+    opt_size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(result.opt_state))
+    assert opt_size - 2 * layout.counts()["trainable"] < 8  # plus step counters only
+
+
+def test_artifact_holds_exactly_the_owner_tensors_stats_and_metadata(dense_base, code_branch):
+    result, workdir = code_branch
+    path = workdir / "artifact"
+    shapes = {n: s for n, (s, _) in io.tensor_metadata(path).items()}
+    assert set(shapes) == set(artifact.OWN_TENSORS) | set(artifact.STATS)
+    assert shapes["blocks/ffn/w_gate"] == (2, 1, 32, 64)
+    assert shapes["blocks/ffn/router"] == (2, 1, 32) and shapes["blocks/ffn/bias"] == (2, 1)
+    assert shapes["stats/xtx"] == (2, 32, 32)
+
+    meta = artifact.read_meta(path)
+    assert set(artifact.REQUIRED_META) <= set(meta)
+    base_meta = io.read_meta(dense_base)
+    base = _base_tensors(dense_base)
+    assert meta["base_fingerprint"] == base_meta["fingerprint"]
+    assert meta["frozen_hashes"] == {n: io.tensor_hash(a) for n, a in base.items()}
+    assert meta["source"] == "code" and meta["base_experts"] == 1 and meta["steps"] == 6
+    assert meta["tokens_seen"] == 6 * 8 * 16 and meta["model"]["n_experts"] == 2
+    assert meta["stats_tokens"] == 2 * 8 * 16 and meta["stats_documents"] >= 1
+
+    stored = io.load_tensors(path, shapes)
+    for name in artifact.OWN_TENSORS:
+        np.testing.assert_array_equal(stored[name], np.asarray(result.trainable[name]))
+    np.testing.assert_allclose(stored["stats/mean_hidden"],
+                               stored["stats/x_sum"] / meta["stats_tokens"], rtol=1e-5)
+    xtx = stored["stats/xtx"]
+    np.testing.assert_allclose(xtx, np.swapaxes(xtx, 1, 2), rtol=1e-5)
+    assert np.all(np.linalg.eigvalsh(xtx.astype(np.float64)) > -1e-3 * np.abs(xtx).max())
+
+
+def test_branch_on_an_moe_base_keeps_every_base_expert_frozen(data, tmp_path):
+    pre = tmp_path / "pre"
+    train(tiny_config("experts=2", train__steps=2), _job("pretrain", pre, data))
+    base = _base_tensors(pre / "public")
+    config = tiny_config("source=math,experts=2", branch__router_init="public_noise",
+                         train__steps=2)
+    result = train(config, _job("branch", tmp_path / "br", data, pre / "public"))
+    assert result.layout.cfg.n_experts == 3 and result.layout.base_experts == 2
+    for name in upcycle.EXPERT_TENSORS:
+        np.testing.assert_array_equal(np.asarray(result.frozen[name]), base[name])
+        assert result.trainable[name].shape[1] == 1
+    meta = artifact.read_meta(tmp_path / "br" / "artifact")
+    assert meta["base_experts"] == 2 and meta["model"]["n_experts"] == 3
+
+
+def test_router_row_inits(tmp_path):
+    stats = RouterStats(np.array([[3.0, 4.0], [0.0, 2.0]]), np.zeros((2, 2, 2)), 10, 2)
+    cfg = io.model_config({"model": dict(n_layers=2, d_model=2, n_heads=1, n_kv_heads=1,
+                                         n_experts=2, top_k=2)})
+    router = np.array([[[1.0, 1.0], [5.0, 5.0]], [[2.0, 0.0], [5.0, 5.0]]], np.float32)
+    base = base_model.Base(cfg, None, {"blocks/ffn/router": router}, {})
+    config = tiny_config()
+
+    np.testing.assert_allclose(base_model.own_router_row(config, base, stats),
+                               [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
+    config.branch.router_init, config.branch.router_noise = "public_noise", 0.01
+    row = np.asarray(base_model.own_router_row(config, base, stats))
+    assert np.abs(row - router[:, 0]).max() < 0.06 and not np.array_equal(row, router[:, 0])
+    np.save(tmp_path / "v.npy", np.array([0.5, -1.0]))
+    config.branch.router_init, config.branch.router_vector = "vector", str(tmp_path / "v.npy")
+    np.testing.assert_array_equal(base_model.own_router_row(config, base, stats),
+                                  [[0.5, -1.0], [0.5, -1.0]])
+    np.save(tmp_path / "v.npy", np.zeros(3))
+    with pytest.raises(ValueError, match=r"shape \(3,\); need \(2,\) or \(2, 2\)"):
+        base_model.own_router_row(config, base, stats)
+    dense = base_model.Base(cfg.replace(n_experts=1, top_k=1), None, {}, {})
+    config.branch.router_init = "public_noise"
+    with pytest.raises(ValueError, match="needs an MoE base"):
+        base_model.own_router_row(config, dense, stats)
+
+
+def test_dense_mode_trains_everything_and_writes_a_whole_model(data, dense_base, tmp_path):
+    config = tiny_config("source=code", branch__mode="dense", train__steps=2)
+    result = train(config, _job("dense", tmp_path, data, dense_base))
+    assert result.frozen == {} and result.layout.cfg.n_experts == 1
+    meta = io.read_meta(tmp_path / "artifact")
+    assert meta["kind"] == artifact.DENSE_KIND and meta["source"] == "code"
+    model, _ = io.load(tmp_path / "artifact")
+    base = _base_tensors(dense_base)
+    embed = np.asarray(model.embed[...])
+    assert embed.shape == base["embed"].shape and not np.array_equal(embed, base["embed"])
+
+
+def test_bad_inputs_give_clear_errors(data, dense_base, tmp_path):
+    config = tiny_config("source=code")
+    with pytest.raises(FileNotFoundError, match="does not exist; run `moesaic pretrain`"):
+        train(config, _job("branch", tmp_path / "a", data, tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="does not match the base .*d_model: base 32, config 48"):
+        train(tiny_config("source=code", model__d_model=48, model__n_heads=2),
+              _job("branch", tmp_path / "b", data, dense_base))
+    with pytest.raises(ValueError, match="config.branch.source"):
+        train(tiny_config(), _job("branch", tmp_path / "c", data, dense_base))
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(dense_base, damaged)
+    meta = json.loads((damaged / "meta.json").read_text())
+    meta["model"]["d_ff"] = 96
+    (damaged / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="tensor 'blocks/ffn/w_down' is .*needs"):
+        train(tiny_config("source=code", model__d_ff=96),
+              _job("branch", tmp_path / "d", data, damaged))
+
+    other = tmp_path / "other_data"
+    shutil.copytree(data / "code", other / "code")
+    manifest = json.loads((other / "code" / "manifest.json").read_text())
+    manifest["tokenizer"]["identity"] = "hf:0123abcd"
+    (other / "code" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="tokenized with 'hf:0123abcd'"):
+        train(config, _job("branch", tmp_path / "e", other, dense_base))
