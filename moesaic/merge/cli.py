@@ -13,6 +13,7 @@ that fails verification) prints what is wrong and where, writes nothing, and exi
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 
 from moesaic.merge.sources import MergeRefused
@@ -68,12 +69,14 @@ def _options(args) -> dict:
 
 
 def _public_stats(args, base_path):
+    """(path of public stats or None, temporary folder to remove afterwards or None)."""
     if args.public_stats and args.public_data:
         raise MergeRefused("give --public-stats or --public-data, not both")
     if args.public_data:
         from moesaic.merge.public_stats import compute_public_stats
-        return compute_public_stats(base_path, args.public_data, args.out)
-    return args.public_stats
+        path = compute_public_stats(base_path, args.public_data)
+        return path, path.parent
+    return args.public_stats, None
 
 
 def _run(args) -> None:
@@ -82,9 +85,14 @@ def _run(args) -> None:
     if args.action == "merge":
         if not args.base or not args.router:
             raise MergeRefused("merge needs --base and --router (and --branch for each party)")
-        public = _public_stats(args, args.base)
-        fuse.merge_paths(args.base, args.branch, router=args.router, top_k=args.top_k or 1,
-                         out=args.out, public_stats=public, options=_options(args))
+        public, scratch = _public_stats(args, args.base)
+        try:
+            fuse.merge_paths(args.base, args.branch, router=args.router,
+                             top_k=args.top_k or 1, out=args.out, public_stats=public,
+                             options=_options(args))
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
     elif args.action == "remove":
         if not args.merged or not args.source:
             raise MergeRefused("usage: moesaic merge remove M --source P --out M2")

@@ -70,19 +70,6 @@ def _copy(view: src.View) -> io.TensorSource:
     return io.TensorSource(view.shape, view.dtype, view.pieces)
 
 
-def _stacked_experts(base_view: src.View, party_views: list[src.View]) -> io.TensorSource:
-    shape = list(base_view.shape)
-    shape[1] += len(party_views)
-
-    def pieces():
-        for layer in range(shape[0]):
-            parts = [base_view.rows(layer, layer + 1)]
-            parts += [v.rows(layer, layer + 1) for v in party_views]
-            yield np.concatenate(parts, axis=1)
-
-    return io.TensorSource(tuple(shape), base_view.dtype, pieces)
-
-
 def _in_memory(array: np.ndarray) -> io.TensorSource:
     return io.TensorSource(array.shape, array.dtype, lambda: [array])
 
@@ -122,7 +109,7 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
         if name not in EXPERT_TENSORS:
             tensors[name] = _copy(view)
     for name in FFN_EXPERT:
-        tensors[name] = _stacked_experts(base.tensors[name], [p.own[name] for p in parties])
+        tensors[name] = src.stack_experts([base.tensors[name], *(p.own[name] for p in parties)])
     tensors[ROUTER] = _in_memory(built.rows.astype(row_dtype))
     tensors[BIAS] = _in_memory(built.bias.astype(row_dtype))
     for name in (ROUTER, BIAS):

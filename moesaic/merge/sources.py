@@ -77,6 +77,18 @@ class View:
         return f"{self.path}:{self.name}"
 
 
+def stack_experts(views: list[View]) -> io.TensorSource:
+    """The tensors concatenated along the expert axis (1), produced a layer at a time."""
+    shape = list(views[0].shape)
+    shape[1] = sum(v.shape[1] for v in views)
+
+    def pieces():
+        for layer in range(shape[0]):
+            yield np.concatenate([v.rows(layer, layer + 1) for v in views], axis=1)
+
+    return io.TensorSource(tuple(shape), views[0].dtype, pieces)
+
+
 @dataclasses.dataclass
 class Base:
     """The public model every party started from."""

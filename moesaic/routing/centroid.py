@@ -5,7 +5,8 @@ normalised to unit length: a token goes to the experts whose data it resembles
 The public row: the centroid of public data when public statistics are given (--public-stats);
 otherwise the normalised mean of the parties' centroids, i.e. "the average domain", which
 wins on tokens that resemble no party in particular. With an MoE base, every base expert
-gets the public row plus its centred base row (`registry.base_rows_within`). Biases are 0.
+gets the public row plus its centred base row (`registry.base_rows_within`). Without base
+experts (BTX-style) only the parties' rows. Biases are 0.
 Option `scale` (default 1) multiplies every row (a temperature for the softmax).
 """
 
@@ -27,6 +28,10 @@ def build(inputs: RouterInputs) -> Router:
         _unit(np.stack([inputs.party_stat(i, "mean_hidden", layer).astype(np.float64)
                         for layer in range(lyr)]))
         for i in range(inputs.n_parties)], axis=1) if inputs.n_parties else None
+    if inputs.base_experts == 0:  # no public expert (BTX-style): the parties' rows only
+        return Router((parties * scale).astype(np.float32),
+                      np.zeros(parties.shape[:2], np.float32),
+                      {"parties": "normalised stats/mean_hidden", "scale": scale})
     if inputs.public_stat is not None:
         public = _unit(np.stack([inputs.public_stat("mean_hidden", layer).astype(np.float64)
                                  for layer in range(lyr)]))

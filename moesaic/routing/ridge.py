@@ -9,7 +9,8 @@ so the parties contribute sums, never data. lambda = ridge_lambda * trace(X^T X)
 (option ridge_lambda, default 1e-3: relative, so the same value fits any hidden-state
 scale). The public class needs statistics of public data (--public-stats or
 --public-data); with an MoE base each base expert gets the public row plus its centred base
-row (`registry.base_rows_within`). Biases are 0; option `scale` (default 1) multiplies the
+row (`registry.base_rows_within`); without base experts (BTX-style) the classes are the
+parties only. Biases are 0; option `scale` (default 1) multiplies the
 rows. Sums run in float64, in slot order, so the result is a pure function of the inputs.
 """
 
@@ -33,22 +34,25 @@ def solve_layer(xtx_list: list[np.ndarray], x_sum_list: list[np.ndarray],
 
 
 def build(inputs: RouterInputs) -> Router:
-    if inputs.public_stat is None:
+    public_class = inputs.base_experts > 0  # BTX-style merges have no public expert
+    if public_class and inputs.public_stat is None:
         raise ValueError("ridge router: the public expert needs statistics of public data; "
                          "pass --public-stats PATH (or --public-data DIR to compute them)")
     ridge_lambda = float(inputs.options.get("ridge_lambda", 1e-3))
     scale = float(inputs.options.get("scale", 1.0))
     per_layer = []
     for layer in range(inputs.n_layers):
-        xtx = [inputs.public_stat("xtx", layer)]
-        x_sum = [inputs.public_stat("x_sum", layer)]
+        xtx, x_sum = [], []
+        if public_class:
+            xtx.append(inputs.public_stat("xtx", layer))
+            x_sum.append(inputs.public_stat("x_sum", layer))
         for i in range(inputs.n_parties):
             xtx.append(inputs.party_stat(i, "xtx", layer))
             x_sum.append(inputs.party_stat(i, "x_sum", layer))
         per_layer.append(solve_layer(xtx, x_sum, ridge_lambda) * scale)
-    rows = np.stack(per_layer).astype(np.float32)  # (L, 1 + parties, D)
-    public = base_rows_within(inputs, rows[:, 0])
-    rows = np.concatenate([public, rows[:, 1:]], axis=1)
+    rows = np.stack(per_layer).astype(np.float32)  # (L, [public +] parties, D)
+    if public_class:
+        rows = np.concatenate([base_rows_within(inputs, rows[:, 0]), rows[:, 1:]], axis=1)
     return Router(rows, np.zeros(rows.shape[:2], np.float32),
                   {"ridge_lambda": ridge_lambda, "scale": scale,
                    "classes": "public stats, then each party's stats/xtx and stats/x_sum"})

@@ -1,0 +1,78 @@
+"""Router tuning after a merge (FlexOlmo's optional step): the router rows of a merged model
+are trained on data the caller provides (public proxy data), everything else frozen.
+
+Only the rows reach the optimizer (optax AdamW, weight decay 0): every other tensor is a
+constant of the loss, so it gets no gradient and no optimizer state. The output is the merged
+checkpoint with new rows (still RouterState in the model: frozen after tuning), written
+tensor by tensor; meta.router.tuned records the data, steps and learning rate. A later
+`merge remove/add` rebuilds the router by its kind, so tuning must then be run again.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from moesaic.branch_train.upcycle import build_model
+from moesaic.merge.sources import ROUTER, MergeRefused, View
+from moesaic.model import io
+from moesaic.model.transformer import lm_loss
+
+
+def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
+                batches: Callable[[int], np.ndarray], *, steps: int, lr: float = 1e-3,
+                data: dict | None = None, log=print) -> dict:
+    """Trains the router rows for `steps` on `batches(step)` (int32 (B, T+1)); writes `out`."""
+    merged = pathlib.Path(merged)
+    meta = io.read_meta(merged)
+    if meta.get("kind") not in ("merged", "btx"):
+        raise MergeRefused(f"{merged}: a {meta.get('kind')!r} checkpoint; tune-router takes a "
+                           f"merged model")
+    if steps < 1:
+        raise MergeRefused(f"--steps {steps}: must be at least 1")
+    cfg = io.model_config(meta)
+    names = list(io.flatten(jax.tree.map(lambda v: v, _abstract_params(cfg))))
+    params = {n: jnp.asarray(a) for n, a in io.load_tensors(merged, names).items()}
+    rows = params.pop(ROUTER)
+    optimizer = optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=0.0)
+    opt_state = optimizer.init(rows)
+
+    def loss(rows, frozen, batch):
+        return lm_loss(build_model(cfg, {**frozen, ROUTER: rows}), batch)[1]["nll"]
+
+    @jax.jit
+    def step(rows, opt_state, frozen, batch):
+        value, grad = jax.value_and_grad(loss)(rows, frozen, batch)
+        updates, opt_state = optimizer.update(grad, opt_state, rows)
+        return optax.apply_updates(rows, updates), opt_state, value
+
+    first = last = None
+    for i in range(steps):
+        rows, opt_state, value = step(rows, opt_state, params, jnp.asarray(batches(i)))
+        first = float(value) if first is None else first
+        last = float(value)
+    log(f"tune-router: {steps} steps, loss {first:.4f} -> {last:.4f}")
+    new_rows = np.asarray(rows).astype(io.tensor_metadata(merged)[ROUTER][1])
+    tensors = {}
+    for name in io.tensor_metadata(merged):
+        if name == ROUTER:
+            tensors[name] = io.TensorSource(new_rows.shape, new_rows.dtype, lambda: [new_rows])
+        else:
+            view = View(merged, name)
+            tensors[name] = io.TensorSource(view.shape, view.dtype, view.pieces)
+    router = dict(meta["router"], tuned={"steps": steps, "lr": lr, "data": data or {},
+                                         "loss_first": first, "loss_last": last})
+    new_meta = {k: v for k, v in meta.items() if k != "fingerprint"}
+    new_meta["router"] = router
+    io.save_streaming(out, tensors, new_meta)
+    return io.read_meta(out)
+
+
+def _abstract_params(cfg):
+    from flax import nnx
+    return nnx.state(io.abstract_model(cfg))
