@@ -143,7 +143,7 @@ def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
               max_shard_bytes: int = 5 * 2**30, drop_router_bias: bool = False,
               overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     """Writes the FlexOlmoForCausalLM folder; returns its config.json dict."""
-    model_path, out = pathlib.Path(model_path), pathlib.Path(out)
+    model_path, out = pathlib.Path(model_path).resolve(), pathlib.Path(out).resolve()
     meta = io.read_meta(model_path)
     cfg = io.model_config(meta)
     if out.exists() and not overwrite:

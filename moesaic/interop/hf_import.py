@@ -199,7 +199,7 @@ def import_hf(folder: str | pathlib.Path, out: str | pathlib.Path, *,
 
     `param_dtype` None keeps the stored dtype. `tokenizer` None copies folder/tokenizer.json
     into `out` and points model.tokenizer at it; otherwise it is used as model.tokenizer."""
-    folder, out = pathlib.Path(folder), pathlib.Path(out)
+    folder, out = pathlib.Path(folder).resolve(), pathlib.Path(out).resolve()  # orbax: absolute
     hf = json.loads((folder / "config.json").read_text())
     fields = model_fields_from_hf(hf)
     if tokenizer is None and not (folder / "tokenizer.json").is_file():

@@ -12,7 +12,9 @@ be read alone (merges and exports stream tensor by tensor).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
 import pathlib
 import shutil
@@ -135,7 +137,8 @@ class TensorSource:
 
 class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
     """Writes `TensorSource`s one after another, piece by piece, with the tensorstore spec a
-    numpy leaf gets (same typestr, same chunks), so the checkpoint reads like any other.
+    numpy leaf gets (same typestr; same chunks, or chunks of the pieces' rows when a piece is
+    not the whole tensor), so the checkpoint reads like any other.
     Records each tensor's `tensor_hash` on the way."""
 
     def __init__(self):
@@ -145,6 +148,14 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
     async def _background_serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
         for source, info, arg in zip(values, infos, args):
+            pieces = iter(source.pieces())
+            first = next(pieces, None)
+            if source.ndim and np.ndim(first) and 0 < np.shape(first)[0] < source.shape[0]:
+                # chunks of the pieces' rows: each write fills whole chunks (no read-modify-
+                # write of one tensor-sized chunk per piece, which OCDBT would keep every copy of)
+                row_bytes = int(np.prod(source.shape[1:], dtype=np.int64)) * source.dtype.itemsize
+                arg = dataclasses.replace(arg, chunk_byte_size=max(
+                    np.shape(first)[0] * row_bytes, 1), shard_axes=(0,))
             spec = ts_utils.build_array_write_spec(
                 info=info, arg=arg, global_shape=source.shape, local_shape=source.shape,
                 dtype=source.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
@@ -153,7 +164,7 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
             store = await ts.open(ts.Spec(spec.json), create=True, open=True,
                                   context=info.ts_context)
             digest, row = _hasher(source.dtype, source.shape), 0
-            for piece in source.pieces():
+            for piece in itertools.chain([] if first is None else [first], pieces):
                 piece = np.asarray(piece, order="C")
                 if piece.dtype != source.dtype or piece.shape[1:] != source.shape[1:] or (
                         source.ndim == 0 and piece.shape != ()):
