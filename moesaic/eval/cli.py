@@ -1,0 +1,133 @@
+"""`moesaic eval`: held-out perplexity, bits per byte and routing statistics per domain.
+
+    moesaic eval --model CKPT --data DATA_DIR [--sources code,math] [--max-sequences N] \
+        [--seq-len 128] [--batch-size 8] [--json out.json]
+    moesaic eval --ensemble btm|cbtm --expert code=CKPT --expert math=CKPT --data DATA_DIR \
+        [--top-k 1] [--stride 16]
+
+The second form scores an ensemble of separately trained models (moesaic.eval.ensembles); for
+c-BTM the expert names must be source names of DATA_DIR (their training text gives the
+centroids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+DEFAULT_SEQ_LEN = 128
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="a moesaic checkpoint (pretrain, branch model, merge)")
+    parser.add_argument("--ensemble", choices=("btm", "cbtm"),
+                        help="score an ensemble of --expert models instead of --model")
+    parser.add_argument("--expert", action="append", default=[], metavar="NAME=CKPT",
+                        help="an ensemble member; repeat")
+    parser.add_argument("--top-k", type=int, default=1, help="ensemble experts kept per token")
+    parser.add_argument("--stride", type=int, default=16,
+                        help="c-BTM: recompute the prefix's weights every this many tokens")
+    parser.add_argument("--data", required=True, help="DATA_DIR of prepared sources")
+    parser.add_argument("--sources", default="",
+                        help="comma-separated sources (default: every source in DATA_DIR)")
+    parser.add_argument("--seq-len", type=int, default=0,
+                        help=f"default: the checkpoint's data.seq_len, else {DEFAULT_SEQ_LEN}")
+    parser.add_argument("--max-sequences", type=int, default=None,
+                        help="held-out sequences per domain (default: all)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _seq_len_of(path: str) -> int:
+    from moesaic.model import io
+
+    if not io.is_complete(path):
+        return DEFAULT_SEQ_LEN  # loading the model then says what is wrong with the path
+    meta = io.read_meta(path)
+    return int(((meta.get("config") or {}).get("data") or {}).get("seq_len") or DEFAULT_SEQ_LEN)
+
+
+def _experts(specs: list[str]) -> dict[str, str]:
+    experts = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--expert {spec!r}: want NAME=CHECKPOINT")
+        if name in experts:
+            raise ValueError(f"--expert {name!r} given twice")
+        experts[name] = path
+    return experts
+
+
+def format_results(results: dict[str, dict]) -> str:
+    lines = [f"{'domain':>10} {'nll':>8} {'ppl':>9} {'bpb':>8} {'tokens':>9}"]
+    for domain, m in results.items():
+        lines.append(f"{domain:>10} {m['nll']:8.4f} {m['ppl']:9.3f} {m['bpb']:8.4f} "
+                     f"{m['tokens']:9d}")
+    lines.append(f"{'average':>10} {np.mean([m['nll'] for m in results.values()]):8.4f} "
+                 f"{np.mean([m['ppl'] for m in results.values()]):9.3f} "
+                 f"{np.mean([m['bpb'] for m in results.values()]):8.4f}")
+    for domain, m in results.items():
+        routing = m.get("routing")
+        if not routing:
+            continue
+        experts = routing.get("experts") or []
+        if "token_share" in routing:
+            lines.append(f"routing on {domain}: share of tokens per layer "
+                         f"({', '.join(experts)})")
+            for layer, shares in enumerate(routing["token_share"]):
+                lines.append(f"{'':>4}layer {layer:>2}: " + " ".join(f"{s:6.3f}" for s in shares))
+        if "ensemble_weight" in routing:
+            lines.append(f"ensemble weights on {domain}: " + ", ".join(
+                f"{e} {w:.3f}" for e, w in zip(experts, routing["ensemble_weight"])))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moesaic.eval import ensembles, perplexity
+
+    try:
+        sources = [s for s in args.sources.split(",") if s] or perplexity.prepared_sources(
+            args.data)
+        if args.ensemble:
+            if args.model:
+                raise ValueError("give --model or --ensemble with --expert, not both")
+            experts = _experts(args.expert)
+            if len(experts) < 2:
+                raise ValueError(f"--ensemble {args.ensemble}: give at least two --expert")
+            seq_len = args.seq_len or _seq_len_of(next(iter(experts.values())))
+            if args.ensemble == "btm":
+                scorer = ensembles.btm(experts, top_k=args.top_k)
+            else:
+                router = ensembles.TfidfCentroids.from_data(args.data, experts)
+                scorer = ensembles.cbtm(experts, router, top_k=args.top_k, stride=args.stride)
+            label = f"{args.ensemble}({', '.join(experts)})"
+            results = perplexity.evaluate_scorer(
+                scorer, args.data, sources, seq_len=seq_len, max_sequences=args.max_sequences,
+                batch_size=args.batch_size, progress=not args.no_progress, name=args.ensemble)
+        else:
+            if not args.model:
+                raise ValueError("give --model CHECKPOINT (or --ensemble with --expert)")
+            seq_len = args.seq_len or _seq_len_of(args.model)
+            label = args.model
+            results = perplexity.evaluate(
+                args.model, args.data, sources, seq_len=seq_len,
+                max_sequences=args.max_sequences, batch_size=args.batch_size,
+                progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"moesaic eval: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{label}: held-out, seq_len {seq_len}")
+    print(format_results(results))
+    if args.json:
+        out = {"system": label, "seq_len": seq_len, "domains": results,
+               "average": {k: float(np.mean([m[k] for m in results.values()]))
+                           for k in ("nll", "ppl", "bpb")}}
+        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0

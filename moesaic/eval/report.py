@@ -1,0 +1,185 @@
+"""The report a person reads: W/report.md, W/report.json and PNG plots (matplotlib, Agg).
+
+`results` (what `write_report` takes):
+
+    {"systems": {system: {domain: {"bpb": float, "ppl": float, "nll": float,
+                                   ... any other numbers (tokens, bytes, ...),
+                                   "routing": {"token_share": [[share per expert] per layer],
+                                               "weight_share": same,
+                                               "experts": [expert names]}}}},   # optional
+     "domains": [domain, ...]}                                                  # optional
+
+A system's value is exactly what `moesaic.eval.perplexity.evaluate` (or `evaluate_scorer` on an
+ensemble) returns. "domains" fixes the column order (default: the first system's domains, then
+any others). Systems keep their insertion order. The average over domains is the arithmetic
+mean of the domain columns (of bpb, and of ppl), over the domains the system was evaluated on.
+
+Files:
+    report.md            title, the caller's notes, a bits-per-byte table and a perplexity table
+                         (systems by domain, plus "avg"), links to the plots
+    report.json          {"title", "notes", "domains", "systems": {system: {domain: {"bpb",
+                         "ppl", "nll", ...}, "avg": {"bpb", "ppl"}}}, "routing": {system:
+                         {domain: {...}}}, "plots": [file names]}
+    bpb_by_domain.png    grouped bars: bits per byte per domain (and avg), one bar per system
+    routing_<system>.png for each system with routing token shares: one heatmap per domain,
+                         layers by experts, each expert's share of the domain's tokens
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+AVG = "avg"
+NUMBER_KEYS = ("bpb", "ppl", "nll")
+
+
+def _domains(results: Mapping) -> list[str]:
+    order = list(results.get("domains") or [])
+    for per_domain in results["systems"].values():
+        order += [d for d in per_domain if d not in order]
+    return order
+
+
+def summarize(results: Mapping) -> dict:
+    """The numbers of report.json: per system, per domain {"bpb", "ppl", "nll", other numbers}
+    plus "avg"; routing split out per system."""
+    if not isinstance(results, Mapping) or not isinstance(results.get("systems"), Mapping):
+        raise ValueError("results: want {'systems': {system: {domain: {'bpb', 'ppl', ...}}}}")
+    domains = _domains(results)
+    systems, routing = {}, {}
+    for system, per_domain in results["systems"].items():
+        rows = {}
+        for domain in domains:
+            if domain not in per_domain:
+                continue
+            metrics = per_domain[domain]
+            missing = [k for k in ("bpb", "ppl") if k not in metrics]
+            if missing:
+                raise ValueError(f"results: system {system!r}, domain {domain!r} lacks {missing}")
+            rows[domain] = {k: float(v) if k in NUMBER_KEYS else v for k, v in metrics.items()
+                            if k != "routing" and isinstance(v, (int, float, bool))}
+            if "routing" in metrics:
+                routing.setdefault(system, {})[domain] = metrics["routing"]
+        rows[AVG] = {k: float(np.mean([rows[d][k] for d in rows])) if rows else float("nan")
+                     for k in ("bpb", "ppl")}
+        systems[system] = rows
+    return {"domains": domains, "systems": systems, "routing": routing}
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+
+
+def _table(summary: dict, key: str, digits: int) -> list[str]:
+    columns = [*summary["domains"], AVG]
+    lines = ["| system | " + " | ".join(columns) + " |",
+             "| --- | " + " | ".join("---:" for _ in columns) + " |"]
+    for system, rows in summary["systems"].items():
+        best = {c: min(r[c][key] for r in summary["systems"].values() if c in r)
+                for c in columns}
+        cells = []
+        for c in columns:
+            value = rows.get(c, {}).get(key)
+            cell = _fmt(value, digits)
+            cells.append(f"**{cell}**" if value is not None and value == best[c] else cell)
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "system"
+
+
+def plot_bars(summary: dict, path: pathlib.Path, key: str = "bpb") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [*summary["domains"], AVG]
+    systems = list(summary["systems"])
+    width = 0.8 / max(1, len(systems))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(columns) + 0.25 * len(systems)), 4.0))
+    x = np.arange(len(columns))
+    for i, system in enumerate(systems):
+        rows = summary["systems"][system]
+        values = [rows.get(c, {}).get(key, np.nan) for c in columns]
+        ax.bar(x + (i - (len(systems) - 1) / 2) * width, values, width, label=system)
+    ax.set_xticks(x, columns)
+    ax.set_ylabel({"bpb": "bits per byte (lower is better)"}.get(key, key))
+    finite = [v[key] for rows in summary["systems"].values() for v in rows.values()
+              if math.isfinite(v.get(key, np.nan))]
+    if finite:
+        ax.set_ylim(min(finite) * 0.9, max(finite) * 1.05)
+    ax.legend(fontsize="small", ncol=min(3, len(systems)))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_routing(system: str, per_domain: Mapping[str, Mapping], path: pathlib.Path) -> None:
+    """One heatmap per domain: rows layers, columns experts, colour = share of tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(per_domain)
+    fig, axes = plt.subplots(1, len(domains), figsize=(2.6 * len(domains) + 1.2, 3.2),
+                             squeeze=False)
+    image = None
+    for ax, domain in zip(axes[0], domains):
+        share = np.asarray(per_domain[domain]["token_share"], float)  # (L, E)
+        experts = per_domain[domain].get("experts") or [str(e) for e in range(share.shape[1])]
+        image = ax.imshow(share, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_title(domain, fontsize="medium")
+        ax.set_xticks(range(share.shape[1]), experts, rotation=60, fontsize="small")
+        ax.set_yticks(range(share.shape[0]))
+        ax.set_ylabel("layer" if ax is axes[0][0] else "")
+        if share.size <= 64:
+            for (layer, expert), v in np.ndenumerate(share):
+                ax.text(expert, layer, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < 0.5 else "black")
+    fig.suptitle(f"{system}: each expert's share of tokens (top-k assignments)")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(workdir: str | os.PathLike, results: Mapping, *, title: str = "moesaic report",
+                 notes: Sequence[str] | str = ()) -> dict:
+    """Writes report.md, report.json and the plots into `workdir`; returns report.json's dict."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    notes = [notes] if isinstance(notes, str) else list(notes)
+    summary = summarize(results)
+    plots = ["bpb_by_domain.png"]
+    plot_bars(summary, workdir / plots[0])
+    for system, per_domain in summary["routing"].items():
+        with_shares = {d: r for d, r in per_domain.items() if "token_share" in r}
+        if with_shares:
+            name = f"routing_{_slug(system)}.png"
+            plot_routing(system, with_shares, workdir / name)
+            plots.append(name)
+    report = {"title": title, "notes": notes, **summary, "plots": plots}
+    (workdir / "report.json").write_text(json.dumps(report, indent=1))
+    lines = [f"# {title}", ""]
+    if notes:
+        lines += [*notes, ""]
+    lines += ["## Bits per byte (held out; lower is better; best in bold)", "",
+              *_table(summary, "bpb", 4), "",
+              "## Perplexity (per token)", "", *_table(summary, "ppl", 3), "",
+              f"`{AVG}` is the mean of the domain columns.", "", "## Plots", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    (workdir / "report.md").write_text("\n".join(lines) + "\n")
+    return report

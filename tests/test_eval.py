@@ -1,0 +1,303 @@
+"""Evaluation: perplexity and bits per byte against hand computations, routing shares,
+the BTM / c-BTM ensemble weights on constructed cases, the report files and `moesaic eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moesaic.data.loader import heldout_sequences
+from moesaic.eval import ensembles, perplexity, report
+from moesaic.model import io
+from moesaic.model.config import ModelConfig
+from moesaic.model.transformer import Decoder, token_nll
+from tests.conftest import last_json_line, run_python
+from tests.train_helpers import make_data
+
+SEQ = 16
+CFG = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64)
+MOE = dict(n_experts=3, top_k=2, norm_topk_prob=True)  # one MoE shape: compiled once
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("eval_data"))
+
+
+def tiny(seed: int = 0, **changes) -> Decoder:
+    return Decoder(CFG.replace(**changes), rngs=nnx.Rngs(seed))
+
+
+def uniform_model() -> Decoder:
+    """lm_head = 0: every next-token distribution is uniform over the vocabulary."""
+    model = tiny()
+    model.lm_head[...] = jnp.zeros_like(model.lm_head[...])
+    return model
+
+
+# --- perplexity and bits per byte -------------------------------------------------------------
+
+def test_uniform_model_gives_log_vocab_and_exact_bits_per_byte(data_dir):
+    results = perplexity.evaluate(uniform_model(), data_dir, ["code", "math"], seq_len=SEQ,
+                                  max_sequences=8, batch_size=4, progress=False)
+    for source in ("code", "math"):
+        held = heldout_sequences(data_dir, source, seq_len=SEQ, max_sequences=8)
+        targets = held.tokens[:, 1:]
+        text_bytes = int((targets < 256).sum())  # byte tokenizer: one byte per non-eos target
+        m = results[source]
+        assert m["tokens"] == targets.size and m["bytes"] == text_bytes and m["bytes_exact"]
+        assert m["nll"] == pytest.approx(math.log(264), rel=1e-6)
+        assert m["ppl"] == pytest.approx(264.0, rel=1e-5)
+        assert m["bpb"] == pytest.approx(targets.size * math.log(264) / math.log(2) / text_bytes,
+                                         rel=1e-6)
+        assert "routing" not in m  # dense model
+
+
+def test_evaluate_matches_direct_forward(data_dir):
+    model = tiny(seed=3)
+    held = heldout_sequences(data_dir, "code", seq_len=SEQ, max_sequences=7)
+    logits, _ = model(jnp.asarray(held.tokens[:, :-1]))
+    nll = np.asarray(token_nll(logits, jnp.asarray(held.tokens[:, 1:])), np.float64)
+    m = perplexity.evaluate(model, data_dir, ["code"], seq_len=SEQ, max_sequences=7,
+                            batch_size=4, progress=False)["code"]  # batches 4, 3
+    assert m["sequences"] == 7
+    assert m["nll"] == pytest.approx(nll.mean(), rel=1e-5)
+    assert m["bpb"] == pytest.approx(nll.sum() / math.log(2) / held.num_bytes, rel=1e-5)
+
+
+def test_hand_computed_case_with_a_controlled_scorer(data_dir):
+    """p(target) = 1/2 when the target is byte 'a', else 1/8: nll, ppl and bpb by hand."""
+    def scorer(tokens):
+        return np.where(tokens[:, 1:] == ord("a"), math.log(0.5), math.log(0.125)), {}
+
+    held = heldout_sequences(data_dir, "public", seq_len=SEQ)
+    targets = held.tokens[:, 1:]
+    n_a = int((targets == ord("a")).sum())
+    nats = n_a * math.log(2) + (targets.size - n_a) * math.log(8)
+    m = perplexity.evaluate_scorer(scorer, data_dir, ["public"], seq_len=SEQ, batch_size=4,
+                                   progress=False)["public"]
+    assert n_a > 0
+    assert m["nll"] == pytest.approx(nats / targets.size, rel=1e-12)
+    assert m["ppl"] == pytest.approx(math.exp(nats / targets.size), rel=1e-12)
+    bits = n_a * 1 + (targets.size - n_a) * 3
+    assert m["bpb"] == pytest.approx(bits / held.num_bytes, rel=1e-12)
+
+
+def test_routing_shares_aggregate_over_batches(data_dir):
+    model = tiny(seed=1, **MOE)
+    held = heldout_sequences(data_dir, "math", seq_len=SEQ, max_sequences=9)
+    _, aux = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(held.tokens[:, :-1]))  # one batch
+    m = perplexity.evaluate(model, data_dir, ["math"], seq_len=SEQ, max_sequences=9,
+                            batch_size=4, progress=False)["math"]  # batches 4, 4, 1
+    token_share = np.asarray(m["routing"]["token_share"])
+    weight_share = np.asarray(m["routing"]["weight_share"])
+    assert token_share.shape == weight_share.shape == (2, 3)
+    np.testing.assert_allclose(token_share.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(weight_share.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(token_share, np.asarray(aux["expert_token_share"]), atol=1e-6)
+    np.testing.assert_allclose(weight_share, np.asarray(aux["expert_weight_share"]), atol=1e-5)
+    assert m["routing"]["experts"] == ["expert0", "expert1", "expert2"]
+    assert m["tokens"] == 9 * SEQ
+
+
+def test_missing_source_is_an_error_naming_it(data_dir):
+    with pytest.raises(FileNotFoundError, match="law"):
+        perplexity.evaluate(uniform_model(), data_dir, ["law"], seq_len=SEQ, progress=False)
+
+
+# --- BTM ---------------------------------------------------------------------------------------
+
+def test_btm_posterior_follows_the_prefix_likelihood():
+    t = 6
+    logp = np.stack([np.full((1, t), -0.1), np.full((1, t), -5.0), np.full((1, t), -3.0)])
+    w = np.exp(ensembles.btm_log_weights(logp))
+    np.testing.assert_allclose(w[:, 0, 0], 1 / 3)  # no prefix yet: the uniform prior
+    # at target t the prefix holds t targets: posterior ∝ exp(t * logp_j)
+    for step in range(t):
+        want = np.exp(step * logp[:, 0, 0]) / np.exp(step * logp[:, 0, 0]).sum()
+        np.testing.assert_allclose(w[:, 0, step], want, rtol=1e-9)
+    assert w[0, 0, -1] > 0.999999
+    kept = np.exp(ensembles.top_k_log_weights(ensembles.btm_log_weights(logp), 2))
+    assert np.all(kept[1, :, 1:] == 0.0)  # the worst expert is cut from top-2 ...
+    np.testing.assert_allclose(kept.sum(axis=0), 1.0)  # ... and the rest renormalised
+    np.testing.assert_allclose(kept[:, 0, 0], [0.5, 0.5, 0.0])  # a tie: lower indices first
+    top1 = np.exp(ensembles.top_k_log_weights(ensembles.btm_log_weights(logp), 1))
+    np.testing.assert_array_equal(top1[0], 1.0)  # tie at t = 0 goes to the lower index
+
+
+def test_ensemble_mixes_in_probability_space():
+    tokens = np.zeros((2, 5), np.int32)
+    experts = [lambda x: (np.full((2, 4), math.log(0.5)), {}),
+               lambda x: (np.full((2, 4), math.log(0.1)), {})]
+
+    def fixed_weights(tokens, logp):
+        return np.log(np.broadcast_to(np.array([0.25, 0.75])[:, None, None], logp.shape))
+
+    scorer = ensembles.EnsembleScorer(experts, ["a", "b"], fixed_weights, top_k=2)
+    logp, stats = scorer(tokens)
+    np.testing.assert_allclose(logp, math.log(0.25 * 0.5 + 0.75 * 0.1))
+    np.testing.assert_allclose(stats["ensemble_weight"], [0.25, 0.75])
+    top1 = ensembles.EnsembleScorer(experts, ["a", "b"], fixed_weights, top_k=1)
+    np.testing.assert_allclose(top1(tokens)[0], math.log(0.1))
+    with pytest.raises(ValueError, match="top_k=3"):
+        ensembles.EnsembleScorer(experts, ["a", "b"], fixed_weights, top_k=3)
+
+
+def test_btm_of_identical_models_equals_the_model(data_dir):
+    model = tiny(seed=2)
+    alone = perplexity.evaluate(model, data_dir, ["code"], seq_len=SEQ, max_sequences=8,
+                                batch_size=4, progress=False)["code"]
+    btm = ensembles.btm({"x": model, "y": model}, top_k=2)
+    tokens = heldout_sequences(data_dir, "code", seq_len=SEQ, max_sequences=4).tokens
+    np.testing.assert_allclose(btm.weights(tokens), 0.5, rtol=1e-6)
+    m = perplexity.evaluate_scorer(btm, data_dir, ["code"], seq_len=SEQ, max_sequences=8,
+                                   batch_size=4, progress=False)["code"]
+    assert m["nll"] == pytest.approx(alone["nll"], rel=1e-6)
+    assert m["routing"]["experts"] == ["x", "y"]
+
+
+def test_btm_prefers_the_expert_that_explains_the_prefix(data_dir):
+    """Expert 'good' is the uniform model; 'bad' is confidently wrong almost everywhere."""
+    bad = tiny(seed=8)
+    bad.lm_head[...] = bad.lm_head[...] * 250.0  # random, very peaked next-token guesses
+    btm = ensembles.btm({"bad": bad, "good": uniform_model()}, top_k=1)
+    tokens = heldout_sequences(data_dir, "code", seq_len=SEQ, max_sequences=4).tokens
+    w = btm.weights(tokens)
+    assert set(np.unique(w)) == {0.0, 1.0}  # top-1
+    assert w[1, :, 1:].mean() > 0.95  # once the prefix has a target: 'good'
+    m = perplexity.evaluate_scorer(btm, data_dir, ["code"], seq_len=SEQ, max_sequences=4,
+                                   batch_size=4, progress=False)["code"]
+    assert m["routing"]["ensemble_weight"][1] > 0.9
+
+
+# --- c-BTM -------------------------------------------------------------------------------------
+
+TEXTS = {
+    "code": ["def load(path):\n    return open(path).read()", "for item in items:\n    print(item)",
+             "class Reader:\n    def read(self):\n        return self.data",
+             "import os\nreturn os.path.join(root, name)"],
+    "math": ["What is 12 plus 7? The answer is 19.", "Compute 8 times 6. The answer is 48.",
+             "What is 30 minus 4? The answer is 26.", "Add 5 and 9. The sum is 14."],
+}
+
+
+@pytest.mark.parametrize("svd", [None, 4])
+def test_cbtm_picks_the_source_whose_text_matches(svd):
+    router = ensembles.TfidfCentroids(TEXTS, svd_components=svd)
+    w = np.exp(router.log_weights(["def read(self):\n    return open(path)",
+                                   "What is 3 plus 4? The answer is 7.", "!!"]))
+    assert router.sources == ["code", "math"]
+    assert w[0, 0] > 0.95 and w[1, 1] > 0.95
+    np.testing.assert_allclose(w[2], 0.5)  # no known feature: uniform
+    np.testing.assert_allclose(w.sum(axis=1), 1.0)
+
+
+def test_cbtm_weights_use_the_causal_prefix():
+    router = ensembles.TfidfCentroids(TEXTS)
+    text = "def read(self):\n    return self.data  # math: what is 12 plus 7? The answer is 19."
+    tokens = np.frombuffer(text.encode(), np.uint8).astype(np.int32)[None, :33]  # T = 32
+    log_w = ensembles.cbtm_log_weights(router, tokens, stride=8)
+    assert log_w.shape == (2, 1, 32)
+    w = np.exp(log_w)
+    np.testing.assert_allclose(w[:, 0, :8], 0.5)  # prefix "d": no feature yet
+    assert np.all(w[0, 0, 8:] > 0.9)  # "def read(" onwards: code
+    np.testing.assert_array_equal(w[:, 0, 8:16], w[:, 0, 8:9].repeat(8, axis=1))  # per stride
+    # the weights never look past the prefix: changing later tokens leaves them unchanged
+    changed = tokens.copy()
+    changed[0, 20:] = ord("7")
+    np.testing.assert_array_equal(ensembles.cbtm_log_weights(router, changed, stride=8)[..., :20],
+                                  log_w[..., :20])
+
+
+def test_cbtm_ensemble_on_prepared_data(data_dir):
+    router = ensembles.TfidfCentroids.from_data(data_dir, ["code", "math"],
+                                                analyzer="char_wb", ngram_range=(1, 2))
+    # experts given in the other order than the router's sources
+    scorer = ensembles.cbtm({"math": tiny(seed=4), "code": tiny(seed=5)}, router, top_k=1,
+                            stride=4)
+    tokens = heldout_sequences(data_dir, "math", seq_len=SEQ, max_sequences=4).tokens
+    w = scorer.weights(tokens)
+    assert w.shape == (2, 4, SEQ)
+    assert set(np.unique(w)) <= {0.0, 1.0}  # top-1
+    assert w[0, :, 4:].mean() > 0.9  # math text goes to the math expert
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def test_report_files_and_structure(tmp_path):
+    routing = {"token_share": [[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]],
+               "weight_share": [[0.6, 0.3, 0.1], [0.5, 0.3, 0.2]],
+               "experts": ["public", "code", "math"]}
+    results = {"systems": {
+        "public": {"code": {"bpb": 2.0, "ppl": 4.0, "nll": 1.38, "tokens": 100},
+                   "math": {"bpb": 3.0, "ppl": 8.0, "nll": 2.07, "tokens": 100}},
+        "merged": {"code": {"bpb": 1.5, "ppl": 3.0, "nll": 1.1, "routing": routing},
+                   "math": {"bpb": 2.5, "ppl": 6.0, "nll": 1.8, "routing": routing}},
+    }, "domains": ["math", "code"]}
+    out = report.write_report(tmp_path, results, title="Test", notes=["The merge wins."])
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data == json.loads(json.dumps(out))
+    assert data["domains"] == ["math", "code"]
+    assert data["systems"]["public"]["avg"] == {"bpb": 2.5, "ppl": 6.0}
+    assert data["systems"]["merged"]["math"] == {"bpb": 2.5, "ppl": 6.0, "nll": 1.8}
+    assert data["systems"]["public"]["code"]["tokens"] == 100
+    assert data["routing"]["merged"]["code"]["token_share"] == routing["token_share"]
+    assert data["plots"] == ["bpb_by_domain.png", "routing_merged.png"]
+    for name in data["plots"]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# Test\n\nThe merge wins.")
+    assert "| system | math | code | avg |" in md
+    assert "| merged | **2.5000** | **1.5000** | **2.0000** |" in md
+    assert "| public | 3.0000 | 2.0000 | 2.5000 |" in md
+    with pytest.raises(ValueError, match="lacks"):
+        report.write_report(tmp_path, {"systems": {"x": {"code": {"ppl": 1.0}}}})
+
+
+# --- the command and several devices -----------------------------------------------------------
+
+def test_cli_eval_writes_json(data_dir, tmp_path, capsys):
+    from moesaic.launch.cli import main
+
+    model = tiny(seed=6, **MOE)
+    io.save_model(tmp_path / "ckpt", model, {"config": {"data": {"seq_len": SEQ}}})
+    code = main(["eval", "--model", str(tmp_path / "ckpt"), "--data", str(data_dir),
+                 "--sources", "code,math", "--max-sequences", "5", "--batch-size", "4",
+                 "--json",
+                 str(tmp_path / "out.json"), "--no-progress"])
+    assert code == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    direct = perplexity.evaluate(model, data_dir, ["code", "math"], seq_len=SEQ,
+                                 max_sequences=5, batch_size=4, progress=False)
+    assert out["seq_len"] == SEQ and list(out["domains"]) == ["code", "math"]
+    for source in ("code", "math"):
+        assert out["domains"][source]["bpb"] == pytest.approx(direct[source]["bpb"], rel=1e-6)
+    assert out["average"]["bpb"] == pytest.approx(
+        (direct["code"]["bpb"] + direct["math"]["bpb"]) / 2, rel=1e-6)
+    assert "layer  1:" in capsys.readouterr().out
+    assert main(["eval", "--model", str(tmp_path / "nothing"), "--data", str(data_dir)]) == 2
+    assert "not a moesaic checkpoint" in capsys.readouterr().err
+
+
+def test_evaluate_on_four_devices_matches_one(data_dir, tmp_path):
+    model = tiny(seed=7, **MOE)
+    io.save_model(tmp_path / "ckpt", model)
+    one = perplexity.evaluate(model, data_dir, ["code"], seq_len=SEQ, max_sequences=8,
+                              batch_size=4, progress=False)["code"]
+    proc = run_python(f"""
+        import json, jax
+        from moesaic.eval.perplexity import evaluate
+        r = evaluate({str(tmp_path / 'ckpt')!r}, {str(data_dir)!r}, ["code"], seq_len={SEQ},
+                     max_sequences=8, batch_size=4, progress=False)["code"]
+        print(json.dumps({{"devices": jax.device_count(), "nll": r["nll"],
+                           "share": r["routing"]["token_share"]}}))
+    """, devices=4)
+    got = last_json_line(proc.stdout)
+    assert got["devices"] == 4
+    assert got["nll"] == pytest.approx(one["nll"], rel=1e-5)
+    np.testing.assert_allclose(got["share"], one["routing"]["token_share"], atol=1e-6)
