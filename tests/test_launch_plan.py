@@ -1,0 +1,127 @@
+"""`moesaic plan`: the 7B branch step compiled ahead of time on 8 fake devices, its memory
+per device against the arithmetic of the parameters, a refusal when it does not fit, and
+the re-run in a fresh interpreter when jax is already imported with too few devices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moesaic.launch import plan
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_parse_sizes_and_meshes():
+    assert plan.parse_bytes("80GB") == 80 * 10**9
+    assert plan.parse_bytes("16GiB") == 16 * 2**30
+    assert plan.parse_bytes("1.5 tb") == 1_500_000_000_000
+    assert plan.parse_bytes("1024") == 1024
+    with pytest.raises(ValueError, match="--hbm '80 gigs'"):
+        plan.parse_bytes("80 gigs")
+    assert plan.parse_mesh("data=1,fsdp=8") == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
+    for bad in ("fsdp=0", "pipeline=2", "fsdp"):
+        with pytest.raises(ValueError, match="--mesh"):
+            plan.parse_mesh(bad)
+
+
+def test_7b_branch_plan_on_8_devices_matches_the_arithmetic():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = str(ROOT)
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "moesaic.launch.cli", "plan", "--config",
+         "moesaic/configs/olmo2_7b.py:source=code", "--mesh", "data=1,fsdp=8", "--hbm", "5GB",
+         "--json", "--config.data.global_batch=8", "--config.data.seq_len=512"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == plan.EXIT_DOES_NOT_FIT, proc.stderr
+    assert seconds < 60, f"the 7B plan took {seconds:.0f} s"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    # OLMo-2 7B: the dense base upcycled to [public, own]; only the own expert trains.
+    vocab, d, layers, heads, head_dim, ff, shards, f32 = 100352, 4096, 32, 32, 128, 11008, 8, 4
+    expert = 3 * layers * d * ff
+    trainable = expert + layers * d + layers  # own FFN, router row (L, 1, D), bias (L, 1)
+    frozen = (2 * vocab * d + 4 * layers * d * heads * head_dim + 2 * layers * heads * head_dim
+              + 2 * layers * d + d + expert + layers * d + layers)
+    assert result["experts"] == 2
+    assert result["counts"] == {"trainable": trainable, "frozen": frozen}
+
+    # Per device: everything with a d_model axis is split 8 ways over fsdp; the biases and
+    # QK-norm scales (no d_model axis) are replicated. AdamW keeps mu and nu for the
+    # trainable parameters only, plus int32 step counts.
+    trainable_dev = f32 * ((expert + layers * d) // shards + layers)
+    frozen_dev = f32 * ((2 * vocab * d + 4 * layers * d * heads * head_dim + 2 * layers * d + d
+                         + expert + layers * d) // shards + 2 * layers * heads * head_dim
+                        + layers)
+    by_hand = result["by_hand"]
+    assert by_hand["trainable"] == trainable_dev
+    assert by_hand["frozen"] == frozen_dev
+    assert 0 <= by_hand["optimizer"] - 2 * trainable_dev <= 64
+    assert by_hand["batch"] == 8 * 513 * 4 // shards + 4
+
+    xla = result["xla"]
+    assert xla["argument"] == sum(by_hand.values())  # XLA plans exactly these arguments
+    assert xla["alias"] >= by_hand["trainable"] + by_hand["optimizer"]  # donated, updated in place
+    assert xla["temp"] > 0
+    assert result["needed"] == xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
+    assert result["needed"] > 5e9
+    assert f"needs {result['needed'] / 1e9:.2f} GB per device" in proc.stderr
+    assert "--hbm gives 5.00 GB" in proc.stderr
+
+    specs = {(p["kind"], p["name"]): p["spec"] for p in result["parameters"]}
+    assert specs[("train", "blocks/ffn/w_gate")] == [None, None, "fsdp", None]
+    assert specs[("frozen", "blocks/ffn/w_down")] == [None, None, None, "fsdp"]
+    assert specs[("frozen", "embed")] == [None, "fsdp"]
+    assert specs[("frozen", "blocks/attn/q_norm")] == [None, None, None]
+    assert ("train", "embed") not in specs and ("frozen", "blocks/ffn/bias") in specs
+
+
+def test_plan_reruns_itself_when_jax_has_too_few_devices(capfd):
+    import jax
+
+    assert jax.device_count() < 2  # this test process imported jax without fake devices
+    args = argparse.Namespace(
+        config="moesaic/configs/tiny.py:source=code", mesh="fsdp=2", hbm="1GB", base="",
+        base_experts=1, json=True,
+        config_overrides=["model.d_model=32", "model.n_layers=2", "model.d_ff=64",
+                          "data.seq_len=16", "data.global_batch=4"])
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        assert plan.run(args) == 0
+    finally:
+        os.chdir(cwd)
+    result = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert result["mesh"]["fsdp"] == 2 and result["experts"] == 2
+    # tiny, d_model 32, vocab 264, 2 layers, d_ff 64: the own expert, row and bias train.
+    assert result["counts"]["trainable"] == 3 * 2 * 32 * 64 + 2 * 32 + 2
+    assert result["by_hand"]["trainable"] == 4 * ((3 * 2 * 32 * 64 + 2 * 32) // 2 + 2)
+    assert result["needed"] < 1e9
+
+
+def test_plan_of_a_dense_branch_trains_everything(capfd):
+    """config.branch.mode=dense: continued pretraining; no frozen parameters."""
+    args = argparse.Namespace(
+        config="moesaic/configs/tiny.py", mesh="data=2", hbm="", base="", base_experts=1,
+        json=True, config_overrides=["branch.mode=dense", "model.d_model=32",
+                                     "model.n_layers=2", "model.d_ff=64", "data.seq_len=16",
+                                     "data.global_batch=4"])
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        assert plan.run(args) == 0
+    finally:
+        os.chdir(cwd)
+    result = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert result["experts"] == 1 and result["counts"]["frozen"] == 0
+    assert result["by_hand"]["frozen"] == 0
+    assert 0 <= result["by_hand"]["optimizer"] - 2 * result["by_hand"]["trainable"] <= 64
