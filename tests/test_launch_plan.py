@@ -85,22 +85,28 @@ def test_7b_branch_plan_on_8_devices_matches_the_arithmetic():
     assert ("train", "embed") not in specs and ("frozen", "blocks/ffn/bias") in specs
 
 
-def test_plan_reruns_itself_when_jax_has_too_few_devices(capfd):
-    import jax
+TINY = ["model.d_model=32", "model.n_layers=2", "model.d_ff=64", "data.seq_len=16",
+        "data.global_batch=4"]
 
-    assert jax.device_count() < 2  # this test process imported jax without fake devices
-    args = argparse.Namespace(
-        config="moesaic/configs/tiny.py:source=code", mesh="fsdp=2", hbm="1GB", base="",
-        base_experts=1, json=True,
-        config_overrides=["model.d_model=32", "model.n_layers=2", "model.d_ff=64",
-                          "data.seq_len=16", "data.global_batch=4"])
+
+def _plan_here(capfd, config: str, mesh: str, *overrides: str, hbm: str = "") -> dict:
+    """`moesaic plan ... --json` called in this process (cwd: the repo); its JSON result."""
+    args = argparse.Namespace(config=config, mesh=mesh, hbm=hbm, base="", base_experts=1,
+                              json=True, config_overrides=[*overrides, *TINY])
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
         assert plan.run(args) == 0
     finally:
         os.chdir(cwd)
-    result = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    return json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+
+
+def test_plan_reruns_itself_when_jax_has_too_few_devices(capfd):
+    import jax
+
+    assert jax.device_count() < 2  # this test process imported jax without fake devices
+    result = _plan_here(capfd, "moesaic/configs/tiny.py:source=code", "fsdp=2", hbm="1GB")
     assert result["mesh"]["fsdp"] == 2 and result["experts"] == 2
     # tiny, d_model 32, vocab 264, 2 layers, d_ff 64: the own expert, row and bias train.
     assert result["counts"]["trainable"] == 3 * 2 * 32 * 64 + 2 * 32 + 2
@@ -110,18 +116,7 @@ def test_plan_reruns_itself_when_jax_has_too_few_devices(capfd):
 
 def test_plan_of_a_dense_branch_trains_everything(capfd):
     """config.branch.mode=dense: continued pretraining; no frozen parameters."""
-    args = argparse.Namespace(
-        config="moesaic/configs/tiny.py", mesh="data=2", hbm="", base="", base_experts=1,
-        json=True, config_overrides=["branch.mode=dense", "model.d_model=32",
-                                     "model.n_layers=2", "model.d_ff=64", "data.seq_len=16",
-                                     "data.global_batch=4"])
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        assert plan.run(args) == 0
-    finally:
-        os.chdir(cwd)
-    result = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    result = _plan_here(capfd, "moesaic/configs/tiny.py", "data=2", "branch.mode=dense")
     assert result["experts"] == 1 and result["counts"]["frozen"] == 0
     assert result["by_hand"]["frozen"] == 0
     assert 0 <= result["by_hand"]["optimizer"] - 2 * result["by_hand"]["trainable"] <= 64
