@@ -125,23 +125,8 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         print(parameter_overview(layout, trainable_shardings, frozen_shardings), flush=True)
 
     # ---- step ------------------------------------------------------------------------
-    def train_step(trainable, opt_state, frozen, batch, step):
-        def loss_fn(params):
-            with activate(mesh, rules):
-                return lm_loss(layout.model(params, frozen), batch)
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics = dict(loss=loss, nll=aux["nll"], z_loss=aux["z_loss"],
-                       grad_norm=optax.tree.norm(grads), lr=lr_at(step))
-        return trainable, opt_state, metrics
-
-    step_fn = jax.jit(
-        train_step, donate_argnums=(0, 1),
-        in_shardings=(trainable_shardings, opt_shardings, frozen_shardings, batch_sharding,
-                      replicated),
-        out_shardings=(trainable_shardings, opt_shardings, replicated))
+    step_fn = make_train_step(layout, tx, lr_at, mesh, rules, trainable_shardings,
+                              opt_shardings, frozen_shardings, batch_sharding)
 
     # ---- restore: resume this workdir; else start from the base; else initialise -------
     stats = None
@@ -223,6 +208,33 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         output = write_output(job, config, layout, trainable, frozen, stats, job_meta(step),
                               base_meta)
     return Result(step, losses, stopped, output, layout, trainable, frozen, opt_state)
+
+
+def make_train_step(layout: upcycle.ParamLayout, tx: optax.GradientTransformation,
+                    lr_at: optax.Schedule, mesh, rules, trainable_shardings, opt_shardings,
+                    frozen_shardings, batch_sharding):
+    """jit(step)(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics):
+    the full parameters assembled from both trees, the model run functionally, gradients
+    and updates for the trainable tree only; trainable and optimizer state donated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def train_step(trainable, opt_state, frozen, batch, step):
+        def loss_fn(params):
+            with activate(mesh, rules):
+                return lm_loss(layout.model(params, frozen), batch)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = dict(loss=loss, nll=aux["nll"], z_loss=aux["z_loss"],
+                       grad_norm=optax.tree.norm(grads), lr=lr_at(step))
+        return trainable, opt_state, metrics
+
+    return jax.jit(
+        train_step, donate_argnums=(0, 1),
+        in_shardings=(trainable_shardings, opt_shardings, frozen_shardings, batch_sharding,
+                      replicated),
+        out_shardings=(trainable_shardings, opt_shardings, replicated))
 
 
 def _host(array) -> np.ndarray:

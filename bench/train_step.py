@@ -1,0 +1,141 @@
+"""One training step (forward, backward, AdamW update) of the trainer, as tokens/s and model
+FLOP utilisation, for the tiny and small configs.
+
+    python bench/train_step.py [--configs tiny,small] [--batch 4 --seq-len 256] [--repeats 3]
+
+All figures are ratios to rates measured in this same run, so they hold on any machine:
+  MFU      model FLOPs per step / step time / the jnp.dot rate (float32 2048^3, best of 5)
+  vs HF    our step time / transformers' FlexOlmoForCausalLM forward+backward on the same
+           shapes (torch, CPU; needs the `hf` extra). Ours also applies the AdamW update.
+Model FLOPs per token: 6 * (attention + top_k experts + router + lm_head parameters)
++ 12 * layers * seq_len * heads * head_dim (attention scores, PaLM's count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from moesaic.branch_train import upcycle
+from moesaic.branch_train.optimizer import make_optimizer, schedule
+from moesaic.branch_train.trainer import make_train_step
+from moesaic.configs import small, tiny
+from moesaic.model import io
+from moesaic.model.config import ModelConfig
+from moesaic.model.sharding import make_mesh
+from moesaic.model.transformer import Decoder
+
+CONFIGS = {"tiny": tiny, "small": small}
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def dot_rate(repeats: int = 5, n: int = 2048) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    return 2 * n ** 3 / best_of(lambda: dot(a, a).block_until_ready(), repeats)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    d, f, h, hd = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.head_size
+    attention = d * hd * (2 * h + 2 * cfg.n_kv_heads)
+    experts = cfg.top_k * 3 * d * f + (cfg.n_experts * d if cfg.is_moe else 0)
+    params = cfg.n_layers * (attention + experts) + d * cfg.vocab_size
+    return 6 * params + 12 * cfg.n_layers * seq_len * h * hd
+
+
+def our_step_time(cfg: ModelConfig, config, batch: int, seq_len: int, repeats: int) -> float:
+    mesh = make_mesh({"data": -1})
+    rules = tuple(config.rules)
+    layout = upcycle.make_layout(cfg)
+    tx = make_optimizer(config.train)
+    shapes = layout.trainable_shapes()
+    t_shard = layout.shardings(shapes, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = upcycle.split_full(layout, io.flatten(nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)))))[0]
+    opt = tx.init(params)
+    opt_shard = jax.tree.map(lambda _: replicated, opt)
+    step = make_train_step(layout, tx, schedule(config.train), mesh, rules, t_shard, opt_shard,
+                           {}, replicated)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, seq_len + 1)),
+                         jnp.int32)
+    state = [params, opt]
+
+    def run():
+        state[0], state[1], metrics = step(state[0], state[1], {}, tokens, jnp.int32(0))
+        jax.block_until_ready(metrics)
+
+    return best_of(run, repeats)
+
+
+def hf_step_time(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) -> float | None:
+    if importlib.util.find_spec("transformers") is None:
+        return None
+    import torch
+    from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
+
+    torch.manual_seed(0)
+    hf = FlexOlmoConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=seq_len,
+        num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, norm_topk_prob=False,
+        rms_norm_eps=cfg.norm_eps, pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    model = FlexOlmoForCausalLM(hf)
+    tokens = torch.randint(0, 256, (batch, seq_len + 1))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1])
+        out.loss.backward()
+
+    return best_of(run, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="tiny,small")
+    parser.add_argument("--batch", type=int, default=0, help="default: the config's")
+    parser.add_argument("--seq-len", type=int, default=0, help="default: the config's")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-hf", action="store_true")
+    args = parser.parse_args()
+
+    rate = dot_rate()
+    print(f"jnp.dot float32 2048^3: {rate / 1e9:.1f} GFLOP/s ({jax.devices()[0].platform}, "
+          f"{jax.device_count()} device(s))")
+    for name in args.configs.split(","):
+        config = CONFIGS[name].get_config()
+        cfg = ModelConfig.from_config(config.model)
+        batch = args.batch or int(config.data.global_batch)
+        seq_len = args.seq_len or int(config.data.seq_len)
+        ours = our_step_time(cfg, config, batch, seq_len, args.repeats)
+        tokens = batch * seq_len
+        achieved = flops_per_token(cfg, seq_len) * tokens / ours
+        line = (f"{name:5s} B={batch} T={seq_len} E={cfg.n_experts} k={cfg.top_k}: "
+                f"{ours * 1e3:8.1f} ms/step  {tokens / ours:9,.0f} tokens/s  "
+                f"MFU vs jnp.dot {achieved / rate:.3f}")
+        hf = None if args.no_hf else hf_step_time(cfg, batch, seq_len, args.repeats)
+        if hf is not None:
+            line += f"  step time vs HF FlexOlmo fwd+bwd {ours / hf:.2f}x ({hf * 1e3:.1f} ms)"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
