@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -110,3 +112,31 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(data, tmp_path):
     assert f"stopped at step {saved[0]}" in out
     assert json.loads(metrics.read_text().splitlines()[-1])["step"] <= saved[0]
     assert not (tmp_path / "public").exists()
+
+
+def test_train_command_prints_the_loss(data, tmp_path, capsys):
+    from moesaic.launch.cli import main
+
+    code = main(["train", "--workdir", str(tmp_path), "--data", str(data), "--no-progress",
+                 *overrides_argv(train__steps=4)])
+    out = capsys.readouterr().out
+    assert code == 0
+    first, last = re.search(r"loss (\S+) at step 1 -> (\S+) at step 4", out).groups()
+    assert float(last) < float(first)
+    assert not (tmp_path / "public").exists()
+
+
+def test_data_folder_is_found_beside_the_workdir_or_the_base(data, tmp_path):
+    from argparse import Namespace
+
+    from moesaic.branch_train.cli_args import data_dir
+
+    shutil.copytree(data, tmp_path / "data")
+    config = tiny_config()
+    args = Namespace(data="", workdir="", embedded_size="smoke")
+    assert data_dir(Namespace(**{**vars(args), "workdir": str(tmp_path / "w")}),
+                    config) == tmp_path / "data"
+    base = tmp_path / "pre" / "public"
+    assert data_dir(Namespace(**{**vars(args), "workdir": str(tmp_path / "b" / "c")}),
+                    config, base) == tmp_path / "data"
+    assert data_dir(Namespace(**{**vars(args), "data": "/x"}), config, base) == pathlib.Path("/x")

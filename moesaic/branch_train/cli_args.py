@@ -1,9 +1,10 @@
 """The command-line arguments the training commands share (train, pretrain, branch) and how
 they become a resolved config and a `trainer.Job`.
 
-Data: --data DIR, else config.data.dir, else (a branch) the data folder beside the base's
-workdir (WORKDIR/data of the pretraining run that wrote --base), else the embedded corpora
-built into WORKDIR/data (once; reused when present).
+Data: --data DIR, else config.data.dir, else the first folder holding prepared sources among
+WORKDIR/data, WORKDIR/../data and (a branch) BASE/../data, BASE/../../data (so
+`moesaic data embedded --out W/data` then `--workdir W/run` finds it), else the embedded
+corpora built into WORKDIR/data (once; reused when present). The folder used is printed.
 """
 
 from __future__ import annotations
@@ -44,22 +45,25 @@ def data_dir(args: argparse.Namespace, config: ml_collections.ConfigDict,
              base: pathlib.Path | None = None) -> pathlib.Path:
     """The data folder for this job (see the module docstring); builds the embedded corpora
     when nothing else is given."""
-    if args.data:
-        return pathlib.Path(args.data)
-    if config.data.dir:
-        return pathlib.Path(config.data.dir)
-    if base is not None and _has_sources(base.parent / "data"):
-        return base.parent / "data"
-    folder = pathlib.Path(args.workdir) / "data"
-    if not _has_sources(folder):
-        if jax.process_index() == 0:
-            from moesaic.data.corpora import build_embedded
+    if args.data or config.data.dir:
+        return pathlib.Path(args.data or config.data.dir)
+    workdir = pathlib.Path(args.workdir)
+    candidates = [workdir / "data", workdir.parent / "data"]
+    if base is not None:
+        candidates += [base.parent / "data", base.parent.parent / "data"]
+    found = next((c for c in candidates if _has_sources(c)), None)
+    if found is not None:
+        print(f"data: {found}", flush=True)
+        return found
+    folder = workdir / "data"
+    if jax.process_index() == 0:
+        from moesaic.data.corpora import build_embedded
 
-            print(f"no data given: building the embedded corpora ({args.embedded_size}) "
-                  f"in {folder}", flush=True)
-            build_embedded(folder, size=args.embedded_size)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("moesaic-embedded-data")
+        print(f"no data given: building the embedded corpora ({args.embedded_size}) "
+              f"in {folder}", flush=True)
+        build_embedded(folder, size=args.embedded_size)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("moesaic-embedded-data")
     return folder
 
 
