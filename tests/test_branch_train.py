@@ -152,8 +152,11 @@ def test_dense_mode_trains_everything_and_writes_a_whole_model(data, dense_base,
     assert embed.shape == base["embed"].shape and not np.array_equal(embed, base["embed"])
 
 
-def test_bad_inputs_give_clear_errors(data, dense_base, tmp_path):
+def test_bad_inputs_give_clear_errors(data, dense_base, code_branch, tmp_path):
     config = tiny_config("source=code")
+    with pytest.raises(ValueError, match="holds a 'branch' job of another model"):
+        train(tiny_config("source=code", branch__mode="dense"),
+              _job("dense", code_branch[1], data, dense_base))
     with pytest.raises(FileNotFoundError, match="does not exist; run `moesaic pretrain`"):
         train(config, _job("branch", tmp_path / "a", data, tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="does not match the base .*d_model: base 32, config 48"):

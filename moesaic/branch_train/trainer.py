@@ -159,6 +159,9 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         if meta.get("kind") != job.kind or meta.get("model") != model_cfg.to_dict():
             raise ValueError(f"{checkpoints.directory} holds a {meta.get('kind')!r} job of "
                              "another model; use a fresh --workdir for this job")
+        if base_meta and meta.get("base_fingerprint") != base_meta["fingerprint"]:
+            raise ValueError(f"{checkpoints.directory} was trained from another base than "
+                             f"{job.base} (fingerprints differ); use a fresh --workdir")
         target = {"params": nested(abstract_like(abstract_trainable, trainable_shardings)),
                   "opt": abstract_like(abstract_opt, opt_shardings)}
         state, _ = checkpoints.restore(start, target)
