@@ -1,0 +1,38 @@
+"""Sparse upcycling (Komatsuzaki et al., 2023): a dense checkpoint becomes an MoE of n
+identical experts with a fresh, trainable router. The starting point of the unrestricted MoE
+baseline (every parameter trained on all the data, as FlexOlmo's upper bound)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from moesaic.model import io
+
+FFN_EXPERT = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down")
+
+
+def upcycle_checkpoint(dense: str | pathlib.Path, out: str | pathlib.Path, *, n_experts: int,
+                       top_k: int, router_std: float = 0.02, seed: int = 0) -> dict:
+    """Writes an MoE checkpoint at `out`: every FFN copied into `n_experts` experts, every
+    other tensor as it is, router rows drawn from N(0, router_std^2), biases zero."""
+    meta = io.read_meta(dense)
+    cfg = io.model_config(meta)
+    if cfg.n_experts != 1:
+        raise ValueError(f"{dense}: upcycling needs a dense (E = 1) model, it has "
+                         f"{cfg.n_experts} experts")
+    moe_cfg = cfg.replace(n_experts=n_experts, top_k=top_k, router_trainable=True,
+                          router_bias=True)
+    names = list(io.tensor_metadata(dense))
+    flat = io.load_tensors(dense, names)
+    for name in FFN_EXPERT:
+        flat[name] = np.repeat(flat[name], n_experts, axis=1)
+    rng = np.random.default_rng(seed)
+    dtype = flat["embed"].dtype
+    flat["blocks/ffn/router"] = (router_std * rng.standard_normal(
+        (cfg.n_layers, n_experts, cfg.d_model))).astype(dtype)
+    flat["blocks/ffn/bias"] = np.zeros((cfg.n_layers, n_experts), dtype)
+    io.save(out, flat, {"kind": "public", "model": moe_cfg.to_dict(),
+                        "upcycled_from": meta["fingerprint"]})
+    return io.read_meta(out)

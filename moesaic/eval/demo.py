@@ -1,0 +1,272 @@
+"""`moesaic demo`: the whole flow on the embedded corpora, with a report a person reads.
+
+    moesaic demo --workdir runs/demo                  # 2-core CPU, about 20 minutes
+    moesaic demo --workdir runs/smoke --preset smoke  # CI, about 2 minutes
+
+Stages (each skipped when its output exists, so a re-run resumes where it stopped):
+  data        the embedded corpora: code, prose, law, math (private) and public
+  public      the public model, pretrained on the public mixture
+  branch/D    one coordinated branch per private domain D (FlexOlmo owner training)
+  dense/D     one dense continued-pretraining copy per domain (BTM, soups, BTX baselines)
+  moe-all     the unrestricted MoE: the public model upcycled and trained on all the data
+  merge/R     the branches merged with each router kind R, no training
+  soups, btx  weight-merge baselines
+  optout      the learned-rows merge with one party removed
+  eval        every system on every domain's held-out split -> report.md, report.json, plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from moesaic.branch_train.sparse_upcycle import upcycle_checkpoint
+from moesaic.branch_train.trainer import Job, train
+from moesaic.configs import tiny
+from moesaic.data.corpora import build_embedded
+from moesaic.data.loader import TokenBatches
+from moesaic.eval import ensembles, perplexity, report
+from moesaic.merge import baselines, fuse
+from moesaic.merge.public_stats import compute_public_stats
+from moesaic.model import io
+
+DOMAINS = ("code", "prose", "law", "math")
+ROUTERS = ("learned-rows", "centroid", "ridge", "random")
+OPT_OUT = "code"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    data_size: str
+    model: dict
+    seq_len: int
+    batch: int
+    pretrain_steps: int
+    branch_steps: int
+    dense_steps: int
+    moe_steps: int
+    lr: float
+    branch_lr: float
+    top_k: int
+    eval_sequences: int
+
+
+PRESETS = {
+    "default": Preset(data_size="default", model={}, seq_len=128, batch=16,
+                      pretrain_steps=500, branch_steps=150, dense_steps=150, moe_steps=300,
+                      lr=3e-3, branch_lr=2e-3, top_k=2, eval_sequences=48),
+    "smoke": Preset(data_size="smoke", model=dict(d_model=32, n_layers=2, n_heads=2,
+                                                  n_kv_heads=2, d_ff=64),
+                    seq_len=32, batch=8, pretrain_steps=40, branch_steps=12, dense_steps=12,
+                    moe_steps=16, lr=3e-3, branch_lr=2e-3, top_k=2, eval_sequences=6),
+}
+
+
+def job_config(preset: Preset, *, steps: int, lr: float, source: str = "", mixture: str = ""):
+    config = tiny.get_config()
+    config.branch.source = source
+    config.model.update(preset.model)
+    config.data.seq_len, config.data.global_batch = preset.seq_len, preset.batch
+    if mixture:
+        config.data.mixture = mixture
+    config.train.update(steps=steps, lr=lr, warmup_steps=max(1, steps // 10),
+                        log_every=max(1, steps // 10), ckpt_every=steps)
+    return config
+
+
+class Stages:
+    """Runs named stages in order; a stage whose output is a complete checkpoint (or file) is
+    skipped. One progress bar over the stages; each stage may show its own."""
+
+    def __init__(self, workdir: pathlib.Path, names: list[str]):
+        self.workdir = workdir
+        self.bar = tqdm(total=len(names), desc="demo", unit="stage", position=0,
+                        dynamic_ncols=True)
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, output: pathlib.Path, fn) -> pathlib.Path:
+        done = output.is_file() or io.is_complete(output)
+        self.bar.set_postfix_str(name)
+        if done:
+            tqdm.write(f"[demo] {name}: done before ({output})")
+        else:
+            tqdm.write(f"[demo] {name} ...")
+            start = time.perf_counter()
+            fn()
+            self.times[name] = time.perf_counter() - start
+            tqdm.write(f"[demo] {name}: {self.times[name]:.0f} s")
+        self.bar.update(1)
+        return output
+
+
+def _train(config, kind: str, workdir: pathlib.Path, data: pathlib.Path,
+           base: pathlib.Path | None = None) -> None:
+    result = train(config, Job(kind=kind, workdir=workdir, data_dir=data, base=base))
+    if result.stopped:
+        raise SystemExit(f"{workdir}: stopped by a signal; run the demo again to resume")
+
+
+def _sample(data: pathlib.Path, source: str, preset: Preset) -> np.ndarray:
+    """A training sample of one domain (the weighted soup's weights), never held-out text."""
+    batches = TokenBatches(data, source, seq_len=preset.seq_len, global_batch=preset.batch,
+                           seed=1234)
+    return np.concatenate([batches.get(step) for step in range(2)])
+
+
+def run_demo(workdir: str | pathlib.Path, preset_name: str = "default") -> dict:
+    preset = PRESETS[preset_name]
+    w = pathlib.Path(workdir)
+    w.mkdir(parents=True, exist_ok=True)
+    data = w / "data"
+    names = (["data", "public"] + [f"branch/{d}" for d in DOMAINS]
+             + [f"dense/{d}" for d in DOMAINS] + ["moe-all", "public-stats"]
+             + [f"merge/{r}" for r in ROUTERS] + ["soups", "btx", "optout", "eval"])
+    stages = Stages(w, names)
+
+    # ---- data and training -----------------------------------------------------------
+    stages.run("data", data / "public" / "manifest.json",
+               lambda: build_embedded(data, size=preset.data_size))
+    public = stages.run("public", w / "public" / "public", lambda: _train(
+        job_config(preset, steps=preset.pretrain_steps, lr=preset.lr, mixture="public"),
+        "pretrain", w / "public", data))
+    branches, dense = {}, {}
+    for d in DOMAINS:
+        branches[d] = stages.run(f"branch/{d}", w / "branches" / d / "artifact", lambda d=d: _train(
+            job_config(preset, steps=preset.branch_steps, lr=preset.branch_lr, source=d),
+            "branch", w / "branches" / d, data, public))
+    for d in DOMAINS:
+        dense[d] = stages.run(f"dense/{d}", w / "dense" / d / "artifact", lambda d=d: _train(
+            job_config(preset, steps=preset.dense_steps, lr=preset.branch_lr, source=d),
+            "dense", w / "dense" / d, data, public))
+    everything = ",".join(f"{s}:1" for s in (*DOMAINS, "public"))
+    n_all = 1 + len(DOMAINS)
+
+    def train_moe_all():
+        if not io.is_complete(w / "moe-all" / "base"):
+            upcycle_checkpoint(public, w / "moe-all" / "base", n_experts=n_all,
+                               top_k=preset.top_k)
+        config = job_config(preset, steps=preset.moe_steps, lr=preset.branch_lr,
+                            source=everything)
+        config.model.update(n_experts=n_all, top_k=preset.top_k)
+        _train(config, "dense", w / "moe-all", data, w / "moe-all" / "base")
+    moe_all = stages.run("moe-all", w / "moe-all" / "artifact", train_moe_all)
+
+    # ---- merges and baselines (no training) ------------------------------------------
+    public_stats = stages.run("public-stats", w / "public-stats" / "stats", lambda: (
+        compute_public_stats(public, data, seq_len=preset.seq_len,
+                             max_sequences=8 * preset.batch, workdir=str(w)).rename(
+            _mkparent(w / "public-stats" / "stats"))))
+    merged = {}
+    for r in ROUTERS:
+        merged[r] = stages.run(f"merge/{r}", w / "merged" / r, lambda r=r: fuse.merge_paths(
+            public, [branches[d] for d in DOMAINS], router=r, top_k=preset.top_k,
+            out=w / "merged" / r, public_stats=public_stats, log=tqdm.write))
+
+    def make_soups():
+        baselines.soup([dense[d] for d in DOMAINS], w / "soups" / "uniform", log=tqdm.write)
+        for d in DOMAINS:
+            baselines.soup([dense[e] for e in DOMAINS], w / "soups" / f"weighted-{d}",
+                           sample_bt1=_sample(data, d, preset), log=tqdm.write)
+        (w / "soups" / "done").write_text("ok\n")
+    stages.run("soups", w / "soups" / "done", make_soups)
+    btx_path = stages.run("btx", w / "btx", lambda: baselines.btx(
+        [dense[d] for d in DOMAINS], w / "btx", router="random", top_k=preset.top_k,
+        log=tqdm.write))
+    optout = stages.run("optout", w / "merged" / f"learned-rows-without-{OPT_OUT}",
+                        lambda: fuse.remove(merged["learned-rows"], OPT_OUT,
+                                            out=w / "merged" / f"learned-rows-without-{OPT_OUT}",
+                                            log=tqdm.write))
+
+    # ---- evaluation and the report ---------------------------------------------------
+    results_path = w / "results.json"
+
+    def evaluate_all():
+        domains = [*DOMAINS, "public"]
+        kw = dict(seq_len=preset.seq_len, max_sequences=preset.eval_sequences, batch_size=8)
+
+        def ev(path, name):
+            return perplexity.evaluate(path, data, domains, name=name, **kw)
+
+        systems = {"public model": ev(public, "public")}
+        systems["soup (uniform)"] = ev(w / "soups" / "uniform", "soup")
+        systems["soup (weighted)"] = {
+            d: perplexity.evaluate(w / "soups" / f"weighted-{d}", data, [d], name=f"soup-{d}",
+                                   **kw)[d] for d in DOMAINS}
+        experts = {"public": public, **{d: dense[d] for d in DOMAINS}}
+        systems["BTM (top-2)"] = perplexity.evaluate_scorer(
+            ensembles.btm(experts, top_k=2), data, domains, name="btm", **kw)
+        centroids = ensembles.TfidfCentroids.from_data(data, list(experts))
+        systems["c-BTM (top-2)"] = perplexity.evaluate_scorer(
+            ensembles.cbtm(experts, centroids, top_k=2), data, domains, name="cbtm", **kw)
+        systems["BTX (random router)"] = ev(btx_path, "btx")
+        for r in ROUTERS:
+            systems[f"merged MoE ({r})"] = ev(merged[r], r)
+        systems[f"merged MoE (learned-rows) without {OPT_OUT}"] = ev(optout, "optout")
+        systems["unrestricted MoE (all data)"] = ev(moe_all, "moe-all")
+        for d in DOMAINS:
+            systems[f"dense expert {d}"] = ev(dense[d], f"dense-{d}")
+        results_path.write_text(json.dumps({"domains": domains, "systems": systems}))
+    stages.run("eval", results_path, evaluate_all)
+    results = json.loads(results_path.read_text())
+    notes = findings(results, preset_name)
+    report.write_report(w, results, title="moesaic demo: merged experts vs baselines",
+                        notes=notes)
+    stages.bar.close()
+    print("\n".join(notes))
+    print(f"report: {w / 'report.md'}")
+    return results
+
+
+def _mkparent(path: pathlib.Path) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _private_avg(system: dict) -> float:
+    return float(np.mean([system[d]["bpb"] for d in DOMAINS]))
+
+
+def findings(results: dict, preset_name: str) -> list[str]:
+    """A few plain sentences on what the numbers show."""
+    systems = results["systems"]
+    avg = {name: _private_avg(s) for name, s in systems.items() if all(d in s for d in DOMAINS)}
+    merged = avg["merged MoE (learned-rows)"]
+    lines = [f"Preset `{preset_name}`. Bits per byte averaged over the private domains "
+             f"({', '.join(DOMAINS)}); lower is better."]
+    for rival in ("public model", "soup (uniform)", "soup (weighted)", "BTM (top-2)",
+                  "c-BTM (top-2)", "BTX (random router)"):
+        if rival in avg:
+            verdict = "beats" if merged < avg[rival] else "does NOT beat"
+            lines.append(f"- merged MoE (learned rows, no router training) {verdict} "
+                         f"{rival}: {merged:.3f} vs {avg[rival]:.3f}.")
+    gaps = []
+    for d in DOMAINS:
+        own = systems[f"dense expert {d}"][d]["bpb"]
+        gaps.append(f"{d} {systems['merged MoE (learned-rows)'][d]['bpb']:.3f} vs {own:.3f}")
+    lines.append("- merged MoE vs each dense expert on its own domain: " + "; ".join(gaps) + ".")
+    upper = avg.get("unrestricted MoE (all data)")
+    if upper is not None:
+        lines.append(f"- unrestricted MoE trained on all data (the upper bound): {upper:.3f}.")
+    with_all = systems["merged MoE (learned-rows)"]
+    without = systems[f"merged MoE (learned-rows) without {OPT_OUT}"]
+    others = max(abs(without[d]["bpb"] - with_all[d]["bpb"]) for d in DOMAINS if d != OPT_OUT)
+    lines.append(f"- opting {OPT_OUT} out: {OPT_OUT} goes from {with_all[OPT_OUT]['bpb']:.3f} "
+                 f"to {without[OPT_OUT]['bpb']:.3f} bits per byte; the other domains move by "
+                 f"at most {others:.3f}.")
+    return lines
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", required=True, help="where everything is written")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(args.workdir, args.preset)
+    return 0
