@@ -9,7 +9,8 @@ outputs, aliased donations, temporaries), the same split counted by hand (traina
 frozen parameters, optimizer state, batch) and the sharding of every parameter. A plan whose
 per-device need exceeds --hbm is refused: exit code 3 and how much it needs.
 
-The job planned is the branch job of `moesaic branch` (config.branch.mode): the model of the
+The job planned is the branch job of `moesaic branch` (config.branch.mode), compiled through
+the trainer's own `make_train_step` (same shardings, same donation): the model of the
 base (its checkpoint's meta.json with --base, else the config's model section with
 --base-experts experts; 1 = a dense base, FlexOlmo's case) upcycled by one expert, trainable
 = the owner's expert slice, router row and bias; AdamW state only for those.
@@ -225,8 +226,8 @@ def make_plan(config, mesh_shape: dict[str, int], *, base: str = "",
     from jax.sharding import NamedSharding, PartitionSpec
 
     from moesaic.branch_train.optimizer import make_optimizer, schedule
-    from moesaic.model.sharding import activate, logical_to_spec, make_mesh
-    from moesaic.model.transformer import lm_loss
+    from moesaic.branch_train.trainer import make_train_step
+    from moesaic.model.sharding import logical_to_spec, make_mesh
 
     layout = branch_layout(config, base=base, base_experts=base_experts)
     devices = math.prod(mesh_shape.values())
@@ -246,24 +247,9 @@ def make_plan(config, mesh_shape: dict[str, int], *, base: str = "",
     batch_sharding = NamedSharding(
         mesh, logical_to_spec(("batch", "length"), rules, mesh, batch_shape))
 
-    # The step of moesaic.branch_train.trainer.train, with the same shardings and donation.
-    def train_step(trainable, opt_state, frozen, batch, step):
-        def loss_fn(params):
-            with activate(mesh, rules):
-                return lm_loss(layout.model(params, frozen), batch)
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics = dict(loss=loss, nll=aux["nll"], z_loss=aux["z_loss"],
-                       grad_norm=optax.tree.norm(grads), lr=lr_at(step))
-        return trainable, opt_state, metrics
-
-    step_fn = jax.jit(
-        train_step, donate_argnums=(0, 1),
-        in_shardings=(trainable_shardings, opt_shardings, frozen_shardings, batch_sharding,
-                      replicated),
-        out_shardings=(trainable_shardings, opt_shardings, replicated))
+    # The step `moesaic branch` runs, with its shardings and donation.
+    step_fn = make_train_step(layout, tx, lr_at, mesh, rules, trainable_shardings,
+                              opt_shardings, frozen_shardings, batch_sharding)
 
     def abstract(shapes, shardings):
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
