@@ -248,6 +248,13 @@ def _host(array) -> np.ndarray:
     return np.asarray(array)
 
 
+def _savable(flat: dict) -> dict:
+    """Arrays io.save can hash: as they are in one process, host copies across processes."""
+    if jax.process_count() == 1:
+        return flat
+    return {n: _host(a) for n, a in flat.items()}
+
+
 def write_output(job: Job, config, layout: upcycle.ParamLayout, trainable: dict, frozen: dict,
                  stats: router_stats.RouterStats | None, meta: dict,
                  base_meta: dict | None) -> pathlib.Path:
@@ -258,14 +265,13 @@ def write_output(job: Job, config, layout: upcycle.ParamLayout, trainable: dict,
               "steps": meta["step"]}
     if job.kind == "pretrain":
         path = workdir / "public"
-        io.save_model(path, layout.model(trainable, frozen),
-                      {**common, "kind": "public", "mixture": str(config.data.mixture)},
-                      overwrite=True)
+        io.save(path, _savable(full), {**common, "kind": "public", "model": layout.cfg.to_dict(),
+                                       "mixture": str(config.data.mixture)}, overwrite=True)
         return path
     path = workdir / "artifact"
     source = str(config.branch.source)
     if job.kind == "dense":
-        io.save(path, {n: _host(a) for n, a in full.items()},
+        io.save(path, _savable(full),
                 {**common, "kind": artifact.DENSE_KIND, "source": source,
                  "model": layout.cfg.to_dict(), "base_fingerprint": base_meta["fingerprint"]},
                 overwrite=True)
