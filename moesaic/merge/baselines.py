@@ -78,7 +78,8 @@ def _mean_source(views: list[View], weights: np.ndarray) -> io.TensorSource:
             total = sum(w * p.astype(np.float64) for w, p in zip(weights, parts))
             yield total.astype(first.dtype)
 
-    return io.TensorSource(first.shape, first.dtype, pieces)
+    return io.TensorSource(first.shape, first.dtype, pieces,
+                           rows_per_chunk=first.row_block() if first.shape else None)
 
 
 def soup_weights(losses: list[float], weighting: str) -> np.ndarray:

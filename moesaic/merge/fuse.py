@@ -66,10 +66,6 @@ def router_inputs(base: Base, parties: list[Party], public: PublicStats | None,
         options=dict(options))
 
 
-def _copy(view: src.View) -> io.TensorSource:
-    return io.TensorSource(view.shape, view.dtype, view.pieces)
-
-
 def _in_memory(array: np.ndarray) -> io.TensorSource:
     return io.TensorSource(array.shape, array.dtype, lambda: [array])
 
@@ -107,7 +103,7 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
     tensors: dict[str, io.TensorSource] = {}
     for name, view in base.tensors.items():
         if name not in EXPERT_TENSORS:
-            tensors[name] = _copy(view)
+            tensors[name] = view.source()
     for name in FFN_EXPERT:
         tensors[name] = src.stack_experts([base.tensors[name], *(p.own[name] for p in parties)])
     tensors[ROUTER] = _in_memory(built.rows.astype(row_dtype))
@@ -115,15 +111,15 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
     for name in (ROUTER, BIAS):
         leaf = name.rsplit("/", 1)[1]
         if name in base.tensors:
-            tensors[f"rows/{PUBLIC}/{leaf}"] = _copy(base.tensors[name])
+            tensors[f"rows/{PUBLIC}/{leaf}"] = base.tensors[name].source()
         for p in parties:
-            tensors[f"rows/{p.source}/{leaf}"] = _copy(p.own[name])
+            tensors[f"rows/{p.source}/{leaf}"] = p.own[name].source()
     for p in parties:
         for stat in STAT_NAMES:
-            tensors[f"stats/{p.source}/{stat}"] = _copy(p.stats[stat])
+            tensors[f"stats/{p.source}/{stat}"] = p.stats[stat].source()
     if public is not None:
         for stat in STAT_NAMES:
-            tensors[f"stats/{PUBLIC}/{stat}"] = _copy(public.stats[stat])
+            tensors[f"stats/{PUBLIC}/{stat}"] = public.stats[stat].source()
 
     cfg = base.cfg.replace(n_experts=n_experts, top_k=top_k, router_trainable=False,
                            router_bias=True)

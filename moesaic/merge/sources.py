@@ -60,12 +60,21 @@ class View:
         return max(1, min(self.shape[0], PIECE_BYTES // max(row_bytes, 1)))
 
     def pieces(self):
+        """Blocks of `row_block` rows in order. A tensor stored as one chunk is decoded once
+        and sliced (reading it by rows would decode the whole chunk for every block)."""
         if not self.shape:
             yield self.read()
             return
         step = self.row_block()
+        whole = self.read() if self.reader.rows_per_chunk >= self.shape[0] > step else None
         for start in range(0, self.shape[0], step):
-            yield self.rows(start, min(start + step, self.shape[0]))
+            stop = min(start + step, self.shape[0])
+            yield whole[start:stop] if whole is not None else self.rows(start, stop)
+
+    def source(self) -> io.TensorSource:
+        """This tensor as a streaming-write source (chunks of `row_block` rows)."""
+        return io.TensorSource(self.shape, self.dtype, self.pieces,
+                               rows_per_chunk=self.row_block() if self.shape else None)
 
     def hash(self) -> str:
         digest = io._hasher(self.dtype, self.shape)
@@ -86,7 +95,7 @@ def stack_experts(views: list[View]) -> io.TensorSource:
         for layer in range(shape[0]):
             yield np.concatenate([v.rows(layer, layer + 1) for v in views], axis=1)
 
-    return io.TensorSource(tuple(shape), views[0].dtype, pieces)
+    return io.TensorSource(tuple(shape), views[0].dtype, pieces, rows_per_chunk=1)
 
 
 @dataclasses.dataclass

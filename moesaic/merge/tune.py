@@ -63,8 +63,7 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
         if name == ROUTER:
             tensors[name] = io.TensorSource(new_rows.shape, new_rows.dtype, lambda: [new_rows])
         else:
-            view = View(merged, name)
-            tensors[name] = io.TensorSource(view.shape, view.dtype, view.pieces)
+            tensors[name] = View(merged, name).source()
     router = dict(meta["router"], tuned={"steps": steps, "lr": lr, "data": data or {},
                                          "loss_first": first, "loss_last": last})
     new_meta = {k: v for k, v in meta.items() if k != "fingerprint"}

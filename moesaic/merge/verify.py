@@ -74,12 +74,10 @@ def check_finite(label: str, view) -> None:
 
 
 def _pieces_with_rows(view):
-    if not view.shape:
-        yield 0, view.read()
-        return
-    step = view.row_block()
-    for start in range(0, view.shape[0], step):
-        yield start, view.rows(start, min(start + step, view.shape[0]))
+    start = 0
+    for piece in view.pieces():
+        yield start, piece
+        start += piece.shape[0] if piece.ndim else 1
 
 
 def _check_shape(label: str, name: str, got, want_shape, want_dtype=None) -> None:

@@ -128,10 +128,14 @@ def save(path: str | pathlib.Path, flat: Mapping[str, jax.Array], meta: dict, *,
 class TensorSource:
     """A tensor that `save_streaming` materialises only piece by piece: shape and dtype up
     front; `pieces()` yields consecutive blocks along axis 0 (C order), each written and
-    dropped before the next is produced."""
+    dropped before the next is produced. With `rows_per_chunk`, the stored chunks are that
+    many rows (pieces should be whole chunks: a piece that cuts a chunk makes tensorstore
+    read-modify-write it); without, one chunk holds the whole tensor, as `save` writes it."""
 
-    def __init__(self, shape: tuple[int, ...], dtype, pieces: Callable[[], Iterable]):
+    def __init__(self, shape: tuple[int, ...], dtype, pieces: Callable[[], Iterable],
+                 rows_per_chunk: int | None = None):
         self.shape, self.dtype, self.pieces = tuple(shape), np.dtype(dtype), pieces
+        self.rows_per_chunk = rows_per_chunk
         self.ndim, self.size = len(self.shape), int(np.prod(self.shape, dtype=np.int64))
 
 
@@ -161,7 +165,11 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
                 dtype=source.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
                 process_index=ocdbt_utils.get_process_index_for_subdir(
                     use_ocdbt=info.is_ocdbt_checkpoint))
-            store = await ts.open(ts.Spec(spec.json), create=True, open=True,
+            spec = spec.json
+            if source.rows_per_chunk and source.ndim and "chunks" in spec.get("metadata", {}):
+                spec["metadata"]["chunks"] = [min(source.rows_per_chunk, source.shape[0]),
+                                              *source.shape[1:]]
+            store = await ts.open(ts.Spec(spec), create=True, open=True,
                                   context=info.ts_context)
             digest, row = _hasher(source.dtype, source.shape), 0
             for piece in itertools.chain([] if first is None else [first], pieces):
@@ -233,6 +241,8 @@ class TensorReader:
             raise KeyError(f"{path} has no tensor {name!r}") from err
         self.name, self.shape = name, tuple(self._store.shape)
         self.dtype = np.dtype(self._store.dtype.numpy_dtype)
+        chunk = tuple(self._store.chunk_layout.read_chunk.shape or self.shape)
+        self.rows_per_chunk = int(chunk[0]) if self.shape else 0
 
     def __getitem__(self, index) -> np.ndarray:
         return np.asarray(self._store[index].read().result())
