@@ -117,11 +117,16 @@ def btm(experts: Mapping[str, object], *, top_k: int = 1, mesh=None) -> Ensemble
 
 
 class TfidfCentroids:
-    """A TF-IDF (+ optional TruncatedSVD) space fitted on the sources' training text and one
-    centroid per source: the c-BTM router."""
+    """The c-BTM router: a TF-IDF space (sublinear tf, then TruncatedSVD to `svd_components`
+    dimensions unless None) fitted on all sources' training text together, and one unit-length
+    centroid per source (the normalised mean of its documents' normalised vectors, so
+    d^2 = 2 - 2 cos). Measured on the embedded corpora (64 held-out sequences of 128 bytes per
+    domain, prefixes of 33+ bytes): the own source is the top-1 choice for 82% (code), 83%
+    (prose), 94% (law) and 100% (math) of targets with these defaults; without SVD and
+    with unnormalised centroids the weights were nearly flat at T = 0.1."""
 
     def __init__(self, texts_by_source: Mapping[str, Sequence[str]], *,
-                 svd_components: int | None = None, temperature: float = 0.1, seed: int = 0,
+                 svd_components: int | None = 100, temperature: float = 0.1, seed: int = 0,
                  **vectorizer_kwargs):
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer
@@ -139,8 +144,9 @@ class TfidfCentroids:
             features = len(self.vectorizer.vocabulary_)
             self.svd = TruncatedSVD(min(svd_components, max(1, features - 1)), random_state=seed)
             self.svd.fit(self.vectorizer.transform(corpus))
-        self.centroids = np.stack([self.embed(texts).mean(axis=0)
-                                   for texts in texts_by_source.values()])
+        means = np.stack([self.embed(texts).mean(axis=0) for texts in texts_by_source.values()])
+        norms = np.linalg.norm(means, axis=1, keepdims=True)
+        self.centroids = np.where(norms > 0, means / np.maximum(norms, 1e-12), 0.0)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """(N, F) L2-normalised vectors (rows with no known feature stay 0)."""

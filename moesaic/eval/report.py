@@ -143,16 +143,17 @@ def plot_routing(system: str, per_domain: Mapping[str, Mapping], path: pathlib.P
         experts = per_domain[domain].get("experts") or [str(e) for e in range(share.shape[1])]
         image = ax.imshow(share, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         ax.set_title(domain, fontsize="medium")
-        ax.set_xticks(range(share.shape[1]), experts, rotation=60, fontsize="small")
+        ax.set_xticks(range(share.shape[1]), experts, rotation=45, ha="right",
+                      fontsize="small")
         ax.set_yticks(range(share.shape[0]))
         ax.set_ylabel("layer" if ax is axes[0][0] else "")
         if share.size <= 64:
             for (layer, expert), v in np.ndenumerate(share):
                 ax.text(expert, layer, f"{v:.2f}", ha="center", va="center", fontsize=6,
                         color="white" if v < 0.5 else "black")
-    fig.suptitle(f"{system}: each expert's share of tokens (top-k assignments)")
+    fig.suptitle(f"{system}: each expert's share of tokens (top-k assignments)", y=1.02)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
