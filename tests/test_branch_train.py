@@ -10,7 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from train_helpers import make_data, tiny_config
+from train_helpers import compilation_cache, make_data, tiny_config
 
 from moesaic.branch_train import artifact, base_model, upcycle
 from moesaic.branch_train.trainer import Job, train
@@ -21,6 +21,12 @@ from moesaic.routing.stats import RouterStats
 def _job(kind, workdir, data, base=None, **kw) -> Job:
     return Job(kind, pathlib.Path(workdir), pathlib.Path(data), base=base, show_progress=False,
                **kw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache():
+    with compilation_cache():
+        yield
 
 
 @pytest.fixture(scope="module")
