@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import pathlib
 
+from moesaic import configs
 from moesaic.branch_train import cli_args, distributed
 from moesaic.branch_train.trainer import Job
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    cli_args.add_arguments(parser, default_config="moesaic/configs/tiny.py")
+    tiny = pathlib.Path(configs.__file__).parent / "tiny.py"
+    cli_args.add_arguments(parser, default_config=str(tiny))
     parser.set_defaults(embedded_size="smoke")
 
 
