@@ -101,6 +101,19 @@ def read_meta(path: str | pathlib.Path) -> dict:
     return json.loads((path / META).read_text())
 
 
+LAYER_STACKED = ("blocks/", "stats/", "rows/")  # tensors whose axis 0 is the layer
+
+
+def _layer_chunks(name: str, array) -> ocp.SaveArgs:
+    """Chunks of one layer for layer-stacked tensors, so readers that go layer by layer
+    (merges, exports) decode each layer once instead of the whole tensor."""
+    shape = np.shape(array)
+    if not name.startswith(LAYER_STACKED) or len(shape) < 2 or shape[0] < 2:
+        return ocp.SaveArgs()
+    row_bytes = int(np.prod(shape[1:])) * np.dtype(array.dtype).itemsize
+    return ocp.SaveArgs(chunk_byte_size=max(row_bytes, 1), shard_axes=(0,))
+
+
 def save(path: str | pathlib.Path, flat: Mapping[str, jax.Array], meta: dict, *,
          overwrite: bool = False) -> None:
     """Writes a checkpoint atomically. `meta` gets the parameter fingerprint added unless it
@@ -115,7 +128,8 @@ def save(path: str | pathlib.Path, flat: Mapping[str, jax.Array], meta: dict, *,
     meta = dict(meta)
     meta.setdefault("fingerprint", fingerprint(flat))
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(partial / PARAMS, unflatten(flat))
+        checkpointer.save(partial / PARAMS, unflatten(flat),
+                          save_args=unflatten({n: _layer_chunks(n, a) for n, a in flat.items()}))
         checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         (partial / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
