@@ -128,15 +128,19 @@ def test_router_row_inits(tmp_path):
     base = base_model.Base(cfg, None, {"blocks/ffn/router": router}, {})
     config = tiny_config()
 
-    np.testing.assert_allclose(base_model.own_router_row(config, base, stats),
-                               [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
+    def row_of(config, base):
+        row, bias = base_model.own_router_row(config, base, stats)
+        assert bias is None
+        return np.asarray(row)
+
+    config.branch.router_init = "mean_hidden"
+    np.testing.assert_allclose(row_of(config, base), [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
     config.branch.router_init, config.branch.router_noise = "public_noise", 0.01
-    row = np.asarray(base_model.own_router_row(config, base, stats))
+    row = row_of(config, base)
     assert np.abs(row - router[:, 0]).max() < 0.06 and not np.array_equal(row, router[:, 0])
     np.save(tmp_path / "v.npy", np.array([0.5, -1.0]))
     config.branch.router_init, config.branch.router_vector = "vector", str(tmp_path / "v.npy")
-    np.testing.assert_array_equal(base_model.own_router_row(config, base, stats),
-                                  [[0.5, -1.0], [0.5, -1.0]])
+    np.testing.assert_array_equal(row_of(config, base), [[0.5, -1.0], [0.5, -1.0]])
     np.save(tmp_path / "v.npy", np.zeros(3))
     with pytest.raises(ValueError, match=r"shape \(3,\); need \(2,\) or \(2, 2\)"):
         base_model.own_router_row(config, base, stats)
@@ -144,6 +148,24 @@ def test_router_row_inits(tmp_path):
     config.branch.router_init = "public_noise"
     with pytest.raises(ValueError, match="needs an MoE base"):
         base_model.own_router_row(config, dense, stats)
+
+
+def test_contrast_router_init_scores_margin_on_the_two_means():
+    own = RouterStats(np.array([[30.0, 40.0], [0.0, 20.0]]), np.zeros((2, 2, 2)), 10, 2)
+    public = RouterStats(np.array([[10.0, 0.0], [20.0, 20.0]]), np.zeros((2, 2, 2)), 10, 2)
+    cfg = io.model_config({"model": dict(n_layers=2, d_model=2, n_heads=1, n_kv_heads=1)})
+    config = tiny_config()
+    config.branch.router_init, config.branch.router_margin = "contrast", 3.0
+    base = base_model.Base(cfg, None, {}, {})
+    with pytest.raises(ValueError, match="needs public statistics"):
+        base_model.own_router_row(config, base, own)
+    row, bias = (np.asarray(a) for a in base_model.own_router_row(config, base, own, public))
+    own_score = np.sum(row * own.mean_hidden, -1) + bias
+    public_score = np.sum(row * public.mean_hidden, -1) + bias
+    np.testing.assert_allclose(own_score - public_score, 6.0, rtol=1e-5)  # 2 * margin
+    assert np.all(bias <= 0)
+    # Layer 0: the midpoint's score is <= 0, so the bias centres the boundary exactly.
+    np.testing.assert_allclose([own_score[0], public_score[0]], [3.0, -3.0], rtol=1e-5)
 
 
 def test_dense_mode_trains_everything_and_writes_a_whole_model(data, dense_base, tmp_path):

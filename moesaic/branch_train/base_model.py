@@ -23,12 +23,13 @@ from moesaic.model.config import ModelConfig
 from moesaic.model.sharding import Rules
 from moesaic.model.transformer import Decoder
 from moesaic.routing import stats as router_stats
+from moesaic.routing.contrast import contrast_rows
 
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                 "d_ff", "tokenizer", "eos_id", "pad_id", "rope_theta", "norm_eps")
 RUNTIME_FIELDS = ("dispatch", "capacity_factor", "z_loss_weight", "lb_loss_weight", "dtype",
                   "remat")
-ROUTER_INITS = ("mean_hidden", "public_noise", "vector")
+ROUTER_INITS = ("contrast", "mean_hidden", "public_noise", "vector")
 BASE_KINDS = ("public", "model", "merged")
 
 
@@ -84,28 +85,42 @@ def load_base(path: str | pathlib.Path, meta: dict, mesh: Mesh, rules: Rules) ->
 
 
 def party_stats(base: Base, config: ml_collections.ConfigDict, data_dir: str | pathlib.Path,
-                mesh: Mesh, rules: Rules) -> router_stats.RouterStats:
-    """Router statistics of the party's source under the base, on
+                mesh: Mesh, rules: Rules, source: str | None = None) -> router_stats.RouterStats:
+    """Router statistics of the party's source (or `source`) under the base, on
     config.branch.stats_batches global batches."""
     batch = int(config.data.global_batch)
     sequences, n_docs = router_stats.stats_sequences(
-        data_dir, str(config.branch.source), seq_len=int(config.data.seq_len),
+        data_dir, source or str(config.branch.source), seq_len=int(config.data.seq_len),
         max_sequences=int(config.branch.stats_batches) * batch)
     return router_stats.collect(base.model, sequences, n_docs, batch_rows=batch, mesh=mesh,
                                 rules=rules)
 
 
 def own_router_row(config: ml_collections.ConfigDict, base: Base,
-                   stats: router_stats.RouterStats) -> jax.Array:
-    """(L, D) initial router row of the owner's expert, by config.branch.router_init:
-    mean_hidden  the unit-normalised mean router input of the party's data (default)
+                   stats: router_stats.RouterStats,
+                   public: router_stats.RouterStats | None = None
+                   ) -> tuple[jax.Array, jax.Array | None]:
+    """((L, D) initial router row, (L,) initial bias or None for 0) of the owner's expert, by
+    config.branch.router_init:
+    contrast     a nearest-centroid boundary between the party's data and public data (which
+                 every party may read), `moesaic.routing.contrast.contrast_rows`: an average
+                 own token scores +margin against the public expert, an average public token
+                 -margin.
+    mean_hidden  the unit-normalised mean router input of the party's data
     public_noise the base's public row (expert 0) plus router_noise * N(0, 1); an MoE base only
     vector       a .npy file (config.branch.router_vector) of shape (D,) or (L, D), as given
     """
     kind = str(config.branch.router_init)
     n_layers, d = base.cfg.n_layers, base.cfg.d_model
+    if kind == "contrast":
+        if public is None:
+            raise ValueError("config.branch.router_init='contrast' needs public statistics "
+                             f"(config.branch.public_source={str(config.branch.public_source)!r})")
+        row, bias = contrast_rows(stats.mean_hidden, public.mean_hidden,
+                                  float(config.branch.router_margin))
+        return jnp.asarray(row, jnp.float32), jnp.asarray(bias, jnp.float32)
     if kind == "mean_hidden":
-        return router_stats.unit_rows(stats.mean_hidden)
+        return router_stats.unit_rows(stats.mean_hidden), None
     if kind == "public_noise":
         if not base.cfg.is_moe:
             raise ValueError("config.branch.router_init='public_noise' needs an MoE base: a "
@@ -113,7 +128,7 @@ def own_router_row(config: ml_collections.ConfigDict, base: Base,
                              "'vector'")
         key = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5EED)
         noise = float(config.branch.router_noise) * jax.random.normal(key, (n_layers, d))
-        return base.flat["blocks/ffn/router"][:, 0].astype(jnp.float32) + noise
+        return base.flat["blocks/ffn/router"][:, 0].astype(jnp.float32) + noise, None
     if kind == "vector":
         path = str(config.branch.router_vector)
         if not path or not pathlib.Path(path).is_file():
@@ -125,5 +140,5 @@ def own_router_row(config: ml_collections.ConfigDict, base: Base,
         if vector.shape != (n_layers, d):
             raise ValueError(f"router vector {path!r} has shape {vector.shape}; need ({d},) or "
                              f"({n_layers}, {d})")
-        return jnp.asarray(vector, jnp.float32)
+        return jnp.asarray(vector, jnp.float32), None
     raise ValueError(f"config.branch.router_init={kind!r}: one of {ROUTER_INITS}")

@@ -140,8 +140,12 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         base = base_model.load_base(job.base, base_meta, mesh, rules)
         if job.kind == "branch":
             stats = base_model.party_stats(base, config, job.data_dir, mesh, rules)
-            own_row = base_model.own_router_row(config, base, stats)
-            trainable0, frozen = upcycle.upcycle(layout, base.flat, base.cfg, own_row)
+            public = (base_model.party_stats(base, config, job.data_dir, mesh, rules,
+                                             source=str(config.branch.public_source))
+                      if config.branch.router_init == "contrast" else None)
+            own_row, own_bias = base_model.own_router_row(config, base, stats, public)
+            trainable0, frozen = upcycle.upcycle(layout, base.flat, base.cfg, own_row,
+                                                 own_bias)
         else:
             trainable0, frozen = upcycle.split_full(layout, base.flat)
         frozen = jax.device_put(frozen, frozen_shardings)

@@ -168,10 +168,11 @@ def branch_config(base: ModelConfig, train_top_k: int = 0) -> ModelConfig:
 
 
 def upcycle(layout: ParamLayout, base: Mapping[str, jax.Array], base_cfg: ModelConfig,
-            own_router_ld: jax.Array) -> tuple[Flat, Flat]:
+            own_router_ld: jax.Array, own_bias_l: jax.Array | None = None
+            ) -> tuple[Flat, Flat]:
     """(trainable, frozen) of a coordinated branch from the base's flat parameters: the
     owner's expert = the base's expert 0, its router row = `own_router_ld` (L, D), its
-    bias 0; the base's experts, rows and biases frozen as they are (a dense base: zero row,
+    bias `own_bias_l` (L,) or 0; the base's experts, rows and biases frozen as they are (a dense base: zero row,
     zero bias)."""
     n, lyr, d = base_cfg.n_experts, base_cfg.n_layers, base_cfg.d_model
     dtype = layout.dtypes["blocks/ffn/w_gate"]
@@ -185,7 +186,8 @@ def upcycle(layout: ParamLayout, base: Mapping[str, jax.Array], base_cfg: ModelC
         "blocks/ffn/w_up": base["blocks/ffn/w_up"][:, :1],
         "blocks/ffn/w_down": base["blocks/ffn/w_down"][:, :1],
         "blocks/ffn/router": jnp.asarray(own_router_ld, dtype).reshape(lyr, 1, d),
-        "blocks/ffn/bias": jnp.zeros((lyr, 1), dtype),
+        "blocks/ffn/bias": (jnp.zeros((lyr, 1), dtype) if own_bias_l is None
+                            else jnp.asarray(own_bias_l, dtype).reshape(lyr, 1)),
     }
     trainable = {n_: base[n_] for n_ in layout.trainable}
     trainable.update({n_: own[n_] for n_ in layout.split})

@@ -77,7 +77,8 @@ def build(*, model: dict, seq_len: int, global_batch: int, steps: int, lr: float
         log_every=10, ckpt_every=max(1, steps // 4), keep=2,
     ))
     c.branch = ml_collections.ConfigDict(dict(
-        source=source, mode="coordinated", router_init="mean_hidden", router_noise=0.02,
+        source=source, mode="coordinated", router_init="contrast", router_margin=2.0,
+        public_source="public", router_noise=0.02,
         router_vector="", train_top_k=0, frozen=DEFAULT_FROZEN, stats_batches=8,
     ))
     return c

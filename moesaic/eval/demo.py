@@ -37,7 +37,10 @@ from moesaic.merge.public_stats import compute_public_stats
 from moesaic.model import io
 
 DOMAINS = ("code", "prose", "law", "math")
-ROUTERS = ("learned-rows", "centroid", "ridge", "random")
+ROUTERS = ("learned-rows", "contrast", "centroid", "ridge", "random")
+# Router options: ridge rows regress one-hot labels, so their logits are small; a scale of 5
+# was the best of (1, 5, 20) in a probe on three branches (see the README's notes).
+ROUTER_OPTIONS = {"ridge": {"scale": 5.0}}
 OPT_OUT = "code"
 
 
@@ -60,11 +63,11 @@ class Preset:
 PRESETS = {
     "default": Preset(data_size="default", model={}, seq_len=128, batch=16,
                       pretrain_steps=500, branch_steps=150, dense_steps=150, moe_steps=300,
-                      lr=3e-3, branch_lr=2e-3, top_k=2, eval_sequences=48),
+                      lr=3e-3, branch_lr=2e-3, top_k=4, eval_sequences=48),
     "smoke": Preset(data_size="smoke", model=dict(d_model=32, n_layers=2, n_heads=2,
                                                   n_kv_heads=2, d_ff=64),
                     seq_len=32, batch=8, pretrain_steps=40, branch_steps=12, dense_steps=12,
-                    moe_steps=16, lr=3e-3, branch_lr=2e-3, top_k=2, eval_sequences=6),
+                    moe_steps=16, lr=3e-3, branch_lr=2e-3, top_k=4, eval_sequences=6),
 }
 
 
@@ -78,6 +81,12 @@ def job_config(preset: Preset, *, steps: int, lr: float, source: str = "", mixtu
     config.train.update(steps=steps, lr=lr, warmup_steps=max(1, steps // 10),
                         log_every=max(1, steps // 10), ckpt_every=steps)
     return config
+
+
+def stage_names() -> list[str]:
+    return (["data", "public"] + [f"branch/{d}" for d in DOMAINS]
+            + [f"dense/{d}" for d in DOMAINS] + ["moe-all", "public-stats"]
+            + [f"merge/{r}" for r in ROUTERS] + ["soups", "btx", "optout", "eval"])
 
 
 class Stages:
@@ -124,10 +133,7 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default") -> dict:
     w = pathlib.Path(workdir)
     w.mkdir(parents=True, exist_ok=True)
     data = w / "data"
-    names = (["data", "public"] + [f"branch/{d}" for d in DOMAINS]
-             + [f"dense/{d}" for d in DOMAINS] + ["moe-all", "public-stats"]
-             + [f"merge/{r}" for r in ROUTERS] + ["soups", "btx", "optout", "eval"])
-    stages = Stages(w, names)
+    stages = Stages(w, stage_names())
 
     # ---- data and training -----------------------------------------------------------
     stages.run("data", data / "public" / "manifest.json",
@@ -166,7 +172,8 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default") -> dict:
     for r in ROUTERS:
         merged[r] = stages.run(f"merge/{r}", w / "merged" / r, lambda r=r: fuse.merge_paths(
             public, [branches[d] for d in DOMAINS], router=r, top_k=preset.top_k,
-            out=w / "merged" / r, public_stats=public_stats, log=tqdm.write))
+            out=w / "merged" / r, public_stats=public_stats, options=ROUTER_OPTIONS.get(r),
+            log=tqdm.write))
 
     def make_soups():
         baselines.soup([dense[d] for d in DOMAINS], w / "soups" / "uniform", log=tqdm.write)
@@ -245,6 +252,10 @@ def findings(results: dict, preset_name: str) -> list[str]:
             verdict = "beats" if merged < avg[rival] else "does NOT beat"
             lines.append(f"- merged MoE (learned rows, no router training) {verdict} "
                          f"{rival}: {merged:.3f} vs {avg[rival]:.3f}.")
+    merges = {n: a for n, a in avg.items() if n.startswith("merged MoE") and "without" not in n}
+    best = min(merges, key=merges.get)
+    lines.append(f"- best merged router: {best} at {merges[best]:.3f} (public model "
+                 f"{avg['public model']:.3f}, BTM {avg.get('BTM (top-2)', float('nan')):.3f}).")
     gaps = []
     for d in DOMAINS:
         own = systems[f"dense expert {d}"][d]["bpb"]

@@ -5,6 +5,8 @@
     centroid      per layer, each party's normalised mean router input
     ridge         per layer, the closed-form ridge solution from summed X^T X and X^T y (DUME)
     random        frozen random rows, seeded (the control)
+    contrast      per layer, each party's mean router input minus the public data's, as a
+                  nearest-centroid boundary against the public expert
 
 A router's rows only ever depend on its inputs in slot order, so removing or adding a party
 and building again gives the router a merge made at once would have.
@@ -23,6 +25,7 @@ KINDS = {
     "centroid": "moesaic.routing.centroid",
     "ridge": "moesaic.routing.ridge",
     "random": "moesaic.routing.random",
+    "contrast": "moesaic.routing.contrast",
 }
 
 

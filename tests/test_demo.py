@@ -1,0 +1,64 @@
+"""The smoke demo end to end: every stage runs, the report has its structure, the numbers are
+sane, and a re-run skips every stage."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from moesaic.eval import demo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    results = demo.run_demo(workdir, "smoke")
+    return workdir, results
+
+
+def test_report_structure(smoke):
+    workdir, _ = smoke
+    report = json.loads((workdir / "report.json").read_text())
+    systems = report["systems"]
+    for name in ("public model", "soup (uniform)", "soup (weighted)", "BTM (top-2)",
+                 "c-BTM (top-2)", "BTX (random router)", "unrestricted MoE (all data)",
+                 *(f"merged MoE ({r})" for r in demo.ROUTERS),
+                 *(f"dense expert {d}" for d in demo.DOMAINS)):
+        assert name in systems, name
+        for domain in demo.DOMAINS:
+            assert math.isfinite(systems[name][domain]["bpb"]), (name, domain)
+            assert systems[name][domain]["bpb"] > 0
+    text = (workdir / "report.md").read_text()
+    assert "| system |" in text and "merged MoE (learned-rows)" in text
+    assert (workdir / "bpb_by_domain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(p.name.startswith("routing_merged") for p in workdir.glob("*.png"))
+
+
+def test_merged_model_beats_the_public_model_on_the_private_domains(smoke):
+    _, results = smoke
+    systems = results["systems"]
+    public = demo._private_avg(systems["public model"])
+    best = min(demo._private_avg(systems[f"merged MoE ({r})"]) for r in demo.ROUTERS)
+    assert best < public
+
+
+def test_opt_out_removes_exactly_one_expert(smoke):
+    workdir, results = smoke
+    from moesaic.model import io
+
+    full = io.read_meta(workdir / "merged" / "learned-rows")
+    without = io.read_meta(workdir / "merged" / f"learned-rows-without-{demo.OPT_OUT}")
+    assert [e["source"] for e in without["experts"]] == [
+        e["source"] for e in full["experts"] if e["source"] != demo.OPT_OUT]
+
+
+def test_rerun_skips_finished_stages(smoke, capsys):
+    workdir, results = smoke
+    again = demo.run_demo(workdir, "smoke")
+    assert again == results
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("done before") == len(demo.stage_names())
