@@ -172,8 +172,8 @@ def upcycle(layout: ParamLayout, base: Mapping[str, jax.Array], base_cfg: ModelC
             ) -> tuple[Flat, Flat]:
     """(trainable, frozen) of a coordinated branch from the base's flat parameters: the
     owner's expert = the base's expert 0, its router row = `own_router_ld` (L, D), its
-    bias `own_bias_l` (L,) or 0; the base's experts, rows and biases frozen as they are (a dense base: zero row,
-    zero bias)."""
+    bias `own_bias_l` (L,) or 0; the base's experts, rows and biases frozen as they are (a
+    dense base: zero row, zero bias)."""
     n, lyr, d = base_cfg.n_experts, base_cfg.n_layers, base_cfg.d_model
     dtype = layout.dtypes["blocks/ffn/w_gate"]
     base = dict(base)
