@@ -82,3 +82,19 @@ def build(*, model: dict, seq_len: int, global_batch: int, steps: int, lr: float
         router_vector="", train_top_k=0, frozen=DEFAULT_FROZEN, stats_batches=8,
     ))
     return c
+
+
+def olmo2(arg: str | None, *, d_model: int, n_layers: int, n_heads: int, d_ff: int
+          ) -> ml_collections.ConfigDict:
+    """An OLMo-2 shape (dolma2 tokenizer, RoPE theta 5e5, bf16, full remat, fsdp 8).
+    Arguments: `source=S,experts=n` (the branch of n experts over this base by default 2)."""
+    args = parse_arg(arg, source="", experts=2)
+    config = build(
+        model=dict(vocab_size=100352, eos_id=100257, pad_id=100277, tokenizer="tokenizer.json",
+                   d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
+                   d_ff=d_ff, rope_theta=500_000.0, n_experts=args.experts,
+                   top_k=args.experts, dtype="bfloat16", remat="full"),
+        seq_len=4096, global_batch=512, steps=10_000, lr=9e-4, source=args.source,
+    )
+    config.mesh.update(data=-1, fsdp=8)
+    return config
