@@ -21,8 +21,8 @@ Files:
                          "ppl", "nll", ...}, "avg": {"bpb", "ppl"}}}, "routing": {system:
                          {domain: {...}}}, "plots": [file names]}
     bpb_by_domain.png    grouped bars: bits per byte per domain (and avg), one bar per system
-    routing_<system>.png for each system with routing token shares: one heatmap per domain,
-                         layers by experts, each expert's share of the domain's tokens
+    routing_<system>.png for each system with routing shares: one heatmap per domain, layers
+                         by experts, each expert's share of the domain's router weight
 """
 
 from __future__ import annotations
@@ -128,7 +128,9 @@ def plot_bars(summary: dict, path: pathlib.Path, key: str = "bpb") -> None:
 
 
 def plot_routing(system: str, per_domain: Mapping[str, Mapping], path: pathlib.Path) -> None:
-    """One heatmap per domain: rows layers, columns experts, colour = share of tokens."""
+    """One heatmap per domain: rows layers, columns experts, colour = share of router weight
+    (the top-k weights each expert receives; with top-k near E the token shares are flat and
+    say little), or of tokens when no weight share was recorded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,8 +141,9 @@ def plot_routing(system: str, per_domain: Mapping[str, Mapping], path: pathlib.P
                              squeeze=False)
     image = None
     for ax, domain in zip(axes[0], domains):
-        share = np.asarray(per_domain[domain]["token_share"], float)  # (L, E)
-        experts = per_domain[domain].get("experts") or [str(e) for e in range(share.shape[1])]
+        routing = per_domain[domain]
+        share = np.asarray(routing.get("weight_share", routing["token_share"]), float)  # (L, E)
+        experts = routing.get("experts") or [str(e) for e in range(share.shape[1])]
         image = ax.imshow(share, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         ax.set_title(domain, fontsize="medium")
         ax.set_xticks(range(share.shape[1]), experts, rotation=45, ha="right",
@@ -151,7 +154,8 @@ def plot_routing(system: str, per_domain: Mapping[str, Mapping], path: pathlib.P
             for (layer, expert), v in np.ndenumerate(share):
                 ax.text(expert, layer, f"{v:.2f}", ha="center", va="center", fontsize=6,
                         color="white" if v < 0.5 else "black")
-    fig.suptitle(f"{system}: each expert's share of tokens (top-k assignments)", y=1.02)
+    what = "router weight" if "weight_share" in per_domain[domains[0]] else "tokens"
+    fig.suptitle(f"{system}: each expert's share of {what}", y=1.02)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

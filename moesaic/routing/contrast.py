@@ -11,7 +11,9 @@ an average public token -margin. Subtracting m_pub removes the large component e
 state shares, which is what makes plain centroids nearly parallel (cosine ~0.98 measured on
 the embedded corpora). The same rows initialise a branch's own router row
 (config.branch.router_init = "contrast"), and as a merge-time router they need no training.
-Option `margin` (default 2.0).
+Options: `margin` (default 2.0); `selectivity` (default 0.0), subtracted from every party's
+bias (FlexOlmo's negative bias made explicit: a party's expert then wins over the public one
+only on tokens that score more than `selectivity` above the midpoint).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def build(inputs: RouterInputs) -> Router:
         raise ValueError("contrast router: needs statistics of public data; pass "
                          "--public-stats PATH (or --public-data DIR to compute them)")
     margin = float(inputs.options.get("margin", 2.0))
+    selectivity = float(inputs.options.get("selectivity", 0.0))
     lyr = inputs.n_layers
     public = np.stack([inputs.public_stat("mean_hidden", layer) for layer in range(lyr)])
     rows, biases = [], []
@@ -44,11 +47,12 @@ def build(inputs: RouterInputs) -> Router:
         own = np.stack([inputs.party_stat(i, "mean_hidden", layer) for layer in range(lyr)])
         row, bias = contrast_rows(own, public, margin)
         rows.append(row)
-        biases.append(bias)
+        biases.append(bias - selectivity)
     zero = np.zeros((lyr, inputs.d_model), np.float32)
     base = base_rows_within(inputs, zero)
     all_rows = np.concatenate([base, np.stack(rows, axis=1).astype(np.float32)], axis=1)
     base_bias = np.zeros((lyr, inputs.base_experts), np.float32)
     all_bias = np.concatenate([base_bias, np.stack(biases, axis=1).astype(np.float32)], axis=1)
-    return Router(all_rows, all_bias, {"margin": margin, "parties": "stats/mean_hidden",
+    return Router(all_rows, all_bias, {"margin": margin, "selectivity": selectivity,
+                                       "parties": "stats/mean_hidden",
                                        "public": "public stats mean_hidden"})
