@@ -16,6 +16,7 @@ from moesaic.branch_train import artifact
 from moesaic.merge import fuse, sources
 from moesaic.merge.sources import MergeRefused
 from moesaic.model import Decoder, ModelConfig, io
+from moesaic.routing import registry
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=48,
                   eos_id=62, pad_id=63)
@@ -223,7 +224,7 @@ def _assert_same(a, b):
     assert io.read_meta(a)["fingerprint"] == io.read_meta(b)["fingerprint"]
 
 
-@pytest.mark.parametrize("router", ["learned-rows", "centroid", "ridge", "random"])
+@pytest.mark.parametrize("router", sorted(registry.KINDS))
 def test_remove_and_add_are_exact(world, tmp_path, router):
     b = world["branches"]
     kw = dict(router=router, top_k=2, public_stats=world["public"], log=lambda s: None)

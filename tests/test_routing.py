@@ -133,3 +133,22 @@ def test_report_flags_parallel_rows():
     reports, warnings = report.routing_report(parallel, ["a", "b", "c"])
     assert len(warnings) == 1 and "layer 1" in warnings[0] and "'b' and 'c'" in warnings[0]
     assert reports[1]["condition_number"] > 1e3
+
+
+def test_contrast_rows_score_the_margin_against_the_public_expert():
+    xs, centres = class_data(3, classes=4)
+    built = registry.get("contrast")(inputs_from(xs, options={"margin": 3.0}))
+    assert built.rows.shape == (L, 4, D) and np.all(built.rows[:, 0] == 0)
+    assert np.all(built.bias[:, 0] == 0) and np.all(built.bias <= 0)
+    for layer in range(L):
+        means = [x[layer].mean(0) for x in xs]
+        for party in (1, 2, 3):
+            score = built.rows[layer, party] @ means[party] + built.bias[layer, party]
+            public = built.rows[layer, party] @ means[0] + built.bias[layer, party]
+            np.testing.assert_allclose(score - public, 6.0, rtol=1e-4)  # 2 * margin
+            assert score > 0 > public  # own expert beats public on own data, not on public
+    shifted = registry.get("contrast")(inputs_from(xs, options={"margin": 3.0,
+                                                               "selectivity": 1.5}))
+    np.testing.assert_allclose(shifted.bias[:, 1:], built.bias[:, 1:] - 1.5, rtol=1e-6)
+    with pytest.raises(ValueError, match="public data"):
+        registry.get("contrast")(inputs_from(xs, public=False))
