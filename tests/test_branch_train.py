@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from train_helpers import compilation_cache, make_data, tiny_config
 
-from moesaic.branch_train import artifact, base_model, upcycle
+from moesaic.branch_train import artifact, base_model, trainer, upcycle
 from moesaic.branch_train.trainer import Job, train
 from moesaic.model import io
 from moesaic.routing.stats import RouterStats
@@ -209,3 +209,15 @@ def test_bad_inputs_give_clear_errors(data, dense_base, code_branch, tmp_path):
     (other / "code" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="tokenized with 'hf:0123abcd'"):
         train(config, _job("branch", tmp_path / "e", other, dense_base))
+
+
+def test_branch_mixture_replays_public_data_when_asked():
+    config = tiny_config("source=code")
+    assert trainer.job_mixture(config, "branch") == "code"
+    config.branch.public_mix = 0.25
+    assert trainer.job_mixture(config, "branch") == "code:0.75,public:0.25"
+    assert trainer.job_mixture(config, "dense") == "code"
+    assert trainer.job_mixture(config, "pretrain") == str(config.data.mixture)
+    config.branch.public_mix = 1.5
+    with pytest.raises(ValueError, match="public_mix=1.5"):
+        trainer.job_mixture(config, "branch")

@@ -67,6 +67,22 @@ class Result:
     opt_state: object
 
 
+def job_mixture(config: ml_collections.ConfigDict, kind: str) -> str:
+    """What a job trains on: pretraining the configured mixture; a branch its party's source,
+    with config.branch.public_mix of public data replayed beside it (public data is every
+    party's to use; replay keeps the owner's expert from forgetting general text, which is
+    what a misrouted token meets after the merge); a dense branch its source."""
+    if kind == "pretrain":
+        return str(config.data.mixture)
+    source = str(config.branch.source)
+    replay = float(config.branch.get("public_mix", 0.0))
+    if kind != "branch" or replay == 0:
+        return source
+    if not 0 < replay < 1:
+        raise ValueError(f"config.branch.public_mix={replay}: must be in [0, 1)")
+    return f"{source}:{1 - replay},{config.branch.public_source}:{replay}"
+
+
 def train(config: ml_collections.ConfigDict, job: Job) -> Result:
     if job.kind not in KINDS:
         raise ValueError(f"job kind {job.kind!r}: one of {KINDS}")
@@ -85,7 +101,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
     if job.kind != "pretrain" and not source:
         raise ValueError("a branch job needs the party's source: config.branch.source "
                          "(e.g. --config moesaic/configs/tiny.py:source=code)")
-    mixture = str(config.data.mixture) if job.kind == "pretrain" else source
+    mixture = job_mixture(config, job.kind)
     seq_len, global_batch = int(config.data.seq_len), int(config.data.global_batch)
     batches = TokenBatches(job.data_dir, mixture, seq_len=seq_len, global_batch=global_batch,
                            seed=seed, process_index=jax.process_index(),
