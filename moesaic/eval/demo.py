@@ -40,7 +40,7 @@ DOMAINS = ("code", "prose", "law", "math")
 ROUTERS = ("learned-rows", "contrast", "centroid", "ridge", "random")
 # Router options: ridge rows regress one-hot labels, so their logits are small; a scale of 5
 # was the best of (1, 5, 20) in a probe on three branches (see the README's notes).
-ROUTER_OPTIONS = {"ridge": {"scale": 5.0}}
+ROUTER_OPTIONS = {"ridge": {"scale": 5.0}, "contrast": {"selectivity": 2.0}}
 OPT_OUT = "code"
 
 
@@ -55,7 +55,8 @@ class Preset:
     dense_steps: int
     moe_steps: int
     lr: float
-    branch_lr: float
+    branch_lr: float  # coordinated and dense branches alike
+    public_mix: float  # share of public data replayed in coordinated branches
     top_k: int
     eval_sequences: int
 
@@ -63,17 +64,19 @@ class Preset:
 PRESETS = {
     "default": Preset(data_size="default", model={}, seq_len=128, batch=16,
                       pretrain_steps=500, branch_steps=150, dense_steps=150, moe_steps=300,
-                      lr=3e-3, branch_lr=2e-3, top_k=4, eval_sequences=48),
+                      lr=3e-3, branch_lr=7e-4, public_mix=0.3, top_k=4, eval_sequences=48),
     "smoke": Preset(data_size="smoke", model=dict(d_model=32, n_layers=2, n_heads=2,
                                                   n_kv_heads=2, d_ff=64),
                     seq_len=32, batch=8, pretrain_steps=40, branch_steps=12, dense_steps=12,
-                    moe_steps=16, lr=3e-3, branch_lr=2e-3, top_k=4, eval_sequences=6),
+                    moe_steps=16, lr=3e-3, branch_lr=2e-3, public_mix=0.3, top_k=4,
+                    eval_sequences=6),
 }
 
 
 def job_config(preset: Preset, *, steps: int, lr: float, source: str = "", mixture: str = ""):
     config = tiny.get_config()
     config.branch.source = source
+    config.branch.public_mix = preset.public_mix  # read by coordinated branches only
     config.model.update(preset.model)
     config.data.seq_len, config.data.global_batch = preset.seq_len, preset.batch
     if mixture:
