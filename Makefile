@@ -2,6 +2,7 @@
 PY ?= python3
 VENV := .venv
 WORKDIR ?= runs/demo
+PRESET ?= default
 
 .PHONY: demo test setup setup-test
 
@@ -16,7 +17,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/moesaic demo --workdir $(WORKDIR)
+	$(VENV)/bin/moesaic demo --workdir $(WORKDIR) --preset $(PRESET)
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest tests
