@@ -135,7 +135,7 @@ def _sample(data: pathlib.Path, source: str, preset: Preset) -> np.ndarray:
 
 def run_demo(workdir: str | pathlib.Path, preset_name: str = "default") -> dict:
     preset = PRESETS[preset_name]
-    w = pathlib.Path(workdir)
+    w = pathlib.Path(workdir).absolute()
     w.mkdir(parents=True, exist_ok=True)
     data = w / "data"
     stages = Stages(w, stage_names())

@@ -118,7 +118,7 @@ def save(path: str | pathlib.Path, flat: Mapping[str, jax.Array], meta: dict, *,
          overwrite: bool = False) -> None:
     """Writes a checkpoint atomically. `meta` gets the parameter fingerprint added unless it
     has one. All processes call this; process 0 renames."""
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).absolute()  # orbax needs absolute paths
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another output or remove it")
     partial = path.with_name(path.name + ".partial")
@@ -212,7 +212,7 @@ def save_streaming(path: str | pathlib.Path, sources: Mapping[str, TensorSource]
     disk as `save` of numpy arrays, same atomic rename (nothing but PATH.partial exists until
     it is complete; on error PATH.partial is removed). The fingerprint is computed while
     writing (unless `meta` has one). Returns {name: tensor_hash}. Single process."""
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).absolute()  # orbax needs absolute paths
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another output or remove it")
     partial = path.with_name(path.name + ".partial")
@@ -242,7 +242,7 @@ class TensorReader:
     what lets a merge go layer by layer through tensors larger than memory."""
 
     def __init__(self, path: str | pathlib.Path, name: str):
-        params = pathlib.Path(path) / PARAMS
+        params = pathlib.Path(path).absolute() / PARAMS
         tree_meta = json.loads((params / "_METADATA").read_text())
         spec = ts_utils.ArrayReadSpec(
             directory=params.as_posix(), relative_array_filename=name.replace("/", "."),
@@ -278,7 +278,7 @@ def tensor_metadata(path: str | pathlib.Path) -> dict[str, tuple[tuple[int, ...]
     """Name -> (shape, dtype) of every stored tensor, without reading any."""
     read_meta(path)
     with ocp.StandardCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(pathlib.Path(path) / PARAMS).item_metadata.tree
+        tree = checkpointer.metadata(pathlib.Path(path).absolute() / PARAMS).item_metadata.tree
     return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in flatten(tree).items()}
 
 
@@ -295,8 +295,10 @@ def load_tensors(path: str | pathlib.Path, names: Iterable[str],
         n: (ocp.ArrayRestoreArgs(sharding=shardings[n]) if shardings and n in shardings
             else ocp.RestoreArgs(restore_type=np.ndarray)) for n in names})
     with ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.restore(pathlib.Path(path) / PARAMS, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
+        tree = checkpointer.restore(
+            pathlib.Path(path).absolute() / PARAMS,  # orbax needs absolute paths
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                        partial_restore=True))
     return flatten(tree)
 
 
