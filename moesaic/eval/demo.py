@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import shutil
 import time
 
 import numpy as np
@@ -98,8 +99,7 @@ class Stages:
     """Runs named stages in order; a stage whose output is a complete checkpoint (or file) is
     skipped. One progress bar over the stages; each stage may show its own."""
 
-    def __init__(self, workdir: pathlib.Path, names: list[str]):
-        self.workdir = workdir
+    def __init__(self, names: list[str]):
         self.bar = tqdm(total=len(names), desc="demo", unit="stage", position=0,
                         dynamic_ncols=True)
         self.times: dict[str, float] = {}
@@ -138,7 +138,7 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default") -> dict:
     w = pathlib.Path(workdir).absolute()
     w.mkdir(parents=True, exist_ok=True)
     data = w / "data"
-    stages = Stages(w, stage_names())
+    stages = Stages(stage_names())
 
     # ---- data and training -----------------------------------------------------------
     stages.run("data", data / "public" / "manifest.json",
@@ -169,10 +169,13 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default") -> dict:
     moe_all = stages.run("moe-all", w / "moe-all" / "artifact", train_moe_all)
 
     # ---- merges and baselines (no training) ------------------------------------------
-    public_stats = stages.run("public-stats", w / "public-stats" / "stats", lambda: (
-        compute_public_stats(public, data, seq_len=preset.seq_len,
-                             max_sequences=8 * preset.batch, workdir=str(w)).rename(
-            _mkparent(w / "public-stats" / "stats"))))
+    def make_public_stats():  # statistics of public data under the public model
+        (w / "public-stats").mkdir(exist_ok=True)
+        made = compute_public_stats(public, data, seq_len=preset.seq_len,
+                                    max_sequences=8 * preset.batch, workdir=str(w))
+        made.rename(w / "public-stats" / "stats")
+        shutil.rmtree(made.parent)  # the now empty temporary folder
+    public_stats = stages.run("public-stats", w / "public-stats" / "stats", make_public_stats)
     merged = {}
     for r in ROUTERS:
         merged[r] = stages.run(f"merge/{r}", w / "merged" / r, lambda r=r: fuse.merge_paths(
@@ -233,11 +236,6 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default") -> dict:
     print("\n".join(notes))
     print(f"report: {w / 'report.md'}")
     return results
-
-
-def _mkparent(path: pathlib.Path) -> pathlib.Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _private_avg(system: dict) -> float:

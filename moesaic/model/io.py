@@ -283,10 +283,12 @@ def tensor_metadata(path: str | pathlib.Path) -> dict[str, tuple[tuple[int, ...]
 
 
 def load_tensors(path: str | pathlib.Path, names: Iterable[str],
-                 shardings: Mapping[str, jax.sharding.Sharding] | None = None) -> dict:
-    """Reads only the named tensors (numpy unless a sharding is given)."""
+                 shardings: Mapping[str, jax.sharding.Sharding] | None = None, *,
+                 stored: Mapping[str, tuple] | None = None) -> dict:
+    """Reads only the named tensors (numpy unless a sharding is given). `stored`: the
+    checkpoint's `tensor_metadata`, when the caller has already read it."""
     names = list(names)
-    shapes = tensor_metadata(path)
+    shapes = stored if stored is not None else tensor_metadata(path)
     missing = [n for n in names if n not in shapes]
     if missing:
         raise KeyError(f"{path} has no tensor(s) {missing}")
@@ -320,7 +322,7 @@ def load(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,
     graphdef, state = nnx.split(model)
     mesh = mesh or make_mesh({"data": -1})
     shardings = flatten(state_shardings(state, mesh, rules or ()))
-    abstract = flatten(jax.tree.map(lambda v: v, state))
+    abstract = flatten(state)
     stored = tensor_metadata(path)
     for name, value in abstract.items():
         if name not in stored:
@@ -329,7 +331,7 @@ def load(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,
         if stored[name][0] != tuple(value.shape):
             raise ValueError(f"{path}: tensor {name!r} has shape {stored[name][0]}, the model "
                              f"config needs {tuple(value.shape)}")
-    flat = load_tensors(path, abstract, shardings)
+    flat = load_tensors(path, abstract, shardings, stored=stored)
     nnx.replace_by_pure_dict(state, unflatten(flat))
     return nnx.merge(graphdef, state), meta
 
