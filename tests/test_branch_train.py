@@ -118,6 +118,25 @@ def test_branch_on_an_moe_base_keeps_every_base_expert_frozen(data, tmp_path):
         assert result.trainable[name].shape[1] == 1
     meta = artifact.read_meta(tmp_path / "br" / "artifact")
     assert meta["base_experts"] == 2 and meta["model"]["n_experts"] == 3
+    # the base's rows score tokens; a branch routing on prefix means cannot extend them
+    prefix = tiny_config("source=math,experts=2", model__router_input="prefix_mean")
+    with pytest.raises(ValueError, match="router_input: base 'token'"):
+        base_model.read_base(pre / "public", prefix)
+
+
+def test_prefix_mean_branch_over_a_dense_base(data, dense_base, code_branch, tmp_path):
+    config = tiny_config("source=code", model__router_input="prefix_mean", train__steps=2)
+    train(config, _job("branch", tmp_path / "br", data, dense_base))
+    path = tmp_path / "br" / "artifact"
+    meta = artifact.read_meta(path)
+    assert meta["model"]["router_input"] == "prefix_mean"
+    # same base, source and sequences as the token-routed code branch: the statistics are
+    # sums of prefix means now, not of tokens
+    token_path = code_branch[1] / "artifact"
+    prefix_stats = io.load_tensors(path, ["stats/x_sum"])["stats/x_sum"]
+    token_stats = io.load_tensors(token_path, ["stats/x_sum"])["stats/x_sum"]
+    assert meta["stats_tokens"] == artifact.read_meta(token_path)["stats_tokens"]
+    assert not np.allclose(prefix_stats, token_stats, rtol=1e-3)
 
 
 def test_router_row_inits(tmp_path):

@@ -149,6 +149,15 @@ def test_nonzero_router_bias_refused_unless_dropped(tmp_path, capsys):
                                atol=1e-4, rtol=0)
 
 
+def test_prefix_mean_routing_is_refused_by_export(tmp_path):
+    cfg = ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=48,
+                      n_experts=3, top_k=2, router_input="prefix_mean")
+    _save_random_moesaic(tmp_path / "m", cfg)
+    with pytest.raises(ValueError, match="router_input='prefix_mean'"):
+        export_hf(tmp_path / "m", tmp_path / "hf", log=lambda _: None)
+    assert not (tmp_path / "hf").exists()
+
+
 def test_inert_positive_bias_exports_without_flag(tmp_path):
     """Biases the model never applies (expert 0's, and positive ones: clamped to 0) pass."""
     cfg = ModelConfig(vocab_size=264, d_model=32, n_layers=1, n_heads=4, d_ff=48, n_experts=2,

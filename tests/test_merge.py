@@ -200,6 +200,31 @@ def test_refuses_duplicate_sources(world, tmp_path):
     _expect_refusal(world, tmp_path, [world["branches"]["code"], twin], r"'code' appears twice")
 
 
+def _prefix_branch(world, path, source, seed):
+    def prefix(own, stats, meta, hashes):
+        meta["model"]["router_input"] = "prefix_mean"
+    return make_branch(world["base"], path, source, seed, tamper=prefix)
+
+
+def test_router_input_travels_and_must_agree(world, tmp_path):
+    a = _prefix_branch(world, tmp_path / "pa", "code", 1)
+    b = _prefix_branch(world, tmp_path / "pb", "math", 2)
+    meta = fuse.merge_paths(world["base"], [a, b], router="learned-rows", top_k=2,
+                            out=tmp_path / "m", log=lambda s: None)
+    assert meta["model"]["router_input"] == "prefix_mean"
+    model, _ = io.load(tmp_path / "m")
+    assert model.cfg.router_input == "prefix_mean"
+    # a token-routed branch next to prefix-routed ones: refused, naming both
+    _expect_refusal(world, tmp_path, [a, world["branches"]["math"]],
+                    r"disagree on model.router_input.*'code': 'prefix_mean'.*'math': 'token'")
+    # public statistics of another router input would mislead ridge and centroid rows
+    with pytest.raises(MergeRefused, match="sums of router input 'token'.*route on "
+                                           "'prefix_mean'"):
+        fuse.merge_paths(world["base"], [a, b], router="ridge", top_k=2, out=tmp_path / "r",
+                         public_stats=world["public"], log=lambda s: None)
+    assert not (tmp_path / "r").exists()
+
+
 def test_refuses_modified_base(world, tmp_path):
     base = tmp_path / "base_copy"
     shutil.copytree(world["base"], base)

@@ -96,6 +96,59 @@ def test_topk_renormalisation_and_negative_bias():
     assert int(moe.route(x_weak, router, bias, 1, False).experts_tk[2, 0]) == 0
 
 
+def test_prefix_mean_router_input_is_the_causal_running_mean():
+    x = jax.random.normal(jax.random.key(3), (2, 6, D))
+    got = np.asarray(moe.router_inputs(x, "prefix_mean"))
+    xn = np.asarray(x)
+    for t in range(6):
+        np.testing.assert_allclose(got[:, t], xn[:, :t + 1].mean(axis=1), atol=1e-6)
+    np.testing.assert_array_equal(moe.router_inputs(x, "token"), x)
+
+    # In the model: routing from the prefix mean, the experts still see each token.
+    cfg = ModelConfig(d_model=D, d_ff=F, n_layers=1, n_heads=2, n_kv_heads=2, n_experts=4,
+                      top_k=2, router_input="prefix_mean")
+    layer = moe.MoE(cfg, rngs=nnx.Rngs(1))
+    graphdef, state = nnx.split(layer)
+    one = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+    y, _ = one(x)
+    r = moe.route(jnp.asarray(got.reshape(-1, D)), one.router[...], one.bias[...], 2, False)
+    w = [np.asarray(a[...][0]) for a in (layer.w_gate, layer.w_up, layer.w_down)]
+    want = moe_reference(jnp.asarray(xn.reshape(-1, D)), r, *w)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want, atol=1e-5)
+
+
+def test_prefix_mean_routing_is_causal():
+    cfg = ModelConfig(vocab_size=64, d_model=32, d_ff=48, n_layers=2, n_heads=2, n_kv_heads=2,
+                      n_experts=3, top_k=1, router_input="prefix_mean")
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (1, 12), 0, 64)
+    changed = tokens.at[0, 8:].set((tokens[0, 8:] + 1) % 64)
+    a, _ = model(tokens)
+    b, _ = model(changed)
+    np.testing.assert_allclose(a[0, :8], b[0, :8], atol=1e-6)  # the future changes nothing
+    assert not np.allclose(a[0, 8:], b[0, 8:])
+
+
+@pytest.mark.parametrize("router_input", ["token", "prefix_mean"])
+def test_collected_stats_are_sums_of_what_the_router_scores(router_input):
+    from moesaic.model.layers import rms_norm
+    cfg = ModelConfig(vocab_size=64, d_model=32, d_ff=48, n_layers=1, n_heads=2, n_kv_heads=2,
+                      router_input=router_input)  # a dense base: its stats seed the routers
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 10), 0, 64)
+    _, aux = model(tokens, collect_stats=True)
+    graphdef, state = nnx.split(model.blocks)
+    block = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+    x = model.embed[...][tokens]
+    h = np.asarray(x + rms_norm(block.attn(x, jnp.broadcast_to(jnp.arange(10), (3, 10))),
+                                block.attn_norm[...], cfg.norm_eps))
+    if router_input == "prefix_mean":
+        h = np.cumsum(h, axis=1) / np.arange(1, 11)[None, :, None]
+    flat = h.reshape(-1, 32)
+    np.testing.assert_allclose(aux["x_sum"][0], flat.sum(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(aux["xtx"][0], flat.T @ flat, rtol=1e-4, atol=1e-3)
+
+
 def test_losses_are_returned():
     cfg = ModelConfig(d_model=32, d_ff=48, n_layers=2, n_experts=4, top_k=2,
                       z_loss_weight=0.1, lb_loss_weight=0.01)
@@ -147,6 +200,7 @@ def test_every_parameter_has_its_declared_axes():
     (dict(dispatch="einsum-magic"), "dispatch"),
     (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"),
     (dict(remat="sometimes"), "remat"),
+    (dict(router_input="sentence"), "router_input"),
 ])
 def test_bad_config_values_are_named(changes, field):
     with pytest.raises(ValueError, match=f"model.{field}="):

@@ -3,7 +3,9 @@ router statistics and own router row computed under it.
 
 A base is a model checkpoint (`moesaic.model.io`) of kind "public" (or "model"/"merged":
 any whole model). Its shape fields must equal the job config's model section; the fields
-that only say how to run it (dispatch, dtype, remat, loss weights) come from the job config.
+that only say how to run it (dispatch, dtype, remat, loss weights) come from the job config,
+and so does `router_input` (what the branch's router scores) over a dense base; an MoE base
+keeps its own.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from moesaic.routing.contrast import contrast_rows
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                 "d_ff", "tokenizer", "eos_id", "pad_id", "rope_theta", "norm_eps")
 RUNTIME_FIELDS = ("dispatch", "capacity_factor", "z_loss_weight", "lb_loss_weight", "dtype",
-                  "remat")
+                  "remat", "router_input")
 ROUTER_INITS = ("contrast", "mean_hidden", "public_noise", "vector")
 BASE_KINDS = ("public", "model", "merged")
 
@@ -56,6 +58,10 @@ def read_base(path: str | pathlib.Path, config: ml_collections.ConfigDict) -> di
     wanted = dict(config.model)
     diffs = [f"{f}: base {getattr(base_cfg, f)!r}, config {wanted[f]!r}"
              for f in SHAPE_FIELDS if f in wanted and wanted[f] != getattr(base_cfg, f)]
+    if (base_cfg.is_moe and "router_input" in wanted
+            and wanted["router_input"] != base_cfg.router_input):
+        diffs.append(f"router_input: base {base_cfg.router_input!r} (an MoE whose router rows "
+                     f"score that), config {wanted['router_input']!r}")
     if diffs:
         raise ValueError(f"the job config does not match the base {str(path)!r}: "
                          + "; ".join(diffs) + ". Use the config the base was trained with.")
@@ -78,8 +84,11 @@ def job_model_config(base_cfg: ModelConfig, config: ml_collections.ConfigDict) -
     return base_cfg.replace(**runtime)
 
 
-def load_base(path: str | pathlib.Path, meta: dict, mesh: Mesh, rules: Rules) -> Base:
-    cfg = io.model_config(meta)
+def load_base(path: str | pathlib.Path, meta: dict, mesh: Mesh, rules: Rules,
+              cfg: ModelConfig | None = None) -> Base:
+    """The base on this mesh, run as `cfg` (the base's config with the job's runtime fields;
+    default: as stored)."""
+    cfg = cfg or io.model_config(meta)
     model, _ = io.load(path, mesh=mesh, rules=rules, cfg=cfg)
     return Base(cfg, model, io.flatten(nnx.state(model)), meta)
 

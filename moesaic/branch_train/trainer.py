@@ -153,7 +153,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
             out_shardings=(trainable_shardings, frozen_shardings))
         make_trainable = lambda: fresh()[0]  # noqa: E731
     else:
-        base = base_model.load_base(job.base, base_meta, mesh, rules)
+        base = base_model.load_base(job.base, base_meta, mesh, rules, base_cfg)
         if job.kind == "branch":
             stats = base_model.party_stats(base, config, job.data_dir, mesh, rules)
             public = (base_model.party_stats(base, config, job.data_dir, mesh, rules,

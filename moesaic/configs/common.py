@@ -58,7 +58,7 @@ def build(*, model: dict, seq_len: int, global_batch: int, steps: int, lr: float
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=264, eos_id=256, pad_id=257, tokenizer="bytes",
         d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=0, d_ff=512,
-        n_experts=1, top_k=1, norm_topk_prob=False, router_bias=True,
+        n_experts=1, top_k=1, norm_topk_prob=False, router_bias=True, router_input="token",
         rope_theta=10_000.0, norm_eps=1e-6, init_std=0.02,
         dispatch="dropless", capacity_factor=1.25,
         z_loss_weight=1e-5, lb_loss_weight=0.0,

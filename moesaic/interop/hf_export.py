@@ -148,6 +148,10 @@ def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
     cfg = io.model_config(meta)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another output or pass --overwrite")
+    if cfg.is_moe and cfg.router_input != "token":
+        raise ValueError(f"{model_path}: model.router_input={cfg.router_input!r}; "
+                         "FlexOlmoForCausalLM routes each token on its own hidden state "
+                         "('token'), so this model's routing cannot be exported")
     bias = effective_router_bias(model_path, cfg)
     if bias is not None and np.any(bias != 0):
         layers = sorted({int(i) for i in np.nonzero(bias)[0]})

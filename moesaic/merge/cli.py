@@ -74,7 +74,10 @@ def _public_stats(args, base_path):
         raise MergeRefused("give --public-stats or --public-data, not both")
     if args.public_data:
         from moesaic.merge.public_stats import compute_public_stats
-        path = compute_public_stats(base_path, args.public_data)
+        from moesaic.merge.sources import open_branch
+        kinds = {open_branch(b).router_input for b in args.branch or []}
+        path = compute_public_stats(base_path, args.public_data,
+                                    router_input=kinds.pop() if len(kinds) == 1 else "token")
         return path, path.parent
     return args.public_stats, None
 

@@ -39,7 +39,7 @@ from moesaic.merge.sources import (
     Party,
     PublicStats,
 )
-from moesaic.merge.verify import router_dtype, verify
+from moesaic.merge.verify import router_dtype, router_input, verify
 from moesaic.model import io
 from moesaic.routing import registry, report
 
@@ -122,7 +122,7 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
             tensors[f"stats/{PUBLIC}/{stat}"] = public.stats[stat].source()
 
     cfg = base.cfg.replace(n_experts=n_experts, top_k=top_k, router_trainable=False,
-                           router_bias=True)
+                           router_bias=True, router_input=router_input(base, parties, public))
     experts = [{"source": s, "fingerprint": base.fingerprint} for s in base.expert_names()]
     experts += [{"source": p.source, "fingerprint": p.meta["fingerprint"],
                  "branch_meta": p.meta} for p in parties]

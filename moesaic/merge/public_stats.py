@@ -14,19 +14,23 @@ from moesaic.model.sharding import make_mesh
 
 def compute_public_stats(base_path: str | pathlib.Path, data_dir: str | pathlib.Path, *,
                          source: str = "public", seq_len: int = 128, max_sequences: int = 64,
-                         batch_rows: int = 8, workdir: str | None = None) -> pathlib.Path:
+                         batch_rows: int = 8, workdir: str | None = None,
+                         router_input: str = "token") -> pathlib.Path:
     """Writes stats/{x_sum,xtx,mean_hidden} of `source` under the base model to a new
     temporary checkpoint (under `workdir` if given) and returns its path; the caller removes
-    it when the merge has copied it."""
+    it when the merge has copied it. `router_input` is the branches' model.router_input:
+    the sums are of what their routers score."""
     from moesaic.routing import stats
 
-    model, _ = io.load(base_path)
+    cfg = io.model_config(io.read_meta(base_path)).replace(router_input=router_input)
+    model, _ = io.load(base_path, cfg=cfg)
     sequences, n_docs = stats.stats_sequences(data_dir, source, seq_len=seq_len,
                                               max_sequences=max_sequences)
     rows = min(batch_rows, len(sequences))
     collected = stats.collect(model, sequences, n_docs, batch_rows=rows, mesh=make_mesh())
     out = pathlib.Path(tempfile.mkdtemp(prefix="public_stats_", dir=workdir)) / "stats"
     io.save(out, collected.tensors(), {"kind": "router_stats", "source": source,
+                                       "router_input": router_input,
                                        "stats_tokens": collected.n_tokens,
                                        "stats_documents": collected.n_documents})
     return out

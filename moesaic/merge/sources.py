@@ -133,6 +133,11 @@ class Party:
     def stats_tokens(self) -> int:
         return int(self.meta.get("stats_tokens", 0))
 
+    @property
+    def router_input(self) -> str:
+        """What the party's router row scores (the branch model's model.router_input)."""
+        return str(self.meta.get("model", {}).get("router_input", "token"))
+
 
 @dataclasses.dataclass
 class PublicStats:
@@ -141,6 +146,7 @@ class PublicStats:
     path: pathlib.Path
     stats: dict[str, View]
     tokens: int
+    router_input: str = "token"  # the router input the sums are of (model.router_input)
 
 
 # ---- from a base checkpoint and branch artifacts ------------------------------------------
@@ -209,7 +215,7 @@ def open_public_stats(path: str | pathlib.Path) -> PublicStats:
     if missing:
         raise MergeRefused(f"public stats {path}: missing {missing}")
     return PublicStats(path, {s: View(path, f"stats/{s}") for s in STAT_NAMES},
-                       int(meta.get("stats_tokens", 0)))
+                       int(meta.get("stats_tokens", 0)), str(meta.get("router_input", "token")))
 
 
 # ---- from a merged checkpoint ---------------------------------------------------------------
@@ -258,7 +264,8 @@ def public_stats_of_merged(path: str | pathlib.Path, meta: dict) -> PublicStats 
         return None
     return PublicStats(pathlib.Path(path),
                        {s: View(path, f"stats/{PUBLIC}/{s}") for s in STAT_NAMES},
-                       int(meta["merge"]["public_stats_tokens"]))
+                       int(meta["merge"]["public_stats_tokens"]),
+                       str(meta["model"].get("router_input", "token")))
 
 
 class MergeRefused(Exception):

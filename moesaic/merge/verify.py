@@ -136,10 +136,28 @@ def router_dtype(base: Base, parties: list[Party]) -> np.dtype:
     return np.dtype(base.cfg.param_dtype)
 
 
+def router_input(base: Base, parties: list[Party], public: PublicStats | None) -> str:
+    """The merged model's model.router_input: the one every branch (and an MoE base, and the
+    public statistics) was made with; rows made for different inputs do not mix."""
+    made = {p.source: p.router_input for p in parties}
+    if base.cfg.is_moe or not parties:
+        made = {"the base": base.cfg.router_input, **made}
+    if len(set(made.values())) > 1:
+        raise MergeRefused(f"the inputs disagree on model.router_input: {made}; merge branches "
+                           "trained with the same router input")
+    kind = next(iter(made.values()))
+    if public is not None and public.router_input != kind:
+        raise MergeRefused(f"public stats {public.path} are sums of router input "
+                           f"{public.router_input!r} but the branches route on {kind!r}; "
+                           "compute them again for that input")
+    return kind
+
+
 def verify(base: Base, parties: list[Party], public: PublicStats | None = None
            ) -> dict[str, str]:
     """Runs every check; returns the base's per-tensor hashes."""
     check_unique([p.source for p in parties])
+    router_input(base, parties, public)
     hashes = base_hashes(base)
     row_dtype = router_dtype(base, parties)
     for party in parties:

@@ -9,6 +9,7 @@ import ml_collections
 
 DISPATCHES = ("dropless", "dropless_ragged", "dropless_gather", "capacity")
 REMATS = ("none", "full", "dots")
+ROUTER_INPUTS = ("token", "prefix_mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ModelConfig:
     norm_topk_prob: bool = False
     router_bias: bool = True
     router_trainable: bool = True  # False: router rows are RouterState, never optimized
+    router_input: str = "token"  # what the router scores: see moesaic.model.moe.router_inputs
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -55,6 +57,8 @@ class ModelConfig:
             bad("top_k", f"exceeds n_experts={self.n_experts}")
         if self.dispatch not in DISPATCHES:
             bad("dispatch", f"unknown dispatch; one of {DISPATCHES}")
+        if self.router_input not in ROUTER_INPUTS:
+            bad("router_input", f"unknown router input; one of {ROUTER_INPUTS}")
         if self.remat not in REMATS:
             bad("remat", f"unknown remat policy; one of {REMATS}")
         if self.capacity_factor <= 0:

@@ -6,6 +6,12 @@ Routing (FlexOlmo): logits = router @ x (+ bias, clamped to <= 0 for every exper
 the public one), softmax in float32 over all experts, top-k; the top-k weights are not
 renormalised unless `norm_topk_prob`. E = 1 is a plain SwiGLU FFN without a router.
 
+What the router scores is `cfg.router_input`: "token" (FlexOlmo) scores each token's own
+residual stream; "prefix_mean" scores the running mean of the residual stream over the row up to
+and including the token (causal, so it stays a language model). A prefix mean carries the
+sequence's domain, which one token of a byte-level model barely does; the experts still see the
+token itself.
+
 Dispatch paths live in `moesaic.model.dispatch`; this module owns the parameters, routing and
 the auxiliary losses, which it returns rather than hides.
 """
@@ -40,6 +46,18 @@ def effective_bias(bias_e: jax.Array) -> jax.Array:
     """FlexOlmo's negative bias: min(b, 0) for every expert but the public one (index 0)."""
     clamped = jnp.minimum(bias_e.astype(jnp.float32), 0.0)
     return clamped.at[0].set(0.0)
+
+
+def router_inputs(x_btd: jax.Array, kind: str) -> jax.Array:
+    """What the router scores, (B, T, D) float32: the tokens themselves ("token") or the causal
+    running mean over each row ("prefix_mean": position t sees the mean of positions 0..t)."""
+    x = x_btd.astype(jnp.float32)
+    if kind == "token":
+        return x
+    if kind == "prefix_mean":
+        counts = jnp.arange(1, x.shape[1] + 1, dtype=jnp.float32)[None, :, None]
+        return jnp.cumsum(x, axis=1) / counts
+    raise ValueError(f"unknown router input {kind!r}")
 
 
 def route(x_td: jax.Array, router_ed: jax.Array, bias_e: jax.Array | None, top_k: int,
@@ -103,7 +121,7 @@ class MoE(nnx.Module):
             return y, dict(z_loss=zero, lb_loss=zero, dropped=zero, token_share=one,
                            weight_share=one)
         x_td = x_btd.reshape(b * t, d)
-        r = self.routing(x_td)
+        r = self.routing(router_inputs(x_btd, cfg.router_input).reshape(b * t, d))
         fn = dispatch.get(cfg.dispatch)
         y_td, dropped = fn(x_td, r.weights_tk, r.experts_tk, w_gate, w_up, w_down,
                            capacity_factor=cfg.capacity_factor)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from moesaic.model.config import ModelConfig
 from moesaic.model.layers import Attention, rms_norm, stacked_param
-from moesaic.model.moe import MoE
+from moesaic.model.moe import MoE, router_inputs
 from moesaic.model.sharding import constrain
 
 _REMAT = {
@@ -42,8 +42,8 @@ class Block(nnx.Module):
         h = x_btd + rms_norm(self.attn(x_btd, positions_bt), self.attn_norm[...], eps)
         h = constrain(h, ("batch", "length", "embed"))
         y, aux = self.ffn(h)
-        if collect_stats:  # what a party's router statistics need: sums, no per-token data
-            h32 = h.reshape(-1, h.shape[-1]).astype(jnp.float32)
+        if collect_stats:  # sums of the router inputs, no per-token data
+            h32 = router_inputs(h, self.cfg.router_input).reshape(-1, h.shape[-1])
             aux["x_sum"] = jnp.sum(h32, axis=0)
             aux["xtx"] = h32.T @ h32
         out = h + rms_norm(y, self.ffn_norm[...], eps)
