@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +157,10 @@ def test_embedded_build_is_byte_identical(embedded, tmp_path):
 
 def test_prepared_splits_are_disjoint_and_stable(tmp_path):
     src = _text_folder(tmp_path / "src", 60)
+    scratch = lambda: {p.name for p in Path(tempfile.gettempdir()).glob("tmp*tfds")}  # noqa: E731
+    before = scratch()
     (m,) = prepare.prepare([f"a={src}"], tmp_path / "out", heldout_fraction=0.2)
+    assert scratch() <= before  # TFDS's scratch folder is not left in the system's /tmp
     (again,) = prepare.prepare([f"a={src}"], tmp_path / "out2", heldout_fraction=0.2)
     assert m["content_hash"] == again["content_hash"]
     train, held = _doc_keys(tmp_path / "out", "a", "train"), _doc_keys(tmp_path / "out", "a",

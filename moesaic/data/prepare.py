@@ -13,10 +13,12 @@ a failure removes the temporary folder, so a half-written dataset never exists.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -102,6 +104,19 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _contained_tempdir(folder: Path):
+    """TFDS makes an empty `tmp*tfds` folder with tempfile.mkdtemp whenever it initialises a
+    builder that has no stored info yet (DatasetInfo.initialize_from_bucket, even with GCS
+    disabled) and never removes it; keep that folder inside `folder`, which we remove."""
+    old = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = old
+
+
 def write_source(out_dir: str | os.PathLike, name: str,
                  splits: dict[str, Callable[[], Iterable[str]]], *,
                  tokenizer: Tokenizer, origin: dict, log: sources_lib.ReadLog | None = None
@@ -119,8 +134,11 @@ def write_source(out_dir: str | os.PathLike, name: str,
     tmp = out_dir / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        builder = TokenDocuments(source=name, splits=splits, tokenizer=tokenizer,
-                                 data_dir=str(tmp), file_format="array_record")
+        (tmp / "scratch").mkdir(parents=True)
+        with _contained_tempdir(tmp / "scratch"):
+            builder = TokenDocuments(source=name, splits=splits, tokenizer=tokenizer,
+                                     data_dir=str(tmp), file_format="array_record")
+        shutil.rmtree(tmp / "scratch")
         tfds.display_progress_bar(False)
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
         content = hashlib.sha256(tokenizer.identity.encode())
