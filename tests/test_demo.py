@@ -42,8 +42,10 @@ def test_merged_model_beats_the_public_model_on_the_private_domains(smoke):
     _, results = smoke
     systems = results["systems"]
     public = demo._private_avg(systems["public model"])
-    best = min(demo._private_avg(systems[f"merged MoE ({r})"]) for r in demo.ROUTERS)
-    assert best < public
+    merged = demo._private_avg(systems["merged MoE (learned-rows)"])  # FlexOlmo's own router
+    assert merged < public - 0.01, (merged, public)
+    # the routing ceiling: each branch alone on its own domain
+    assert set(systems[demo.CEILING]) == set(demo.DOMAINS)
 
 
 def test_opt_out_removes_exactly_one_expert(smoke):

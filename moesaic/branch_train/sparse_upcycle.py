@@ -14,16 +14,18 @@ FFN_EXPERT = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down")
 
 
 def upcycle_checkpoint(dense: str | pathlib.Path, out: str | pathlib.Path, *, n_experts: int,
-                       top_k: int, router_std: float = 0.02, seed: int = 0) -> dict:
+                       top_k: int, router_std: float = 0.02, seed: int = 0,
+                       router_input: str = "token") -> dict:
     """Writes an MoE checkpoint at `out`: every FFN copied into `n_experts` experts, every
-    other tensor as it is, router rows drawn from N(0, router_std^2), biases zero."""
+    other tensor as it is, router rows drawn from N(0, router_std^2) that will score
+    `router_input` (model.router_input), biases zero."""
     meta = io.read_meta(dense)
     cfg = io.model_config(meta)
     if cfg.n_experts != 1:
         raise ValueError(f"{dense}: upcycling needs a dense (E = 1) model, it has "
                          f"{cfg.n_experts} experts")
     moe_cfg = cfg.replace(n_experts=n_experts, top_k=top_k, router_trainable=True,
-                          router_bias=True)
+                          router_bias=True, router_input=router_input)
     names = list(io.tensor_metadata(dense))
     flat = io.load_tensors(dense, names)
     for name in FFN_EXPERT:

@@ -2,6 +2,7 @@
 
     moesaic demo --workdir runs/demo                  # 2-core CPU, about 20 minutes
     moesaic demo --workdir runs/smoke --preset smoke  # CI, about 2 minutes
+    moesaic demo --workdir runs/token --set router_input=token --set branch_lr=7e-4  # ablation
 
 Stages (each skipped when its output exists, so a re-run resumes where it stopped):
   data        the embedded corpora: code, prose, law, math (private) and public
@@ -10,6 +11,8 @@ Stages (each skipped when its output exists, so a re-run resumes where it stoppe
   dense/D     one dense continued-pretraining copy per domain (BTM, soups, BTX baselines)
   moe-all     the unrestricted MoE: the public model upcycled and trained on all the data
   merge/R     the branches merged with each router kind R, no training
+  alone/D     branch D merged alone: the branch's own 2-expert model, what the merged MoE
+              reaches on D if routing were perfect (its ceiling)
   soups, btx  weight-merge baselines
   optout      the learned-rows merge with one party removed
   eval        every system on every domain's held-out split -> report.md, report.json, plots
@@ -45,6 +48,7 @@ ROUTERS = ("learned-rows", "contrast", "centroid", "ridge", "random")
 # best of (0, 2, 4).
 ROUTER_OPTIONS = {"ridge": {"scale": 5.0}, "contrast": {"selectivity": 2.0}}
 OPT_OUT = "code"
+CEILING = "each branch alone on its domain"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Preset:
     lr: float
     branch_lr: float  # coordinated and dense branches alike
     public_mix: float  # share of public data replayed in coordinated branches
+    router_input: str  # what the branches' routers score (model.router_input)
     top_k: int
     eval_sequences: int
 
@@ -67,19 +72,52 @@ class Preset:
 PRESETS = {
     "default": Preset(data_size="default", model={}, seq_len=128, batch=16,
                       pretrain_steps=500, branch_steps=150, dense_steps=150, moe_steps=300,
-                      lr=3e-3, branch_lr=7e-4, public_mix=0.3, top_k=4, eval_sequences=48),
+                      lr=3e-3, branch_lr=2e-3, public_mix=0.3, router_input="prefix_mean",
+                      top_k=4, eval_sequences=48),
     "smoke": Preset(data_size="smoke", model=dict(d_model=32, n_layers=2, n_heads=2,
                                                   n_kv_heads=2, d_ff=64),
                     seq_len=32, batch=8, pretrain_steps=40, branch_steps=12, dense_steps=12,
-                    moe_steps=16, lr=3e-3, branch_lr=2e-3, public_mix=0.3, top_k=4,
-                    eval_sequences=6),
+                    moe_steps=16, lr=3e-3, branch_lr=2e-3, public_mix=0.3,
+                    router_input="prefix_mean", top_k=4, eval_sequences=6),
 }
+
+
+def with_overrides(preset: Preset, items: list[str]) -> Preset:
+    """`preset` with `NAME=VALUE` items (`--set`) applied, typed by the preset's values."""
+    settable = {f.name for f in dataclasses.fields(Preset)} - {"model"}
+    changes = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in settable:
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE, NAME one of {sorted(settable)}")
+        kind = type(getattr(preset, key))
+        try:
+            changes[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {key} is of type {kind.__name__}") from None
+    return dataclasses.replace(preset, **changes)
+
+
+def claim_workdir(w: pathlib.Path, preset: Preset) -> None:
+    """Stages are skipped when their output exists, so a workdir serves one preset: the first
+    run records it in W/preset.json and a run with other settings is refused."""
+    path, wanted = w / "preset.json", dataclasses.asdict(preset)
+    if path.exists():
+        had = json.loads(path.read_text())
+        diff = sorted(k for k in set(had) | set(wanted) if had.get(k) != wanted.get(k))
+        if diff:
+            changes = ", ".join(f"{k}: {had.get(k)!r} there, {wanted.get(k)!r} now" for k in diff)
+            raise ValueError(f"{w} was made with other demo settings ({changes}); use another "
+                             "--workdir")
+    else:
+        path.write_text(json.dumps(wanted, indent=1) + "\n")
 
 
 def job_config(preset: Preset, *, steps: int, lr: float, source: str = "", mixture: str = ""):
     config = tiny.get_config()
     config.branch.source = source
     config.branch.public_mix = preset.public_mix  # read by coordinated branches only
+    config.model.router_input = preset.router_input  # only an MoE reads it
     config.model.update(preset.model)
     config.data.seq_len, config.data.global_batch = preset.seq_len, preset.batch
     if mixture:
@@ -92,7 +130,8 @@ def job_config(preset: Preset, *, steps: int, lr: float, source: str = "", mixtu
 def stage_names() -> list[str]:
     return (["data", "public"] + [f"branch/{d}" for d in DOMAINS]
             + [f"dense/{d}" for d in DOMAINS] + ["moe-all", "public-stats"]
-            + [f"merge/{r}" for r in ROUTERS] + ["soups", "btx", "optout", "eval"])
+            + [f"merge/{r}" for r in ROUTERS] + [f"alone/{d}" for d in DOMAINS]
+            + ["soups", "btx", "optout", "eval"])
 
 
 class Stages:
@@ -133,10 +172,12 @@ def _sample(data: pathlib.Path, source: str, preset: Preset) -> np.ndarray:
     return np.concatenate([batches.get(step) for step in range(2)])
 
 
-def run_demo(workdir: str | pathlib.Path, preset_name: str = "default") -> dict:
-    preset = PRESETS[preset_name]
+def run_demo(workdir: str | pathlib.Path, preset_name: str = "default",
+             overrides: list[str] | tuple = ()) -> dict:
+    preset = with_overrides(PRESETS[preset_name], list(overrides))
     w = pathlib.Path(workdir).absolute()
     w.mkdir(parents=True, exist_ok=True)
+    claim_workdir(w, preset)
     data = w / "data"
     stages = Stages(stage_names())
 
@@ -161,7 +202,7 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default") -> dict:
     def train_moe_all():
         if not io.is_complete(w / "moe-all" / "base"):
             upcycle_checkpoint(public, w / "moe-all" / "base", n_experts=n_all,
-                               top_k=preset.top_k)
+                               top_k=preset.top_k, router_input=preset.router_input)
         config = job_config(preset, steps=preset.moe_steps, lr=preset.branch_lr,
                             source=everything)
         config.model.update(n_experts=n_all, top_k=preset.top_k)
@@ -172,7 +213,8 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default") -> dict:
     def make_public_stats():  # statistics of public data under the public model
         (w / "public-stats").mkdir(exist_ok=True)
         made = compute_public_stats(public, data, seq_len=preset.seq_len,
-                                    max_sequences=8 * preset.batch, workdir=str(w))
+                                    max_sequences=8 * preset.batch, workdir=str(w),
+                                    router_input=preset.router_input)
         made.rename(w / "public-stats" / "stats")
         shutil.rmtree(made.parent)  # the now empty temporary folder
     public_stats = stages.run("public-stats", w / "public-stats" / "stats", make_public_stats)
@@ -182,6 +224,9 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default") -> dict:
             public, [branches[d] for d in DOMAINS], router=r, top_k=preset.top_k,
             out=w / "merged" / r, public_stats=public_stats, options=ROUTER_OPTIONS.get(r),
             log=tqdm.write))
+    alone = {d: stages.run(f"alone/{d}", w / "alone" / d, lambda d=d: fuse.merge_paths(
+        public, [branches[d]], router="learned-rows", top_k=2, out=w / "alone" / d,
+        log=tqdm.write)) for d in DOMAINS}
 
     def make_soups():
         baselines.soup([dense[d] for d in DOMAINS], w / "soups" / "uniform", log=tqdm.write)
@@ -220,6 +265,8 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default") -> dict:
         systems["c-BTM (top-2)"] = perplexity.evaluate_scorer(
             ensembles.cbtm(experts, centroids, top_k=2), data, domains, name="cbtm", **kw)
         systems["BTX (random router)"] = ev(btx_path, "btx")
+        systems[CEILING] = {d: perplexity.evaluate(alone[d], data, [d], name=f"alone-{d}",
+                                                   **kw)[d] for d in DOMAINS}
         for r in ROUTERS:
             systems[f"merged MoE ({r})"] = ev(merged[r], r)
         systems[f"merged MoE (learned-rows) without {OPT_OUT}"] = ev(optout, "optout")
@@ -264,6 +311,13 @@ def findings(results: dict, preset_name: str) -> list[str]:
         own = systems[f"dense expert {d}"][d]["bpb"]
         gaps.append(f"{d} {systems['merged MoE (learned-rows)'][d]['bpb']:.3f} vs {own:.3f}")
     lines.append("- merged MoE vs each dense expert on its own domain: " + "; ".join(gaps) + ".")
+    if CEILING in avg:
+        dense = float(np.mean([systems[f"dense expert {d}"][d]["bpb"] for d in DOMAINS]))
+        lines.append(
+            f"- where the gap is: each branch alone on its own domain (perfect routing) averages "
+            f"{avg[CEILING]:.3f}, so routing costs the merged MoE {merged - avg[CEILING]:+.3f}; "
+            f"each dense expert on its own domain averages {dense:.3f}, so training only the "
+            f"FFN expert instead of the whole model costs {avg[CEILING] - dense:+.3f}.")
     upper = avg.get("unrestricted MoE (all data)")
     if upper is not None:
         lines.append(f"- unrestricted MoE trained on all data (the upper bound): {upper:.3f}.")
@@ -279,8 +333,15 @@ def findings(results: dict, preset_name: str) -> list[str]:
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="where everything is written")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="change one preset field (branch_lr=7e-4, router_input=token, "
+                             "public_mix=0, top_k=2, ...); repeatable")
 
 
 def run(args: argparse.Namespace) -> int:
-    run_demo(args.workdir, args.preset)
+    try:
+        run_demo(args.workdir, args.preset, args.set)
+    except ValueError as err:
+        print(f"moesaic demo: {err}")
+        return 2
     return 0
