@@ -42,8 +42,9 @@ def test_merged_model_beats_the_public_model_on_the_private_domains(smoke):
     _, results = smoke
     systems = results["systems"]
     public = demo._private_avg(systems["public model"])
-    merged = demo._private_avg(systems["merged MoE (learned-rows)"])  # FlexOlmo's own router
-    assert merged < public - 0.01, (merged, public)
+    merged = {r: demo._private_avg(systems[f"merged MoE ({r})"]) for r in demo.ROUTERS
+              if r != "random"}  # a random router is the control, not a merge that may win
+    assert min(merged.values()) < public - 0.02, (merged, public)
     # the routing ceiling: each branch alone on its own domain
     assert set(systems[demo.CEILING]) == set(demo.DOMAINS)
 

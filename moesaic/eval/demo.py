@@ -76,8 +76,8 @@ PRESETS = {
                       top_k=4, eval_sequences=48),
     "smoke": Preset(data_size="smoke", model=dict(d_model=32, n_layers=2, n_heads=2,
                                                   n_kv_heads=2, d_ff=64),
-                    seq_len=32, batch=8, pretrain_steps=40, branch_steps=12, dense_steps=12,
-                    moe_steps=16, lr=3e-3, branch_lr=2e-3, public_mix=0.3,
+                    seq_len=32, batch=8, pretrain_steps=300, branch_steps=40, dense_steps=40,
+                    moe_steps=60, lr=3e-3, branch_lr=2e-3, public_mix=0.3,
                     router_input="prefix_mean", top_k=4, eval_sequences=6),
 }
 
