@@ -6,6 +6,8 @@ Prints, for each dispatch path, its time as a ratio to
   (a) the limit: one batched SwiGLU matmul over exactly the routed tokens (T*k rows split
       evenly over the experts), forward+backward, no routing or data movement;
   (b) the loop reference: every expert on every token, mixed by the routing weights.
+The last row is the CPU's dropless path with the router scoring prefix means
+(model.router_input=prefix_mean, the T tokens taken as one sequence) instead of tokens.
 All timings are best-of-N in this one run, so the ratios hold on any machine.
 """
 
@@ -51,9 +53,10 @@ def main() -> None:
     router = jax.random.normal(keys[4], (e, d))
     weights = (w_gate, w_up, w_down, router)
 
-    def layer(path):
+    def layer(path, router_input="token"):
         def loss(x, w_gate, w_up, w_down, router):
-            r = moe.route(x, router, None, k, False)
+            scored = moe.router_inputs(x[None], router_input)[0]
+            r = moe.route(scored, router, None, k, False)
             if path == "reference":
                 y = moe_reference(x, r, w_gate, w_up, w_down)
             else:
@@ -82,6 +85,10 @@ def main() -> None:
         seconds = best_time(layer(path), x, *weights, repeats=args.repeats)
         print(f"  {path:9s} {seconds * 1e3:8.1f} ms   vs limit {seconds / limit_time:5.2f}x"
               f"   vs loop reference {seconds / reference_time:5.2f}x")
+    seconds = best_time(layer("dropless_gather", "prefix_mean"), x, *weights,
+                        repeats=args.repeats)
+    print(f"  dropless_gather, prefix_mean routing {seconds * 1e3:8.1f} ms   vs limit "
+          f"{seconds / limit_time:5.2f}x   vs loop reference {seconds / reference_time:5.2f}x")
 
 
 if __name__ == "__main__":
