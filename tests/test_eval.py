@@ -319,3 +319,7 @@ def test_demo_settings_override_and_guard_the_workdir(tmp_path):
     with pytest.raises(ValueError, match="branch_lr: 0.0007 there, 0.002 now"):
         demo.claim_workdir(tmp_path, demo.PRESETS["smoke"])
     assert demo.run(argparse.Namespace(workdir=str(tmp_path), preset="smoke", set=[])) == 2
+    old = tmp_path / "old"
+    (old / "public").mkdir(parents=True)  # a workdir of unknown settings
+    with pytest.raises(ValueError, match="no preset.json"):
+        demo.claim_workdir(old, preset)

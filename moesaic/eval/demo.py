@@ -109,6 +109,9 @@ def claim_workdir(w: pathlib.Path, preset: Preset) -> None:
             changes = ", ".join(f"{k}: {had.get(k)!r} there, {wanted.get(k)!r} now" for k in diff)
             raise ValueError(f"{w} was made with other demo settings ({changes}); use another "
                              "--workdir")
+    elif any(w.iterdir()):
+        raise ValueError(f"{w} holds files but no preset.json (made by an older demo, or not a "
+                         "demo workdir): its settings are unknown; use another --workdir")
     else:
         path.write_text(json.dumps(wanted, indent=1) + "\n")
 
