@@ -105,16 +105,19 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def _contained_tempdir(folder: Path):
+def _contained_tempdir(parent: Path):
     """TFDS makes an empty `tmp*tfds` folder with tempfile.mkdtemp whenever it initialises a
     builder that has no stored info yet (DatasetInfo.initialize_from_bucket, even with GCS
-    disabled) and never removes it; keep that folder inside `folder`, which we remove."""
+    disabled) and never removes it; keep that folder inside `parent/scratch`, removed on exit."""
+    scratch = parent / "scratch"
+    scratch.mkdir(parents=True)
     old = tempfile.tempdir
-    tempfile.tempdir = str(folder)
+    tempfile.tempdir = str(scratch)
     try:
         yield
     finally:
         tempfile.tempdir = old
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def write_source(out_dir: str | os.PathLike, name: str,
@@ -134,11 +137,9 @@ def write_source(out_dir: str | os.PathLike, name: str,
     tmp = out_dir / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        (tmp / "scratch").mkdir(parents=True)
-        with _contained_tempdir(tmp / "scratch"):
+        with _contained_tempdir(tmp):
             builder = TokenDocuments(source=name, splits=splits, tokenizer=tokenizer,
                                      data_dir=str(tmp), file_format="array_record")
-        shutil.rmtree(tmp / "scratch")
         tfds.display_progress_bar(False)
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
         content = hashlib.sha256(tokenizer.identity.encode())
