@@ -124,6 +124,24 @@ def test_branch_on_an_moe_base_keeps_every_base_expert_frozen(data, tmp_path):
         base_model.read_base(pre / "public", prefix)
 
 
+def test_upcycled_checkpoint_records_its_router_input(dense_base, tmp_path):
+    from moesaic.branch_train.sparse_upcycle import upcycle_checkpoint
+    meta = upcycle_checkpoint(dense_base, tmp_path / "moe", n_experts=3, top_k=2,
+                              router_input="prefix_mean")
+    assert meta["model"]["router_input"] == "prefix_mean" and meta["model"]["n_experts"] == 3
+    base = _base_tensors(dense_base)
+    moe = _base_tensors(tmp_path / "moe")
+    for name in ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down"):
+        for e in range(3):  # every expert a copy of the dense FFN
+            np.testing.assert_array_equal(moe[name][:, e], base[name][:, 0])
+    # a job over it must route the same way
+    config = tiny_config("experts=3", model__top_k=2, model__router_input="prefix_mean")
+    base_model.read_base(tmp_path / "moe", config)
+    config.model.router_input = "token"
+    with pytest.raises(ValueError, match="router_input: base 'prefix_mean'"):
+        base_model.read_base(tmp_path / "moe", config)
+
+
 def test_prefix_mean_branch_over_a_dense_base(data, dense_base, code_branch, tmp_path):
     config = tiny_config("source=code", model__router_input="prefix_mean", train__steps=2)
     train(config, _job("branch", tmp_path / "br", data, dense_base))
