@@ -117,11 +117,16 @@ def test_mixture_proportions_and_parsing(embedded):
 
 def test_heldout_sequences(embedded):
     held = heldout_sequences(embedded, "law", seq_len=64)
-    again = heldout_sequences(embedded, "law", seq_len=64, max_sequences=5)
-    np.testing.assert_array_equal(held.tokens[:5], again.tokens)
     stream = np.concatenate([np.append(d, EOS) for d in documents(embedded, "law", "heldout")])
     n = len(stream) // 65
     np.testing.assert_array_equal(held.tokens, stream[: n * 65].reshape(n, 65))
+    # a sample is rows of the full evaluation, spread over the split, not its first rows
+    sample = heldout_sequences(embedded, "law", seq_len=64, max_sequences=5)
+    picks = np.linspace(0, n - 1, 5).round().astype(int)
+    assert picks[-1] == n - 1 and len(set(picks)) == 5
+    np.testing.assert_array_equal(sample.tokens, held.tokens[picks])
+    assert sample.num_bytes == int((sample.tokens[:, 1:] != EOS).sum())
+    assert heldout_sequences(embedded, "law", seq_len=64, max_sequences=10**6).tokens.shape[0] == n
     targets = held.tokens[:, 1:]
     assert held.exact and held.num_targets == targets.size
     assert held.num_bytes == int((targets != EOS).sum()) == targets.size - held.num_eos_targets

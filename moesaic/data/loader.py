@@ -195,33 +195,66 @@ class HeldoutSequences:
     exact: bool
 
 
+def packed_rows(data_dir: str | os.PathLike, source: str, split: str, *, width: int,
+                max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rows of `width` tokens cut from a split's packed stream: its documents in stored order,
+    each followed by eos (the tail that does not fill a row is dropped). With `max_rows` below
+    the stream's row count, the rows kept are evenly spaced over the stream, so a sample spans
+    the whole split rather than its first few documents; each kept row is the row the whole
+    stream has there, so its context is the same. Only the documents those rows touch are read.
+
+    Returns (int32 tokens (N, width), float64 bytes per token (N, width), eos 0; the number
+    of documents with a position in the kept rows)."""
+    manifest, docs, index = _docs_dataset(data_dir, source, split)
+    eos = manifest["tokenizer"]["eos_id"]
+    lengths = np.asarray(index[:, 0], np.int64) + 1  # each document plus its eos
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    n_all = total // width
+    if n_all < 1:
+        raise ValueError(f"source {source!r}: {split} split has {total} tokens (with eos), "
+                         f"fewer than one sequence of {width}")
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"source {source!r}: max_rows={max_rows}, must be at least 1")
+    n = n_all if max_rows is None else min(int(max_rows), n_all)
+    picks = (np.arange(n_all) if n == n_all
+             else np.linspace(0, n_all - 1, n).round().astype(np.int64))  # spacing >= 1
+    tokens = np.empty((len(picks), width), np.int32)
+    rates = np.empty((len(picks), width), np.float64)
+    touched: set[int] = set()
+    read = functools.lru_cache(maxsize=64)(lambda i: np.asarray(docs[i]["tokens"], np.int32))
+    for row, pick in enumerate(picks):
+        lo, hi = int(pick) * width, (int(pick) + 1) * width
+        first = int(np.searchsorted(ends, lo, side="right"))
+        pieces, piece_rates = [], []
+        for i in range(first, len(ends)):
+            start = int(ends[i] - lengths[i])
+            if start >= hi:
+                break
+            touched.add(i)
+            rate = index[i, 1] / max(1, index[i, 0])
+            doc = np.append(read(i), np.int32(eos))
+            cut = slice(max(lo - start, 0), min(hi - start, len(doc)))
+            pieces.append(doc[cut])
+            piece_rates.append(np.append(np.full(len(doc) - 1, rate), 0.0)[cut])
+        tokens[row], rates[row] = np.concatenate(pieces), np.concatenate(piece_rates)
+    return tokens, rates, len(touched)
+
+
 def heldout_sequences(data_dir: str | os.PathLike, source: str, *, seq_len: int,
                       max_sequences: int | None = None) -> HeldoutSequences:
-    """The held-out split in stored order, documents joined by eos, cut into seq_len + 1."""
-    manifest, docs, index = _docs_dataset(data_dir, source, "heldout")
-    eos, width = manifest["tokenizer"]["eos_id"], seq_len + 1
-    want = None if max_sequences is None else max_sequences * width
-    parts, byte_rate, total = [], [], 0
-    for i in range(len(docs)):
-        doc = np.asarray(docs[i]["tokens"], np.int32)
-        parts.append(np.append(doc, np.int32(eos)))
-        rate = index[i, 1] / max(1, index[i, 0])
-        byte_rate.append(np.append(np.full(len(doc), rate), 0.0))
-        total += len(doc) + 1
-        if want is not None and total >= want:
-            break
-    n = total // width if want is None else min(total // width, max_sequences)
-    if n < 1:
-        raise ValueError(f"source {source!r}: held-out split has {total} tokens, fewer than one "
-                         f"sequence of seq_len + 1 = {width}")
-    tokens = np.concatenate(parts)[: n * width].reshape(n, width)
+    """The held-out split's packed rows of seq_len + 1 (`packed_rows`): all of them, or
+    `max_sequences` evenly spaced over the split."""
+    manifest = load_manifest(data_dir, source)
+    eos = manifest["tokenizer"]["eos_id"]
+    tokens, rates, _ = packed_rows(data_dir, source, "heldout", width=seq_len + 1,
+                                   max_rows=max_sequences)
     targets = tokens[:, 1:]
     exact = manifest["tokenizer"]["identity"] == "bytes"
     if exact:
         num_bytes = int((targets < 256).sum())
     else:
-        rates = np.concatenate(byte_rate)[: n * width].reshape(n, width)[:, 1:]
-        num_bytes = int(round(float(rates.sum())))
+        num_bytes = int(round(float(rates[:, 1:].sum())))
     return HeldoutSequences(tokens, num_bytes, int(targets.size),
                             int((targets == eos).sum()), exact)
 

@@ -7,7 +7,8 @@ the token and document counts. These are the sufficient statistics of a ridge ro
 router row. Aggregates only: no text and no per-document values leave the party.
 
 Documents are read in stored order, joined by eos and cut into whole sequences (no
-padding, so every counted position is a real token of the party's data).
+padding, so every counted position is a real token of the party's data); the sequences used
+are spread evenly over the training split.
 """
 
 from __future__ import annotations
@@ -46,27 +47,19 @@ class RouterStats:
 
 def stats_sequences(data_dir: str | os.PathLike, source: str, *, seq_len: int,
                     max_sequences: int) -> tuple[np.ndarray, int]:
-    """(int32 (N, seq_len) sequences, documents that contributed a token) from the first
-    training documents of `source`, joined by eos; N <= max_sequences, whole sequences only."""
-    from moesaic.data.loader import documents, load_manifest
+    """(int32 (N, seq_len) sequences, documents that contributed a position): the training
+    split's packed rows, N <= max_sequences of them evenly spaced over the split
+    (`moesaic.data.loader.packed_rows`), so the statistics describe the party's whole data,
+    not its first few documents."""
+    from moesaic.data.loader import packed_rows
 
-    eos = load_manifest(data_dir, source)["tokenizer"]["eos_id"]
-    want = max_sequences * seq_len
-    parts, total, n_docs = [], 0, 0
-    for doc in documents(data_dir, source, "train"):
-        parts.append(np.append(doc, np.int32(eos)))
-        total += len(doc) + 1
-        n_docs += 1
-        if total >= want:
-            break
-    n = min(total // seq_len, max_sequences)
-    if n < 1:
-        raise ValueError(f"source {source!r} in {str(data_dir)!r} has {total} training tokens, "
-                         f"fewer than one sequence of {seq_len} for its router statistics")
-    used = n * seq_len
-    starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
-    n_docs = int(np.sum(starts < used))
-    return np.concatenate(parts)[:used].reshape(n, seq_len).astype(np.int32), n_docs
+    try:
+        tokens, _, n_docs = packed_rows(data_dir, source, "train", width=seq_len,
+                                        max_rows=max_sequences)
+    except ValueError as err:
+        raise ValueError(f"{err} (in {str(data_dir)!r}), too few for its router "
+                         "statistics") from None
+    return tokens, n_docs
 
 
 def collect(model: Decoder, sequences: np.ndarray, n_documents: int, *, batch_rows: int,
