@@ -34,6 +34,9 @@ def test_report_structure(smoke):
             assert systems[name][domain]["bpb"] > 0
     text = (workdir / "report.md").read_text()
     assert "| system |" in text and "merged MoE (learned-rows)" in text
+    code = json.loads((workdir / "data" / "code" / "manifest.json").read_text())
+    code_hash = code["content_hash"]
+    assert f"code {code_hash[:12]}" in text  # which corpora these numbers come from
     assert (workdir / "bpb_by_domain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(p.name.startswith("routing_merged") for p in workdir.glob("*.png"))
 

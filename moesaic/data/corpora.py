@@ -15,7 +15,9 @@ taken until the train split has (1 - HELDOUT_FRACTION) * SIZES[size] bytes and t
 split HELDOUT_FRACTION * SIZES[size] (law may run short on a system with few license files).
 `public` takes the training documents of every domain whose second hash (salt "public") is
 below `PUBLIC_SHARE` for its train split, and the band [PUBLIC_SHARE, PUBLIC_SHARE +
-PUBLIC_HELDOUT_SHARE) for its held-out split: never a domain's held-out document.
+PUBLIC_HELDOUT_SHARE) for its held-out split; the band is then taken out of the domains'
+train splits, so no model trains on a document it is scored on (the public model never
+sees a domain's held-out document, a party's expert never sees public held-out text).
 The same machine builds the same bytes twice.
 """
 
@@ -206,26 +208,35 @@ def domain_documents(domain: str, size: str = "default") -> dict[str, list[str]]
     return docs
 
 
+def _public_band(doc: str) -> str:
+    score = heldout_score(doc, salt="public")
+    return ("train" if score < PUBLIC_SHARE else
+            "heldout" if score < PUBLIC_SHARE + PUBLIC_HELDOUT_SHARE else "")
+
+
 def public_documents(domains: dict[str, dict[str, list[str]]]) -> dict[str, list[str]]:
-    """A share of every domain's training documents; never a domain's held-out document."""
+    """A share of every domain's training documents; never a domain's held-out document.
+    The held-out band must then leave the domains' train splits (`build_embedded` does)."""
     train, held = [], []
     for name in sorted(domains):
         for doc in domains[name]["train"]:
-            score = heldout_score(doc, salt="public")
-            if score < PUBLIC_SHARE:
-                train.append((score, doc))
-            elif score < PUBLIC_SHARE + PUBLIC_HELDOUT_SHARE:
-                held.append((score, doc))
+            band = _public_band(doc)
+            if band:
+                (train if band == "train" else held).append(
+                    (heldout_score(doc, salt="public"), doc))
     return {"train": [d for _, d in sorted(train)], "heldout": [d for _, d in sorted(held)]}
 
 
 def build_embedded(out_dir: str | os.PathLike, *, size: str = "default") -> dict[str, dict]:
     """Write code, prose, law, math and public under `out_dir`; return their manifests."""
-    domains, manifests = {}, {}
-    for name in tqdm(DOMAINS + ("public",), desc="embedded corpora", unit="source"):
-        splits = public_documents(domains) if name == "public" else domain_documents(name, size)
-        if name != "public":
-            domains[name] = splits
+    domains = {name: domain_documents(name, size)
+               for name in tqdm(DOMAINS, desc="embedded corpora: reading", unit="domain")}
+    sources = {**{name: {"train": [d for d in splits["train"] if _public_band(d) != "heldout"],
+                         "heldout": splits["heldout"]} for name, splits in domains.items()},
+               "public": public_documents(domains)}
+    manifests = {}
+    for name, splits in tqdm(sources.items(), desc="embedded corpora: writing",
+                             unit="source"):
         origin = {"kind": "embedded", "size": size, "recipe": "moesaic.data.corpora",
                   "heldout_fraction": HELDOUT_FRACTION, "doc_bytes": DOC_BYTES}
         if name == "public":

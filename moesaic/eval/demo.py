@@ -34,7 +34,7 @@ from moesaic.branch_train.sparse_upcycle import upcycle_checkpoint
 from moesaic.branch_train.trainer import Job, train
 from moesaic.configs import tiny
 from moesaic.data.corpora import build_embedded
-from moesaic.data.loader import TokenBatches
+from moesaic.data.loader import TokenBatches, load_manifest
 from moesaic.eval import ensembles, perplexity, report
 from moesaic.merge import baselines, fuse
 from moesaic.merge.public_stats import compute_public_stats
@@ -279,7 +279,11 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default",
         results_path.write_text(json.dumps({"domains": domains, "systems": systems}))
     stages.run("eval", results_path, evaluate_all)
     results = json.loads(results_path.read_text())
-    notes = findings(results, preset_name)
+    hashes = {s: load_manifest(data, s)["content_hash"][:12] for s in results["domains"]}
+    notes = findings(results, preset_name) + [
+        "- corpora (content hashes): " + ", ".join(f"{s} {h}" for s, h in hashes.items())
+        + "; prose and law are read from the installed packages, so other numbers with other "
+        "hashes are expected."]
     report.write_report(w, results, title="moesaic demo: merged experts vs baselines",
                         notes=notes)
     stages.bar.close()
