@@ -37,7 +37,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=0,
                         help=f"default: the checkpoint's data.seq_len, else {DEFAULT_SEQ_LEN}")
     parser.add_argument("--max-sequences", type=int, default=None,
-                        help="held-out sequences per domain (default: all)")
+                        help="held-out sequences per domain, evenly spaced over the split "
+                             "(default: all)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--no-progress", action="store_true")
