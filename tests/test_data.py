@@ -20,6 +20,7 @@ from moesaic.data import (
     prepare,
     sources,
 )
+from moesaic.data.loader import packed_rows
 from moesaic.data.tokenizer import load_tokenizer
 from moesaic.launch import cli
 
@@ -127,6 +128,10 @@ def test_heldout_sequences(embedded):
     np.testing.assert_array_equal(sample.tokens, held.tokens[picks])
     assert sample.num_bytes == int((sample.tokens[:, 1:] != EOS).sum())
     assert heldout_sequences(embedded, "law", seq_len=64, max_sequences=10**6).tokens.shape[0] == n
+    tokens, rates, n_docs = packed_rows(embedded, "law", "heldout", width=65, max_rows=5)
+    np.testing.assert_array_equal(tokens, sample.tokens)
+    np.testing.assert_array_equal(rates, (tokens != EOS).astype(float))  # one byte per token
+    assert 1 <= n_docs <= len(list(documents(embedded, "law", "heldout")))
     targets = held.tokens[:, 1:]
     assert held.exact and held.num_targets == targets.size
     assert held.num_bytes == int((targets != EOS).sum()) == targets.size - held.num_eos_targets

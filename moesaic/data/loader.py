@@ -232,11 +232,13 @@ def packed_rows(data_dir: str | os.PathLike, source: str, split: str, *, width: 
             if start >= hi:
                 break
             touched.add(i)
-            rate = index[i, 1] / max(1, index[i, 0])
             doc = np.append(read(i), np.int32(eos))
-            cut = slice(max(lo - start, 0), min(hi - start, len(doc)))
-            pieces.append(doc[cut])
-            piece_rates.append(np.append(np.full(len(doc) - 1, rate), 0.0)[cut])
+            a, b = max(lo - start, 0), min(hi - start, len(doc))
+            pieces.append(doc[a:b])
+            piece_rate = np.full(b - a, index[i, 1] / max(1, index[i, 0]))
+            if b == len(doc):
+                piece_rate[-1] = 0.0  # the eos covers no text
+            piece_rates.append(piece_rate)
         tokens[row], rates[row] = np.concatenate(pieces), np.concatenate(piece_rates)
     return tokens, rates, len(touched)
 
