@@ -72,6 +72,17 @@ def _docs_dataset(data_dir: str | os.PathLike, source: str, split: str):
     return manifest, builder.as_data_source(split), lengths
 
 
+def row_spans(starts: np.ndarray, ends: np.ndarray, start: int, width: int
+              ) -> Iterator[tuple[int, int, int]]:
+    """The pieces of row [start, start + width) of a packed stream whose k-th document (plus
+    its eos) spans [starts[k], ends[k]): (k, a, b), the row holds that document's [a, b)."""
+    stop = start + width
+    for k in range(int(np.searchsorted(ends, start, side="right")), len(ends)):
+        if starts[k] >= stop:
+            break
+        yield k, max(start - int(starts[k]), 0), min(stop, int(ends[k])) - int(starts[k])
+
+
 class PackedSequences(grain.MapDataset):
     """Sequence g (any g >= 0) of one source's packed, shuffled, endlessly repeated stream."""
 
@@ -98,31 +109,24 @@ class PackedSequences(grain.MapDataset):
     def _read_doc(self, index: int) -> np.ndarray:
         return np.asarray(self._docs[index]["tokens"], np.int32)
 
-    def _epoch_tables(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _epoch_tables(self, epoch: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([*self._key, epoch])
         doc_order = rng.permutation(len(self._lengths))
-        ends = np.cumsum(self._lengths[doc_order])
+        lengths = self._lengths[doc_order]
+        ends = np.cumsum(lengths)
         seq_order = rng.permutation(self.per_epoch)
-        return doc_order, ends, seq_order
+        return doc_order, ends - lengths, ends, seq_order
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
         epoch, position = divmod(int(index), self.per_epoch)
-        doc_order, ends, seq_order = self._epoch(epoch)
+        doc_order, starts, ends, seq_order = self._epoch(epoch)
         start = int(seq_order[position]) * self._width
-        stop = start + self._width
-        first = int(np.searchsorted(ends, start, side="right"))
-        out, pos = [], start
-        for k in range(first, len(ends)):
-            doc_start = int(ends[k] - self._lengths[doc_order[k]])
-            doc = self._read(int(doc_order[k]))
-            piece = np.append(doc, np.int32(self._eos))[pos - doc_start: stop - doc_start]
-            out.append(piece)
-            pos += len(piece)
-            if pos >= stop:
-                break
-        return np.concatenate(out)
+        return np.concatenate([
+            np.append(self._read(int(doc_order[k])), np.int32(self._eos))[a:b]
+            for k, a, b in row_spans(starts, ends, start, self._width)])
 
 
 class TokenBatches:
@@ -223,20 +227,14 @@ def packed_rows(data_dir: str | os.PathLike, source: str, split: str, *, width: 
     rates = np.empty((len(picks), width), np.float64)
     touched: set[int] = set()
     read = functools.lru_cache(maxsize=64)(lambda i: np.asarray(docs[i]["tokens"], np.int32))
+    starts = ends - lengths
     for row, pick in enumerate(picks):
-        lo, hi = int(pick) * width, (int(pick) + 1) * width
-        first = int(np.searchsorted(ends, lo, side="right"))
         pieces, piece_rates = [], []
-        for i in range(first, len(ends)):
-            start = int(ends[i] - lengths[i])
-            if start >= hi:
-                break
+        for i, a, b in row_spans(starts, ends, int(pick) * width, width):
             touched.add(i)
-            doc = np.append(read(i), np.int32(eos))
-            a, b = max(lo - start, 0), min(hi - start, len(doc))
-            pieces.append(doc[a:b])
+            pieces.append(np.append(read(i), np.int32(eos))[a:b])
             piece_rate = np.full(b - a, index[i, 1] / max(1, index[i, 0]))
-            if b == len(doc):
+            if b == lengths[i]:
                 piece_rate[-1] = 0.0  # the eos covers no text
             piece_rates.append(piece_rate)
         tokens[row], rates[row] = np.concatenate(pieces), np.concatenate(piece_rates)
