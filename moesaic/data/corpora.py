@@ -208,22 +208,17 @@ def domain_documents(domain: str, size: str = "default") -> dict[str, list[str]]
     return docs
 
 
-def _public_band(doc: str) -> str:
-    score = heldout_score(doc, salt="public")
-    return ("train" if score < PUBLIC_SHARE else
-            "heldout" if score < PUBLIC_SHARE + PUBLIC_HELDOUT_SHARE else "")
-
-
 def public_documents(domains: dict[str, dict[str, list[str]]]) -> dict[str, list[str]]:
     """A share of every domain's training documents; never a domain's held-out document.
     The held-out band must then leave the domains' train splits (`build_embedded` does)."""
     train, held = [], []
     for name in sorted(domains):
         for doc in domains[name]["train"]:
-            band = _public_band(doc)
-            if band:
-                (train if band == "train" else held).append(
-                    (heldout_score(doc, salt="public"), doc))
+            score = heldout_score(doc, salt="public")
+            if score < PUBLIC_SHARE:
+                train.append((score, doc))
+            elif score < PUBLIC_SHARE + PUBLIC_HELDOUT_SHARE:
+                held.append((score, doc))
     return {"train": [d for _, d in sorted(train)], "heldout": [d for _, d in sorted(held)]}
 
 
@@ -231,9 +226,11 @@ def build_embedded(out_dir: str | os.PathLike, *, size: str = "default") -> dict
     """Write code, prose, law, math and public under `out_dir`; return their manifests."""
     domains = {name: domain_documents(name, size)
                for name in tqdm(DOMAINS, desc="embedded corpora: reading", unit="domain")}
-    sources = {**{name: {"train": [d for d in splits["train"] if _public_band(d) != "heldout"],
+    public = public_documents(domains)
+    public_heldout = set(public["heldout"])
+    sources = {**{name: {"train": [d for d in splits["train"] if d not in public_heldout],
                          "heldout": splits["heldout"]} for name, splits in domains.items()},
-               "public": public_documents(domains)}
+               "public": public}
     manifests = {}
     for name, splits in tqdm(sources.items(), desc="embedded corpora: writing",
                              unit="source"):
