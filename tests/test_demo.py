@@ -26,6 +26,7 @@ def test_report_structure(smoke):
     systems = report["systems"]
     for name in ("public model", "soup (uniform)", "soup (weighted)", "BTM (top-2)",
                  "c-BTM (top-2)", "BTX (random router)", "unrestricted MoE (all data)",
+                 demo.TUNED,
                  *(f"merged MoE ({r})" for r in demo.ROUTERS),
                  *(f"dense expert {d}" for d in demo.DOMAINS)):
         assert name in systems, name
@@ -60,6 +61,23 @@ def test_opt_out_removes_exactly_one_expert(smoke):
     without = io.read_meta(workdir / "merged" / f"learned-rows-without-{demo.OPT_OUT}")
     assert [e["source"] for e in without["experts"]] == [
         e["source"] for e in full["experts"] if e["source"] != demo.OPT_OUT]
+
+
+def test_router_tuning_changes_the_router_rows_only(smoke):
+    workdir, _ = smoke
+    import numpy as np
+
+    from moesaic.merge.sources import ROUTER
+    from moesaic.model import io
+
+    merged, tuned = workdir / "merged" / "learned-rows", workdir / "merged" / "learned-rows-tuned"
+    assert io.read_meta(tuned)["router"]["tuned"]["steps"] == demo.PRESETS["smoke"].tune_steps
+    names = list(io.tensor_metadata(merged))
+    assert names == list(io.tensor_metadata(tuned))
+    before, after = io.load_tensors(merged, names), io.load_tensors(tuned, names)
+    for name in names:
+        same = np.array_equal(before[name], after[name])
+        assert same == (name != ROUTER), name
 
 
 def test_rerun_skips_finished_stages(smoke, capsys):

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from moesaic.branch_train.upcycle import build_model
 from moesaic.merge.sources import ROUTER, MergeRefused, View
@@ -26,8 +27,9 @@ from moesaic.model.transformer import lm_loss
 
 def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
                 batches: Callable[[int], np.ndarray], *, steps: int, lr: float = 1e-3,
-                data: dict | None = None, log=print) -> dict:
-    """Trains the router rows for `steps` on `batches(step)` (int32 (B, T+1)); writes `out`."""
+                data: dict | None = None, log=print, progress: bool = True) -> dict:
+    """Trains the router rows for `steps` on `batches(step)` (int32 (B, T+1)); writes `out`.
+    A progress bar shows the steps and the loss unless `progress` is False."""
     merged = pathlib.Path(merged)
     meta = io.read_meta(merged)
     if meta.get("kind") not in ("merged", "btx"):
@@ -52,10 +54,14 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
         return optax.apply_updates(rows, updates), opt_state, value
 
     first = last = None
-    for i in range(steps):
+    bar = tqdm(range(steps), desc="tune-router", unit="step", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    for i in bar:
         rows, opt_state, value = step(rows, opt_state, params, jnp.asarray(batches(i)))
         first = float(value) if first is None else first
         last = float(value)
+        bar.set_postfix(loss=f"{last:.4f}", refresh=False)
+    bar.close()
     log(f"tune-router: {steps} steps, loss {first:.4f} -> {last:.4f}")
     new_rows = np.asarray(rows).astype(io.tensor_metadata(merged)[ROUTER][1])
     tensors = {}
