@@ -71,7 +71,9 @@ def test_router_tuning_changes_the_router_rows_only(smoke):
     from moesaic.model import io
 
     merged, tuned = workdir / "merged" / "learned-rows", workdir / "merged" / "learned-rows-tuned"
-    assert io.read_meta(tuned)["router"]["tuned"]["steps"] == demo.PRESETS["smoke"].tune_steps
+    record = io.read_meta(tuned)["router"]["tuned"]
+    assert record["steps"] == demo.PRESETS["smoke"].tune_steps
+    assert record["data"]["mixture"] == "public" and record["data"]["dir"] == str(workdir / "data")
     names = list(io.tensor_metadata(merged))
     assert names == list(io.tensor_metadata(tuned))
     before, after = io.load_tensors(merged, names), io.load_tensors(tuned, names)

@@ -40,7 +40,7 @@ from moesaic.data.loader import TokenBatches, load_manifest
 from moesaic.eval import ensembles, perplexity, report
 from moesaic.merge import baselines, fuse
 from moesaic.merge.public_stats import compute_public_stats
-from moesaic.merge.tune import tune_router
+from moesaic.merge.tune import tune_router_on_data
 from moesaic.model import io
 
 DOMAINS = ("code", "prose", "law", "math")
@@ -251,11 +251,9 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default",
                         lambda: fuse.remove(merged["learned-rows"], OPT_OUT,
                                             out=w / "merged" / f"learned-rows-without-{OPT_OUT}",
                                             log=tqdm.write))
-    tuned = stages.run("tune", w / "merged" / "learned-rows-tuned", lambda: tune_router(
-        merged["learned-rows"], w / "merged" / "learned-rows-tuned",
-        TokenBatches(data, "public", seq_len=preset.seq_len, global_batch=preset.batch,
-                     seed=1).get, steps=preset.tune_steps, lr=TUNE_LR,
-        data={"mixture": "public", "seq_len": preset.seq_len, "batch": preset.batch, "seed": 1},
+    tuned = stages.run("tune", w / "merged" / "learned-rows-tuned", lambda: tune_router_on_data(
+        merged["learned-rows"], w / "merged" / "learned-rows-tuned", data, "public",
+        seq_len=preset.seq_len, batch=preset.batch, seed=1, steps=preset.tune_steps, lr=TUNE_LR,
         log=tqdm.write))
 
     # ---- evaluation and the report ---------------------------------------------------

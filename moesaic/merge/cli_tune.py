@@ -23,16 +23,12 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from moesaic.data.loader import TokenBatches
-    from moesaic.merge.tune import tune_router
+    from moesaic.merge.tune import tune_router_on_data
 
-    mixture = ",".join(args.source)
     try:
-        batches = TokenBatches(args.data, mixture, seq_len=args.seq_len,
-                               global_batch=args.batch, seed=args.seed)
-        tune_router(args.merged, args.out, batches.get, steps=args.steps, lr=args.lr,
-                    data={"dir": str(args.data), "mixture": mixture, "seq_len": args.seq_len,
-                          "batch": args.batch, "seed": args.seed})
+        tune_router_on_data(args.merged, args.out, args.data, ",".join(args.source),
+                            seq_len=args.seq_len, batch=args.batch, seed=args.seed,
+                            steps=args.steps, lr=args.lr)
     except (MergeRefused, FileExistsError, ValueError) as err:
         print(f"moesaic tune-router: refused: {err}", file=sys.stderr)
         return 2

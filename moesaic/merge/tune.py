@@ -20,6 +20,7 @@ import optax
 from tqdm import tqdm
 
 from moesaic.branch_train.upcycle import build_model
+from moesaic.data.loader import TokenBatches
 from moesaic.merge.sources import ROUTER, MergeRefused, View
 from moesaic.model import io
 from moesaic.model.transformer import lm_loss
@@ -76,6 +77,18 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
     new_meta["router"] = router
     io.save_streaming(out, tensors, new_meta)
     return io.read_meta(out)
+
+
+def tune_router_on_data(merged: str | pathlib.Path, out: str | pathlib.Path,
+                        data_dir: str | pathlib.Path, mixture: str, *, seq_len: int, batch: int,
+                        seed: int, steps: int, lr: float = 1e-3, log=print,
+                        progress: bool = True) -> dict:
+    """`tune_router` on batches of `mixture` from a prepared data folder (the loader's
+    deterministic (seed, step) batches); meta.router.tuned.data records where they came from."""
+    batches = TokenBatches(data_dir, mixture, seq_len=seq_len, global_batch=batch, seed=seed)
+    return tune_router(merged, out, batches.get, steps=steps, lr=lr, log=log, progress=progress,
+                       data={"dir": str(data_dir), "mixture": mixture, "seq_len": seq_len,
+                             "batch": batch, "seed": seed})
 
 
 def _abstract_params(cfg):
