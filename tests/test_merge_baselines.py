@@ -103,6 +103,20 @@ def test_tune_router_trains_rows_only(tmp_path):
     assert meta["fingerprint"] == io.fingerprint(after)
 
 
+def test_tune_router_command_refuses_a_missing_source(tmp_path, capsys):
+    from moesaic.launch.cli import main
+
+    base = make_base(tmp_path / "base")
+    fuse.merge_paths(base, [make_branch(base, tmp_path / "code", "code", 0)], router="random",
+                     top_k=2, out=tmp_path / "m", log=lambda s: None)
+    (tmp_path / "data").mkdir()
+    code = main(["tune-router", str(tmp_path / "m"), "--data", str(tmp_path / "data"),
+                 "--source", "public", "--steps", "2", "--out", str(tmp_path / "t")])
+    assert code == 2
+    assert "no prepared source 'public'" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
 def test_expert_parallel_logits_equal_single_device(tmp_path):
     base = make_base(tmp_path / "base")
     branches = [make_branch(base, tmp_path / s, s, i)

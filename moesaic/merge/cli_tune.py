@@ -29,7 +29,7 @@ def run(args) -> int:
         tune_router_on_data(args.merged, args.out, args.data, ",".join(args.source),
                             seq_len=args.seq_len, batch=args.batch, seed=args.seed,
                             steps=args.steps, lr=args.lr)
-    except (MergeRefused, FileExistsError, ValueError) as err:
+    except (MergeRefused, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"moesaic tune-router: refused: {err}", file=sys.stderr)
         return 2
     return 0
