@@ -59,8 +59,8 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
                dynamic_ncols=True, leave=False)
     for i in bar:
         rows, opt_state, value = step(rows, opt_state, params, jnp.asarray(batches(i)))
-        first = float(value) if first is None else first
         last = float(value)
+        first = last if first is None else first
         bar.set_postfix(loss=f"{last:.4f}", refresh=False)
     bar.close()
     log(f"tune-router: {steps} steps, loss {first:.4f} -> {last:.4f}")
