@@ -38,7 +38,15 @@ def test_report_structure(smoke):
     code = json.loads((workdir / "data" / "code" / "manifest.json").read_text())
     code_hash = code["content_hash"]
     assert f"code {code_hash[:12]}" in text  # which corpora these numbers come from
-    assert (workdir / "bpb_by_domain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in ("bpb_by_domain.png", "bpb_avg.png"):
+        assert (workdir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # avg is over the private domains, for every system alike
+    assert report["average_over"] == list(demo.DOMAINS)
+    for name, rows in systems.items():
+        assert rows["avg"]["bpb"] == pytest.approx(demo._private_avg(rows)), name
+    own = systems[demo.DENSE_OWN]
+    assert {d: own[d]["bpb"] for d in demo.DOMAINS} == {
+        d: systems[f"dense expert {d}"][d]["bpb"] for d in demo.DOMAINS}
     assert any(p.name.startswith("routing_merged") for p in workdir.glob("*.png"))
 
 

@@ -248,7 +248,7 @@ def test_report_files_and_structure(tmp_path):
     assert data["systems"]["merged"]["math"] == {"bpb": 2.5, "ppl": 6.0, "nll": 1.8}
     assert data["systems"]["public"]["code"]["tokens"] == 100
     assert data["routing"]["merged"]["code"]["token_share"] == routing["token_share"]
-    assert data["plots"] == ["bpb_by_domain.png", "routing_merged.png"]
+    assert data["plots"] == ["bpb_by_domain.png", "bpb_avg.png", "routing_merged.png"]
     for name in data["plots"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "report.md").read_text()
@@ -258,6 +258,30 @@ def test_report_files_and_structure(tmp_path):
     assert "| public | 3.0000 | 2.0000 | 2.5000 |" in md
     with pytest.raises(ValueError, match="lacks"):
         report.write_report(tmp_path, {"systems": {"x": {"code": {"ppl": 1.0}}}})
+
+
+def test_report_averages_only_over_the_domains_asked_and_only_when_all_are_there(tmp_path):
+    def row(*bpbs):
+        return {d: {"bpb": b, "ppl": 2 ** b} for d, b in zip(("code", "math", "public"), bpbs)}
+
+    results = {"systems": {"public": row(2.0, 3.0, 1.0), "merged": row(1.5, 2.5, 1.2),
+                           "oracle": {"code": {"bpb": 1.0, "ppl": 2.0}}}}
+    out = report.write_report(tmp_path, results, average_over=["code", "math"],
+                              bar_systems=["merged", "public"])
+    assert out["average_over"] == ["code", "math"]
+    assert out["systems"]["public"]["avg"]["bpb"] == 2.5  # not 2.0: public text left out
+    assert out["systems"]["merged"]["avg"]["bpb"] == 2.0
+    assert "avg" not in out["systems"]["oracle"]  # an average over less text is not shown
+    md = (tmp_path / "report.md").read_text()
+    assert "| oracle | **1.0000** | – | – | – |" in md
+    assert "| merged | 1.5000 | **2.5000** | 1.2000 | **2.0000** |" in md
+    assert "mean of the code, math columns" in md
+    assert (tmp_path / "bpb_avg.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="average_over"):
+        report.write_report(tmp_path / "x", results, average_over=["law"])
+    with pytest.raises(ValueError, match=r"bar_systems: no results for \['BTM'\]"):
+        report.write_report(tmp_path / "y", results, bar_systems=["BTM"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 # --- the command and several devices -----------------------------------------------------------

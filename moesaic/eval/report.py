@@ -11,16 +11,19 @@
 
 A system's value is exactly what `moesaic.eval.perplexity.evaluate` (or `evaluate_scorer` on an
 ensemble) returns. "domains" fixes the column order (default: the first system's domains, then
-any others). Systems keep their insertion order. The average over domains is the arithmetic
-mean of the domain columns (of bpb, and of ppl), over the domains the system was evaluated on.
+any others). Systems keep their insertion order. "avg" is the arithmetic mean (of bpb, and of
+ppl) over the `average_over` domains (default: every column); a system not evaluated on all of
+them has no average, so every average shown covers the same text.
 
 Files:
     report.md            title, the caller's notes, a bits-per-byte table and a perplexity table
                          (systems by domain, plus "avg"), links to the plots
-    report.json          {"title", "notes", "domains", "systems": {system: {domain: {"bpb",
-                         "ppl", "nll", ...}, "avg": {"bpb", "ppl"}}}, "routing": {system:
-                         {domain: {...}}}, "plots": [file names]}
+    report.json          {"title", "notes", "domains", "average_over", "systems": {system:
+                         {domain: {"bpb", "ppl", "nll", ...}, "avg": {"bpb", "ppl"}}},
+                         "routing": {system: {domain: {...}}}, "plots": [file names]}
     bpb_by_domain.png    grouped bars: bits per byte per domain (and avg), one bar per system
+                         of `bar_systems` (default: all)
+    bpb_avg.png          one horizontal bar per system with an average, best at the top
     routing_<system>.png for each system with routing shares: one heatmap per domain, layers
                          by experts, each expert's share of the domain's router weight
 """
@@ -47,12 +50,17 @@ def _domains(results: Mapping) -> list[str]:
     return order
 
 
-def summarize(results: Mapping) -> dict:
+def summarize(results: Mapping, average_over: Sequence[str] | None = None) -> dict:
     """The numbers of report.json: per system, per domain {"bpb", "ppl", "nll", other numbers}
-    plus "avg"; routing split out per system."""
+    plus "avg" over `average_over` (when the system has all of them); routing split out per
+    system."""
     if not isinstance(results, Mapping) or not isinstance(results.get("systems"), Mapping):
         raise ValueError("results: want {'systems': {system: {domain: {'bpb', 'ppl', ...}}}}")
     domains = _domains(results)
+    average_over = list(domains if average_over is None else average_over)
+    unknown = [d for d in average_over if d not in domains]
+    if unknown or not average_over:
+        raise ValueError(f"average_over={average_over}: want some of the domains {domains}")
     systems, routing = {}, {}
     for system, per_domain in results["systems"].items():
         rows = {}
@@ -67,10 +75,12 @@ def summarize(results: Mapping) -> dict:
                             if k != "routing" and isinstance(v, (int, float, bool))}
             if "routing" in metrics:
                 routing.setdefault(system, {})[domain] = metrics["routing"]
-        rows[AVG] = {k: float(np.mean([rows[d][k] for d in rows])) if rows else float("nan")
-                     for k in ("bpb", "ppl")}
+        if all(d in rows for d in average_over):
+            rows[AVG] = {k: float(np.mean([rows[d][k] for d in average_over]))
+                         for k in ("bpb", "ppl")}
         systems[system] = rows
-    return {"domains": domains, "systems": systems, "routing": routing}
+    return {"domains": domains, "average_over": average_over, "systems": systems,
+            "routing": routing}
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -84,8 +94,8 @@ def _table(summary: dict, key: str, digits: int) -> list[str]:
     lines = ["| system | " + " | ".join(columns) + " |",
              "| --- | " + " | ".join("---:" for _ in columns) + " |"]
     for system, rows in summary["systems"].items():
-        best = {c: min(r[c][key] for r in summary["systems"].values() if c in r)
-                for c in columns}
+        best = {c: min((r[c][key] for r in summary["systems"].values() if c in r),
+                       default=None) for c in columns}
         cells = []
         for c in columns:
             value = rows.get(c, {}).get(key)
@@ -95,33 +105,73 @@ def _table(summary: dict, key: str, digits: int) -> list[str]:
     return lines
 
 
+def _avg_footnote(summary: dict) -> str:
+    if summary["average_over"] == summary["domains"]:
+        return f"`{AVG}` is the mean of the domain columns."
+    return (f"`{AVG}` is the mean of the {', '.join(summary['average_over'])} columns; a system "
+            "not evaluated on all of them has none (–).")
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "system"
 
 
-def plot_bars(summary: dict, path: pathlib.Path, key: str = "bpb") -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_bars(summary: dict, path: pathlib.Path, key: str = "bpb",
+              systems: Sequence[str] | None = None) -> None:
+    plt = _pyplot()
     columns = [*summary["domains"], AVG]
-    systems = list(summary["systems"])
+    systems = list(summary["systems"] if systems is None else systems)
     width = 0.8 / max(1, len(systems))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(columns) + 0.25 * len(systems)), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(columns) + 0.25 * len(systems)),
+                                    4.0 + 0.2 * ((len(systems) + 2) // 3)))
+    colors = plt.get_cmap("tab10" if len(systems) <= 10 else "tab20").colors
     x = np.arange(len(columns))
     for i, system in enumerate(systems):
         rows = summary["systems"][system]
         values = [rows.get(c, {}).get(key, np.nan) for c in columns]
-        ax.bar(x + (i - (len(systems) - 1) / 2) * width, values, width, label=system)
+        ax.bar(x + (i - (len(systems) - 1) / 2) * width, values, width, label=system,
+               color=colors[i % len(colors)])
     ax.set_xticks(x, columns)
     ax.set_ylabel({"bpb": "bits per byte (lower is better)"}.get(key, key))
-    finite = [v[key] for rows in summary["systems"].values() for v in rows.values()
+    finite = [v[key] for s in systems for v in summary["systems"][s].values()
               if math.isfinite(v.get(key, np.nan))]
     if finite:
         ax.set_ylim(min(finite) * 0.9, max(finite) * 1.05)
-    ax.legend(fontsize="small", ncol=min(3, len(systems)))
+    ax.legend(fontsize="small", ncol=min(3, len(systems)), loc="upper center",
+              bbox_to_anchor=(0.5, -0.08), frameon=False)
     ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_average(summary: dict, path: pathlib.Path, key: str = "bpb") -> None:
+    """One horizontal bar per system with an average, sorted best (lowest) first, at the top."""
+    plt = _pyplot()
+    ranked = sorted((rows[AVG][key], system) for system, rows in summary["systems"].items()
+                    if AVG in rows and math.isfinite(rows[AVG][key]))
+    values = [v for v, _ in ranked]
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(ranked) + 1.2))
+    y = np.arange(len(ranked))[::-1]
+    ax.barh(y, values, color="tab:blue")
+    ax.set_yticks(y, [s for _, s in ranked], fontsize="small")
+    if values:
+        span = max(values) - min(values) or 1.0
+        ax.set_xlim(min(values) - 0.3 * span, max(values) + 0.15 * span)
+        for yi, v in zip(y, values):
+            ax.text(v, yi, f" {v:.3f}", va="center", fontsize="x-small")
+    over = ", ".join(summary["average_over"])
+    ax.set_xlabel(f"{'bits per byte' if key == 'bpb' else key}, mean over {over} "
+                  "(lower is better)")
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -131,11 +181,7 @@ def plot_routing(system: str, per_domain: Mapping[str, Mapping], path: pathlib.P
     """One heatmap per domain: rows layers, columns experts, colour = share of router weight
     (the top-k weights each expert receives; with top-k near E the token shares are flat and
     say little), or of tokens when no weight share was recorded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     domains = list(per_domain)
     fig, axes = plt.subplots(1, len(domains), figsize=(2.6 * len(domains) + 1.2, 3.2),
                              squeeze=False)
@@ -162,14 +208,22 @@ def plot_routing(system: str, per_domain: Mapping[str, Mapping], path: pathlib.P
 
 
 def write_report(workdir: str | os.PathLike, results: Mapping, *, title: str = "moesaic report",
-                 notes: Sequence[str] | str = ()) -> dict:
-    """Writes report.md, report.json and the plots into `workdir`; returns report.json's dict."""
+                 notes: Sequence[str] | str = (), average_over: Sequence[str] | None = None,
+                 bar_systems: Sequence[str] | None = None) -> dict:
+    """Writes report.md, report.json and the plots into `workdir`; returns report.json's dict.
+    `average_over`: the domains "avg" means (default: all); `bar_systems`: the systems of
+    bpb_by_domain.png (default: all)."""
+    summary = summarize(results, average_over)
+    unknown = [s for s in bar_systems or () if s not in summary["systems"]]
+    if unknown:
+        raise ValueError(f"bar_systems: no results for {unknown}; systems are "
+                         f"{list(summary['systems'])}")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     notes = [notes] if isinstance(notes, str) else list(notes)
-    summary = summarize(results)
-    plots = ["bpb_by_domain.png"]
-    plot_bars(summary, workdir / plots[0])
+    plots = ["bpb_by_domain.png", "bpb_avg.png"]
+    plot_bars(summary, workdir / plots[0], systems=bar_systems)
+    plot_average(summary, workdir / plots[1])
     for system, per_domain in summary["routing"].items():
         with_shares = {d: r for d, r in per_domain.items() if "token_share" in r}
         if with_shares:
@@ -184,7 +238,7 @@ def write_report(workdir: str | os.PathLike, results: Mapping, *, title: str = "
     lines += ["## Bits per byte (held out; lower is better; best in bold)", "",
               *_table(summary, "bpb", 4), "",
               "## Perplexity (per token)", "", *_table(summary, "ppl", 3), "",
-              f"`{AVG}` is the mean of the domain columns.", "", "## Plots", ""]
+              _avg_footnote(summary), "", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in plots]
     (workdir / "report.md").write_text("\n".join(lines) + "\n")
     return report
