@@ -93,9 +93,9 @@ def _table(summary: dict, key: str, digits: int) -> list[str]:
     columns = [*summary["domains"], AVG]
     lines = ["| system | " + " | ".join(columns) + " |",
              "| --- | " + " | ".join("---:" for _ in columns) + " |"]
+    best = {c: min((r[c][key] for r in summary["systems"].values() if c in r), default=None)
+            for c in columns}
     for system, rows in summary["systems"].items():
-        best = {c: min((r[c][key] for r in summary["systems"].values() if c in r),
-                       default=None) for c in columns}
         cells = []
         for c in columns:
             value = rows.get(c, {}).get(key)
