@@ -157,6 +157,28 @@ def test_embedded_splits_are_disjoint_and_public_is_a_share(embedded):
     assert 0.07 < share < 0.18
 
 
+def test_near_copies_are_dropped_before_the_split():
+    mit = ("Permission is hereby granted, free of charge, to any person obtaining a copy of this "
+           "software and associated documentation files, to deal in the Software without "
+           "restriction, including without limitation the rights to use, copy, modify, merge, "
+           "publish, distribute, sublicense, and or sell copies of the Software. ") * 2
+    other = " ".join(f"word{i}" for i in range(80))
+    texts = [f"Copyright (c) 2020 Ada\n\n{mit}", other, f"Copyright 1999 Bob and friends\n{mit}",
+             mit + "THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND." * 4]
+    kept = list(corpora._pieces(texts))
+    # the second licence is a near copy of the first, the fourth holds the first almost whole
+    assert [k.split()[:2] for k in kept] == [["Copyright", "(c)"], ["word0", "word1"]]
+
+
+def test_no_embedded_heldout_document_is_a_near_copy_of_a_training_one():
+    for name in ("code", "law"):  # the domains where templates and licence copies abound
+        docs = corpora.domain_documents(name, "smoke")
+        train = [corpora.shingles(d) for d in docs["train"]]
+        for held in map(corpora.shingles, docs["heldout"]):
+            worst = max(len(held & t) / min(len(held), len(t)) for t in train)
+            assert worst < corpora.NEAR_COPY, name
+
+
 def test_embedded_build_is_byte_identical(embedded, tmp_path):
     corpora.build_embedded(tmp_path, size="smoke")
     files = sorted(p.relative_to(embedded) for p in embedded.rglob("*") if p.is_file())

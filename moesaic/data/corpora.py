@@ -1,7 +1,8 @@
 """The embedded corpora: four domains and a public mixture, built offline and reproducibly.
 
 Recipe (every file list sorted, then ordered by a hash of its relative path; documents of at
-most `DOC_BYTES`; exact duplicates dropped; no absolute path ever enters the text):
+most `DOC_BYTES`; exact duplicates and near copies dropped, see `NearCopies`; no absolute path
+ever enters the text):
   code   Python source of the standard library (`sysconfig` stdlib; tests, idlelib,
          turtledemo and lib2to3 left out), the first piece of each file.
   prose  English technical prose from site-packages: docstrings (parsed with `ast`, never
@@ -30,6 +31,7 @@ import os
 import random
 import re
 import sysconfig
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -50,6 +52,8 @@ SKIP_STDLIB_PARTS = {"site-packages", "dist-packages", "test", "tests", "idlelib
                      "turtledemo", "lib2to3", "__pycache__"}
 LICENSE_NAME = re.compile(r"^(licen[cs]e|copying|notice|copyright)", re.IGNORECASE)
 PROSE_SUFFIXES = {".rst", ".md", ".txt"}
+SHINGLE_WORDS = 8
+NEAR_COPY = 0.8  # share of a document's word 8-grams found in one kept document
 
 
 def _hash_ordered(root: Path, paths: Iterable[Path]) -> list[tuple[str, Path]]:
@@ -71,17 +75,48 @@ def _mostly_words(text: str) -> bool:
     return len(text) >= 160 and sum(c.isalpha() or c.isspace() for c in text) >= 0.8 * len(text)
 
 
+def shingles(text: str) -> set[str]:
+    """The text's runs of SHINGLE_WORDS whitespace-separated words (the whole text if shorter)."""
+    words = text.split()
+    return {" ".join(words[i:i + SHINGLE_WORDS])
+            for i in range(max(1, len(words) - SHINGLE_WORDS + 1))}
+
+
+class NearCopies:
+    """Remembers kept documents; `is_copy(text)` is True when at least NEAR_COPY of the text's
+    word 8-grams occur in one kept document, or of a kept document's in the text (a licence
+    with another copyright line, a codec table generated from the same template). Without it
+    the hash split holds such copies out while their twins train, and the held-out score
+    partly measures memorisation."""
+
+    def __init__(self):
+        self._docs_of: dict[str, list[int]] = {}  # 8-gram -> kept documents holding it
+        self._sizes: list[int] = []  # 8-grams of each kept document
+
+    def is_copy(self, text: str) -> bool:
+        grams = shingles(text)
+        hits = Counter(doc for gram in grams for doc in self._docs_of.get(gram, ()))
+        if any(n >= NEAR_COPY * min(len(grams), self._sizes[doc]) for doc, n in hits.items()):
+            return True
+        for gram in grams:
+            self._docs_of.setdefault(gram, []).append(len(self._sizes))
+        self._sizes.append(len(grams))
+        return False
+
+
 def _pieces(texts: Iterable[str], *, whole: bool = True) -> Iterator[str]:
     """Documents of at most DOC_BYTES from `texts` (all pieces, or only the first when
-    `whole` is False), short ones and exact duplicates (up to whitespace) dropped."""
-    seen = set()
+    `whole` is False); short ones, exact duplicates (up to whitespace) and near copies of a
+    document already given dropped."""
+    seen, near = set(), NearCopies()
     for text in texts:
         pieces = cut_document(text.strip() + "\n", DOC_BYTES)
         for piece in pieces if whole else pieces[:1]:
             key = hashlib.sha256(" ".join(piece.split()).encode()).digest()
             if key not in seen and len(piece) >= 200:
                 seen.add(key)
-                yield piece
+                if not near.is_copy(piece):
+                    yield piece
 
 
 def _stdlib() -> Path:
