@@ -12,7 +12,8 @@ kept for the `top_k` largest and renormalised to sum to 1.
 
 - BTM (Li et al., 2022): w_j(t) = P(D=j | x_<=t) ∝ P(x_1..x_t | x_0, D=j) P(D=j), uniform
   prior: the likelihood each expert gave the sequence's earlier targets (an exclusive cumulative
-  sum of its target log-probs). At t = 0 the weights are the prior.
+  sum of its target log-probs). At t = 0 the weights are the prior, kept whole: experts tied
+  with the k-th weight are all kept, so top-k never breaks a tie by expert order.
 - c-BTM (Gururangan et al., 2023): w_j(t) = softmax_j(-|v(x_<=c) - mu_j|^2 / T), T = 0.1,
   where v is the L2-normalised TF-IDF vector (optionally through TruncatedSVD) of the decoded
   context and mu_j the mean vector of source j's training documents. Decision: the context is
@@ -40,15 +41,14 @@ WeightFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def top_k_log_weights(log_w_jbt: np.ndarray, top_k: int) -> np.ndarray:
-    """Keeps the `top_k` largest weights along axis 0 (ties: lower index first), renormalised
-    in log space; the others become -inf."""
+    """Keeps the `top_k` largest weights along axis 0, and every weight tied with the k-th
+    (so equal weights, a prior with no evidence yet, stay uniform over all experts rather than
+    falling to the first k), renormalised in log space; the others become -inf."""
     n = log_w_jbt.shape[0]
     if not 1 <= top_k <= n:
         raise ValueError(f"top_k={top_k}: must be in [1, {n}] (the number of experts)")
-    order = np.argsort(-log_w_jbt, axis=0, kind="stable")
-    keep = np.zeros(log_w_jbt.shape, bool)
-    np.put_along_axis(keep, order[:top_k], True, axis=0)
-    kept = np.where(keep, log_w_jbt, -np.inf)
+    kth = -np.partition(-log_w_jbt, top_k - 1, axis=0)[top_k - 1]
+    kept = np.where(log_w_jbt >= kth, log_w_jbt, -np.inf)
     return kept - logsumexp(kept, axis=0, keepdims=True)
 
 
@@ -63,7 +63,8 @@ def btm_log_weights(logp_jbt: np.ndarray, log_prior_j: np.ndarray | None = None)
     logp = np.asarray(logp_jbt, np.float64)
     n = logp.shape[0]
     prior = np.full(n, -np.log(n)) if log_prior_j is None else np.asarray(log_prior_j, np.float64)
-    prefix = np.cumsum(logp, axis=-1) - logp  # exclusive: targets before t
+    zero = np.zeros(logp.shape[:-1] + (1,))
+    prefix = np.concatenate([zero, np.cumsum(logp, axis=-1)[..., :-1]], axis=-1)  # targets < t
     log_post = prior[:, None, None] + prefix
     return log_post - logsumexp(log_post, axis=0, keepdims=True)
 
