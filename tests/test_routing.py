@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-from moesaic.routing import registry, report
+from moesaic.routing import contrast, registry, report
 from moesaic.routing.ridge import solve_layer
 
 L, D = 2, 6
@@ -152,3 +152,17 @@ def test_contrast_rows_score_the_margin_against_the_public_expert():
     np.testing.assert_allclose(shifted.bias[:, 1:], built.bias[:, 1:] - 1.5, rtol=1e-6)
     with pytest.raises(ValueError, match="public data"):
         registry.get("contrast")(inputs_from(xs, public=False))
+
+
+def test_contrast_keeps_the_margin_where_the_bias_clamp_would_bind():
+    """A party mean shorter than the public one along the boundary needs a positive bias, which
+    the model clamps to 0; the row is then rebuilt so both scores still hold, with bias 0."""
+    rng = np.random.default_rng(0)
+    public = rng.standard_normal((3, D)) * 4
+    own = 0.4 * public + 0.5 * rng.standard_normal((3, D))
+    own[0] = public[0] + rng.standard_normal(D)  # layer 0: no clamp needed
+    row, bias = contrast.contrast_rows(own, public, margin=2.0)
+    assert np.all(bias <= 0) and bias[0] < 0 and np.all(bias[1:] == 0)
+    effective = np.minimum(bias, 0)  # what the model applies
+    np.testing.assert_allclose(np.sum(row * own, -1) + effective, 2.0, atol=1e-9)
+    np.testing.assert_allclose(np.sum(row * public, -1) + effective, -2.0, atol=1e-9)

@@ -4,12 +4,15 @@ For party i with mean router input m_i and the public data's mean m_pub (every p
 compute m_pub: public data is public):
 
     row_i  = 2 * margin * (m_i - m_pub) / |m_i - m_pub|^2
-    bias_i = min(-row_i . (m_i + m_pub) / 2, 0)
+    bias_i = -row_i . (m_i + m_pub) / 2
 
 so an average token of party i scores +margin against the public expert (whose row is 0) and
-an average public token -margin. Subtracting m_pub removes the large component every hidden
-state shares, which is what makes plain centroids nearly parallel (cosine ~0.98 measured on
-the embedded corpora). The same rows initialise a branch's own router row
+an average public token -margin. FlexOlmo's model clamps a party's bias to min(b, 0); where
+that bias would be positive (m_i shorter than m_pub along the row), the row is instead the
+shortest one in span{m_i, m_pub} with row . m_i = +margin and row . m_pub = -margin, and the
+bias 0, so the two scores hold in every layer. Subtracting m_pub removes the large component
+every hidden state shares, which is what makes plain centroids nearly parallel (cosine ~0.98
+measured on the embedded corpora). The same rows initialise a branch's own router row
 (config.branch.router_init = "contrast"), and as a merge-time router they need no training.
 Options: `margin` (default 2.0); `selectivity` (default 0.0), subtracted from every party's
 bias (FlexOlmo's negative bias made explicit: a party's expert then wins over the public one
@@ -25,13 +28,20 @@ from moesaic.routing.registry import Router, RouterInputs, base_rows_within
 
 def contrast_rows(own_mean_ld: np.ndarray, public_mean_ld: np.ndarray, margin: float
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """((L, D) row, (L,) bias <= 0) of one party against public data."""
+    """((L, D) row, (L,) bias <= 0) of one party against public data: the average own token
+    scores +margin, the average public token -margin, against the public expert's 0."""
     own, public = (np.asarray(m, np.float64) for m in (own_mean_ld, public_mean_ld))
     delta = own - public
     norm2 = np.maximum(np.sum(delta * delta, axis=-1, keepdims=True), 1e-24)
     row = delta * (2.0 * margin / norm2)
-    bias = np.minimum(-np.sum(row * (own + public) / 2, axis=-1), 0.0)
-    return row, bias
+    bias = -np.sum(row * (own + public) / 2, axis=-1)
+    for layer in np.flatnonzero(bias > 0):  # the clamp min(b, 0) would move the boundary
+        basis = np.stack([own[layer], public[layer]])
+        gram = basis @ basis.T
+        if np.linalg.cond(gram) < 1e12:  # parallel means: keep the clamped boundary
+            row[layer] = np.linalg.solve(gram, [margin, -margin]) @ basis
+            bias[layer] = 0.0
+    return row, np.minimum(bias, 0.0)
 
 
 def build(inputs: RouterInputs) -> Router:
