@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -96,3 +97,16 @@ def test_rerun_skips_finished_stages(smoke, capsys):
     assert again == results
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("done before") == len(demo.stage_names())
+
+
+def test_rerun_after_an_interrupted_soups_stage_writes_only_what_is_missing(smoke):
+    """The soups stage writes five checkpoints before its `done` mark; a run stopped between
+    them resumes without tripping over the soups already written."""
+    workdir, results = smoke
+    soups = workdir / "soups"
+    kept = (soups / "uniform" / "meta.json").stat().st_mtime_ns
+    (soups / "done").unlink()
+    shutil.rmtree(soups / "weighted-math")
+    assert demo.run_demo(workdir, "smoke") == results
+    assert (soups / "done").exists() and (soups / "weighted-math" / "meta.json").exists()
+    assert (soups / "uniform" / "meta.json").stat().st_mtime_ns == kept

@@ -243,11 +243,12 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default",
         public, [branches[d]], router="learned-rows", top_k=2, out=w / "alone" / d,
         log=tqdm.write)) for d in DOMAINS}
 
-    def make_soups():
-        baselines.soup([dense[d] for d in DOMAINS], w / "soups" / "uniform", log=tqdm.write)
-        for d in DOMAINS:
-            baselines.soup([dense[e] for e in DOMAINS], w / "soups" / f"weighted-{d}",
-                           sample_bt1=_sample(data, d, preset), log=tqdm.write)
+    def make_soups():  # five soups, one stage: a re-run keeps the soups already written
+        for name, domain in [("uniform", None)] + [(f"weighted-{d}", d) for d in DOMAINS]:
+            if not io.is_complete(w / "soups" / name):
+                sample = None if domain is None else _sample(data, domain, preset)
+                baselines.soup([dense[e] for e in DOMAINS], w / "soups" / name,
+                               sample_bt1=sample, log=tqdm.write)
         (w / "soups" / "done").write_text("ok\n")
     stages.run("soups", w / "soups" / "done", make_soups)
     btx_path = stages.run("btx", w / "btx", lambda: baselines.btx(
