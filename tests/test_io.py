@@ -1,9 +1,13 @@
-"""Model checkpoints: round trip, single tensors, and relative paths (orbax wants absolute ones;
-the README's `make demo` passes a relative workdir)."""
+"""Model checkpoints: round trip, single tensors, relative paths (orbax wants absolute ones;
+the README's `make demo` passes a relative workdir), and overwrites killed at every step."""
 
 from __future__ import annotations
 
+import pathlib
+import shutil
+
 import numpy as np
+import pytest
 from flax import nnx
 
 from moesaic.model import Decoder, ModelConfig, io
@@ -24,3 +28,70 @@ def test_round_trip_under_a_relative_path(tmp_path, monkeypatch):
     router = io.load_tensors("runs/model", ["blocks/ffn/router"])["blocks/ffn/router"]
     np.testing.assert_array_equal(router, before["blocks/ffn/router"])
     assert io.TensorReader("runs/model", "blocks/ffn/w_gate").rows_per_chunk == 1
+
+
+def _flat(value):
+    return {"blocks/w": np.full((3, 4), value, np.float32), "embed": np.arange(5.0) + value}
+
+
+def _which(path):
+    """The value the checkpoint at `path` was written with, after checking it is whole."""
+    meta = io.read_meta(path)
+    flat = io.load_tensors(path, io.tensor_metadata(path))
+    assert io.fingerprint(flat) == meta["fingerprint"]
+    for name, array in _flat(meta["value"]).items():
+        np.testing.assert_array_equal(flat[name], array)
+    return meta["value"]
+
+
+def test_overwrite_killed_while_deleting_the_old_checkpoint(tmp_path, monkeypatch):
+    """A kill while the replaced checkpoint is being deleted leaves PATH the new checkpoint,
+    whole; the half-deleted old one is not accepted as a checkpoint."""
+    path = tmp_path / "ckpt"
+    io.save(path, _flat(1.0), {"kind": "x", "value": 1.0})
+    real_rmtree = shutil.rmtree
+
+    def killed_rmtree(target, ignore_errors=False):
+        target = pathlib.Path(target)
+        if target.name.endswith(".partial"):
+            return real_rmtree(target, ignore_errors=ignore_errors)
+        files = sorted((p for p in (target / io.PARAMS).rglob("*") if p.is_file()),
+                       key=lambda p: p.stat().st_size)
+        files[-1].unlink()  # half deleted, meta.json still there
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(io.shutil, "rmtree", killed_rmtree)
+    for save in (io.save, lambda p, flat, meta, **kw: io.save_streaming(p, {
+            n: io.TensorSource(a.shape, a.dtype, lambda a=a: [a]) for n, a in flat.items()},
+            meta, **kw)):
+        with pytest.raises(KeyboardInterrupt):
+            save(path, _flat(2.0), {"kind": "x", "value": 2.0}, overwrite=True)
+        assert _which(path) == 2.0
+        aside = io.aside_path(path)
+        assert (aside / io.META).is_file() and not io.is_complete(aside)
+        with pytest.raises(ValueError, match="not a complete"):
+            io.read_meta(aside)
+        monkeypatch.setattr(io.shutil, "rmtree", real_rmtree)
+        io.save(path, _flat(1.0), {"kind": "x", "value": 1.0}, overwrite=True)
+        assert _which(path) == 1.0 and not aside.exists()
+        monkeypatch.setattr(io.shutil, "rmtree", killed_rmtree)
+
+
+def test_overwrite_killed_between_the_renames_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt"
+    io.save(path, _flat(1.0), {"kind": "x", "value": 1.0})
+    real_rename = pathlib.Path.rename
+
+    def rename(self, target):
+        if self.name.endswith(".partial"):
+            raise KeyboardInterrupt("killed")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        io.save(path, _flat(2.0), {"kind": "x", "value": 2.0}, overwrite=True)
+    monkeypatch.setattr(pathlib.Path, "rename", real_rename)
+    assert not path.exists()  # never a mix: the old one is aside, whole
+    assert not io.is_complete(path.with_name("ckpt.partial"))
+    real_rename(io.aside_path(path), path)
+    assert _which(path) == 1.0

@@ -329,3 +329,104 @@ def test_cli_merge_remove_add_and_refusal(world, tmp_path, capsys):
     code = main(["merge", "--base", str(world["base"]), "--branch", str(b["code"]),
                  "--router", "ridge", "--out", str(tmp_path / "ridge")])
     assert code == 2 and "--public-stats" in capsys.readouterr().err
+
+
+def _rewrite(path, out, change):
+    """A copy of the checkpoint at `path` with tensors changed and its meta.json as it was
+    (recorded fingerprints included): what editing the files in place would give."""
+    flat = all_tensors(path)
+    change(flat)
+    io.save(out, flat, io.read_meta(path))
+    return out
+
+
+def test_refuses_party_tensors_modified_after_they_were_written(world, tmp_path):
+    b = world["branches"]
+
+    def bump(name, index=None):
+        def change(flat):
+            flat[name] = flat[name].copy()
+            if index is None:
+                flat[name] += 1
+            else:
+                flat[name][:, index] += 1
+        return change
+    code = _rewrite(b["code"], tmp_path / "code", bump("blocks/ffn/w_up"))
+    _expect_refusal(world, tmp_path, [code, b["math"]],
+                    r"branch 'code'.*do not match the fingerprint")
+    kw = dict(router="ridge", top_k=2, public_stats=world["public"], log=lambda s: None)
+    fuse.merge_paths(world["base"], [b["code"], b["math"], b["law"]], out=tmp_path / "m", **kw)
+    slot = _rewrite(tmp_path / "m", tmp_path / "m_slot", bump("blocks/ffn/w_up", 1))
+    with pytest.raises(MergeRefused, match=r"branch 'code' \(.*m_slot\).*do not match the "
+                                           r"fingerprint"):
+        fuse.remove(slot, "math", out=tmp_path / "r", log=lambda s: None)
+    stats = _rewrite(tmp_path / "m", tmp_path / "m_stats", bump("stats/law/x_sum"))
+    with pytest.raises(MergeRefused, match=r"branch 'law'.*do not match the fingerprint"):
+        fuse.add(stats, [], out=tmp_path / "a", log=lambda s: None)
+    public = _rewrite(tmp_path / "m", tmp_path / "m_pub", bump("stats/public/xtx"))
+    with pytest.raises(MergeRefused, match=r"public stats .*m_pub.*recorded fingerprint"):
+        fuse.remove(public, "math", out=tmp_path / "r", log=lambda s: None)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "a").exists()
+    meta = fuse.remove(tmp_path / "m", "math", out=tmp_path / "r", log=lambda s: None)
+    assert meta["merge"]["public_stats_fingerprint"] == io.read_meta(world["public"])[
+        "fingerprint"]
+
+
+def test_refuses_a_merged_base(world, tmp_path):
+    """A merged model as --base would keep only its base and silently drop its parties; a
+    branch trained from one could never be merged."""
+    import ml_collections
+
+    from moesaic.branch_train import base_model
+
+    b = world["branches"]
+    fuse.merge_paths(world["base"], [b["code"], b["math"]], router="learned-rows", top_k=2,
+                     out=tmp_path / "m", log=lambda s: None)
+    with pytest.raises(MergeRefused, match=r"merged checkpoint.*drop its parties \['code', "
+                                           r"'math'\].*moesaic merge add"):
+        fuse.merge_paths(tmp_path / "m", [b["law"]], router="learned-rows", top_k=2,
+                         out=tmp_path / "o", log=lambda s: None)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="'merged' checkpoint; a branch starts from"):
+        base_model.read_base(tmp_path / "m", ml_collections.ConfigDict({"model": {}}))
+
+
+def test_remove_names_an_inherited_top_k(world, tmp_path):
+    b = world["branches"]
+    fuse.merge_paths(world["base"], [b["code"], b["math"]], router="learned-rows", top_k=3,
+                     out=tmp_path / "m", log=lambda s: None)
+    with pytest.raises(MergeRefused, match=r"^the merged model's top_k 3 exceeds the 2 experts "
+                                           r"left.*pass --top-k$"):
+        fuse.remove(tmp_path / "m", "math", out=tmp_path / "r", log=lambda s: None)
+    with pytest.raises(MergeRefused, match=r"^--top-k 3: the merged model has 2 experts"):
+        fuse.remove(tmp_path / "m", "math", out=tmp_path / "r", top_k=3, log=lambda s: None)
+    meta = fuse.remove(tmp_path / "m", "math", out=tmp_path / "r", top_k=2, log=lambda s: None)
+    assert meta["router"]["top_k"] == 2
+
+
+def test_public_stats_of_another_shape_are_named(world, tmp_path):
+    stats, n = synthetic_stats(CFG.replace(d_model=16), 3)
+    io.save(tmp_path / "small", stats, {"kind": "router_stats", "stats_tokens": n})
+    with pytest.raises(MergeRefused, match=r"public stats .*small: tensor 'stats/x_sum' has "
+                                           r"shape \(2, 16\).*computed under a model of another"):
+        fuse.merge_paths(world["base"], [world["branches"]["code"]], router="ridge", top_k=1,
+                         out=tmp_path / "o", public_stats=tmp_path / "small",
+                         log=lambda s: None)
+
+
+def test_cli_refuses_top_k_below_one(world, tmp_path, capsys):
+    from moesaic.launch.cli import main
+    for value in ("0", "-1"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["merge", "--base", str(world["base"]), "--branch",
+                  str(world["branches"]["code"]), "--router", "learned-rows", "--top-k", value,
+                  "--out", str(tmp_path / "m")])
+        assert exit_.value.code == 2 and "at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    code = main(["merge", "--base", str(world["base"]), "--branch",
+                 str(world["branches"]["code"]), "--router", "learned-rows", "--out",
+                 str(tmp_path / "m")])
+    assert code == 0
+    code = main(["merge", "--base", str(tmp_path / "m"), "--router", "centroid",
+                 "--public-data", str(tmp_path / "no_data"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "merge add" in capsys.readouterr().err

@@ -85,6 +85,31 @@ def test_btx_stacks_ffns_and_averages_the_rest(dense, tmp_path):
         baselines.soup([a, a], tmp_path / "z", log=print)
 
 
+def test_btx_refuses_routers_that_need_a_public_expert(dense, tmp_path, capsys):
+    """contrast scores parties against a public expert BTX has none of: refused by name, not a
+    crash whose advice (--public-stats) btx cannot follow."""
+    from moesaic.launch.cli import main
+
+    _, (a, b) = dense
+    with pytest.raises(MergeRefused, match="btx: contrast .*public expert"):
+        baselines.btx([a, b], tmp_path / "c", router="contrast", top_k=1, log=print)
+    argv = ["merge", "btx", "--branch", str(a), "--branch", str(b), "--out", str(tmp_path / "c")]
+    assert main([*argv, "--router", "contrast"]) == 2
+    assert "public expert" in capsys.readouterr().err
+    assert main([*argv, "--router", "centroid", "--public-stats", str(a)]) == 2
+    assert "takes no --public-stats" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_dense_branch_modified_after_it_was_written_is_refused(dense, tmp_path):
+    _, (a, b) = dense
+    flat = _params(b)
+    flat["blocks/attn/q"] = flat["blocks/attn/q"] + 1
+    io.save(tmp_path / "b", flat, io.read_meta(b))  # the recorded fingerprint kept
+    with pytest.raises(MergeRefused, match=r"dense branch 'math'.*recorded fingerprint"):
+        baselines.soup([a, tmp_path / "b"], tmp_path / "s", log=print)
+
+
 def test_tune_router_trains_rows_only(tmp_path):
     base = make_base(tmp_path / "base")
     branches = [make_branch(base, tmp_path / s, s, i) for i, s in enumerate(["code", "law"])]

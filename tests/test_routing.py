@@ -20,7 +20,7 @@ def class_data(seed, n=300, classes=3):
     return [centres[c] + rng.standard_normal((L, n, D)) for c in range(classes)], centres
 
 
-def inputs_from(xs, *, public=True, base_rows=None, options=None, rows=None):
+def inputs_from(xs, *, public=True, base_rows=None, options=None, rows=None, base_bias=None):
     """xs[0] is public data, xs[1:] the parties."""
     def stat(x, name, layer):
         xl = x[layer]
@@ -32,7 +32,7 @@ def inputs_from(xs, *, public=True, base_rows=None, options=None, rows=None):
     rows = rows if rows is not None else [np.full((L, D), i + 1.0) for i in range(len(parties))]
     return registry.RouterInputs(
         n_layers=L, d_model=D, sources=sources, base_experts=eb, base_rows=base_rows,
-        base_bias=None, party_rows=lambda i: rows[i], party_bias=lambda i: -np.ones(L) * i,
+        base_bias=base_bias, party_rows=lambda i: rows[i], party_bias=lambda i: -np.ones(L) * i,
         party_stat=lambda i, s, layer: stat(parties[i], s, layer),
         party_tokens=[x.shape[1] for x in parties],
         public_stat=(lambda s, layer: stat(xs[0], s, layer)) if public else None,
@@ -86,15 +86,27 @@ def test_centroid_rows_are_normalised_means():
 
 
 def test_moe_base_keeps_its_own_routing_among_base_experts():
+    """Rows centred and the base's biases kept: the base experts' logits differ from the base
+    router's by one shift per token, so the base's choice among them is unchanged."""
     xs, _ = class_data(4)
     base_rows = np.random.default_rng(5).standard_normal((L, 3, D)).astype(np.float32)
-    for kind in ("centroid", "ridge"):
-        router = registry.get(kind)(inputs_from(xs, base_rows=base_rows))
+    base_bias = np.array([[0.3, -0.5, -1.0], [0.0, -2.0, -0.1]], np.float32)
+    for kind in ("centroid", "ridge", "contrast"):
+        router = registry.get(kind)(inputs_from(xs, base_rows=base_rows, base_bias=base_bias))
         assert router.rows.shape == (L, 3 + 2, D)
+        np.testing.assert_array_equal(router.bias[:, :3], base_bias)
         x = np.random.default_rng(6).standard_normal((10, D))
-        got = x @ router.rows[0, :3].T
-        want = x @ base_rows[0].T
-        np.testing.assert_allclose(got - got[:, :1], want - want[:, :1], rtol=1e-4, atol=1e-4)
+        for layer in range(L):
+            got = x @ router.rows[layer, :3].T + np.minimum(router.bias[layer, :3], 0)
+            want = x @ base_rows[layer].T + np.minimum(base_bias[layer], 0)
+            np.testing.assert_allclose(got - got[:, :1], want - want[:, :1], rtol=1e-4,
+                                       atol=1e-4)
+
+
+def test_base_rows_within_gives_no_rows_without_base_experts():
+    inputs = inputs_from(class_data(9)[0])
+    inputs.base_experts, inputs.sources = 0, inputs.sources[1:]
+    assert registry.base_rows_within(inputs, np.ones((L, D))).shape == (L, 0, D)
 
 
 def test_random_rows_depend_on_source_not_slot():
@@ -129,10 +141,26 @@ def test_report_flags_parallel_rows():
     assert warnings == [] and reports[0]["condition_number"] == pytest.approx(1.0)
     assert reports[0]["max_cosine"] == pytest.approx(0.0)
     parallel = orthogonal.copy()
-    parallel[1, 2] = parallel[1, 1] * 2 + 1e-3 * parallel[1, 0]
+    parallel[1, 2] = parallel[1, 1] * 1.001
     reports, warnings = report.routing_report(parallel, ["a", "b", "c"])
     assert len(warnings) == 1 and "layer 1" in warnings[0] and "'b' and 'c'" in warnings[0]
     assert reports[1]["condition_number"] > 1e3
+    # an affine combination of the others cannot be preferred cleanly, parallel or not
+    affine = orthogonal.copy()
+    affine[1, 2] = 2 * affine[1, 1] - affine[1, 0] + 1e-4 * np.eye(D)[3]
+    reports, warnings = report.routing_report(affine, ["a", "b", "c"])
+    assert warnings == [] and reports[1]["condition_number"] > 1e3
+
+
+def test_report_condition_ignores_a_shared_shift():
+    """A zero public row (learned-rows over a dense base, contrast) is not singular: softmax
+    ignores a shift all rows share, and so does the condition number."""
+    rows = np.zeros((1, 3, D))
+    rows[0, 1, 0], rows[0, 2, 1] = 1.0, 2.0
+    (zero_public,), _ = report.routing_report(rows, ["public", "a", "b"])
+    (shifted,), _ = report.routing_report(rows + np.arange(D), ["public", "a", "b"])
+    assert np.isfinite(zero_public["condition_number"]) and zero_public["condition_number"] < 5
+    assert shifted["condition_number"] == pytest.approx(zero_public["condition_number"])
 
 
 def test_contrast_rows_score_the_margin_against_the_public_expert():

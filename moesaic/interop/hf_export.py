@@ -194,9 +194,7 @@ def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (partial / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
     _write_tokenizer(cfg, partial, log)
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    io.commit(partial, out)  # an existing OUT is replaced whole, never left half deleted
     log(f"export-hf: wrote {out}: FlexOlmoForCausalLM E={cfg.n_experts} top_k={cfg.top_k}, "
         f"{len(plan.entries)} tensors, {total / 2**20:.1f} MiB in {len(groups)} file(s)")
     return config

@@ -6,11 +6,13 @@
   or `inverse` weights w_i = (1 / loss_i) / sum_j (1 / loss_j) (gentler).
 - BTX-style (Sukhbaatar et al.): each branch's FFN becomes an expert, every other tensor is
   the uniform mean, the router is built by a chosen kind (centroid / ridge need the
-  branches' stats/ tensors; random needs nothing). No public expert: the experts are the
-  branches, so there is no remove/add for it.
+  branches' stats/ tensors; random needs nothing; learned-rows and contrast are refused:
+  dense branches train no rows, and contrast needs a public expert). No public expert: the
+  experts are the branches, so there is no remove/add for it.
 
 Both stream a layer of one tensor at a time, like the merge, and check their inputs the same
-way (committed, unique sources, same shapes and dtypes, finite, same base).
+way (committed, unique sources, same shapes and dtypes, finite, same base, tensors matching
+the recorded fingerprint).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from moesaic.merge import sources as src
 from moesaic.merge.sources import FFN_EXPERT, STAT_NAMES, MergeRefused, View
-from moesaic.merge.verify import check_finite, check_unique
+from moesaic.merge.verify import check_unique, scan
 from moesaic.model import io
 from moesaic.model.transformer import lm_loss
 from moesaic.routing import registry, report
@@ -63,7 +65,11 @@ def open_dense(paths) -> list[DenseBranch]:
             if got.shape != ref.shape or got.dtype != ref.dtype:
                 raise MergeRefused(f"{label}: tensor {name!r} is {got.dtype}{got.shape}, "
                                    f"{first.source!r} has {ref.dtype}{ref.shape}")
-            check_finite(label, got)
+        hashes = {name: scan(label, view) for name, view in sorted(b.tensors.items())}
+        if io.fingerprint_of_hashes(hashes) != b.meta.get("fingerprint"):
+            raise MergeRefused(f"{label}: its tensors do not match its recorded fingerprint "
+                               f"{str(b.meta.get('fingerprint'))[:12]}...; the checkpoint was "
+                               f"modified after it was written")
     return branches
 
 
@@ -134,6 +140,9 @@ def btx(branch_paths, out: str | pathlib.Path, *, router: str, top_k: int,
     if router == "learned-rows":
         raise MergeRefused("btx: dense branches trained no router rows; use centroid, ridge "
                            "or random")
+    if router == "contrast":
+        raise MergeRefused("btx: contrast scores each party against the public expert, and a "
+                           "BTX model has none; use centroid, ridge or random")
     if not 1 <= top_k <= n:
         raise MergeRefused(f"--top-k {top_k}: the BTX model has {n} experts")
     needs_stats = router in ("centroid", "ridge")
@@ -151,7 +160,10 @@ def btx(branch_paths, out: str | pathlib.Path, *, router: str, top_k: int,
         party_stat=lambda i, s, layer: branches[i].tensors[f"stats/{s}"].rows(layer, layer + 1)[0],
         party_tokens=[int(b.meta.get("stats_tokens", 0)) for b in branches],
         public_stat=None, public_tokens=0, options=dict(options or {}))
-    built = registry.get(router)(inputs)
+    try:
+        built = registry.get(router)(inputs)
+    except ValueError as err:
+        raise MergeRefused(f"btx --router {router}: {err}") from None
     reports, warnings = report.routing_report(built.rows, inputs.sources)
     log(report.format_report(reports, inputs.sources))
     for w in warnings:
@@ -194,4 +206,7 @@ def soup_cli(args) -> None:
 def btx_cli(args, options: dict) -> None:
     if not args.router:
         raise MergeRefused("btx needs --router (centroid, ridge or random)")
+    if args.public_stats or args.public_data:
+        raise MergeRefused("btx: a BTX model has no public expert, so it takes no "
+                           "--public-stats / --public-data")
     btx(args.branch, args.out, router=args.router, top_k=args.top_k or 2, options=options)

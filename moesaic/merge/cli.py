@@ -6,8 +6,10 @@
     moesaic merge soup --branch D1 --branch D2 [--weights-data DIR] --out S
     moesaic merge btx --branch D1 --branch D2 --router centroid --top-k 2 --out X
 
-Router kinds: learned-rows, centroid, ridge, random (moesaic.routing). A refusal (an input
-that fails verification) prints what is wrong and where, writes nothing, and exits 2.
+Router kinds: learned-rows, centroid, ridge, random, contrast (moesaic.routing). A refusal
+(an input that fails verification) prints what is wrong and where, writes nothing, and
+exits 2. The base must be the public model the branches started from, never a merged one:
+`merge add` is how a party joins a merged model.
 """
 
 from __future__ import annotations
@@ -22,13 +24,25 @@ from moesaic.routing.registry import KINDS
 ACTIONS = ("remove", "add", "soup", "btx")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: experts per token must be at least 1")
+    return value
+
+
 def _router_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--router", choices=sorted(KINDS), required=required,
                         help="how the router rows are built")
-    parser.add_argument("--top-k", type=int, default=None, help="experts per token")
+    parser.add_argument("--top-k", type=_positive, default=None,
+                        help="experts per token (merge: 1; remove/add: the merged model's; "
+                             "btx: 2)")
     parser.add_argument("--public-stats", default=None,
                         help="checkpoint with stats/{x_sum,xtx,mean_hidden} of public data "
-                             "(the public expert's class for centroid and ridge)")
+                             "(the public expert's class for centroid, ridge and contrast)")
     parser.add_argument("--public-data", default=None,
                         help="prepared data folder: compute the public stats from its "
                              "'public' source under the base model")
@@ -88,6 +102,8 @@ def _run(args) -> None:
     if args.action == "merge":
         if not args.base or not args.router:
             raise MergeRefused("merge needs --base and --router (and --branch for each party)")
+        from moesaic.merge.sources import open_base
+        open_base(args.base)  # refuse a merged base before computing public statistics
         public, scratch = _public_stats(args, args.base)
         try:
             fuse.merge_paths(args.base, args.branch, router=args.router,

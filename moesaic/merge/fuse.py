@@ -10,7 +10,8 @@ Merged checkpoint (an io checkpoint, loadable with `io.load`):
                                      public statistics were given)
 meta.json: kind "merged", model (n_experts = base experts + parties, router_trainable False),
 experts [{"source", "fingerprint", "branch_meta"}], base_fingerprint, router {kind, top_k,
-options, inputs}, merge {base_model, base_tensors, public_stats...}, routing_report.
+options, inputs}, merge {base_model, base_tensors, public_stats, public_stats_fingerprint...},
+routing_report. `remove` and `add` check every recorded fingerprint again.
 
 Memory: one layer of one tensor at a time (io.save_streaming pulls pieces; every piece is a
 layer slice read from disk), whatever the number of parties.
@@ -88,7 +89,7 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
         raise MergeRefused(f"--top-k {top_k}: the merged model has {n_experts} experts "
                            f"({base.n_experts} base + {len(parties)} parties)")
     options = dict(options or {})
-    verify(base, parties, public)
+    public_fingerprint = verify(base, parties, public)
     try:
         built = build(router_inputs(base, parties, public, options))
     except ValueError as err:
@@ -135,7 +136,8 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
                    "inputs": built.inputs, "trainable": False},
         "merge": {"base_model": base.cfg.to_dict(), "base_tensors": sorted(base.tensors),
                   "public_stats": public is not None,
-                  "public_stats_tokens": public.tokens if public is not None else 0},
+                  "public_stats_tokens": public.tokens if public is not None else 0,
+                  "public_stats_fingerprint": public_fingerprint},
         "routing_report": [{k: v for k, v in r.items()} for r in reports],
         "routing_warnings": warnings,
     }
@@ -158,7 +160,13 @@ def _again(merged_path, parties_change, *, out, top_k=None, overwrite=False, log
     public = src.public_stats_of_merged(merged_path, meta)
     parties = parties_change(parties)
     router = meta["router"]
-    return merge(base, parties, router=router["kind"], top_k=top_k or router["top_k"],
+    n_experts = base.n_experts + len(parties)
+    if top_k is None and router["top_k"] > n_experts:
+        raise MergeRefused(f"the merged model's top_k {router['top_k']} exceeds the {n_experts} "
+                           f"experts left ({base.n_experts} base + {len(parties)} parties); "
+                           f"pass --top-k")
+    return merge(base, parties, router=router["kind"],
+                 top_k=router["top_k"] if top_k is None else top_k,
                  out=out, public=public, options=router["options"], overwrite=overwrite,
                  log=log)
 

@@ -147,6 +147,7 @@ class PublicStats:
     stats: dict[str, View]
     tokens: int
     router_input: str = "token"  # the router input the sums are of (model.router_input)
+    fingerprint: str | None = None  # as recorded, when it covers only these three tensors
 
 
 # ---- from a base checkpoint and branch artifacts ------------------------------------------
@@ -154,6 +155,10 @@ class PublicStats:
 def uncommitted_reason(path: pathlib.Path) -> str | None:
     partial = path.with_name(path.name + ".partial")
     if not path.exists():
+        aside = io.aside_path(path)
+        if aside.exists():
+            return f"{path} does not exist: an overwrite of it was interrupted (the previous " \
+                   f"checkpoint is in {aside.name}, the new one in {partial.name})"
         if partial.exists():
             return f"{path} was never committed (only {partial.name} exists: the job that " \
                    f"wrote it did not finish)"
@@ -178,7 +183,10 @@ def open_base(path: str | pathlib.Path) -> Base:
     if "model" not in meta:
         raise MergeRefused(f"base {path}: a {meta.get('kind')!r} checkpoint, not a model")
     if meta.get("kind") == "merged":
-        return base_of_merged(path, meta)
+        raise MergeRefused(f"base {path}: a merged checkpoint; a merge over it would keep only "
+                           f"its base and drop its parties {merged_parties(meta)}. To add a "
+                           f"party: moesaic merge add {path} --branch B --out OUT; to merge "
+                           f"afresh, pass the public base its parties started from")
     names = io.tensor_metadata(path)
     return Base(path, io.model_config(meta), meta["fingerprint"],
                 {n: View(path, n) for n in names}, "checkpoint")
@@ -214,11 +222,17 @@ def open_public_stats(path: str | pathlib.Path) -> PublicStats:
     missing = [f"stats/{s}" for s in STAT_NAMES if f"stats/{s}" not in stored]
     if missing:
         raise MergeRefused(f"public stats {path}: missing {missing}")
+    only_stats = set(stored) == {f"stats/{s}" for s in STAT_NAMES}
     return PublicStats(path, {s: View(path, f"stats/{s}") for s in STAT_NAMES},
-                       int(meta.get("stats_tokens", 0)), str(meta.get("router_input", "token")))
+                       int(meta.get("stats_tokens", 0)), str(meta.get("router_input", "token")),
+                       meta.get("fingerprint") if only_stats else None)
 
 
 # ---- from a merged checkpoint ---------------------------------------------------------------
+
+def merged_parties(meta: dict) -> list[str]:
+    return [e["source"] for e in meta.get("experts", []) if not e["source"].startswith(PUBLIC)]
+
 
 def base_of_merged(path: pathlib.Path, meta: dict) -> Base:
     """The base a merged checkpoint was built from: its shared tensors, its first experts,
@@ -265,7 +279,8 @@ def public_stats_of_merged(path: str | pathlib.Path, meta: dict) -> PublicStats 
     return PublicStats(pathlib.Path(path),
                        {s: View(path, f"stats/{PUBLIC}/{s}") for s in STAT_NAMES},
                        int(meta["merge"]["public_stats_tokens"]),
-                       str(meta["model"].get("router_input", "token")))
+                       str(meta["model"].get("router_input", "token")),
+                       meta["merge"].get("public_stats_fingerprint"))
 
 
 class MergeRefused(Exception):

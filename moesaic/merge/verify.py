@@ -9,8 +9,11 @@ A merge refuses (raises `MergeRefused`, naming the branch and the tensor) when:
     base tensor is missing from frozen_hashes (the branch trained it: its expert was fit to
     a shared tensor the merged model will not have);
   - a tensor's shape or dtype does not fit the base;
-  - a tensor holds NaN or Inf.
-Everything is read a layer at a time.
+  - a tensor holds NaN or Inf;
+  - a party's expert, row, bias and statistics no longer match the fingerprint the branch
+    job recorded (in its artifact, or in the merged checkpoint `remove`/`add` read it from),
+    or the public statistics of a merged checkpoint no longer match theirs.
+Everything is read a layer at a time, once: the finiteness scan also hashes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 
 from moesaic.merge.sources import (
     BIAS,
+    EXPERT_TENSORS,
     FFN_EXPERT,
     ROUTER,
     STAT_NAMES,
@@ -60,10 +64,15 @@ def check_unique(sources: list[str]) -> None:
         seen.add(source)
 
 
-def check_finite(label: str, view) -> None:
-    if not np.issubdtype(view.dtype, np.floating) and view.dtype.kind != "V":
-        return
+def scan(label: str, view) -> str:
+    """`io.tensor_hash` of a stored view, refusing NaN or Inf on the way (one read for both)."""
+    floating = np.issubdtype(view.dtype, np.floating) or view.dtype.kind == "V"
+    digest = io._hasher(view.dtype, view.shape)
     for start, piece in _pieces_with_rows(view):
+        piece = np.asarray(piece, order="C")
+        digest.update(piece.tobytes())
+        if not floating:
+            continue
         bad = ~np.isfinite(np.asarray(piece, np.float32))
         if bad.any():
             where = np.argwhere(bad)[0]
@@ -71,6 +80,7 @@ def check_finite(label: str, view) -> None:
             raise MergeRefused(f"{label}: tensor {view.name!r} holds NaN or Inf (first at "
                                f"index {tuple(int(i) for i in where)}); the job that wrote it "
                                f"diverged")
+    return digest.hexdigest()
 
 
 def _pieces_with_rows(view):
@@ -80,11 +90,11 @@ def _pieces_with_rows(view):
         start += piece.shape[0] if piece.ndim else 1
 
 
-def _check_shape(label: str, name: str, got, want_shape, want_dtype=None) -> None:
+def _check_shape(label: str, name: str, got, want_shape, want_dtype=None,
+                 why: str = "the branch was trained from a model of another shape") -> None:
     if tuple(got.shape) != tuple(want_shape):
         raise MergeRefused(f"{label}: tensor {name!r} has shape {tuple(got.shape)}, the base "
-                           f"needs {tuple(want_shape)} (the branch was trained from a model of "
-                           f"another shape)")
+                           f"needs {tuple(want_shape)} ({why})")
     if want_dtype is not None and np.dtype(got.dtype) != np.dtype(want_dtype):
         raise MergeRefused(f"{label}: tensor {name!r} has dtype {got.dtype}, the base has "
                            f"{want_dtype}")
@@ -124,8 +134,22 @@ def check_party(base: Base, hashes: dict[str, str], party: Party, row_dtype) -> 
     stat_shapes = {"x_sum": (lyr, d), "xtx": (lyr, d, d), "mean_hidden": (lyr, d)}
     for stat in STAT_NAMES:
         _check_shape(label, f"stats/{stat}", party.stats[stat], stat_shapes[stat])
-    for view in (*party.own.values(), *party.stats.values()):
-        check_finite(label, view)
+    # the artifact's fingerprint is over exactly these tensors (moesaic.branch_train.artifact)
+    own = {name: scan(label, party.own[name]) for name in EXPERT_TENSORS}
+    own.update({f"stats/{stat}": scan(label, party.stats[stat]) for stat in STAT_NAMES})
+    recorded = meta.get("fingerprint")
+    if io.fingerprint_of_hashes(own) != recorded:
+        raise MergeRefused(f"{label}: its expert, router row, bias and statistics do not match "
+                           f"the fingerprint {str(recorded)[:12]}... the branch job recorded; "
+                           f"they were modified after it wrote them (merge the artifact it "
+                           f"wrote, or train the branch again)")
+
+
+def public_fingerprint(public: PublicStats) -> str:
+    """The public statistics' fingerprint: that of a checkpoint holding only them."""
+    label = f"public stats {public.path}"
+    return io.fingerprint_of_hashes({f"stats/{stat}": scan(label, public.stats[stat])
+                                     for stat in STAT_NAMES})
 
 
 def router_dtype(base: Base, parties: list[Party]) -> np.dtype:
@@ -154,8 +178,8 @@ def router_input(base: Base, parties: list[Party], public: PublicStats | None) -
 
 
 def verify(base: Base, parties: list[Party], public: PublicStats | None = None
-           ) -> dict[str, str]:
-    """Runs every check; returns the base's per-tensor hashes."""
+           ) -> str | None:
+    """Runs every check; returns the public statistics' fingerprint (None without them)."""
     check_unique([p.source for p in parties])
     router_input(base, parties, public)
     hashes = base_hashes(base)
@@ -168,6 +192,11 @@ def verify(base: Base, parties: list[Party], public: PublicStats | None = None
                   "xtx": (cfg.n_layers, cfg.d_model, cfg.d_model)}
         for stat in STAT_NAMES:
             _check_shape(f"public stats {public.path}", f"stats/{stat}", public.stats[stat],
-                         shapes[stat])
-            check_finite(f"public stats {public.path}", public.stats[stat])
-    return hashes
+                         shapes[stat], why="they were computed under a model of another shape")
+        found = public_fingerprint(public)
+        if public.fingerprint is not None and found != public.fingerprint:
+            raise MergeRefused(f"public stats {public.path}: they do not match their recorded "
+                               f"fingerprint {public.fingerprint[:12]}...; they were modified "
+                               f"after they were written")
+        return found
+    return None

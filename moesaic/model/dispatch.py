@@ -13,7 +13,12 @@
   capacity  each expert takes at most C = ceil(T*k/E * capacity_factor) assignments, first
             choices before second ones, earlier tokens first; tokens are gathered into an
             (E, C, D) buffer, the experts run as one batched einsum, overflow is dropped and
-            counted.
+            counted. Not causal: every token of the batch (all rows) competes for the slots,
+            and a later token's first choice outranks an earlier token's second, so whether
+            a token is served can depend on later tokens and on other rows; a perplexity
+            measured under `capacity` sees them. `dropless` (the default) serves every
+            assignment, so each token's output depends only on itself and what attention
+            lets it see: causal.
 """
 
 from __future__ import annotations

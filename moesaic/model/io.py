@@ -5,7 +5,8 @@ not at all (DESIGN.md, contract 8).
     PATH/meta.json    {"kind": ..., "model": ModelConfig fields, "fingerprint": ..., ...}
 
 Everything is written under `PATH.partial` and renamed to PATH when complete: a reader either
-sees a finished checkpoint or none. Restoring takes an abstract target with the shardings of
+sees a finished checkpoint or none; overwriting renames the old PATH aside first (`commit`),
+so PATH is never a mix of the two. Restoring takes an abstract target with the shardings of
 the current mesh, so a checkpoint written on one mesh loads onto another; single tensors can
 be read alone (merges and exports stream tensor by tensor).
 """
@@ -87,8 +88,35 @@ def fingerprint(flat: Mapping[str, object]) -> str:
     return fingerprint_of_hashes({name: tensor_hash(value) for name, value in flat.items()})
 
 
-def is_complete(path: str | pathlib.Path) -> bool:
+PARTIAL, ASIDE = ".partial", ".replaced"
+
+
+def aside_path(path: str | pathlib.Path) -> pathlib.Path:
+    """Where `commit` moves the checkpoint it replaces: a hidden sibling, removed last."""
     path = pathlib.Path(path)
+    return path.with_name(f".{path.name}{ASIDE}")
+
+
+def commit(partial: pathlib.Path, path: pathlib.Path) -> None:
+    """Moves the finished `partial` to `path`. An existing `path` is renamed aside, the new
+    one renamed into place, and only then the old one deleted: killed at any step, `path`
+    is the old checkpoint or the new one, never a mix (between the two renames it is
+    missing, with the old one aside and the new one still at `partial`)."""
+    aside = aside_path(path)
+    if aside.exists():
+        shutil.rmtree(aside)
+    if path.exists():
+        path.rename(aside)
+    partial.rename(path)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def is_complete(path: str | pathlib.Path) -> bool:
+    """A committed checkpoint: meta and params, and not a folder being written (`.partial`)
+    or being deleted after an overwrite (`commit`'s aside)."""
+    path = pathlib.Path(path).absolute()
+    if path.name.endswith((PARTIAL, ASIDE)):
+        return False
     return (path / META).is_file() and (path / PARAMS).is_dir()
 
 
@@ -121,7 +149,7 @@ def save(path: str | pathlib.Path, flat: Mapping[str, jax.Array], meta: dict, *,
     path = pathlib.Path(path).absolute()  # orbax needs absolute paths
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another output or remove it")
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(path.name + PARTIAL)
     if jax.process_index() == 0 and partial.exists():
         shutil.rmtree(partial)
     multihost_utils.sync_global_devices(f"moesaic-save-start:{path}")
@@ -133,9 +161,7 @@ def save(path: str | pathlib.Path, flat: Mapping[str, jax.Array], meta: dict, *,
         checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         (partial / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        if path.exists():
-            shutil.rmtree(path)
-        partial.rename(path)
+        commit(partial, path)
     multihost_utils.sync_global_devices(f"moesaic-save-done:{path}")
 
 
@@ -215,7 +241,7 @@ def save_streaming(path: str | pathlib.Path, sources: Mapping[str, TensorSource]
     path = pathlib.Path(path).absolute()  # orbax needs absolute paths
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another output or remove it")
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(path.name + PARTIAL)
     if partial.exists():
         shutil.rmtree(partial)
     writer = _StreamingNumpyHandler()
@@ -231,9 +257,7 @@ def save_streaming(path: str | pathlib.Path, sources: Mapping[str, TensorSource]
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if path.exists():
-        shutil.rmtree(path)
-    partial.rename(path)
+    commit(partial, path)
     return hashes
 
 

@@ -9,7 +9,9 @@
                   nearest-centroid boundary against the public expert
 
 A router's rows only ever depend on its inputs in slot order, so removing or adding a party
-and building again gives the router a merge made at once would have.
+and building again gives the router a merge made at once would have. With an MoE base, the
+kinds that give the base one "public" row keep the base's choice among its own experts: its
+centred rows (`base_rows_within`) and its biases (`keep_base_bias`, applied by `get`).
 """
 
 from __future__ import annotations
@@ -63,19 +65,43 @@ class Router:
     inputs: dict  # what the rows were computed from (recorded in the merged meta)
 
 
+# kinds whose base-expert rows come from `base_rows_within`: their base slots get the base's
+# biases back (`keep_base_bias`). learned-rows keeps the base's rows and biases itself;
+# random draws fresh rows for every slot.
+KEEP_BASE_CHOICE = ("centroid", "ridge", "contrast")
+
+
 def get(kind: str) -> Callable[[RouterInputs], Router]:
     if kind not in KINDS:
         raise ValueError(f"unknown router kind {kind!r}; one of {sorted(KINDS)}")
-    return importlib.import_module(KINDS[kind]).build
+    build = importlib.import_module(KINDS[kind]).build
+    if kind not in KEEP_BASE_CHOICE:
+        return build
+    return lambda inputs: keep_base_bias(inputs, build(inputs))
 
 
 def base_rows_within(inputs: RouterInputs, public_row_ld: np.ndarray) -> np.ndarray:
     """Rows of the base's experts when the router kind gives one row to "public": every base
     expert gets that row plus its base router row minus their mean, so the base's own
-    choice among its experts is unchanged (softmax ignores a shared shift) and the kind
-    decides public versus the parties. (L, Eb, D)."""
-    public = public_row_ld[:, None, :].astype(np.float32)
-    if inputs.base_rows is None:
+    choice among its experts is unchanged (softmax ignores a shared shift; the biases are
+    kept by `keep_base_bias`) and the kind decides public versus the parties. (L, Eb, D):
+    no rows at all without base experts (BTX-style)."""
+    lyr, eb = public_row_ld.shape[0], inputs.base_experts
+    public = np.broadcast_to(public_row_ld[:, None, :], (lyr, eb, public_row_ld.shape[-1]))
+    public = public.astype(np.float32)
+    if inputs.base_rows is None or eb == 0:
         return public
     centred = inputs.base_rows - inputs.base_rows.mean(axis=1, keepdims=True)
     return public + centred.astype(np.float32)
+
+
+def keep_base_bias(inputs: RouterInputs, router: Router) -> Router:
+    """The base's experts keep the biases the base router had (the model clamps them the same
+    way in the merged model: expert 0 stays the public one), so the base's own choice among
+    its experts is unchanged; the kinds leave those slots at 0. A base without biases: 0."""
+    if inputs.base_bias is None or inputs.base_experts == 0:
+        return router
+    bias = router.bias.copy()
+    bias[:, :inputs.base_experts] = inputs.base_bias
+    return dataclasses.replace(router, bias=bias.astype(np.float32),
+                               inputs={**router.inputs, "base_bias": "the base router's"})

@@ -1,9 +1,13 @@
 """The per-layer routing report a merge prints: how distinguishable the router rows are.
 
-Per layer: the condition number of the rows (E, D) (large: some row is nearly a combination
-of the others, so no token can prefer it cleanly), the largest cosine between two rows and
-which pair. A warning names the layers where two rows are nearly parallel (cosine above
-`warn_cosine`, default 0.98): those experts will be chosen together or not at all.
+Per layer: the condition number of the rows (E, D) centred across experts (large: some row
+is nearly an affine combination of the others, so no token can prefer it cleanly). Centred,
+because softmax ignores a shift every row shares: the rows as stored would be singular by
+construction whenever one is zero (the public row of learned-rows over a dense base, and of
+contrast), whatever the others. Centring leaves rank at most E - 1, so the number is over
+the E - 1 largest singular values (NaN for one expert). Also the largest cosine between two
+rows and which pair. A warning names the layers where two rows are nearly parallel (cosine
+above `warn_cosine`, default 0.98): those experts will be chosen together or not at all.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ import numpy as np
 
 def layer_report(rows_ed: np.ndarray) -> dict:
     rows = rows_ed.astype(np.float64)
-    singular = np.linalg.svd(rows, compute_uv=False)
-    cond = float(singular[0] / singular[-1]) if singular[-1] > 0 else float("inf")
+    centred = rows - rows.mean(axis=0, keepdims=True)
+    singular = np.linalg.svd(centred, compute_uv=False)[:len(rows) - 1]
+    if not len(singular):  # one expert: nothing to tell apart
+        cond = float("nan")
+    else:
+        cond = float(singular[0] / singular[-1]) if singular[-1] > 0 else float("inf")
     norms = np.linalg.norm(rows, axis=1)
     unit = rows / np.maximum(norms, 1e-12)[:, None]
     cos = unit @ unit.T
