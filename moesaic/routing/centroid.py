@@ -6,8 +6,8 @@ The public row: the centroid of public data when public statistics are given (--
 otherwise the normalised mean of the parties' centroids, i.e. "the average domain", which
 wins on tokens that resemble no party in particular. With an MoE base, every base expert
 gets the public row plus its centred base row (`registry.base_rows_within`). Without base
-experts (BTX-style) only the parties' rows. Biases are 0.
-Option `scale` (default 1) multiplies every row (a temperature for the softmax).
+experts (BTX-style) only the parties' rows. The parties' biases are 0 (an MoE base keeps
+its own). Option `scale` (default 1) multiplies every row (a temperature for the softmax).
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ so the parties contribute sums, never data. lambda = ridge_lambda * trace(X^T X)
 scale). The public class needs statistics of public data (--public-stats or
 --public-data); with an MoE base each base expert gets the public row plus its centred base
 row (`registry.base_rows_within`); without base experts (BTX-style) the classes are the
-parties only. Biases are 0; option `scale` (default 1) multiplies the
-rows. Sums run in float64, in slot order, so the result is a pure function of the inputs.
+parties only. The parties' biases are 0 (an MoE base keeps its own); option `scale`
+(default 1) multiplies the rows. Sums run in float64, in slot order, so the result is a pure
+function of the inputs.
 """
 
 from __future__ import annotations
