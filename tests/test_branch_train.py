@@ -258,3 +258,70 @@ def test_branch_mixture_replays_public_data_when_asked():
     config.branch.public_mix = 1.5
     with pytest.raises(ValueError, match="public_mix=1.5"):
         trainer.job_mixture(config, "branch")
+
+
+def test_resume_with_other_data_or_optimizer_settings_is_refused(data, dense_base, code_branch,
+                                                                 tmp_path):
+    workdir = code_branch[1]  # a finished 6-step code branch
+    before = (workdir / "artifact" / "meta.json").read_text()
+    lr = tiny_config().train.lr
+    config = tiny_config("source=math", train__lr=lr / 2)
+    config.seed = 5
+    with pytest.raises(ValueError) as err:
+        train(config, _job("branch", workdir, data, dense_base))
+    message = str(err.value)
+    for diff in ("branch.source: checkpoint 'code', config 'math'", "seed: checkpoint 0, "
+                 "config 5", f"train.lr: checkpoint {lr!r}, config {lr / 2!r}"):
+        assert diff in message
+    assert "train.steps" not in message
+    with pytest.raises(ValueError, match=r"train.steps: checkpoint 6, config 8 \(the learning "
+                                         "rate decays over train.steps"):
+        train(tiny_config("source=code", train__steps=8), _job("branch", workdir, data,
+                                                                 dense_base))
+    with pytest.raises(ValueError, match=r"branch.public_mix: checkpoint 0.0, config 0.25"):
+        train(tiny_config("source=code", branch__public_mix=0.25),
+              _job("branch", workdir, data, dense_base))
+    other = tmp_path / "other"  # the same source name over other text
+    shutil.copytree(data, other)
+    shutil.rmtree(other / "code")
+    from moesaic.data.prepare import write_source
+    from moesaic.data.tokenizer import BYTES
+    write_source(other, "code", {"train": lambda: ["x = 1\n" * 40, "y = 2\n" * 50],
+                                 "heldout": lambda: ["z = 3\n" * 30]},
+                 tokenizer=BYTES, origin={"kind": "test"})
+    with pytest.raises(ValueError, match=r"data source 'code': content hash \w+ at the "
+                                         r"checkpoint, \w+ in this job's data folder"):
+        train(tiny_config("source=code"), _job("branch", workdir, other, dense_base))
+    assert (workdir / "artifact" / "meta.json").read_text() == before
+    # what does not change the batches or the optimizer's path may change
+    again = train(tiny_config("source=code", train__log_every=3, train__keep=1),
+                  _job("branch", workdir, data, dense_base, write_output=False))
+    assert again.step == 6 and again.losses == {}
+
+
+def test_trained_router_bias_stays_on_the_clamp_side_and_can_move(data, dense_base, tmp_path):
+    # On math at this lr the data first pushes the own bias up: min(b, 0) then has gradient 0,
+    # and a bias left positive (0.04 and 0.02 before the projection) never came back.
+    config = tiny_config("source=math", branch__router_init="mean_hidden", train__lr=1e-2,
+                         train__steps=24, train__ckpt_every=24, train__log_every=24)
+    result = train(config, _job("branch", tmp_path, data, dense_base, write_output=False))
+    bias = np.asarray(result.trainable["blocks/ffn/bias"])
+    assert bias.shape == (2, 1) and np.all(bias <= 0), bias
+    assert bias.min() < -1e-3, bias  # it still learns: the data later pushes it down
+    assert np.all(np.asarray(result.frozen["blocks/ffn/bias"]) == 0)  # the public expert's
+
+
+def test_frozen_patterns_that_a_branch_would_overrule_or_drop_are_refused(data, dense_base,
+                                                                          tmp_path):
+    from moesaic.configs.common import DEFAULT_FROZEN
+
+    with pytest.raises(ValueError, match=r"leaves \['blocks/attn/k', .*\] trainable.*"
+                                         "trained and then dropped"):
+        train(tiny_config("source=code", branch__frozen=(r"^embed$", r"^lm_head$")),
+              _job("branch", tmp_path / "a", data, dense_base))
+    with pytest.raises(ValueError, match=r"'\^blocks/ffn/router\$' matches "
+                                         r"'blocks/ffn/router'"):
+        train(tiny_config("source=code", branch__frozen=(*DEFAULT_FROZEN,
+                                                         r"^blocks/ffn/router$")),
+              _job("branch", tmp_path / "b", data, dense_base))
+    assert not (tmp_path / "a" / "ckpt").exists() and not (tmp_path / "b" / "ckpt").exists()

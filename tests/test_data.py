@@ -310,3 +310,111 @@ def test_cli_prepare(tmp_path, capsys):
     assert cli.main(["data", "prepare", "--source", "c=/nonexistent/x", "--out",
                      str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---- hidden files, document limits, special tokens, error context -------------------------------
+
+def _returns_within(fn, seconds: float = 20.0):
+    """fn()'s result or exception, failing (not hanging) when it does not return in time."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{fn} did not return in {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_hidden_files_and_folders_are_skipped_unless_the_glob_names_them(tmp_path):
+    src = _text_folder(tmp_path / "src", 20)
+    _write_tree(src, {".env": "API_KEY=hunter2\n",
+                      ".git/config": "[user]\n  name = Ada Author\n",
+                      ".git/logs/HEAD": "0000 1111 Ada Author <ada@example.com> commit\n",
+                      "sub/.secret.txt": "token 1234\n",
+                      ".github/workflows/ci.yml": "name: ci workflow\n"})
+    (m,) = prepare.prepare([f"a={src}"], tmp_path / "out", heldout_fraction=0.2)
+    skipped = {s["file"]: s["reason"] for s in m["skipped"]}
+    assert set(skipped) == {".env", ".git/", ".github/", "sub/.secret.txt"}
+    assert skipped[".git/"].startswith("hidden folder, 2 file(s) not read")
+    assert skipped[".env"].startswith("hidden file") and m["num_skipped"] == 4
+    texts = [bytes(d.astype(np.uint8)).decode() for split in ("train", "heldout")
+             for d in documents(tmp_path / "out", "a", split)]
+    assert len(texts) == 20 and not any("Ada" in t or "hunter2" in t or "1234" in t
+                                        for t in texts)
+    # a glob part that starts with '.' names hidden paths; `*` and `**` do not
+    log = sources.ReadLog()
+    docs = list(sources.read_source(src, log, glob=".github/**/*"))
+    assert docs == ["name: ci workflow\n"] and log.skipped == []
+    log = sources.ReadLog()
+    assert sorted(sources.read_source(src, log, glob="**/.*")) == [
+        "API_KEY=hunter2\n", "token 1234\n"]
+    assert not sources.glob_names_hidden((".git", "config"), "**/.*")
+
+
+def test_max_doc_bytes_below_one_character_is_refused(tmp_path, capsys):
+    for text, limit in (("abc\n", 0), ("ééé\n", 1), ("😀😀\n", 3)):
+        with pytest.raises(ValueError, match=f"max_bytes {limit}: must be an integer of at "
+                                             "least 4"):
+            _returns_within(lambda t=text, n=limit: sources.cut_document(t, n))
+    assert _returns_within(lambda: sources.cut_document("😀😀\n", 4)) == ["😀", "😀", "\n"]
+    src = _text_folder(tmp_path / "src")
+    with pytest.raises(ValueError, match="--max-doc-bytes 3: must be an integer of at least 4"):
+        _returns_within(lambda: prepare.prepare([f"a={src}"], tmp_path / "out",
+                                                max_doc_bytes=3))
+    argv = ["data", "prepare", "--source", f"a={src}", "--out", str(tmp_path / "out"),
+            "--max-doc-bytes", "0"]
+    assert _returns_within(lambda: cli.main(argv)) == 2
+    assert "--max-doc-bytes 0: must be an integer of at least 4" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _byte_level_tokenizer(path: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["see the words here and there"] * 5, trainer)
+    tok.save(str(path))
+    return path
+
+
+def test_special_token_text_in_a_document_stays_text(tmp_path):
+    tok = load_tokenizer(str(_byte_level_tokenizer(tmp_path / "tokenizer.json")))
+    text = "see <|endoftext|> here <pad>"
+    ids = tok.encode(text)
+    assert tok.eos_id == 0 and tok.pad_id == 1
+    assert tok.eos_id not in ids and tok.pad_id not in ids
+    assert tok.decode(ids) == text
+    src = _write_tree(tmp_path / "src", {f"d{i}.txt": f"doc {i} ends <|endoftext|> not\n"
+                                         for i in range(20)})
+    prepare.prepare([f"h={src}"], tmp_path / "out", tokenizer=str(tmp_path / "tokenizer.json"),
+                    heldout_fraction=0.2)
+    for split in ("train", "heldout"):
+        for doc in documents(tmp_path / "out", "h", split):
+            assert tok.eos_id not in doc and "<|endoftext|>" in tok.decode(doc)
+
+
+def test_errors_name_the_source_and_the_recorded_tokenizer_path(tmp_path):
+    src = _text_folder(tmp_path / "src", 20)
+    prepare.prepare([f"tiny={src}"], tmp_path / "out", heldout_fraction=0.2)
+    with pytest.raises(ValueError, match=r"source 'tiny' \(train split in '.*out'\) has \d+ "
+                                         "tokens .* fewer than one sequence"):
+        TokenBatches(tmp_path / "out", "tiny", seq_len=100_000, global_batch=2, seed=0)
+    moved = tmp_path / "gone" / "tokenizer.json"
+    with pytest.raises(FileNotFoundError, match=r"model.tokenizer='.*gone/tokenizer.json': no "
+                                                "such file.*recorded.*may have moved"):
+        check_tokenizer({"tokenizer": str(moved), "vocab_size": 300, "eos_id": 0},
+                        tmp_path / "out")

@@ -154,3 +154,36 @@ def test_data_folder_is_found_beside_the_workdir_or_the_base(data, tmp_path):
     assert data_dir(Namespace(**{**vars(args), "workdir": str(tmp_path / "b" / "c")}),
                     config, base) == tmp_path / "data"
     assert data_dir(Namespace(**{**vars(args), "data": "/x"}), config, base) == pathlib.Path("/x")
+
+
+def test_a_cut_short_last_metrics_line_is_dropped_with_a_warning(tmp_path):
+    from moesaic.branch_train.progress import MetricsLog
+
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(lines) + '\n{"step": 4, "lo')  # killed mid-write
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:4: the last line is cut short"):
+        assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    with pytest.warns(UserWarning, match="cut short"):
+        log = MetricsLog(tmp_path, start_step=2, total_steps=5, tokens_per_step=1,
+                         show_progress=False)
+    log.close()
+    assert metrics.read_text() == "".join(line + "\n" for line in lines[:2])
+    # only the last line may be cut: a bad line before it is damage, named with its place
+    metrics.write_text(lines[0] + "\n{oops\n" + lines[1] + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record .* not the last"):
+        MetricsLog(tmp_path, start_step=2, total_steps=5, tokens_per_step=1,
+                   show_progress=False)
+
+
+def test_resuming_pretraining_on_another_mixture_or_schedule_is_refused(data, tmp_path):
+    config = tiny_config(train__steps=2)
+    train(config, Job("pretrain", tmp_path, data, show_progress=False, write_output=False))
+    with pytest.raises(ValueError, match=r"train.steps: checkpoint 2, config 4 \(the learning "
+                                         r"rate decays over train.steps.*\); data.mixture: "
+                                         r"checkpoint 'public', config 'code'\. Resume"):
+        train(tiny_config(train__steps=4, data__mixture="code"),
+              Job("pretrain", tmp_path, data, show_progress=False))
+    with pytest.raises(ValueError, match=r"train.warmup_steps: checkpoint 1, config 2"):
+        train(tiny_config(train__steps=2, train__warmup_steps=2),
+              Job("pretrain", tmp_path, data, show_progress=False))

@@ -32,7 +32,7 @@ SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "h
 RUNTIME_FIELDS = ("dispatch", "capacity_factor", "z_loss_weight", "lb_loss_weight", "dtype",
                   "remat", "router_input")
 ROUTER_INITS = ("contrast", "mean_hidden", "public_noise", "vector")
-BASE_KINDS = ("public", "model", "merged")
+BASE_KINDS = ("public", "model")  # not "merged": its branch could never be merged
 
 
 @dataclasses.dataclass

@@ -4,7 +4,8 @@ TensorBoard event files in WORKDIR/tb (tensorboardX, no TensorFlow). Process 0 w
 the others stay quiet.
 
 On resume the JSONL keeps only the lines up to the restored step, so the file always
-holds one loss curve, the same as an uninterrupted run's.
+holds one loss curve, the same as an uninterrupted run's. A job killed while appending can
+leave its last line cut short: that line (and only the last one) is dropped with a warning.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import pathlib
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 
 import jax
@@ -63,16 +65,11 @@ class MetricsLog:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in self._lines() if json.loads(line)["step"] <= start_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in _records(self.path) if r["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._tb = _summary_writer()(str(pathlib.Path(workdir) / "tb"), purge_step=start_step + 1)
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
                          disable=not show_progress, dynamic_ncols=True)
-
-    def _lines(self) -> list[str]:
-        if not self.path.exists():
-            return []
-        return [line for line in self.path.read_text().splitlines() if line.strip()]
 
     def log(self, step: int, metrics: Mapping[str, float]) -> dict:
         """Records the metrics of `step` (after step `step` ran); adds tokens/s since the
@@ -99,7 +96,28 @@ class MetricsLog:
             self._tb.close()
 
 
+def _records(path: pathlib.Path) -> list[dict]:
+    """The records of a metrics.jsonl (none when it does not exist). A last line that is not
+    JSON was cut short by a kill mid-write: dropped with a warning. Any other bad line is an
+    error: the file was damaged otherwise."""
+    if not path.exists():
+        return []
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1)
+             if line.strip()]
+    records = []
+    for k, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if k < len(lines) - 1:
+                raise ValueError(f"{path}:{n}: not a JSON record ({err.msg}) and not the last "
+                                 "line; the metrics file is damaged, move it away to go on"
+                                 ) from None
+            warnings.warn(f"{path}:{n}: the last line is cut short (a job killed while "
+                          f"writing it?); dropped: {line[:80]!r}", stacklevel=3)
+    return records
+
+
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
-    """The records of WORKDIR/metrics.jsonl."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of WORKDIR/metrics.jsonl (a cut-short last line dropped, see `_records`)."""
+    return _records(pathlib.Path(workdir) / "metrics.jsonl")

@@ -11,7 +11,10 @@ cannot change.
 
 Restore precedence: this workdir's latest checkpoint (resume); else the base (a branch);
 else a fresh initialisation (pretraining). Batches are a pure function of (seed, step),
-so a resumed run recomputes exactly the batches an uninterrupted one would have seen.
+so a resumed run recomputes exactly the batches an uninterrupted one would have seen, as
+long as the settings that decide them and the optimizer's path are those the checkpoint
+was trained with (`RESUME_KEYS`, and the data's content hashes): a resume that changes any
+of them is refused, naming each, since its output would claim data it partly never saw.
 Outputs: pretraining writes WORKDIR/public (a model checkpoint, kind "public"); a
 coordinated branch WORKDIR/artifact (`moesaic.branch_train.artifact`); a dense branch
 WORKDIR/artifact as a whole model checkpoint (kind "dense_branch").
@@ -20,6 +23,7 @@ WORKDIR/artifact as a whole model checkpoint (kind "dense_branch").
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
 import jax
@@ -43,6 +47,21 @@ from moesaic.model.transformer import Decoder, lm_loss
 from moesaic.routing import stats as router_stats
 
 KINDS = ("pretrain", "branch", "dense")
+
+# The config keys a resume must not change, by job kind: what decides the batches (data
+# order) and the optimizer's path. train.steps is among them: the learning rate decays by a
+# cosine over train.steps (and warmup is capped by it), so a run extended or shortened in
+# place would not follow the schedule it claims.
+_COMMON_KEYS = ("seed", "data.seq_len", "data.global_batch", "train.steps", "train.lr",
+                "train.warmup_steps", "train.min_lr_ratio", "train.b1", "train.b2",
+                "train.weight_decay", "train.clip")
+RESUME_KEYS = {
+    "pretrain": (*_COMMON_KEYS, "data.mixture"),
+    "dense": (*_COMMON_KEYS, "branch.source"),
+    "branch": (*_COMMON_KEYS, "branch.source", "branch.public_mix", "branch.public_source",
+               "branch.frozen", "branch.router_init", "branch.router_margin",
+               "branch.router_noise", "branch.router_vector", "branch.stats_batches"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +102,44 @@ def job_mixture(config: ml_collections.ConfigDict, kind: str) -> str:
     return f"{source}:{1 - replay},{config.branch.public_source}:{replay}"
 
 
+class _Missing:
+    def __repr__(self) -> str:
+        return "not recorded"
+
+
+_MISSING = _Missing()
+
+
+def _config_value(config: dict, key: str) -> object:
+    """config["a"]["b"] for "a.b", JSON-normalised (tuples as lists, as a checkpoint holds
+    them); `_MISSING` when absent."""
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return _MISSING
+        config = config[part]
+    return json.loads(json.dumps(config))
+
+
+def resume_mismatches(saved: dict, config: ml_collections.ConfigDict, kind: str,
+                      data_hashes: dict[str, str]) -> list[str]:
+    """What differs between the checkpoint's recorded config / data and this job's, one
+    "key: checkpoint X, config Y" per difference (`RESUME_KEYS`)."""
+    recorded, current = saved.get("config") or {}, config.to_dict()
+    diffs = []
+    for key in RESUME_KEYS[kind]:
+        was, now = _config_value(recorded, key), _config_value(current, key)
+        if was != now:
+            note = (" (the learning rate decays over train.steps, so a run cannot be extended "
+                    "or shortened in place)" if key == "train.steps" else "")
+            diffs.append(f"{key}: checkpoint {was!r}, config {now!r}{note}")
+    saved_data = saved.get("data") or {}  # which sources is decided by the keys above
+    for name in sorted(set(saved_data) & set(data_hashes)):
+        if saved_data[name] != data_hashes[name]:
+            diffs.append(f"data source {name!r}: content hash {saved_data[name][:16]} at the "
+                         f"checkpoint, {data_hashes[name][:16]} in this job's data folder")
+    return diffs
+
+
 def train(config: ml_collections.ConfigDict, job: Job) -> Result:
     if job.kind not in KINDS:
         raise ValueError(f"job kind {job.kind!r}: one of {KINDS}")
@@ -106,6 +163,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
     batches = TokenBatches(job.data_dir, mixture, seq_len=seq_len, global_batch=global_batch,
                            seed=seed, process_index=jax.process_index(),
                            process_count=jax.process_count())
+    data_hashes = {n: m["content_hash"] for n, m in batches.manifests.items()}
     batch_shape = (global_batch, seq_len + 1)
     batch_sharding = NamedSharding(
         mesh, logical_to_spec(("batch", "length"), rules, mesh, batch_shape))
@@ -182,6 +240,11 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         if base_meta and meta.get("base_fingerprint") != base_meta["fingerprint"]:
             raise ValueError(f"{checkpoints.directory} was trained from another base than "
                              f"{job.base} (fingerprints differ); use a fresh --workdir")
+        diffs = resume_mismatches(meta, config, job.kind, data_hashes)
+        if diffs:
+            raise ValueError(f"{checkpoints.directory} (step {start}) was trained with other "
+                             "data or optimizer settings: " + "; ".join(diffs) + ". Resume "
+                             "with its settings, or use a fresh --workdir")
         target = {"params": nested(abstract_like(abstract_trainable, trainable_shardings)),
                   "opt": abstract_like(abstract_opt, opt_shardings)}
         state, _ = checkpoints.restore(start, target)
@@ -198,7 +261,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
     def job_meta(step: int) -> dict:
         return {"kind": job.kind, "step": step, "tokens_seen": step * tokens_per_step,
                 "model": model_cfg.to_dict(), "base_fingerprint": base_fingerprint,
-                "config": config.to_dict()}
+                "config": config.to_dict(), "data": data_hashes}
 
     log = MetricsLog(workdir, start_step=start, total_steps=steps,
                      tokens_per_step=tokens_per_step, show_progress=job.show_progress)
@@ -238,7 +301,8 @@ def make_train_step(layout: upcycle.ParamLayout, tx: optax.GradientTransformatio
                     frozen_shardings, batch_sharding):
     """jit(step)(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics):
     the full parameters assembled from both trees, the model run functionally, gradients
-    and updates for the trainable tree only; trainable and optimizer state donated."""
+    and updates for the trainable tree only, a trained router bias projected back onto <= 0
+    (`ParamLayout.project`); trainable and optimizer state donated."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def train_step(trainable, opt_state, frozen, batch, step):
@@ -248,7 +312,7 @@ def make_train_step(layout: upcycle.ParamLayout, tx: optax.GradientTransformatio
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        trainable = layout.project(optax.apply_updates(trainable, updates))
         metrics = dict(loss=loss, nll=aux["nll"], z_loss=aux["z_loss"],
                        grad_norm=optax.tree.norm(grads), lr=lr_at(step))
         return trainable, opt_state, metrics

@@ -11,7 +11,14 @@ tree holds the n base experts / router rows / biases, the trainable tree the own
 slice (expert axis of size 1). `ParamLayout.assemble` concatenates them along the expert
 axis, base experts first and the owner's last (index n), into the full parameters the
 model runs with. Which whole tensors are frozen is data: regexes over parameter paths
-(config.branch.frozen).
+(config.branch.frozen). A coordinated branch hands over only the owner's slices, so its
+patterns must freeze every whole tensor and must not name an expert tensor (whose split is
+fixed): anything else is refused before training, not discovered by the merge after it.
+
+The model adds min(b, 0) of a router bias (`moesaic.model.moe.effective_bias`), whose gradient
+is 0 for b > 0: a bias the optimizer pushed positive would never come back. `ParamLayout.
+project` puts every trained bias (but the public expert's, index 0) back on <= 0 after each
+update, so the stored bias is the one the model uses and stays trainable.
 
 Upcycling (Komatsuzaki et al.): a base with n experts (n = 1: dense) becomes n + 1 experts;
 the owner's expert starts as a copy of the base's expert 0 (the public FFN), its bias at 0.
@@ -40,6 +47,7 @@ from moesaic.model.transformer import Decoder
 EXPERT_TENSORS = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down",
                   "blocks/ffn/router", "blocks/ffn/bias")
 EXPERT_AXIS = 1  # (layers, expert, ...)
+BIAS = "blocks/ffn/bias"
 
 Flat = dict[str, jax.Array]
 
@@ -95,6 +103,17 @@ class ParamLayout:
               ) -> Decoder:
         """The model run functionally on the assembled parameters (usable inside jit)."""
         return build_model(self.cfg, self.assemble(trainable, frozen))
+
+    def project(self, trainable: Mapping[str, jax.Array]) -> Flat:
+        """`trainable` with its router bias on <= 0 where the model clamps it (every expert
+        but the public one, index 0): the owner's slice of a branch, experts 1.. of an MoE
+        trained whole."""
+        out = dict(trainable)
+        if BIAS in self.split:
+            out[BIAS] = jnp.minimum(trainable[BIAS], 0)
+        elif BIAS in self.trainable:
+            out[BIAS] = trainable[BIAS].at[:, 1:].min(0)
+        return out
 
     def counts(self) -> dict[str, int]:
         t = sum(int(np.prod(s.shape)) for s in self.trainable_shapes().values())
@@ -153,7 +172,28 @@ def make_layout(cfg: ModelConfig, *, frozen_patterns: Sequence[str] = (),
                          f"{base_experts + 1}, the model has {cfg.n_experts}")
     frozen = tuple(n for n in names if n not in split and any(p.search(n) for p in compiled))
     trainable = tuple(n for n in names if n not in split and n not in frozen)
+    if base_experts:
+        _check_branch_patterns(compiled, split, trainable)
     return ParamLayout(cfg, shapes, axes, dtypes, trainable, frozen, split, base_experts)
+
+
+def _check_branch_patterns(compiled: Sequence[re.Pattern], split: Sequence[str],
+                           trainable: Sequence[str]) -> None:
+    """A coordinated branch trains the owner's expert, router row and bias, nothing else: its
+    artifact holds only those, so any other trained tensor would be trained and then dropped,
+    and a pattern over an expert tensor would be silently overruled by the split."""
+    named = [f"{p.pattern!r} matches {n!r}" for p in compiled for n in split if p.search(n)]
+    if named:
+        raise ValueError(
+            "config.branch.frozen: " + "; ".join(named) + ". A coordinated branch always "
+            "trains the owner's slice of the expert tensors and freezes the base's; remove "
+            "the pattern (use --config.branch.mode=dense to train a whole copy)")
+    if trainable:
+        raise ValueError(
+            f"config.branch.frozen leaves {list(trainable)} trainable, but a coordinated "
+            "branch trains only the owner's expert, router row and bias (its artifact holds "
+            "nothing else, so those tensors would be trained and then dropped); freeze them "
+            "(the default patterns freeze everything) or use --config.branch.mode=dense")
 
 
 def branch_config(base: ModelConfig, train_top_k: int = 0) -> ModelConfig:

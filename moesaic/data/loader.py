@@ -84,18 +84,20 @@ def row_spans(starts: np.ndarray, ends: np.ndarray, start: int, width: int
 
 
 class PackedSequences(grain.MapDataset):
-    """Sequence g (any g >= 0) of one source's packed, shuffled, endlessly repeated stream."""
+    """Sequence g (any g >= 0) of one source's packed, shuffled, endlessly repeated stream.
+    `name` says which source (and where) in errors."""
 
     def __init__(self, docs: grain.MapDataset, lengths: np.ndarray, *, seq_len: int, seed: int,
-                 eos_id: int, stream_key: int):
+                 eos_id: int, stream_key: int, name: str = "source"):
         super().__init__([docs])
         self._docs, self._width, self._eos = docs, seq_len + 1, eos_id
         self._lengths = np.asarray(lengths, np.int64) + 1  # each document plus its eos
         self._key = (int(seed) & 0xFFFFFFFF, stream_key)
         self.per_epoch = int(self._lengths.sum()) // self._width
         if self.per_epoch < 1:
-            raise ValueError(f"source has {int(self._lengths.sum())} tokens (with eos), fewer "
-                             f"than one sequence of seq_len + 1 = {self._width}")
+            raise ValueError(f"{name} has {int(self._lengths.sum())} tokens (with eos), fewer "
+                             f"than one sequence of seq_len + 1 = {self._width}; give it more "
+                             "text or lower data.seq_len")
         self._read = functools.lru_cache(maxsize=256)(self._read_doc)
         self._epoch = functools.lru_cache(maxsize=2)(self._epoch_tables)  # per instance
 
@@ -155,7 +157,8 @@ class TokenBatches:
             self.manifests[name] = manifest
             streams.append(PackedSequences(
                 grain.MapDataset.source(docs), index[:, 0], seq_len=seq_len, seed=seed,
-                eos_id=manifest["tokenizer"]["eos_id"], stream_key=zlib.crc32(name.encode())))
+                eos_id=manifest["tokenizer"]["eos_id"], stream_key=zlib.crc32(name.encode()),
+                name=f"source {name!r} ({split} split in {str(data_dir)!r})"))
         identities = {m["tokenizer"]["identity"] for m in self.manifests.values()}
         if len(identities) > 1:
             raise ValueError(f"mixture {mixture!r} mixes tokenizers {sorted(identities)}")

@@ -178,6 +178,7 @@ def prepare_source(spec: sources_lib.SourceSpec, out_dir: str | os.PathLike, *,
     """Read one source (folder, .jsonl or text file), split by document hash, write it."""
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"--heldout-fraction {heldout_fraction}: must be in (0, 1)")
+    sources_lib.check_max_doc_bytes(max_doc_bytes, "--max-doc-bytes")
     log = sources_lib.ReadLog()  # filled by the train pass; both passes read the same files
 
     def split_docs(heldout: bool) -> Callable[[], Iterator[str]]:
@@ -212,6 +213,7 @@ def prepare(sources: list[str], out_dir: str | os.PathLike, *, tokenizer: str | 
             glob: str = "**/*", text_field: str = "text", heldout_fraction: float = 0.05,
             max_doc_bytes: int = sources_lib.MAX_DOC_BYTES) -> list[dict]:
     """`moesaic data prepare`: each "NAME=PATH" becomes DATA_DIR/NAME/. Returns the manifests."""
+    sources_lib.check_max_doc_bytes(max_doc_bytes, "--max-doc-bytes")  # before any reading
     specs = sources_lib.parse_sources(sources)
     tok = load_tokenizer(tokenizer)
     return [prepare_source(spec, out_dir, tokenizer=tok, glob=glob, text_field=text_field,

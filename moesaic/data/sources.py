@@ -3,22 +3,29 @@
 A source is `name=PATH`. A folder is read recursively (files matching a glob, sorted); a
 `.jsonl` file gives one document per line from a string field. Binary files (a NUL byte),
 non-UTF-8 files, empty files and unreadable JSONL lines are skipped and recorded (file and
-reason) for the manifest. Documents longer than `max_doc_bytes` are cut into pieces at line
-ends; a single line longer than that is cut at the limit (on a character boundary) and counted.
-Which split a document lands in is a stable hash of its text (`heldout_score`).
+reason) for the manifest. Hidden paths (a component under the folder starting with '.': `.git/`,
+`.env`) are skipped and recorded too, unless the glob names them with a part that starts with
+'.': a folder of a repository must not put its secrets and commit authors into training data.
+Documents longer than `max_doc_bytes` (at least 4, one UTF-8 character) are cut into pieces at
+line ends; a single line longer than that is cut at the limit (on a character boundary) and
+counted. Which split a document lands in is a stable hash of its text (`heldout_score`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import functools
 import hashlib
 import json
+import numbers
 import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 MAX_DOC_BYTES = 1 << 20  # 1 MiB: longer documents are cut into pieces
+MIN_DOC_BYTES = 4  # one UTF-8 character: a smaller limit could never cut a piece
 MAX_FILE_BYTES = 256 << 20  # larger files are skipped with a reason
 MAX_RECORD_BYTES = 64 << 20  # a JSONL line longer than this is skipped with a reason
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -68,6 +75,13 @@ def heldout_score(text: str, salt: str = "moesaic-split") -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+def check_max_doc_bytes(max_bytes: int, name: str = "max_doc_bytes") -> None:
+    """Refuses a limit below one UTF-8 character (the cutting would never end)."""
+    if not isinstance(max_bytes, numbers.Integral) or max_bytes < MIN_DOC_BYTES:
+        raise ValueError(f"{name} {max_bytes!r}: must be an integer of at least {MIN_DOC_BYTES} "
+                         "bytes (a UTF-8 character takes up to 4)")
+
+
 def _cut_line(line: str, max_bytes: int) -> list[str]:
     data, pieces = line.encode("utf-8"), []
     while len(data) > max_bytes:
@@ -82,6 +96,7 @@ def _cut_line(line: str, max_bytes: int) -> list[str]:
 def cut_document(text: str, max_bytes: int = MAX_DOC_BYTES, log: ReadLog | None = None
                  ) -> list[str]:
     """Pieces of at most `max_bytes` UTF-8 bytes, cut at line ends where possible."""
+    check_max_doc_bytes(max_bytes, "max_bytes")
     if len(text.encode("utf-8")) <= max_bytes:
         return [text]
     if log is not None:
@@ -122,10 +137,54 @@ def decode_text(data: bytes, file: str, log: ReadLog) -> str | None:
         return None
 
 
+def glob_names_hidden(parts: tuple[str, ...], glob: str) -> bool:
+    """Whether `glob` matches the relative path `parts` with every hidden component (starting
+    with '.') matched by a glob part that starts with '.' too: `.github/**/*` names
+    `.github/x.md`, `**/.*` names `a/.env`; `**/*` names neither (`*` and `**` match hidden
+    names in pathlib, which is how `.git/` got in)."""
+    segments = PurePosixPath(glob).parts
+
+    @functools.cache
+    def match(i: int, j: int) -> bool:
+        if i == len(parts):
+            return all(s == "**" for s in segments[j:])
+        if j == len(segments):
+            return False
+        hidden = parts[i].startswith(".")
+        if segments[j] == "**":  # zero components, or one more that is not hidden
+            return match(i, j + 1) or (not hidden and match(i + 1, j))
+        if hidden and not segments[j].startswith("."):
+            return False
+        return fnmatch.fnmatchcase(parts[i], segments[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
+def _drop_hidden(root: Path, files: list[Path], glob: str, log: ReadLog) -> list[Path]:
+    """`files` without the hidden ones the glob does not name; those are recorded, one entry
+    per hidden file or per hidden folder (with how many files it held)."""
+    kept, hidden = [], {}
+    for path in files:
+        parts = path.relative_to(root).parts
+        if not any(c.startswith(".") for c in parts) or glob_names_hidden(parts, glob):
+            kept.append(path)
+            continue
+        last = max(k for k, c in enumerate(parts) if c.startswith("."))
+        key = "/".join(parts[:last + 1]) + ("/" if last < len(parts) - 1 else "")
+        hidden[key] = hidden.get(key, 0) + 1
+    for key, n in hidden.items():
+        what = f"hidden folder, {n} file(s) not read" if key.endswith("/") else "hidden file"
+        log.skip(key, f"{what} (a glob part starting with '.' that matches it reads it)")
+    return kept
+
+
 def read_folder(root: Path, glob: str, log: ReadLog, *, max_doc_bytes: int = MAX_DOC_BYTES,
                 max_file_bytes: int = MAX_FILE_BYTES) -> Iterator[str]:
-    """Documents of the files under `root` matching `glob`, in sorted path order."""
+    """Documents of the files under `root` matching `glob`, in sorted path order; hidden paths
+    only when the glob names them (`glob_names_hidden`)."""
     files = sorted(p for p in root.glob(glob) if p.is_file()) if root.is_dir() else [root]
+    if root.is_dir():
+        files = _drop_hidden(root, files, glob, log)
     for path in files:
         rel = path.name if path == root else path.relative_to(root).as_posix()
         size = path.stat().st_size
@@ -173,6 +232,7 @@ def read_jsonl(path: Path, text_field: str, log: ReadLog, *, max_doc_bytes: int 
 def read_source(path: Path, log: ReadLog, *, glob: str = "**/*", text_field: str = "text",
                 max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[str]:
     """Documents of a folder, a .jsonl file or a single text file."""
+    check_max_doc_bytes(max_doc_bytes)
     if not os.path.exists(path):
         raise FileNotFoundError(f"path {str(path)!r} does not exist")
     if path.is_file() and path.suffix == ".jsonl":

@@ -5,6 +5,10 @@ vocabulary 264 (the model's `vocab_size` in moesaic/configs/common.py). A tokeni
 `identity` ("bytes", or "hf:" + the first 16 hex digits of the sha256 of tokenizer.json) is
 written into every manifest, and `check_tokenizer` compares it with a model config before
 training starts.
+
+Corpus text is encoded with the Hugging Face tokenizer's `encode_special_tokens` on: a
+special token's text inside a document ("see <|endoftext|> here") is encoded as ordinary
+text, so a document cannot forge an end-of-document (or any control) token.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ def load_tokenizer(spec: str | os.PathLike | None = "bytes") -> Tokenizer:
         hf = HFTokenizer.from_file(str(path))
     except Exception as e:  # the library raises plain Exception subclasses
         raise ValueError(f"tokenizer {str(path)!r}: not a Hugging Face tokenizer.json ({e})") from e
+    hf.encode_special_tokens = True  # special-token text in a document stays text
     vocab = hf.get_vocab(with_added_tokens=True)
     eos = next((vocab[t] for t in HF_EOS_CANDIDATES if t in vocab), None)
     if eos is None:
@@ -117,6 +122,13 @@ def check_tokenizer(model_config: Any, data_dir_or_manifest: str | os.PathLike |
     DATA_DIR of source folders (all are checked), a manifest.json path or a manifest dict.
     """
     spec = _model_field(model_config, "tokenizer", "bytes") or "bytes"
+    if spec != "bytes" and not Path(spec).is_file():
+        where = "" if Path(spec).is_absolute() else f" (relative: read from {os.getcwd()})"
+        raise FileNotFoundError(
+            f"model.tokenizer={str(spec)!r}: no such file{where}. This is the tokenizer path "
+            "recorded in the model's config (a checkpoint's meta.json keeps the path it was "
+            "trained with); the tokenizer or the checkpoint may have moved: put tokenizer.json "
+            "back at that path")
     want = "bytes" if spec == "bytes" else hf_identity(spec)
     vocab = _model_field(model_config, "vocab_size")
     eos = _model_field(model_config, "eos_id")
