@@ -358,3 +358,92 @@ def test_demo_settings_override_and_guard_the_workdir(tmp_path):
     (old / "public").mkdir(parents=True)  # a workdir of unknown settings
     with pytest.raises(ValueError, match="no preset.json"):
         demo.claim_workdir(old, preset)
+
+
+# --- ensembles on data of a Hugging Face tokenizer ---------------------------------------------
+
+HF_WORDS = {"code": "def return import class self print open read path items".split(),
+            "math": "plus minus times answer sum number equals twelve seven nine".split()}
+
+
+@pytest.fixture(scope="module")
+def hf_experts(tmp_path_factory):
+    """Sources code and math tokenized with a word-level HF tokenizer (ids 3.., which decoded
+    as bytes are control characters), and one expert checkpoint per source reading it."""
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from moesaic.data.prepare import write_source
+    from moesaic.data.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("hf_ensemble")
+    rng = random.Random(0)
+    docs = {s: [" ".join(rng.choice(words) for _ in range(rng.randint(15, 30)))
+                for _ in range(24)] for s, words in HF_WORDS.items()}
+    hf = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.train_from_iterator([d for ds in docs.values() for d in ds],
+                           trainers.WordLevelTrainer(special_tokens=["<unk>", "</s>", "<pad>"]))
+    hf.save(str(root / "tokenizer.json"))
+    tok = load_tokenizer(root / "tokenizer.json")
+    for source, ds in docs.items():
+        write_source(root / "data", source, {"train": lambda d=ds: d[4:],
+                                             "heldout": lambda d=ds: d[:4]},
+                     tokenizer=tok, origin={"kind": "test"})
+    for seed, source in enumerate(HF_WORDS):
+        model = tiny(seed=seed, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
+                     pad_id=tok.pad_id, tokenizer=str(root / "tokenizer.json"))
+        io.save_model(root / source, model, {"config": {"data": {"seq_len": SEQ}}})
+    return root, tok
+
+
+def _eval_ensemble(root, kind: str, *experts: str, data=None) -> list[str]:
+    return ["eval", "--ensemble", kind, *(a for e in experts for a in ("--expert", e)),
+            "--data", str(data or root / "data"), "--max-sequences", "4", "--batch-size", "4",
+            "--stride", "4", "--no-progress"]
+
+
+def test_cli_cbtm_decodes_with_the_data_tokenizer(hf_experts, tmp_path):
+    """Before, contexts and centroids were decoded as bytes: control characters, no TF-IDF
+    feature at all."""
+    from moesaic.launch.cli import main
+
+    root, tok = hf_experts
+    argv = _eval_ensemble(root, "cbtm", f"code={root / 'code'}", f"math={root / 'math'}")
+    assert main([*argv, "--json", str(tmp_path / "out.json")]) == 0
+    domains = json.loads((tmp_path / "out.json").read_text())["domains"]
+    for own, source in enumerate(HF_WORDS):  # each domain's text goes to its own expert
+        assert domains[source]["routing"]["experts"] == ["code", "math"]
+        assert domains[source]["routing"]["ensemble_weight"][own] > 0.8
+
+    router = ensembles.TfidfCentroids.from_data(root / "data", ["code", "math"], tokenizer=tok)
+    assert router.tokenizer.identity == tok.identity and "plus" in router.vectorizer.vocabulary_
+    with pytest.raises(ValueError, match=r"source 'code' was tokenized with 'hf:.*'; pass"):
+        ensembles.TfidfCentroids.from_data(root / "data", ["code", "math"])
+    with pytest.raises(ValueError, match=r"contexts are decoded with 'hf:.*' but experts read "
+                                         r"\{'code': 'bytes'\}"):
+        ensembles.cbtm({"code": tiny(), "math": str(root / "math")}, router)
+
+
+def test_cli_ensemble_checks_each_expert_against_the_data(hf_experts, tmp_path, capsys):
+    from moesaic.launch.cli import main
+
+    root, _ = hf_experts
+    io.save_model(tmp_path / "bytes", tiny(), {"config": {"data": {"seq_len": SEQ}}})
+    for kind in ("btm", "cbtm"):
+        argv = _eval_ensemble(root, kind, f"code={tmp_path / 'bytes'}", f"math={root / 'math'}")
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--expert code: data source" in err and "was tokenized with 'hf:" in err
+
+
+def test_cli_ensemble_names_the_expert_with_a_bad_path(hf_experts, capsys):
+    from moesaic.launch.cli import main
+
+    root, _ = hf_experts
+    argv = _eval_ensemble(root, "btm", "code=/nonexistent/ckpt", f"math={root / 'math'}")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--expert code=/nonexistent/ckpt: not a moesaic checkpoint" in err
+    assert "--model" not in err

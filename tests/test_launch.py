@@ -4,16 +4,22 @@ parties with two processes each that trains both branches and merges them."""
 
 from __future__ import annotations
 
+import argparse
+import ast
+import importlib
 import os
 import pathlib
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 import ml_collections
 import pytest
 
-from moesaic.launch import jobs, manifest
+from moesaic.launch import cli, config_cli, jobs, manifest, plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "moesaic/configs/manifest_example.py")
@@ -265,3 +271,95 @@ def test_local_run_failure_shows_the_party_log_tail(tmp_path, capsys):
     assert log[-1].startswith("error:") and log[-1] in err
     assert "moesaic data" in err  # the branch job's advice, passed on
     assert not (tmp_path / "merged").exists()
+
+
+def test_run_blames_the_process_that_failed_not_the_ones_it_stopped(tmp_path):
+    """Process 1 fails while process 0 still runs; process 0, then stopped (exit -15), must
+    not be the one named, nor its empty log the one shown."""
+    logs = [tmp_path / f"branch-x.{i}.log" for i in range(2)]
+    job = jobs._Job("branch 'x'", [[sys.executable, "-c", "import time; time.sleep(60)"],
+                                   [sys.executable, "-c", "print('boom'); raise SystemExit(3)"]],
+                    logs, dict(os.environ))
+    job.start(None)
+    deadline = time.monotonic() + 60
+    while (code := job.poll()) is None:
+        assert time.monotonic() < deadline, "process 1 never failed"
+        time.sleep(0.05)
+    assert code == 3 and job.procs[0].returncode == -15
+    message = job.failure(code)
+    assert message.startswith("branch 'x' failed (exit code 3, process 1)")
+    assert str(logs[1]) in message and message.endswith("boom")
+
+
+def test_each_party_gets_its_own_coordinator_port(tmp_path):
+    """SLURM jobs of two parties may share a first node, as local ones share loopback."""
+    slurm, local = _render(tmp_path, "slurm"), _render(tmp_path, "local")
+    for index, name in enumerate(("code", "math")):
+        port = 12355 + index
+        assert f'| head -n 1):{port}"\n' in slurm[f"branch-{name}.sbatch"]
+        assert f"--coordinator 127.0.0.1:{port} " in local[f"branch-{name}.sh"]
+
+
+# ---- the `moesaic` command ---------------------------------------------------------------
+
+def _parser(name: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"moesaic {name}")
+    importlib.import_module(cli.COMMANDS[name][0]).register(parser)
+    return parser
+
+
+@pytest.mark.parametrize("name", [n for n in cli.COMMANDS if n not in cli.TAKES_OVERRIDES])
+def test_commands_without_a_config_refuse_overrides(name, capsys):
+    """Before, `moesaic eval ... --config.x=y` ran and ignored the override."""
+    assert "--config" not in _parser(name)._option_string_actions  # it really reads none
+    assert cli.main([name, "--help", "--config.train.steps=5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"moesaic {name}: error: --config.train.steps=5: `moesaic {name}` "
+                          "reads no config")
+
+
+def test_commands_that_take_overrides_read_a_config():
+    for name in cli.TAKES_OVERRIDES:
+        options = _parser(name)._option_string_actions
+        assert "--config" in options or name == "launch", name  # launch: its manifest
+
+
+def _docstring_commands(path: pathlib.Path) -> list[str]:
+    """The commands a config file's docstring shows: indented lines and `inline` ones."""
+    doc = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""  # indents kept
+    doc = re.sub(r"\\\n\s*", "", doc)
+    lines = [ln.strip() for ln in doc.splitlines() if re.match(r" {4}(moesaic|python) ", ln)]
+    inline = re.findall(r"`((?:moesaic|python) [^`]+)`", doc)
+    return [" ".join(c.split()) for c in lines + inline]
+
+
+DOC_COMMANDS = [(p.name, c) for p in sorted((ROOT / "moesaic/configs").glob("*.py"))
+                for c in _docstring_commands(p)]
+
+
+def test_config_docstrings_show_commands():
+    assert {name for name, _ in DOC_COMMANDS} >= {"tiny.py", "small.py", "olmo2_7b.py",
+                                                   "flexolmo_7x7b.py", "manifest_example.py"}
+
+
+@pytest.mark.parametrize("where, command", DOC_COMMANDS)
+def test_config_docstring_commands_parse(where, command, monkeypatch):
+    """Every command a config's docstring shows parses, and its config (with overrides)
+    resolves; before, tiny.py's `moesaic train` had no --workdir and small.py passed the
+    bench a --config it does not take."""
+    monkeypatch.chdir(ROOT)
+    argv = shlex.split(command)
+    if argv[0] == "python":
+        script = (ROOT / argv[1]).read_text()
+        for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
+            assert f'add_argument("{flag}"' in script, f"{where}: {argv[1]} has no {flag}"
+        return
+    name, (rest, overrides) = argv[1], config_cli.split_config_args(argv[2:])
+    assert not overrides or name in cli.TAKES_OVERRIDES, where
+    args = _parser(name).parse_args(rest)  # a missing or unknown flag exits here
+    if name == "launch":
+        manifest.load(args.manifest, overrides)
+        return
+    config_cli.resolve(args.config, overrides)
+    if name == "plan":
+        plan.parse_mesh(args.mesh), plan.parse_bytes(args.hbm)

@@ -120,3 +120,48 @@ def test_plan_of_a_dense_branch_trains_everything(capfd):
     assert result["experts"] == 1 and result["counts"]["frozen"] == 0
     assert result["by_hand"]["frozen"] == 0
     assert 0 <= result["by_hand"]["optimizer"] - 2 * result["by_hand"]["trainable"] <= 64
+
+
+def test_plan_takes_the_base_from_the_config(capfd, monkeypatch):
+    """An MoE config of n experts names the branch model, so its base has n - 1; before, the
+    base was dense whatever the config said (flexolmo_7x7b planned olmo2_7b's 2 experts)."""
+    from moesaic.launch import cli, config_cli
+
+    monkeypatch.chdir(ROOT)
+    argv = ["plan", "--config", "moesaic/configs/tiny.py:experts=3", "--mesh", "data=1",
+            "--json", *(f"--config.{o}" for o in TINY)]
+    assert cli.main(argv) == 0
+    result = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert (result["experts"], result["base_experts"]) == (3, 2)
+
+    def branch_of(spec: str, *overrides: str) -> tuple[int, int]:
+        config = config_cli.resolve(spec, list(overrides))
+        layout = plan.branch_layout(config, base_experts=plan.default_base_experts(config))
+        return plan.default_base_experts(config), layout.cfg.n_experts
+
+    assert branch_of("moesaic/configs/flexolmo_7x7b.py") == (6, 7)
+    assert branch_of("moesaic/configs/olmo2_7b.py") == (1, 2)  # public + own
+    assert branch_of("moesaic/configs/tiny.py") == (1, 2)  # a dense base: FlexOlmo's case
+    assert branch_of("moesaic/configs/tiny.py:experts=2", "branch.mode=dense") == (2, 2)
+    args = argparse.Namespace(config="c.py", mesh="", hbm="", base="", base_experts=None,
+                              json=False, config_overrides=[])
+    assert "--base-experts" not in plan._argv(args)  # the re-run defaults it the same way
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mesh", "fsdp=0"], "--mesh 'fsdp=0': expected axis=size pairs"),
+    (["--hbm", "80 gigs"], "--hbm '80 gigs': expected a size"),
+    (["--config.model.nope=1"], "config has no field 'model.nope'"),
+    (["--config.model.d_model=abc"], "config field 'model.d_model': expected int, got 'abc'"),
+    (["--mesh", "data=1", "--base", "/nonexistent/ckpt"], "/nonexistent/ckpt does not exist"),
+    (["--mesh", "data=1", "--base-experts", "0"], "--base-experts=0: must be at least 1"),
+    ([], "config.mesh {'data': -1"),
+])
+def test_plan_input_errors_are_one_line(args, message, capfd, monkeypatch):
+    from moesaic.launch import cli
+
+    monkeypatch.chdir(ROOT)
+    assert cli.main(["plan", "--config", "moesaic/configs/tiny.py", *args]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("moesaic plan: error: ") and message in err, err
+    assert "Traceback" not in err

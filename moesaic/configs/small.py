@@ -1,6 +1,6 @@
 """small: d_model 512, 8 layers, 8 experts of width 1408 (top-2); the benchmark shape.
 
-    python bench/train_step.py --config moesaic/configs/small.py
+    python bench/train_step.py --configs small
     moesaic plan --config moesaic/configs/small.py --mesh data=1,fsdp=8 --hbm 16GB
 """
 

@@ -1,7 +1,7 @@
 """tiny: the embedded default. Byte vocabulary, 4 layers of width 128; trains on 2 CPU cores
 in minutes.
 
-    moesaic train --config moesaic/configs/tiny.py --config.train.steps=50
+    moesaic train --config moesaic/configs/tiny.py --workdir runs/t --config.train.steps=50
     moesaic pretrain --config moesaic/configs/tiny.py --workdir runs/w
     moesaic branch --config moesaic/configs/tiny.py:source=code --base runs/w/public \
         --workdir runs/w/branches/code

@@ -7,7 +7,8 @@
 
 The second form scores an ensemble of separately trained models (moesaic.eval.ensembles); for
 c-BTM the expert names must be source names of DATA_DIR (their training text gives the
-centroids).
+centroids). Every model is checked against the tokenizer of the data it reads, and c-BTM
+decodes text with that tokenizer (loaded from the experts' model.tokenizer).
 """
 
 from __future__ import annotations
@@ -102,11 +103,16 @@ def run(args: argparse.Namespace) -> int:
             if len(experts) < 2:
                 raise ValueError(f"--ensemble {args.ensemble}: give at least two --expert")
             seq_len = args.seq_len or _seq_len_of(next(iter(experts.values())))
+            # c-BTM's router also reads the experts' own sources (their training text).
+            checked = [*sources, *(s for s in experts
+                                   if args.ensemble == "cbtm" and s not in sources)]
+            models = ensembles.load_experts(experts, data_dir=args.data, sources=checked)
             if args.ensemble == "btm":
-                scorer = ensembles.btm(experts, top_k=args.top_k)
+                scorer = ensembles.btm(models, top_k=args.top_k)
             else:
-                router = ensembles.TfidfCentroids.from_data(args.data, experts)
-                scorer = ensembles.cbtm(experts, router, top_k=args.top_k, stride=args.stride)
+                router = ensembles.TfidfCentroids.from_data(
+                    args.data, experts, tokenizer=ensembles.experts_tokenizer(models))
+                scorer = ensembles.cbtm(models, router, top_k=args.top_k, stride=args.stride)
             label = f"{args.ensemble}({', '.join(experts)})"
             results = perplexity.evaluate_scorer(
                 scorer, args.data, sources, seq_len=seq_len, max_sequences=args.max_sequences,

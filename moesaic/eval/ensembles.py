@@ -22,20 +22,25 @@ kept for the `top_k` largest and renormalised to sum to 1.
   feature (e.g. one byte) gets uniform weights.
 
 The context of both is the packed sequence (documents joined by eos), the same context the
-models themselves see.
+models themselves see. c-BTM decodes text (the router's training documents, the contexts) with
+the data's tokenizer: a manifest names a Hugging Face tokenizer by its hash only, so it is
+loaded from the experts' model.tokenizer (`experts_tokenizer`) and checked against the data.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy.special import logsumexp
 
-from moesaic.data.loader import documents
-from moesaic.data.tokenizer import BYTES, Tokenizer
+from moesaic.data.loader import documents, load_manifest
+from moesaic.data.tokenizer import BYTES, Tokenizer, check_tokenizer, hf_identity, load_tokenizer
 from moesaic.eval.perplexity import ModelScorer, load_model, local_mesh
+from moesaic.model.config import ModelConfig
+from moesaic.model.transformer import Decoder
 
 WeightFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -101,13 +106,45 @@ class EnsembleScorer:
         return mix_logprobs(logp, log_w), {"ensemble_weight": mean_w}
 
 
+def load_experts(experts: Mapping[str, object], *, mesh=None, data_dir=None,
+                 sources: Iterable[str] = ()) -> dict[str, Decoder]:
+    """{name: Decoder} from {name: Decoder or checkpoint path}; a bad path is an error naming
+    `--expert NAME=PATH`. With `data_dir`, every expert is checked against the tokenizer of
+    each of `sources` there, as `perplexity.evaluate` checks its one model."""
+    mesh = mesh or local_mesh()
+    models = {}
+    for name, model_or_path in experts.items():
+        model, _ = load_model(model_or_path, mesh=mesh, flag=f"--expert {name}={model_or_path}")
+        for source in sources if data_dir is not None else ():
+            load_manifest(data_dir, source)
+            try:
+                check_tokenizer(model.cfg, pathlib.Path(data_dir) / source)
+            except ValueError as e:
+                raise ValueError(f"--expert {name}: {e}") from None
+        models[name] = model
+    return models
+
+
+def _tokenizer_identity(cfg: ModelConfig) -> str:
+    spec = cfg.tokenizer or "bytes"
+    return "bytes" if spec == "bytes" else hf_identity(spec)
+
+
+def experts_tokenizer(models: Mapping[str, Decoder]) -> Tokenizer:
+    """The one tokenizer the experts read (their model.tokenizer), loaded: the manifests name
+    it by hash only, and c-BTM must decode the data's ids with it."""
+    specs = {name: m.cfg.tokenizer or "bytes" for name, m in models.items()}
+    loaded = {spec: load_tokenizer(spec) for spec in set(specs.values())}
+    identities = {name: loaded[spec].identity for name, spec in specs.items()}
+    if len(set(identities.values())) > 1:
+        raise ValueError(f"the ensemble's experts read different tokenizers: {identities}")
+    return loaded[next(iter(specs.values()))]
+
+
 def _expert_scorers(experts: Mapping[str, object], mesh) -> list[ModelScorer]:
     mesh = mesh or local_mesh()
-    scorers = []
-    for name, model_or_path in experts.items():
-        model, _ = load_model(model_or_path, mesh=mesh)
-        scorers.append(ModelScorer(model, mesh=mesh, name=name))
-    return scorers
+    return [ModelScorer(model, mesh=mesh, name=name)
+            for name, model in load_experts(experts, mesh=mesh).items()]
 
 
 def btm(experts: Mapping[str, object], *, top_k: int = 1, mesh=None) -> EnsembleScorer:
@@ -124,11 +161,12 @@ class TfidfCentroids:
     d^2 = 2 - 2 cos). Measured on the embedded corpora (the first 64 held-out sequences of 128 bytes
     per domain, prefixes of 33+ bytes): the own source is the top-1 choice for 82% (code), 83%
     (prose), 94% (law) and 100% (math) of targets with these defaults; without SVD and
-    with unnormalised centroids the weights were nearly flat at T = 0.1."""
+    with unnormalised centroids the weights were nearly flat at T = 0.1. `tokenizer` turns
+    token ids back into text for `cbtm_log_weights` (from_data: the data's)."""
 
     def __init__(self, texts_by_source: Mapping[str, Sequence[str]], *,
                  svd_components: int | None = 100, temperature: float = 0.1, seed: int = 0,
-                 **vectorizer_kwargs):
+                 tokenizer: Tokenizer = BYTES, **vectorizer_kwargs):
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -138,6 +176,7 @@ class TfidfCentroids:
         if temperature <= 0:
             raise ValueError(f"c-BTM temperature={temperature}: must be positive")
         self.sources, self.temperature = list(texts_by_source), float(temperature)
+        self.tokenizer = tokenizer
         corpus = [t for texts in texts_by_source.values() for t in texts]
         self.vectorizer = TfidfVectorizer(sublinear_tf=True, **vectorizer_kwargs).fit(corpus)
         self.svd = None
@@ -165,13 +204,24 @@ class TfidfCentroids:
 
     @classmethod
     def from_data(cls, data_dir: str | os.PathLike, sources: Iterable[str], *,
-                  tokenizer: Tokenizer = BYTES, max_documents: int | None = 2000,
+                  tokenizer: Tokenizer | None = None, max_documents: int | None = 2000,
                   **kwargs) -> TfidfCentroids:
-        """Fitted on the first `max_documents` training documents of each prepared source."""
+        """Fitted on the first `max_documents` training documents of each prepared source,
+        decoded with `tokenizer` (checked against each manifest; default: the byte tokenizer,
+        which only byte data accepts: for other data pass `experts_tokenizer(models)`)."""
+        sources = list(sources)
+        want = (tokenizer or BYTES).identity
+        for s in sources:
+            have = load_manifest(data_dir, s)["tokenizer"]["identity"]
+            if have != want:
+                fix = ("pass the data's tokenizer (tokenizer=experts_tokenizer(models))"
+                       if tokenizer is None else f"the tokenizer given is {want!r}")
+                raise ValueError(f"c-BTM: source {s!r} was tokenized with {have!r}; {fix}")
+        tokenizer = tokenizer or BYTES
         texts = {s: [tokenizer.decode(doc) for doc in documents(data_dir, s, "train",
                                                                  max_documents)]
                  for s in sources}
-        return cls(texts, **kwargs)
+        return cls(texts, tokenizer=tokenizer, **kwargs)
 
 
 def decode_context(tokens: np.ndarray, tokenizer: Tokenizer) -> str:
@@ -183,10 +233,12 @@ def decode_context(tokens: np.ndarray, tokenizer: Tokenizer) -> str:
 
 
 def cbtm_log_weights(router: TfidfCentroids, tokens_bt1: np.ndarray, *, stride: int = 16,
-                     tokenizer: Tokenizer = BYTES) -> np.ndarray:
-    """(J, B, T) log weights: target t uses the prefix tokens[:c + 1], c = stride*(t//stride)."""
+                     tokenizer: Tokenizer | None = None) -> np.ndarray:
+    """(J, B, T) log weights: target t uses the prefix tokens[:c + 1], c = stride*(t//stride),
+    decoded with `tokenizer` (default: the router's)."""
     if stride < 1:
         raise ValueError(f"c-BTM stride={stride}: must be at least 1")
+    tokenizer = router.tokenizer if tokenizer is None else tokenizer
     b, width = tokens_bt1.shape
     t = width - 1
     checkpoints = list(range(0, t, stride))
@@ -198,17 +250,25 @@ def cbtm_log_weights(router: TfidfCentroids, tokens_bt1: np.ndarray, *, stride: 
 
 
 def cbtm(experts: Mapping[str, object], router: TfidfCentroids, *, top_k: int = 1,
-         stride: int = 16, tokenizer: Tokenizer = BYTES, mesh=None) -> EnsembleScorer:
+         stride: int = 16, tokenizer: Tokenizer | None = None, mesh=None) -> EnsembleScorer:
     """c-BTM over {source: Decoder or checkpoint path}; the router's sources must be the same
-    names (any order)."""
+    names (any order). Contexts are decoded with `tokenizer` (default: the router's), which
+    every expert must read."""
     missing = [s for s in experts if s not in router.sources]
     if missing:
         raise ValueError(f"c-BTM: experts {missing} have no centroid; the router was fitted on "
                          f"{router.sources}")
     order = [router.sources.index(s) for s in experts]
+    tokenizer = router.tokenizer if tokenizer is None else tokenizer
+    scorers = _expert_scorers(experts, mesh)
+    wrong = {s.name: i for s in scorers
+             if (i := _tokenizer_identity(s.cfg)) != tokenizer.identity}
+    if wrong:
+        raise ValueError(f"c-BTM: contexts are decoded with {tokenizer.identity!r} but experts "
+                         f"read {wrong}; fit the router with TfidfCentroids.from_data(..., "
+                         "tokenizer=experts_tokenizer(models))")
 
     def weight_fn(tokens, logp):
         return cbtm_log_weights(router, tokens, stride=stride, tokenizer=tokenizer)[order]
 
-    return EnsembleScorer(_expert_scorers(experts, mesh), list(experts), weight_fn,
-                          top_k=top_k, name="cbtm")
+    return EnsembleScorer(scorers, list(experts), weight_fn, top_k=top_k, name="cbtm")

@@ -45,16 +45,16 @@ def local_mesh() -> jax.sharding.Mesh:
 
 
 def load_model(model_or_path: Decoder | str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-               rules: Rules = DEFAULT_RULES) -> tuple[Decoder, dict]:
+               rules: Rules = DEFAULT_RULES, flag: str = "") -> tuple[Decoder, dict]:
     """A Decoder as is (meta {}), or a moesaic checkpoint restored onto `mesh` (default: the
-    local devices)."""
+    local devices). `flag` is how the user gave the path, for the error (default: --model)."""
     if isinstance(model_or_path, Decoder):
         return model_or_path, {}
     path = pathlib.Path(model_or_path)
     if not io.is_complete(path):
-        raise FileNotFoundError(f"--model {str(path)!r}: not a moesaic checkpoint (want a folder "
-                                f"with {io.META} and {io.PARAMS}/, e.g. a pretrain, branch "
-                                "`model` or merge output)")
+        raise FileNotFoundError(f"{flag or f'--model {str(path)!r}'}: not a moesaic checkpoint "
+                                f"(want a folder with {io.META} and {io.PARAMS}/, e.g. a "
+                                "pretrain, branch `model` or merge output)")
     return io.load(path, mesh=mesh or local_mesh(), rules=rules)
 
 

@@ -28,6 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("moesaic.launch.jobs", "render or run one job per party from a manifest"),
     "plan": ("moesaic.launch.plan", "compile the branch step ahead of time; memory per device"),
 }
+# The commands that read --config.FIELD=VALUE overrides (launch: of its manifest). Any other
+# command refuses them rather than ignore them silently.
+TAKES_OVERRIDES = ("train", "pretrain", "branch", "launch", "plan")
 
 
 def _available() -> dict[str, tuple[str, str]]:
@@ -60,8 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    module = importlib.import_module(commands[name][0])
     rest, overrides = config_cli.split_config_args(rest)
+    if overrides and name not in TAKES_OVERRIDES:
+        print(f"moesaic {name}: error: --config.{overrides[0]}: `moesaic {name}` reads no "
+              f"config, so config overrides would be ignored; only "
+              f"{', '.join(TAKES_OVERRIDES)} take --config.FIELD=VALUE", file=sys.stderr)
+        return 2
+    module = importlib.import_module(commands[name][0])
     parser = argparse.ArgumentParser(prog=f"moesaic {name}", description=commands[name][1])
     module.register(parser)
     args = parser.parse_args(rest)

@@ -40,7 +40,10 @@ def _parse_value(text: str, old):
             return ast.literal_eval(text) if old is None else text
         except (ValueError, SyntaxError):
             return text
-    value = ast.literal_eval(text)
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"expected {type(old).__name__}, got {text!r}") from None
     if isinstance(old, float) and isinstance(value, int):
         value = float(value)
     if isinstance(old, (int, float)) and not isinstance(value, type(old)):

@@ -10,8 +10,11 @@ render writes, per target:
           merge with --dependency=afterok on all of them)
   tpu-vm  branch-NAME.sh (`gcloud compute tpus tpu-vm ssh NAME --zone Z --worker=all
           --command="..."` with the job's environment), merge.sh, run_all.sh
-  local   branch-NAME.sh (N processes on loopback, coordinator 127.0.0.1:PORT, process ids
-          0..N-1), merge.sh, run_all.sh
+  local   branch-NAME.sh (N processes on loopback, process ids 0..N-1), merge.sh,
+          run_all.sh
+
+A party's coordinator port (slurm, local) is PORT + its index among the parties, so two
+parties' jobs on one host never collide.
 
 run executes the local form here: the branch jobs (several at once when the machine has a
 core per process for them), then the merge. A failing job stops the run; its log's tail is
@@ -134,7 +137,8 @@ def _slurm_branch(manifest: Manifest, party: Party) -> str:
                      nodes=r.nodes, tasks_per_node=r.tasks_per_node,
                      directives=_slurm_directives(r), log_dir=manifest.log_dir,
                      party=party.name, manifest=manifest.spec, cd=_cd(manifest),
-                     exports=_exports(manifest.env, party.env), port=manifest.port, srun=srun)
+                     exports=_exports(manifest.env, party.env),
+                     port=party_port(manifest, party), srun=srun)
 
 
 def _slurm_files(manifest: Manifest) -> dict[str, str]:
@@ -214,7 +218,9 @@ def _tpu_files(manifest: Manifest) -> dict[str, str]:
     return files
 
 
-def local_port(manifest: Manifest, party: Party) -> int:
+def party_port(manifest: Manifest, party: Party) -> int:
+    """The coordinator port of a party's job: manifest.port + its index, so the jobs of two
+    parties that land on one host (loopback, or a shared first node) do not collide."""
     return manifest.port + manifest.party_names.index(party.name)
 
 
@@ -222,7 +228,7 @@ def _local_files(manifest: Manifest) -> dict[str, str]:
     files = {}
     for party in manifest.parties:
         n = party.resources.local_processes
-        port = local_port(manifest, party)
+        port = party_port(manifest, party)
         command = _command(manifest, manifest.branch_args(party))
         if n > 1:
             command += (f" --coordinator 127.0.0.1:{port} --num-processes {n}"
@@ -280,6 +286,7 @@ class _Job:
     env: dict[str, str]
     procs: list[subprocess.Popen] = dataclasses.field(default_factory=list)
     started: float = 0.0
+    failed: int = 0  # index of the process whose failure poll() saw first
 
     def start(self, cwd: str | None) -> None:
         self.started = time.perf_counter()
@@ -292,12 +299,14 @@ class _Job:
 
     def poll(self) -> int | None:
         """None while running; 0 when every process succeeded; else the first failure's
-        code (the other processes are then stopped: they would wait on it forever)."""
+        code (the other processes are then stopped: they would wait on it forever). The
+        failing process is recorded first: once stopped, the others exit non-zero too."""
         codes = [p.poll() for p in self.procs]
-        failed = [c for c in codes if c not in (None, 0)]
+        failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
         if failed:
+            self.failed = failed[0]
             self.stop()
-            return failed[0]
+            return codes[self.failed]
         return 0 if all(c == 0 for c in codes) else None
 
     def stop(self) -> None:
@@ -312,8 +321,7 @@ class _Job:
                 proc.wait()
 
     def failure(self, code: int) -> str:
-        index = next((i for i, p in enumerate(self.procs) if p.returncode not in (None, 0)),
-                     0)
+        index = self.failed
         return (f"{self.name} failed (exit code {code}, process {index}); the last "
                 f"{LOG_TAIL_LINES} lines of {self.logs[index]}:\n{_tail(self.logs[index])}")
 

@@ -8,7 +8,7 @@ manifest_example.py) with:
   command    how a job host runs moesaic ("moesaic"; e.g. ".venv/bin/moesaic")
   base       the public checkpoint every party starts from
   env        environment variables every job gets
-  port       coordinator port of the multi-process jobs (local: port + party index)
+  port       coordinator port of the multi-process jobs (a party's: port + its index)
   log_dir    where rendered jobs write their logs ("logs")
   parties    one ConfigDict per party, keyed by its name:
     config     config file[:arg] of its branch job, e.g. moesaic/configs/tiny.py:source=code

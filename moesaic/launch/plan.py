@@ -11,9 +11,13 @@ per-device need exceeds --hbm is refused: exit code 3 and how much it needs.
 
 The job planned is the branch job of `moesaic branch` (config.branch.mode), compiled through
 the trainer's own `make_train_step` (same shardings, same donation): the model of the
-base (its checkpoint's meta.json with --base, else the config's model section with
---base-experts experts; 1 = a dense base, FlexOlmo's case) upcycled by one expert, trainable
-= the owner's expert slice, router row and bias; AdamW state only for those.
+base upcycled by one expert, trainable = the owner's expert slice, router row and bias;
+AdamW state only for those. The base is the model of --base (its meta.json), else the
+config's model section with --base-experts experts, by default chosen so that the model
+planned is the config's: an MoE config of n experts names the branch model (olmo2_7b's 2 =
+public + own, flexolmo_7x7b's 7), so its base has n - 1; a dense config is the base itself
+(FlexOlmo's case), its branch has 2. With config.branch.mode=dense the config's model is
+trained as is.
 
 Fake devices need XLA_FLAGS=--xla_force_host_platform_device_count=N set before jax is
 imported: when jax is already imported in this process, the command re-runs itself in a
@@ -74,24 +78,48 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="memory per device, e.g. 80GB; a plan needing more is refused")
     parser.add_argument("--base", default="",
                         help="a base checkpoint: plan for its model (reads meta.json only)")
-    parser.add_argument("--base-experts", type=int, default=1,
-                        help="experts of the base when no --base is given (1: dense)")
+    parser.add_argument("--base-experts", type=int, default=None,
+                        help="experts of the base when no --base is given (1: dense; "
+                             "default: config.model.n_experts - 1, or 1 for a dense config)")
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON line")
+
+
+def _error(err: Exception) -> int:
+    """An input error (a bad flag, config field or base) as one line on stderr: exit 2."""
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    print(f"moesaic plan: error: {message}", file=sys.stderr)
+    return 2
+
+
+def default_base_experts(config) -> int:
+    """The base's experts that make the model planned the config's own (see the module
+    docstring): n - 1 for an MoE config of n, 1 for a dense one; n in dense mode."""
+    n = int(config.model.n_experts)
+    return n if str(config.branch.mode) == "dense" else max(1, n - 1)
 
 
 def run(args: argparse.Namespace) -> int:
     from moesaic.launch import config_cli
 
-    config = config_cli.resolve(args.config, getattr(args, "config_overrides", []))
-    mesh_shape = parse_mesh(args.mesh) if args.mesh else dict(config.mesh)
-    if any(int(v) < 1 for v in mesh_shape.values()):
-        raise SystemExit(f"moesaic plan: config.mesh {mesh_shape} has a -1 (fill the rest); "
-                         "give the sizes with --mesh, e.g. --mesh data=1,fsdp=8")
+    try:
+        config = config_cli.resolve(args.config, getattr(args, "config_overrides", []))
+        mesh_shape = parse_mesh(args.mesh) if args.mesh else dict(config.mesh)
+        hbm = parse_bytes(args.hbm) if args.hbm else None
+        if any(int(v) < 1 for v in mesh_shape.values()):
+            raise ValueError(f"config.mesh {mesh_shape} has a -1 (fill the rest); give the "
+                             "sizes with --mesh, e.g. --mesh data=1,fsdp=8")
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        return _error(err)
     devices = math.prod(int(v) for v in mesh_shape.values())
     if not _has_fake_devices(devices):
         return _reexec(devices, _argv(args))
-    hbm = parse_bytes(args.hbm) if args.hbm else None
-    plan = make_plan(config, mesh_shape, base=args.base, base_experts=args.base_experts)
+    base_experts = (default_base_experts(config) if args.base_experts is None
+                    else args.base_experts)
+    try:
+        branch_layout(config, base=args.base, base_experts=base_experts)  # input errors first
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        return _error(err)
+    plan = make_plan(config, mesh_shape, base=args.base, base_experts=base_experts)
     print(json.dumps(plan.to_dict()) if args.json else plan.report(hbm))
     if hbm is not None and plan.needed > hbm:
         hints = ["shard more (--mesh fsdp=...)", "lower --config.data.global_batch"]
@@ -129,7 +157,9 @@ def _has_fake_devices(count: int) -> bool:
 
 def _argv(args: argparse.Namespace) -> list[str]:
     """The command line of `args` again, for the fresh interpreter."""
-    argv = ["--config", args.config, "--base-experts", str(args.base_experts)]
+    argv = ["--config", args.config]
+    if args.base_experts is not None:
+        argv += ["--base-experts", str(args.base_experts)]
     for flag, value in (("--mesh", args.mesh), ("--hbm", args.hbm), ("--base", args.base)):
         argv += [flag, value] if value else []
     argv += ["--json"] if args.json else []
@@ -150,6 +180,7 @@ def _reexec(count: int, argv: list[str]) -> int:
 class Plan:
     mesh: dict[str, int]
     experts: int  # of the branch model
+    base_experts: int  # of the base it upcycles (= experts in dense mode)
     counts: dict[str, int]  # trainable / frozen parameter counts
     by_hand: dict[str, int]  # per-device bytes: trainable, frozen, optimizer, batch
     xla: dict[str, int]  # per-device bytes: argument, output, alias, temp
@@ -165,8 +196,10 @@ class Plan:
         return {**dataclasses.asdict(self), "needed": self.needed}
 
     def report(self, hbm: int | None) -> str:
+        base = (f" (a base of {self.base_experts} plus the own)"
+                if self.experts > self.base_experts else "")
         lines = [f"branch step on mesh {self.mesh} ({math.prod(self.mesh.values())} devices), "
-                 f"{self.experts} experts: {self.counts['trainable']:,} trainable, "
+                 f"{self.experts} experts{base}: {self.counts['trainable']:,} trainable, "
                  f"{self.counts['frozen']:,} frozen parameters "
                  f"(compiled in {self.compile_seconds:.1f} s)", "", "parameters:"]
         for p in self.parameters:
@@ -277,5 +310,6 @@ def make_plan(config, mesh_shape: dict[str, int], *, base: str = "",
          "bytes_per_device": _per_device_bytes(a.shape, a.dtype, a.sharding)}
         for kind, tree in (("train", args[0]), ("frozen", args[2]))
         for name, a in tree.items()]
-    return Plan(dict(mesh_shape), layout.cfg.n_experts, layout.counts(), by_hand, xla,
+    return Plan(dict(mesh_shape), layout.cfg.n_experts,
+                layout.base_experts or layout.cfg.n_experts, layout.counts(), by_hand, xla,
                 parameters, seconds)
