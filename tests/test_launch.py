@@ -363,3 +363,13 @@ def test_config_docstring_commands_parse(where, command, monkeypatch):
     config_cli.resolve(args.config, overrides)
     if name == "plan":
         plan.parse_mesh(args.mesh), plan.parse_bytes(args.hbm)
+
+
+@pytest.mark.parametrize("override", ["--config.nope=3", "--config.train.steps=abc"])
+def test_training_commands_refuse_a_bad_override_in_one_line(tmp_path, capsys, override):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--config", "moesaic/configs/tiny.py", "--workdir",
+                  str(tmp_path), override])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert err.startswith("error: config ") and err.count("\n") == 1

@@ -34,7 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_config: str = "") 
 
 
 def resolve_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-    return config_cli.resolve(args.config, getattr(args, "config_overrides", []))
+    """The config file with its --config.FIELD=VALUE overrides; a bad file, field or value is
+    one line on stderr and exit code 2, as the commands' other input errors are."""
+    try:
+        return config_cli.resolve(args.config, getattr(args, "config_overrides", []))
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _has_sources(folder: pathlib.Path) -> bool:
