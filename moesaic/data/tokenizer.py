@@ -114,6 +114,12 @@ def _read_manifests(data: str | os.PathLike | Mapping) -> list[dict]:
     return [json.loads(p.read_text()) for p in found]
 
 
+def model_tokenizer_identity(model_config: Any) -> str:
+    """The identity of the tokenizer a model reads (its `tokenizer`: "bytes" or a path)."""
+    spec = _model_field(model_config, "tokenizer", "bytes") or "bytes"
+    return "bytes" if spec == "bytes" else hf_identity(spec)
+
+
 def check_tokenizer(model_config: Any, data_dir_or_manifest: str | os.PathLike | Mapping) -> None:
     """Raise ValueError when the data was not tokenized with the model's tokenizer.
 
@@ -129,7 +135,7 @@ def check_tokenizer(model_config: Any, data_dir_or_manifest: str | os.PathLike |
             "recorded in the model's config (a checkpoint's meta.json keeps the path it was "
             "trained with); the tokenizer or the checkpoint may have moved: put tokenizer.json "
             "back at that path")
-    want = "bytes" if spec == "bytes" else hf_identity(spec)
+    want = model_tokenizer_identity(model_config)
     vocab = _model_field(model_config, "vocab_size")
     eos = _model_field(model_config, "eos_id")
     for m in _read_manifests(data_dir_or_manifest):

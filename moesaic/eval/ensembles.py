@@ -37,9 +37,14 @@ import numpy as np
 from scipy.special import logsumexp
 
 from moesaic.data.loader import documents, load_manifest
-from moesaic.data.tokenizer import BYTES, Tokenizer, check_tokenizer, hf_identity, load_tokenizer
+from moesaic.data.tokenizer import (
+    BYTES,
+    Tokenizer,
+    check_tokenizer,
+    load_tokenizer,
+    model_tokenizer_identity,
+)
 from moesaic.eval.perplexity import ModelScorer, load_model, local_mesh
-from moesaic.model.config import ModelConfig
 from moesaic.model.transformer import Decoder
 
 WeightFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -123,11 +128,6 @@ def load_experts(experts: Mapping[str, object], *, mesh=None, data_dir=None,
                 raise ValueError(f"--expert {name}: {e}") from None
         models[name] = model
     return models
-
-
-def _tokenizer_identity(cfg: ModelConfig) -> str:
-    spec = cfg.tokenizer or "bytes"
-    return "bytes" if spec == "bytes" else hf_identity(spec)
 
 
 def experts_tokenizer(models: Mapping[str, Decoder]) -> Tokenizer:
@@ -262,7 +262,7 @@ def cbtm(experts: Mapping[str, object], router: TfidfCentroids, *, top_k: int = 
     tokenizer = router.tokenizer if tokenizer is None else tokenizer
     scorers = _expert_scorers(experts, mesh)
     wrong = {s.name: i for s in scorers
-             if (i := _tokenizer_identity(s.cfg)) != tokenizer.identity}
+             if (i := model_tokenizer_identity(s.cfg)) != tokenizer.identity}
     if wrong:
         raise ValueError(f"c-BTM: contexts are decoded with {tokenizer.identity!r} but experts "
                          f"read {wrong}; fit the router with TfidfCentroids.from_data(..., "
