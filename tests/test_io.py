@@ -95,3 +95,14 @@ def test_overwrite_killed_between_the_renames_keeps_the_old_checkpoint(tmp_path,
     assert not io.is_complete(path.with_name("ckpt.partial"))
     real_rename(io.aside_path(path), path)
     assert _which(path) == 1.0
+
+
+def test_tensor_digest_fed_in_pieces_is_the_tensor_hash():
+    """Code that hashes a tensor while reading it (merge's NaN scan, streaming saves) feeds
+    `tensor_digest` piece by piece; the result must be `tensor_hash` of the whole."""
+    array = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    digest = io.tensor_digest(array.dtype, array.shape)
+    for start in range(0, 7, 3):
+        digest.update(np.ascontiguousarray(array[start:start + 3]).tobytes())
+    assert digest.hexdigest() == io.tensor_hash(array)
+    assert io.tensor_hash(array) != io.tensor_hash(array.reshape(3, 7))

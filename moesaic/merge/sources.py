@@ -77,7 +77,7 @@ class View:
                                rows_per_chunk=self.row_block() if self.shape else None)
 
     def hash(self) -> str:
-        digest = io._hasher(self.dtype, self.shape)
+        digest = io.tensor_digest(self.dtype, self.shape)
         for piece in self.pieces():
             digest.update(np.asarray(piece, order="C").tobytes())
         return digest.hexdigest()

@@ -67,7 +67,7 @@ def check_unique(sources: list[str]) -> None:
 def scan(label: str, view) -> str:
     """`io.tensor_hash` of a stored view, refusing NaN or Inf on the way (one read for both)."""
     floating = np.issubdtype(view.dtype, np.floating) or view.dtype.kind == "V"
-    digest = io._hasher(view.dtype, view.shape)
+    digest = io.tensor_digest(view.dtype, view.shape)
     for start, piece in _pieces_with_rows(view):
         piece = np.asarray(piece, order="C")
         digest.update(piece.tobytes())

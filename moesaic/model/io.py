@@ -65,14 +65,17 @@ def unflatten(flat: Mapping[str, object]) -> dict:
     return out
 
 
-def _hasher(dtype, shape):
+def tensor_digest(dtype, shape):
+    """The running sha256 behind `tensor_hash`: feed it the tensor's C-order bytes, in order
+    and in pieces of any size, and its hexdigest is the tensor's hash. For code that reads a
+    tensor piece by piece and hashes it on the way."""
     return hashlib.sha256(f"{np.dtype(dtype)}|{tuple(shape)}|".encode())
 
 
 def tensor_hash(array) -> str:
     """sha256 of one tensor's dtype, shape and bytes."""
     array = np.asarray(jax.device_get(array))
-    digest = _hasher(array.dtype, array.shape)
+    digest = tensor_digest(array.dtype, array.shape)
     digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
@@ -211,7 +214,7 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
                                               *source.shape[1:]]
             store = await ts.open(ts.Spec(spec), create=True, open=True,
                                   context=info.ts_context)
-            digest, row = _hasher(source.dtype, source.shape), 0
+            digest, row = tensor_digest(source.dtype, source.shape), 0
             for piece in itertools.chain([] if first is None else [first], pieces):
                 piece = np.asarray(piece, order="C")
                 if piece.dtype != source.dtype or piece.shape[1:] != source.shape[1:] or (
@@ -290,7 +293,7 @@ class TensorReader:
 
     def hash(self, rows_per_piece: int = 1) -> str:
         """`tensor_hash` of the stored tensor, read `rows_per_piece` rows at a time."""
-        digest = _hasher(self.dtype, self.shape)
+        digest = tensor_digest(self.dtype, self.shape)
         if not self.shape:
             digest.update(np.asarray(self.read(), order="C").tobytes())
         for row in range(0, self.shape[0] if self.shape else 0, rows_per_piece):
