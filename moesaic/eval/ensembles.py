@@ -30,7 +30,6 @@ loaded from the experts' model.tokenizer (`experts_tokenizer`) and checked again
 from __future__ import annotations
 
 import os
-import pathlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -117,13 +116,14 @@ def load_experts(experts: Mapping[str, object], *, mesh=None, data_dir=None,
     `--expert NAME=PATH`. With `data_dir`, every expert is checked against the tokenizer of
     each of `sources` there, as `perplexity.evaluate` checks its one model."""
     mesh = mesh or local_mesh()
+    # Each manifest read once (a missing source is named here), then checked per expert.
+    manifests = [load_manifest(data_dir, s) for s in sources] if data_dir is not None else []
     models = {}
     for name, model_or_path in experts.items():
         model, _ = load_model(model_or_path, mesh=mesh, flag=f"--expert {name}={model_or_path}")
-        for source in sources if data_dir is not None else ():
-            load_manifest(data_dir, source)
+        for manifest in manifests:
             try:
-                check_tokenizer(model.cfg, pathlib.Path(data_dir) / source)
+                check_tokenizer(model.cfg, manifest)
             except ValueError as e:
                 raise ValueError(f"--expert {name}: {e}") from None
         models[name] = model
