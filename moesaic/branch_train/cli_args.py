@@ -38,8 +38,8 @@ def resolve_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     one line on stderr and exit code 2, as the commands' other input errors are."""
     try:
         return config_cli.resolve(args.config, getattr(args, "config_overrides", []))
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+    except config_cli.CONFIG_ERRORS as err:
+        print(f"error: {config_cli.error_message(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

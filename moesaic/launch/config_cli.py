@@ -88,3 +88,12 @@ def resolve(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
     config = load_config_file(spec)
     apply_overrides(config, overrides)
     return config
+
+
+# What `resolve` raises for a bad config file, field or value.
+CONFIG_ERRORS = (KeyError, ValueError, FileNotFoundError)
+
+
+def error_message(err: Exception) -> str:
+    """One of CONFIG_ERRORS as the line a command prints (a KeyError's own text, unquoted)."""
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)

@@ -38,6 +38,8 @@ import re
 import subprocess
 import sys
 
+from moesaic.launch import config_cli  # no jax: XLA_FLAGS must be set before jax loads
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 EXIT_DOES_NOT_FIT = 3
@@ -86,8 +88,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def _error(err: Exception) -> int:
     """An input error (a bad flag, config field or base) as one line on stderr: exit 2."""
-    message = err.args[0] if isinstance(err, KeyError) and err.args else err
-    print(f"moesaic plan: error: {message}", file=sys.stderr)
+    print(f"moesaic plan: error: {config_cli.error_message(err)}", file=sys.stderr)
     return 2
 
 
@@ -99,8 +100,6 @@ def default_base_experts(config) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesaic.launch import config_cli
-
     try:
         config = config_cli.resolve(args.config, getattr(args, "config_overrides", []))
         mesh_shape = parse_mesh(args.mesh) if args.mesh else dict(config.mesh)
@@ -108,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         if any(int(v) < 1 for v in mesh_shape.values()):
             raise ValueError(f"config.mesh {mesh_shape} has a -1 (fill the rest); give the "
                              "sizes with --mesh, e.g. --mesh data=1,fsdp=8")
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except config_cli.CONFIG_ERRORS as err:
         return _error(err)
     devices = math.prod(int(v) for v in mesh_shape.values())
     if not _has_fake_devices(devices):
