@@ -217,6 +217,33 @@ def test_dense_mode_trains_everything_and_writes_a_whole_model(data, dense_base,
     assert embed.shape == base["embed"].shape and not np.array_equal(embed, base["embed"])
 
 
+def test_ffn_mode_trains_only_what_a_coordinated_branch_trains_in_place(data, dense_base,
+                                                                       tmp_path):
+    from moesaic.branch_train.cli_branch import MODES
+
+    config = tiny_config("source=code", branch__mode="ffn", train__steps=2)
+    result = train(config, _job(MODES["ffn"], tmp_path / "ffn", data, dense_base))
+    assert result.layout.cfg.n_experts == 1 and not result.layout.split
+    ffn = {n for n in result.layout.trainable}
+    assert ffn == {"blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down"}
+    base = _base_tensors(dense_base)
+    meta = io.read_meta(tmp_path / "ffn" / "artifact")
+    assert meta["kind"] == artifact.DENSE_KIND and sorted(meta["frozen"]) == sorted(
+        set(base) - ffn)
+    trained = io.load_tensors(tmp_path / "ffn" / "artifact",
+                              io.tensor_metadata(tmp_path / "ffn" / "artifact"))
+    for name, value in base.items():  # frozen bit for bit; every FFN tensor moved
+        assert np.array_equal(trained[name], value) == (name not in ffn), name
+    # a resume that changes the frozen set is refused; freezing everything is an error
+    with pytest.raises(ValueError, match=r"frozen patterns \(branch.mode=ffn freezes "
+                                         r"branch.frozen\): checkpoint \[.*\], config \[\]"):
+        train(tiny_config("source=code", branch__mode="dense", train__steps=2),
+              _job("dense", tmp_path / "ffn", data, dense_base))
+    with pytest.raises(ValueError, match=r"freezes every tensor: a branch.mode=ffn job"):
+        train(tiny_config("source=code", branch__mode="ffn", branch__frozen=(".",)),
+              _job("dense", tmp_path / "all", data, dense_base))
+
+
 def test_bad_inputs_give_clear_errors(data, dense_base, code_branch, tmp_path):
     config = tiny_config("source=code")
     with pytest.raises(ValueError, match="holds a 'branch' job of another model"):

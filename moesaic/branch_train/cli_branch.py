@@ -1,7 +1,9 @@
 """`moesaic branch`: one party's job. Restores the base, upcycles it to [base experts..., own],
 trains only the owner's expert, router row and bias on its own source
 (config.branch.source) and writes WORKDIR/artifact. With config.branch.mode=dense: plain
-continued pretraining of a dense copy (the BTX / BTM baselines).
+continued pretraining of a dense copy (the BTX / BTM baselines); with config.branch.mode=ffn:
+a dense copy that trains only what a coordinated branch trains (every tensor outside
+config.branch.frozen: the FFNs), in place, with no public expert beside it.
 
     moesaic branch --config moesaic/configs/tiny.py:source=code --base runs/w/public \
         --workdir runs/w/branches/code
@@ -15,7 +17,7 @@ import pathlib
 from moesaic.branch_train import cli_args, distributed
 from moesaic.branch_train.trainer import Job
 
-MODES = {"coordinated": "branch", "dense": "dense"}
+MODES = {"coordinated": "branch", "dense": "dense", "ffn": "dense"}  # mode -> job kind
 
 
 def register(parser: argparse.ArgumentParser) -> None:

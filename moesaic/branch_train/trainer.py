@@ -57,7 +57,7 @@ _COMMON_KEYS = ("seed", "data.seq_len", "data.global_batch", "train.steps", "tra
                 "train.weight_decay", "train.clip")
 RESUME_KEYS = {
     "pretrain": (*_COMMON_KEYS, "data.mixture"),
-    "dense": (*_COMMON_KEYS, "branch.source"),
+    "dense": (*_COMMON_KEYS, "branch.source"),  # and dense_frozen's patterns
     "branch": (*_COMMON_KEYS, "branch.source", "branch.public_mix", "branch.public_source",
                "branch.frozen", "branch.router_init", "branch.router_margin",
                "branch.router_noise", "branch.router_vector", "branch.stats_batches"),
@@ -84,6 +84,16 @@ class Result:
     trainable: dict
     frozen: dict
     opt_state: object
+
+
+def dense_frozen(config: ml_collections.ConfigDict | dict) -> tuple[str, ...]:
+    """The regexes of the tensors a dense branch keeps frozen: none (plain continued
+    pretraining, `branch.mode=dense`), or with `branch.mode=ffn` those of `branch.frozen`, the
+    tensors a coordinated branch freezes (by default all but the FFNs). An `ffn` branch trains
+    the FFNs in place instead of as an expert beside the frozen public one: an uncoordinated
+    FlexOlmo expert, and the part of the merge's gap to a dense expert that freezing costs."""
+    branch = config["branch"]
+    return tuple(branch["frozen"]) if str(branch.get("mode")) == "ffn" else ()
 
 
 def job_mixture(config: ml_collections.ConfigDict, kind: str) -> str:
@@ -132,6 +142,11 @@ def resume_mismatches(saved: dict, config: ml_collections.ConfigDict, kind: str,
             note = (" (the learning rate decays over train.steps, so a run cannot be extended "
                     "or shortened in place)" if key == "train.steps" else "")
             diffs.append(f"{key}: checkpoint {was!r}, config {now!r}{note}")
+    if kind == "dense" and "branch" in recorded:
+        was, now = list(dense_frozen(recorded)), list(dense_frozen(config))
+        if was != now:
+            diffs.append(f"frozen patterns (branch.mode=ffn freezes branch.frozen): checkpoint "
+                         f"{was!r}, config {now!r}")
     saved_data = saved.get("data") or {}  # which sources is decided by the keys above
     for name in sorted(set(saved_data) & set(data_hashes)):
         if saved_data[name] != data_hashes[name]:
@@ -182,7 +197,10 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
                                          base_experts=base_cfg.n_experts)
         else:
             model_cfg = base_cfg
-            layout = upcycle.make_layout(model_cfg)
+            layout = upcycle.make_layout(model_cfg, frozen_patterns=dense_frozen(config))
+            if not layout.trainable:
+                raise ValueError(f"config.branch.frozen {list(config.branch.frozen)} freezes "
+                                 "every tensor: a branch.mode=ffn job would train nothing")
     for data_source in batches.manifests.values():
         check_tokenizer(model_cfg, data_source)
 
@@ -357,7 +375,8 @@ def write_output(job: Job, config, layout: upcycle.ParamLayout, trainable: dict,
     if job.kind == "dense":
         io.save(path, _savable(full),
                 {**common, "kind": artifact.DENSE_KIND, "source": source,
-                 "model": layout.cfg.to_dict(), "base_fingerprint": base_meta["fingerprint"]},
+                 "model": layout.cfg.to_dict(), "base_fingerprint": base_meta["fingerprint"],
+                 "frozen": list(layout.frozen)},
                 overwrite=True)
         return path
     own = {n: _host(trainable[n]) for n in upcycle.EXPERT_TENSORS}
