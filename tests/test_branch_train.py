@@ -217,31 +217,50 @@ def test_dense_mode_trains_everything_and_writes_a_whole_model(data, dense_base,
     assert embed.shape == base["embed"].shape and not np.array_equal(embed, base["embed"])
 
 
-def test_ffn_mode_trains_only_what_a_coordinated_branch_trains_in_place(data, dense_base,
-                                                                       tmp_path):
+def test_ffn_job_trains_the_ffn_in_place_and_hands_it_over_as_an_expert(data, dense_base,
+                                                                        tmp_path):
     from moesaic.branch_train.cli_branch import MODES
+    from moesaic.merge import fuse
 
     config = tiny_config("source=code", branch__mode="ffn", train__steps=2)
     result = train(config, _job(MODES["ffn"], tmp_path / "ffn", data, dense_base))
-    assert result.layout.cfg.n_experts == 1 and not result.layout.split
-    ffn = {n for n in result.layout.trainable}
-    assert ffn == {"blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down"}
+    ffn = set(trainer.FFN_TENSORS)
+    assert set(result.layout.trainable) == ffn and not result.layout.split
     base = _base_tensors(dense_base)
-    meta = io.read_meta(tmp_path / "ffn" / "artifact")
-    assert meta["kind"] == artifact.DENSE_KIND and sorted(meta["frozen"]) == sorted(
-        set(base) - ffn)
-    trained = io.load_tensors(tmp_path / "ffn" / "artifact",
-                              io.tensor_metadata(tmp_path / "ffn" / "artifact"))
+    model = io.load_tensors(tmp_path / "ffn" / "model", io.tensor_metadata(tmp_path / "ffn" /
+                                                                          "model"))
+    assert io.read_meta(tmp_path / "ffn" / "model")["kind"] == artifact.DENSE_KIND
     for name, value in base.items():  # frozen bit for bit; every FFN tensor moved
-        assert np.array_equal(trained[name], value) == (name not in ffn), name
-    # a resume that changes the frozen set is refused; freezing everything is an error
-    with pytest.raises(ValueError, match=r"frozen patterns \(branch.mode=ffn freezes "
-                                         r"branch.frozen\): checkpoint \[.*\], config \[\]"):
-        train(tiny_config("source=code", branch__mode="dense", train__steps=2),
-              _job("dense", tmp_path / "ffn", data, dense_base))
-    with pytest.raises(ValueError, match=r"freezes every tensor: a branch.mode=ffn job"):
-        train(tiny_config("source=code", branch__mode="ffn", branch__frozen=(".",)),
-              _job("dense", tmp_path / "all", data, dense_base))
+        assert np.array_equal(model[name], value) == (name not in ffn), name
+    # the artifact: that FFN as the expert, the untrained initial row; it merges over the base
+    own = io.load_tensors(tmp_path / "ffn" / "artifact",
+                          io.tensor_metadata(tmp_path / "ffn" / "artifact"))
+    for name in ffn:
+        np.testing.assert_array_equal(own[name], model[name])
+    meta = artifact.read_meta(tmp_path / "ffn" / "artifact")
+    assert meta["base_experts"] == 1 and meta["model"]["n_experts"] == 2
+    merged = tmp_path / "merged"
+    fuse.merge_paths(dense_base, [tmp_path / "ffn" / "artifact"], router="learned-rows",
+                     top_k=2, out=merged, log=lambda *a: None)
+    fused = io.load_tensors(merged, io.tensor_metadata(merged))
+    for name in ffn:  # expert 0 the public FFN, expert 1 the trained one
+        np.testing.assert_array_equal(fused[name][:, :1], base[name])
+        np.testing.assert_array_equal(fused[name][:, 1:], model[name])
+    np.testing.assert_allclose(fused["blocks/ffn/router"][:, 1], own["blocks/ffn/router"][:, 0])
+    # a resume with another frozen set is refused; anything but exactly the FFN is refused
+    from moesaic.configs.common import DEFAULT_FROZEN
+
+    with pytest.raises(ValueError, match=r"branch.frozen: checkpoint"):
+        train(tiny_config("source=code", branch__mode="ffn", train__steps=2,
+                          branch__frozen=(*DEFAULT_FROZEN, r"^unused$")),
+              _job("ffn", tmp_path / "ffn", data, dense_base))
+    with pytest.raises(ValueError, match=r"leaves \['blocks/attn/k', .*\] trainable; an ffn "
+                                         "job trains exactly the FFN"):
+        train(tiny_config("source=code", branch__frozen=(r"^embed$",)),
+              _job("ffn", tmp_path / "a", data, dense_base))
+    with pytest.raises(ValueError, match=r"leaves \[\] trainable"):
+        train(tiny_config("source=code", branch__frozen=(".",)),
+              _job("ffn", tmp_path / "b", data, dense_base))
 
 
 def test_bad_inputs_give_clear_errors(data, dense_base, code_branch, tmp_path):

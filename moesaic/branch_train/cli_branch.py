@@ -2,8 +2,9 @@
 trains only the owner's expert, router row and bias on its own source
 (config.branch.source) and writes WORKDIR/artifact. With config.branch.mode=dense: plain
 continued pretraining of a dense copy (the BTX / BTM baselines); with config.branch.mode=ffn:
-a dense copy that trains only what a coordinated branch trains (every tensor outside
-config.branch.frozen: the FFNs), in place, with no public expert beside it.
+the uncoordinated expert, a dense copy whose FFN alone trains, in place, with no public expert
+or router beside it; it writes a branch artifact (that FFN as the expert, the router row and
+bias a coordinated branch would start from) and the dense model it trained (WORKDIR/model).
 
     moesaic branch --config moesaic/configs/tiny.py:source=code --base runs/w/public \
         --workdir runs/w/branches/code
@@ -17,7 +18,7 @@ import pathlib
 from moesaic.branch_train import cli_args, distributed
 from moesaic.branch_train.trainer import Job
 
-MODES = {"coordinated": "branch", "dense": "dense", "ffn": "dense"}  # mode -> job kind
+MODES = {"coordinated": "branch", "dense": "dense", "ffn": "ffn"}  # mode -> job kind
 
 
 def register(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,9 @@ was trained with (`RESUME_KEYS`, and the data's content hashes): a resume that c
 of them is refused, naming each, since its output would claim data it partly never saw.
 Outputs: pretraining writes WORKDIR/public (a model checkpoint, kind "public"); a
 coordinated branch WORKDIR/artifact (`moesaic.branch_train.artifact`); a dense branch
-WORKDIR/artifact as a whole model checkpoint (kind "dense_branch").
+WORKDIR/artifact as a whole model checkpoint (kind "dense_branch"); an ffn job (a dense base
+whose FFN alone trains, in place) both: WORKDIR/artifact, a branch artifact whose expert is
+that FFN, and WORKDIR/model, the dense model.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from moesaic.model.sharding import activate, logical_to_spec, make_mesh
 from moesaic.model.transformer import Decoder, lm_loss
 from moesaic.routing import stats as router_stats
 
-KINDS = ("pretrain", "branch", "dense")
+KINDS = ("pretrain", "branch", "dense", "ffn")
+FFN_TENSORS = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down")
 
 # The config keys a resume must not change, by job kind: what decides the batches (data
 # order) and the optimizer's path. train.steps is among them: the learning rate decays by a
@@ -57,16 +60,19 @@ _COMMON_KEYS = ("seed", "data.seq_len", "data.global_batch", "train.steps", "tra
                 "train.weight_decay", "train.clip")
 RESUME_KEYS = {
     "pretrain": (*_COMMON_KEYS, "data.mixture"),
-    "dense": (*_COMMON_KEYS, "branch.source"),  # and dense_frozen's patterns
+    "dense": (*_COMMON_KEYS, "branch.source"),
     "branch": (*_COMMON_KEYS, "branch.source", "branch.public_mix", "branch.public_source",
                "branch.frozen", "branch.router_init", "branch.router_margin",
                "branch.router_noise", "branch.router_vector", "branch.stats_batches"),
+    "ffn": (*_COMMON_KEYS, "branch.source", "branch.public_source", "branch.frozen",
+            "branch.router_init", "branch.router_margin", "branch.router_noise",
+            "branch.router_vector", "branch.stats_batches"),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    kind: str  # "pretrain" | "branch" (coordinated) | "dense" (continued pretraining)
+    kind: str  # "pretrain" | "branch" (coordinated) | "dense" (continued pretraining) | "ffn"
     workdir: pathlib.Path
     data_dir: pathlib.Path
     base: pathlib.Path | None = None
@@ -86,14 +92,27 @@ class Result:
     opt_state: object
 
 
-def dense_frozen(config: ml_collections.ConfigDict | dict) -> tuple[str, ...]:
-    """The regexes of the tensors a dense branch keeps frozen: none (plain continued
-    pretraining, `branch.mode=dense`), or with `branch.mode=ffn` those of `branch.frozen`, the
-    tensors a coordinated branch freezes (by default all but the FFNs). An `ffn` branch trains
-    the FFNs in place instead of as an expert beside the frozen public one: an uncoordinated
-    FlexOlmo expert, and the part of the merge's gap to a dense expert that freezing costs."""
-    branch = config["branch"]
-    return tuple(branch["frozen"]) if str(branch.get("mode")) == "ffn" else ()
+@dataclasses.dataclass(frozen=True)
+class FfnHandover:
+    """What an `ffn` job hands to the merge beside its FFNs, fixed at the start: the router row
+    and bias a coordinated branch would have started from (config.branch.router_init; they
+    never train here), and the hashes of the base FFN it trained in place, which the merged
+    model keeps as its public expert."""
+    row: np.ndarray  # (L, 1, D)
+    bias: np.ndarray  # (L, 1)
+    public_hashes: dict[str, str]
+
+
+def _check_ffn_layout(layout: upcycle.ParamLayout) -> None:
+    """An `ffn` job trains a dense base's FFN in place and hands it over as one expert: the
+    base must be dense and config.branch.frozen must leave exactly the FFN trainable."""
+    if layout.cfg.is_moe:
+        raise ValueError(f"an ffn job trains the base's one FFN in place; this base is an MoE "
+                         f"of {layout.cfg.n_experts} experts (use branch.mode=coordinated)")
+    if sorted(layout.trainable) != sorted(FFN_TENSORS):
+        raise ValueError(f"config.branch.frozen leaves {sorted(layout.trainable)} trainable; an "
+                         f"ffn job trains exactly the FFN {list(FFN_TENSORS)} (its artifact "
+                         "holds nothing else, and every other tensor must stay the public one)")
 
 
 def job_mixture(config: ml_collections.ConfigDict, kind: str) -> str:
@@ -142,11 +161,6 @@ def resume_mismatches(saved: dict, config: ml_collections.ConfigDict, kind: str,
             note = (" (the learning rate decays over train.steps, so a run cannot be extended "
                     "or shortened in place)" if key == "train.steps" else "")
             diffs.append(f"{key}: checkpoint {was!r}, config {now!r}{note}")
-    if kind == "dense" and "branch" in recorded:
-        was, now = list(dense_frozen(recorded)), list(dense_frozen(config))
-        if was != now:
-            diffs.append(f"frozen patterns (branch.mode=ffn freezes branch.frozen): checkpoint "
-                         f"{was!r}, config {now!r}")
     saved_data = saved.get("data") or {}  # which sources is decided by the keys above
     for name in sorted(set(saved_data) & set(data_hashes)):
         if saved_data[name] != data_hashes[name]:
@@ -195,12 +209,13 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
             model_cfg = upcycle.branch_config(base_cfg, int(config.branch.train_top_k))
             layout = upcycle.make_layout(model_cfg, frozen_patterns=tuple(config.branch.frozen),
                                          base_experts=base_cfg.n_experts)
+        elif job.kind == "ffn":
+            model_cfg = base_cfg
+            layout = upcycle.make_layout(model_cfg, frozen_patterns=tuple(config.branch.frozen))
+            _check_ffn_layout(layout)
         else:
             model_cfg = base_cfg
-            layout = upcycle.make_layout(model_cfg, frozen_patterns=dense_frozen(config))
-            if not layout.trainable:
-                raise ValueError(f"config.branch.frozen {list(config.branch.frozen)} freezes "
-                                 "every tensor: a branch.mode=ffn job would train nothing")
+            layout = upcycle.make_layout(model_cfg)
     for data_source in batches.manifests.values():
         check_tokenizer(model_cfg, data_source)
 
@@ -221,7 +236,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
                               opt_shardings, frozen_shardings, batch_sharding)
 
     # ---- restore: resume this workdir; else start from the base; else initialise -------
-    stats = None
+    stats, handover = None, None
     if job.kind == "pretrain":
         frozen = {}
         fresh = jax.jit(lambda: upcycle.split_full(layout, io.flatten(nnx.state(
@@ -230,16 +245,23 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         make_trainable = lambda: fresh()[0]  # noqa: E731
     else:
         base = base_model.load_base(job.base, base_meta, mesh, rules, base_cfg)
-        if job.kind == "branch":
+        if job.kind in ("branch", "ffn"):
             stats = base_model.party_stats(base, config, job.data_dir, mesh, rules)
             public = (base_model.party_stats(base, config, job.data_dir, mesh, rules,
                                              source=str(config.branch.public_source))
                       if config.branch.router_init == "contrast" else None)
             own_row, own_bias = base_model.own_router_row(config, base, stats, public)
+        if job.kind == "branch":
             trainable0, frozen = upcycle.upcycle(layout, base.flat, base.cfg, own_row,
                                                  own_bias)
         else:
             trainable0, frozen = upcycle.split_full(layout, base.flat)
+        if job.kind == "ffn":  # what it hands to the merge beside the FFNs it trains
+            handover = FfnHandover(
+                row=np.asarray(own_row, np.float32)[:, None, :],
+                bias=(np.zeros((base_cfg.n_layers, 1), np.float32) if own_bias is None
+                      else np.asarray(own_bias, np.float32)[:, None]),
+                public_hashes={n: io.tensor_hash(_host(base.flat[n])) for n in FFN_TENSORS})
         frozen = jax.device_put(frozen, frozen_shardings)
         # Own copies: the step donates the trainable buffers, and an own expert sliced from a
         # dense base can share its buffer with the frozen public expert.
@@ -310,7 +332,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
     output = None
     if job.write_output and not stopped:
         output = write_output(job, config, layout, trainable, frozen, stats, job_meta(step),
-                              base_meta)
+                              base_meta, handover)
     return Result(step, losses, stopped, output, layout, trainable, frozen, opt_state)
 
 
@@ -359,8 +381,9 @@ def _savable(flat: dict) -> dict:
 
 def write_output(job: Job, config, layout: upcycle.ParamLayout, trainable: dict, frozen: dict,
                  stats: router_stats.RouterStats | None, meta: dict,
-                 base_meta: dict | None) -> pathlib.Path:
-    """WORKDIR/public (pretraining) or WORKDIR/artifact (a branch)."""
+                 base_meta: dict | None, handover: FfnHandover | None = None) -> pathlib.Path:
+    """WORKDIR/public (pretraining) or WORKDIR/artifact (a branch); an ffn job also writes the
+    dense model it trained, WORKDIR/model."""
     workdir = pathlib.Path(job.workdir)
     full = layout.assemble(trainable, frozen)
     common = {"config": meta["config"], "tokens_seen": meta["tokens_seen"],
@@ -372,19 +395,29 @@ def write_output(job: Job, config, layout: upcycle.ParamLayout, trainable: dict,
         return path
     path = workdir / "artifact"
     source = str(config.branch.source)
-    if job.kind == "dense":
-        io.save(path, _savable(full),
-                {**common, "kind": artifact.DENSE_KIND, "source": source,
-                 "model": layout.cfg.to_dict(), "base_fingerprint": base_meta["fingerprint"],
-                 "frozen": list(layout.frozen)},
-                overwrite=True)
-        return path
-    own = {n: _host(trainable[n]) for n in upcycle.EXPERT_TENSORS}
+    if job.kind in ("dense", "ffn"):
+        dense_meta = {**common, "kind": artifact.DENSE_KIND, "source": source,
+                      "model": layout.cfg.to_dict(), "base_fingerprint": base_meta["fingerprint"]}
+        if job.kind == "dense":
+            io.save(path, _savable(full), dense_meta, overwrite=True)
+            return path
+        io.save(workdir / "model", _savable(full), dense_meta, overwrite=True)
     base_names = set(base_meta["tensors"])
     frozen_hashes = {n: io.tensor_hash(_host(a)) for n, a in frozen.items() if n in base_names}
+    if job.kind == "ffn":  # the trained FFN becomes the expert beside the base's, kept whole
+        own = {n: _host(trainable[n]) for n in FFN_TENSORS}
+        row_dtype = layout.dtypes["blocks/ffn/w_gate"]  # as upcycle.upcycle makes a row
+        own.update({"blocks/ffn/router": handover.row.astype(row_dtype),
+                    "blocks/ffn/bias": handover.bias.astype(row_dtype)})
+        frozen_hashes.update(handover.public_hashes)
+        model = upcycle.branch_config(layout.cfg, int(config.branch.train_top_k))
+        base_experts = layout.cfg.n_experts
+    else:
+        own = {n: _host(trainable[n]) for n in upcycle.EXPERT_TENSORS}
+        model, base_experts = layout.cfg, layout.base_experts
     artifact.save(path, own, stats.tensors(), {
         **common, "source": source, "base_fingerprint": base_meta["fingerprint"],
-        "frozen_hashes": frozen_hashes, "base_experts": layout.base_experts,
-        "model": layout.cfg.to_dict(), "stats_tokens": stats.n_tokens,
+        "frozen_hashes": frozen_hashes, "base_experts": base_experts,
+        "model": model.to_dict(), "stats_tokens": stats.n_tokens,
         "stats_documents": stats.n_documents}, overwrite=True)
     return path
