@@ -96,7 +96,7 @@ def test_rerun_skips_finished_stages(smoke, capsys):
     again = demo.run_demo(workdir, "smoke")
     assert again == results
     captured = capsys.readouterr()
-    assert (captured.out + captured.err).count("done before") == len(demo.stage_names())
+    assert (captured.out + captured.err).count("done before") == len(demo.stage_names(demo.PRESETS["smoke"]))
 
 
 def test_rerun_after_an_interrupted_soups_stage_writes_only_what_is_missing(smoke):
@@ -110,3 +110,27 @@ def test_rerun_after_an_interrupted_soups_stage_writes_only_what_is_missing(smok
     assert demo.run_demo(workdir, "smoke") == results
     assert (soups / "done").exists() and (soups / "weighted-math" / "meta.json").exists()
     assert (soups / "uniform" / "meta.json").stat().st_mtime_ns == kept
+
+
+def test_uncoordinated_experts_train_merge_and_join_the_report(smoke, tmp_path):
+    """`--set uncoordinated=true`: one ffn job per domain, two merges of them, three more
+    systems in the report. Run over a copy of the smoke workdir whose recorded settings are
+    switched on, so only the new stages and the evaluation run."""
+    workdir, results = smoke
+    copy = tmp_path / "demo"
+    shutil.copytree(workdir, copy)
+    for made in ("results.json", "report.json", "report.md"):
+        (copy / made).unlink()
+    recorded = json.loads((copy / "preset.json").read_text())
+    (copy / "preset.json").write_text(json.dumps({**recorded, "uncoordinated": True}))
+    again = demo.run_demo(copy, "smoke", ["uncoordinated=true"])
+    new = [demo.FFN_ALONE, *demo.UNCOORDINATED.values()]
+    assert set(again["systems"]) == set(results["systems"]) | set(new)
+    for name in new:
+        for domain, metrics in again["systems"][name].items():
+            assert math.isfinite(metrics["bpb"]) and metrics["bpb"] > 0, (name, domain)
+    for name in results["systems"]:  # the other systems are the same models, re-evaluated
+        assert again["systems"][name]["code"]["bpb"] == pytest.approx(
+            results["systems"][name]["code"]["bpb"], rel=1e-6), name
+    report = (copy / "report.md").read_text()
+    assert "FlexOlmo's uncoordinated experts" in report and all(n in report for n in new)

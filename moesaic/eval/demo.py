@@ -17,6 +17,9 @@ Stages (each skipped when its output exists, so a re-run resumes where it stoppe
   optout      the learned-rows merge with one party removed
   tune        the learned-rows merge with FlexOlmo's optional router tuning: only the router
               rows train, on public data (Table 1 has the merged model with and without it)
+  ffn/D       with --set uncoordinated=true: FlexOlmo's uncoordinated expert per domain (the
+              FFN trained in place, no public expert beside it, no replay), merged with its
+              initial router rows and with ridge rows (uncoordinated/R)
   eval        every system on every domain's held-out split -> report.md, report.json, plots
 """
 
@@ -79,7 +82,14 @@ class Preset:
     top_k: int
     tune_steps: int  # router tuning after the merge (FlexOlmo's optional step), on public data
     eval_sequences: int
+    uncoordinated: bool = False  # also FlexOlmo's uncoordinated experts (branch.mode=ffn)
 
+
+# The uncoordinated experts' merges: router kind -> system name. Their learned rows are the
+# initial rows (config.branch.router_init), which an ffn job never trains.
+UNCOORDINATED = {"learned-rows": "merged uncoordinated experts (initial rows)",
+                 "ridge": "merged uncoordinated experts (ridge)"}
+FFN_ALONE = "each uncoordinated FFN expert alone on its domain"
 
 PRESETS = {
     "default": Preset(data_size="default", model={}, seq_len=128, batch=16,
@@ -104,18 +114,26 @@ def with_overrides(preset: Preset, items: list[str]) -> Preset:
             raise ValueError(f"--set {item!r}: expected NAME=VALUE, NAME one of {sorted(settable)}")
         kind = type(getattr(preset, key))
         try:
-            changes[key] = kind(value)
+            changes[key] = _parse_bool(value) if kind is bool else kind(value)
         except ValueError:
             raise ValueError(f"--set {item!r}: {key} is of type {kind.__name__}") from None
     return dataclasses.replace(preset, **changes)
+
+
+def _parse_bool(value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(value)
+    return value.lower() in ("true", "1")
 
 
 def claim_workdir(w: pathlib.Path, preset: Preset) -> None:
     """Stages are skipped when their output exists, so a workdir serves one preset: the first
     run records it in W/preset.json and a run with other settings is refused."""
     path, wanted = w / "preset.json", dataclasses.asdict(preset)
-    if path.exists():
-        had = json.loads(path.read_text())
+    if path.exists():  # a field added since the workdir was made ran at its default there
+        defaults = {f.name: f.default for f in dataclasses.fields(Preset)
+                    if f.default is not dataclasses.MISSING}
+        had = {**defaults, **json.loads(path.read_text())}
         diff = sorted(k for k in set(had) | set(wanted) if had.get(k) != wanted.get(k))
         if diff:
             changes = ", ".join(f"{k}: {had.get(k)!r} there, {wanted.get(k)!r} now" for k in diff)
@@ -142,11 +160,14 @@ def job_config(preset: Preset, *, steps: int, lr: float, source: str = "", mixtu
     return config
 
 
-def stage_names() -> list[str]:
+def stage_names(preset: Preset) -> list[str]:
+    uncoordinated = ([f"ffn/{d}" for d in DOMAINS]
+                     + [f"uncoordinated/{r}" for r in UNCOORDINATED]
+                     if preset.uncoordinated else [])
     return (["data", "public"] + [f"branch/{d}" for d in DOMAINS]
             + [f"dense/{d}" for d in DOMAINS] + ["moe-all", "public-stats"]
             + [f"merge/{r}" for r in ROUTERS] + [f"alone/{d}" for d in DOMAINS]
-            + ["soups", "btx", "optout", "tune", "eval"])
+            + ["soups", "btx", "optout", "tune"] + uncoordinated + ["eval"])
 
 
 class Stages:
@@ -194,7 +215,7 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default",
     w.mkdir(parents=True, exist_ok=True)
     claim_workdir(w, preset)
     data = w / "data"
-    stages = Stages(stage_names())
+    stages = Stages(stage_names(preset))
 
     # ---- data and training -----------------------------------------------------------
     stages.run("data", data / "public" / "manifest.json",
@@ -263,6 +284,22 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default",
         seq_len=preset.seq_len, batch=preset.batch, seed=1, steps=preset.tune_steps, lr=TUNE_LR,
         log=tqdm.write))
 
+    ffn, uncoordinated = {}, {}
+    if preset.uncoordinated:
+        for d in DOMAINS:
+            def train_ffn(d=d):
+                config = job_config(preset, steps=preset.branch_steps, lr=preset.branch_lr,
+                                    source=d)
+                config.branch.mode = "ffn"
+                _train(config, "ffn", w / "ffn" / d, data, public)
+            ffn[d] = stages.run(f"ffn/{d}", w / "ffn" / d / "artifact", train_ffn)
+        for r in UNCOORDINATED:
+            out = w / "merged" / f"uncoordinated-{r}"
+            uncoordinated[r] = stages.run(f"uncoordinated/{r}", out, lambda r=r, out=out: (
+                fuse.merge_paths(public, [ffn[d] for d in DOMAINS], router=r,
+                                 top_k=preset.top_k, out=out, public_stats=public_stats,
+                                 options=ROUTER_OPTIONS.get(r), log=tqdm.write)))
+
     # ---- evaluation and the report ---------------------------------------------------
     results_path = w / "results.json"
 
@@ -294,6 +331,11 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default",
         systems["unrestricted MoE (all data)"] = ev(moe_all, "moe-all")
         for d in DOMAINS:
             systems[f"dense expert {d}"] = ev(dense[d], f"dense-{d}")
+        if preset.uncoordinated:
+            systems[FFN_ALONE] = {d: perplexity.evaluate(
+                w / "ffn" / d / "model", data, [d], name=f"ffn-{d}", **kw)[d] for d in DOMAINS}
+            for r, path in uncoordinated.items():
+                systems[UNCOORDINATED[r]] = ev(path, f"uncoordinated-{r}")
         results_path.write_text(json.dumps({"domains": domains, "systems": systems}))
     stages.run("eval", results_path, evaluate_all)
     results = with_dense_own(json.loads(results_path.read_text()))
@@ -350,6 +392,14 @@ def findings(results: dict, preset_name: str) -> list[str]:
         lines.append(f"- with FlexOlmo's optional router tuning (only the router rows train, on "
                      f"public data): {avg[TUNED]:.3f}, {avg[TUNED] - merged:+.3f} against the "
                      f"merge without it.")
+    if FFN_ALONE in avg:
+        merges = ", ".join(f"{name.split('(')[1][:-1]} {avg[name]:.3f}"
+                           for name in UNCOORDINATED.values() if name in avg)
+        lines.append(f"- FlexOlmo's uncoordinated experts (its ablation: each owner trains the "
+                     f"FFN in place, with no public expert beside it and no replay) average "
+                     f"{avg[FFN_ALONE]:.3f} alone on their own domains (the coordinated branches "
+                     f"{avg.get(CEILING, float('nan')):.3f}); merged: {merges}, against "
+                     f"{merged:.3f} for the coordinated merge.")
     gaps = []
     for d in DOMAINS:
         own = systems[DENSE_OWN][d]["bpb"]
