@@ -96,7 +96,8 @@ def test_rerun_skips_finished_stages(smoke, capsys):
     again = demo.run_demo(workdir, "smoke")
     assert again == results
     captured = capsys.readouterr()
-    assert (captured.out + captured.err).count("done before") == len(demo.stage_names(demo.PRESETS["smoke"]))
+    stages = demo.stage_names(demo.PRESETS["smoke"])
+    assert (captured.out + captured.err).count("done before") == len(stages)
 
 
 def test_rerun_after_an_interrupted_soups_stage_writes_only_what_is_missing(smoke):
