@@ -92,3 +92,22 @@ def test_two_processes_train_a_branch_that_restores_in_one(setup, tmp_path):
     stored = io.load_tensors(tmp_path / "artifact", artifact.OWN_TENSORS)
     for name in artifact.OWN_TENSORS:
         np.testing.assert_array_equal(np.asarray(restored.trainable[name]), stored[name])
+
+
+def test_an_ffn_job_on_eight_devices_hands_over_what_one_device_does(setup, tmp_path):
+    """An uncoordinated (ffn) job sharded over data, fsdp and tensor axes: the losses, the
+    trained FFN and the handed-over row, bias and hashes are those of the one-device run."""
+    data, base, _ = setup
+    one = train(tiny_config("source=code", branch__mode="ffn"),
+                Job("ffn", tmp_path / "one", data, base=base, show_progress=False))
+    run_moesaic(_branch_argv(tmp_path / "eight", data, base, branch__mode="ffn", mesh__data=2,
+                             mesh__fsdp=2, mesh__tensor=2), devices=8)
+    losses = _losses(tmp_path / "eight")
+    np.testing.assert_allclose([losses[s] for s in sorted(one.losses)],
+                               [one.losses[s] for s in sorted(one.losses)], rtol=2e-5)
+    metas = [artifact.read_meta(tmp_path / run / "artifact") for run in ("one", "eight")]
+    assert metas[0]["frozen_hashes"] == metas[1]["frozen_hashes"]
+    tensors = [io.load_tensors(tmp_path / run / "artifact", artifact.OWN_TENSORS)
+               for run in ("one", "eight")]
+    for name in artifact.OWN_TENSORS:
+        np.testing.assert_allclose(tensors[1][name], tensors[0][name], rtol=1e-4, atol=1e-6)
