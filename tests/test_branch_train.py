@@ -224,7 +224,7 @@ def test_ffn_job_trains_the_ffn_in_place_and_hands_it_over_as_an_expert(data, de
 
     config = tiny_config("source=code", branch__mode="ffn", train__steps=2)
     result = train(config, _job(MODES["ffn"], tmp_path / "ffn", data, dense_base))
-    ffn = set(trainer.FFN_TENSORS)
+    ffn = set(upcycle.FFN_TENSORS)
     assert set(result.layout.trainable) == ffn and not result.layout.split
     base = _base_tensors(dense_base)
     model = io.load_tensors(tmp_path / "ffn" / "model", io.tensor_metadata(tmp_path / "ffn" /

@@ -122,6 +122,13 @@ def test_plan_of_a_dense_branch_trains_everything(capfd):
     assert 0 <= result["by_hand"]["optimizer"] - 2 * result["by_hand"]["trainable"] <= 64
 
 
+def test_plan_of_an_ffn_job_trains_the_dense_ffn_only(capfd):
+    """config.branch.mode=ffn: the dense base's FFN trains in place, everything else frozen."""
+    result = _plan_here(capfd, "moesaic/configs/tiny.py:source=code", "data=2",
+                        "branch.mode=ffn")
+    assert result["experts"] == 1 and result["counts"]["trainable"] == 3 * 2 * 32 * 64
+
+
 def test_plan_takes_the_base_from_the_config(capfd, monkeypatch):
     """An MoE config of n experts names the branch model, so its base has n - 1; before, the
     base was dense whatever the config said (flexolmo_7x7b planned olmo2_7b's 2 experts)."""
@@ -155,6 +162,8 @@ def test_plan_takes_the_base_from_the_config(capfd, monkeypatch):
     (["--config.model.d_model=abc"], "config field 'model.d_model': expected int, got 'abc'"),
     (["--mesh", "data=1", "--base", "/nonexistent/ckpt"], "/nonexistent/ckpt does not exist"),
     (["--mesh", "data=1", "--base-experts", "0"], "--base-experts=0: must be at least 1"),
+    (["--mesh", "data=1", "--base-experts", "2", "--config.branch.mode=ffn"],
+     "an ffn job trains the base's one FFN in place; this base is an MoE of 2 experts"),
     ([], "config.mesh {'data': -1"),
 ])
 def test_plan_input_errors_are_one_line(args, message, capfd, monkeypatch):

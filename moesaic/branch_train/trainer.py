@@ -49,7 +49,6 @@ from moesaic.model.transformer import Decoder, lm_loss
 from moesaic.routing import stats as router_stats
 
 KINDS = ("pretrain", "branch", "dense", "ffn")
-FFN_TENSORS = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down")
 
 # The config keys a resume must not change, by job kind: what decides the batches (data
 # order) and the optimizer's path. train.steps is among them: the learning rate decays by a
@@ -101,18 +100,6 @@ class FfnHandover:
     row: np.ndarray  # (L, 1, D)
     bias: np.ndarray  # (L, 1)
     public_hashes: dict[str, str]
-
-
-def _check_ffn_layout(layout: upcycle.ParamLayout) -> None:
-    """An `ffn` job trains a dense base's FFN in place and hands it over as one expert: the
-    base must be dense and config.branch.frozen must leave exactly the FFN trainable."""
-    if layout.cfg.is_moe:
-        raise ValueError(f"an ffn job trains the base's one FFN in place; this base is an MoE "
-                         f"of {layout.cfg.n_experts} experts (use branch.mode=coordinated)")
-    if sorted(layout.trainable) != sorted(FFN_TENSORS):
-        raise ValueError(f"config.branch.frozen leaves {sorted(layout.trainable)} trainable; an "
-                         f"ffn job trains exactly the FFN {list(FFN_TENSORS)} (its artifact "
-                         "holds nothing else, and every other tensor must stay the public one)")
 
 
 def job_mixture(config: ml_collections.ConfigDict, kind: str) -> str:
@@ -211,8 +198,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
                                          base_experts=base_cfg.n_experts)
         elif job.kind == "ffn":
             model_cfg = base_cfg
-            layout = upcycle.make_layout(model_cfg, frozen_patterns=tuple(config.branch.frozen))
-            _check_ffn_layout(layout)
+            layout = upcycle.ffn_layout(model_cfg, tuple(config.branch.frozen))
         else:
             model_cfg = base_cfg
             layout = upcycle.make_layout(model_cfg)
@@ -261,7 +247,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
                 row=np.asarray(own_row, np.float32)[:, None, :],
                 bias=(np.zeros((base_cfg.n_layers, 1), np.float32) if own_bias is None
                       else np.asarray(own_bias, np.float32)[:, None]),
-                public_hashes={n: io.tensor_hash(_host(base.flat[n])) for n in FFN_TENSORS})
+                public_hashes={n: io.tensor_hash(_host(base.flat[n])) for n in upcycle.FFN_TENSORS})
         frozen = jax.device_put(frozen, frozen_shardings)
         # Own copies: the step donates the trainable buffers, and an own expert sliced from a
         # dense base can share its buffer with the frozen public expert.
@@ -405,7 +391,7 @@ def write_output(job: Job, config, layout: upcycle.ParamLayout, trainable: dict,
     base_names = set(base_meta["tensors"])
     frozen_hashes = {n: io.tensor_hash(_host(a)) for n, a in frozen.items() if n in base_names}
     if job.kind == "ffn":  # the trained FFN becomes the expert beside the base's, kept whole
-        own = {n: _host(trainable[n]) for n in FFN_TENSORS}
+        own = {n: _host(trainable[n]) for n in upcycle.FFN_TENSORS}
         row_dtype = layout.dtypes["blocks/ffn/w_gate"]  # as upcycle.upcycle makes a row
         own.update({"blocks/ffn/router": handover.row.astype(row_dtype),
                     "blocks/ffn/bias": handover.bias.astype(row_dtype)})

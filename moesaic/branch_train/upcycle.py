@@ -46,6 +46,7 @@ from moesaic.model.transformer import Decoder
 
 EXPERT_TENSORS = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down",
                   "blocks/ffn/router", "blocks/ffn/bias")
+FFN_TENSORS = EXPERT_TENSORS[:3]  # the expert's FFN, without its router row and bias
 EXPERT_AXIS = 1  # (layers, expert, ...)
 BIAS = "blocks/ffn/bias"
 
@@ -194,6 +195,21 @@ def _check_branch_patterns(compiled: Sequence[re.Pattern], split: Sequence[str],
             "branch trains only the owner's expert, router row and bias (its artifact holds "
             "nothing else, so those tensors would be trained and then dropped); freeze them "
             "(the default patterns freeze everything) or use --config.branch.mode=dense")
+
+
+def ffn_layout(cfg: ModelConfig, frozen_patterns: Sequence[str]) -> ParamLayout:
+    """Layout of an `ffn` job (FlexOlmo's uncoordinated expert): a dense base whose FFN alone
+    trains, in place, to be handed over as one expert. The base must be dense and
+    `frozen_patterns` must leave exactly the FFN trainable."""
+    if cfg.is_moe:
+        raise ValueError(f"an ffn job trains the base's one FFN in place; this base is an MoE "
+                         f"of {cfg.n_experts} experts (use branch.mode=coordinated)")
+    layout = make_layout(cfg, frozen_patterns=frozen_patterns)
+    if sorted(layout.trainable) != sorted(FFN_TENSORS):
+        raise ValueError(f"config.branch.frozen leaves {sorted(layout.trainable)} trainable; an "
+                         f"ffn job trains exactly the FFN {list(FFN_TENSORS)} (its artifact "
+                         "holds nothing else, and every other tensor must stay the public one)")
+    return layout
 
 
 def branch_config(base: ModelConfig, train_top_k: int = 0) -> ModelConfig:

@@ -240,8 +240,10 @@ def branch_layout(config, *, base: str = "", base_experts: int = 1):
     mode = str(config.branch.mode)
     if mode == "dense":
         return upcycle.make_layout(base_cfg)
+    if mode == "ffn":
+        return upcycle.ffn_layout(base_cfg, tuple(config.branch.frozen))
     if mode != "coordinated":
-        raise ValueError(f"config.branch.mode={mode!r}: one of ['coordinated', 'dense']")
+        raise ValueError(f"config.branch.mode={mode!r}: one of ['coordinated', 'dense', 'ffn']")
     branch_cfg = upcycle.branch_config(base_cfg, int(config.branch.train_top_k))
     return upcycle.make_layout(branch_cfg, frozen_patterns=tuple(config.branch.frozen),
                                base_experts=base_cfg.n_experts)
