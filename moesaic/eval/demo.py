@@ -3,6 +3,7 @@
     moesaic demo --workdir runs/demo                  # 2-core CPU, about 17 minutes
     moesaic demo --workdir runs/smoke --preset smoke  # CI, about 2 minutes
     moesaic demo --workdir runs/token --set router_input=token --set branch_lr=7e-4  # ablation
+    moesaic demo --workdir runs/unc --set uncoordinated=true  # + FlexOlmo's uncoordinated experts
 
 Stages (each skipped when its output exists, so a re-run resumes where it stopped):
   data        the embedded corpora: code, prose, law, math (private) and public
@@ -435,7 +436,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="change one preset field (branch_lr=7e-4, router_input=token, "
-                             "public_mix=0, top_k=2, ...); repeatable")
+                             "public_mix=0, top_k=2, uncoordinated=true, ...); repeatable")
 
 
 def run(args: argparse.Namespace) -> int:
