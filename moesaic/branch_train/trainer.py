@@ -57,15 +57,15 @@ KINDS = ("pretrain", "branch", "dense", "ffn")
 _COMMON_KEYS = ("seed", "data.seq_len", "data.global_batch", "train.steps", "train.lr",
                 "train.warmup_steps", "train.min_lr_ratio", "train.b1", "train.b2",
                 "train.weight_decay", "train.clip")
+# What decides a branch artifact's frozen set, initial router row and statistics.
+_HANDOVER_KEYS = ("branch.source", "branch.public_source", "branch.frozen", "branch.router_init",
+                  "branch.router_margin", "branch.router_noise", "branch.router_vector",
+                  "branch.stats_batches")
 RESUME_KEYS = {
     "pretrain": (*_COMMON_KEYS, "data.mixture"),
     "dense": (*_COMMON_KEYS, "branch.source"),
-    "branch": (*_COMMON_KEYS, "branch.source", "branch.public_mix", "branch.public_source",
-               "branch.frozen", "branch.router_init", "branch.router_margin",
-               "branch.router_noise", "branch.router_vector", "branch.stats_batches"),
-    "ffn": (*_COMMON_KEYS, "branch.source", "branch.public_source", "branch.frozen",
-            "branch.router_init", "branch.router_margin", "branch.router_noise",
-            "branch.router_vector", "branch.stats_batches"),
+    "branch": (*_COMMON_KEYS, *_HANDOVER_KEYS, "branch.public_mix"),
+    "ffn": (*_COMMON_KEYS, *_HANDOVER_KEYS),  # no replay
 }
 
 
@@ -97,8 +97,7 @@ class FfnHandover:
     and bias a coordinated branch would have started from (config.branch.router_init; they
     never train here), and the hashes of the base FFN it trained in place, which the merged
     model keeps as its public expert."""
-    row: np.ndarray  # (L, 1, D)
-    bias: np.ndarray  # (L, 1)
+    router: dict[str, jax.Array]  # the owner's row (L, 1, D) and bias (L, 1) slices
     public_hashes: dict[str, str]
 
 
@@ -244,10 +243,10 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
             trainable0, frozen = upcycle.split_full(layout, base.flat)
         if job.kind == "ffn":  # what it hands to the merge beside the FFNs it trains
             handover = FfnHandover(
-                row=np.asarray(own_row, np.float32)[:, None, :],
-                bias=(np.zeros((base_cfg.n_layers, 1), np.float32) if own_bias is None
-                      else np.asarray(own_bias, np.float32)[:, None]),
-                public_hashes={n: io.tensor_hash(_host(base.flat[n])) for n in upcycle.FFN_TENSORS})
+                router=upcycle.own_router_slices(own_row, own_bias,
+                                                 layout.dtypes["blocks/ffn/w_gate"]),
+                public_hashes={n: io.tensor_hash(_host(base.flat[n]))
+                               for n in upcycle.FFN_TENSORS})
         frozen = jax.device_put(frozen, frozen_shardings)
         # Own copies: the step donates the trainable buffers, and an own expert sliced from a
         # dense base can share its buffer with the frozen public expert.
@@ -392,9 +391,7 @@ def write_output(job: Job, config, layout: upcycle.ParamLayout, trainable: dict,
     frozen_hashes = {n: io.tensor_hash(_host(a)) for n, a in frozen.items() if n in base_names}
     if job.kind == "ffn":  # the trained FFN becomes the expert beside the base's, kept whole
         own = {n: _host(trainable[n]) for n in upcycle.FFN_TENSORS}
-        row_dtype = layout.dtypes["blocks/ffn/w_gate"]  # as upcycle.upcycle makes a row
-        own.update({"blocks/ffn/router": handover.row.astype(row_dtype),
-                    "blocks/ffn/bias": handover.bias.astype(row_dtype)})
+        own.update({n: _host(a) for n, a in handover.router.items()})
         frozen_hashes.update(handover.public_hashes)
         model = upcycle.branch_config(layout.cfg, int(config.branch.train_top_k))
         base_experts = layout.cfg.n_experts

@@ -223,6 +223,15 @@ def branch_config(base: ModelConfig, train_top_k: int = 0) -> ModelConfig:
     return base.replace(n_experts=experts, top_k=top_k, router_bias=True)
 
 
+def own_router_slices(own_router_ld, own_bias_l, dtype) -> dict[str, jax.Array]:
+    """The owner's router row (L, 1, D) and bias (L, 1) slices from a row (L, D) and a bias
+    (L,) or None (0), as a branch artifact holds them."""
+    lyr, d = own_router_ld.shape
+    return {"blocks/ffn/router": jnp.asarray(own_router_ld, dtype).reshape(lyr, 1, d),
+            "blocks/ffn/bias": (jnp.zeros((lyr, 1), dtype) if own_bias_l is None
+                                else jnp.asarray(own_bias_l, dtype).reshape(lyr, 1))}
+
+
 def upcycle(layout: ParamLayout, base: Mapping[str, jax.Array], base_cfg: ModelConfig,
             own_router_ld: jax.Array, own_bias_l: jax.Array | None = None
             ) -> tuple[Flat, Flat]:
@@ -241,9 +250,7 @@ def upcycle(layout: ParamLayout, base: Mapping[str, jax.Array], base_cfg: ModelC
         "blocks/ffn/w_gate": base["blocks/ffn/w_gate"][:, :1],
         "blocks/ffn/w_up": base["blocks/ffn/w_up"][:, :1],
         "blocks/ffn/w_down": base["blocks/ffn/w_down"][:, :1],
-        "blocks/ffn/router": jnp.asarray(own_router_ld, dtype).reshape(lyr, 1, d),
-        "blocks/ffn/bias": (jnp.zeros((lyr, 1), dtype) if own_bias_l is None
-                            else jnp.asarray(own_bias_l, dtype).reshape(lyr, 1)),
+        **own_router_slices(own_router_ld, own_bias_l, dtype),
     }
     trainable = {n_: base[n_] for n_ in layout.trainable}
     trainable.update({n_: own[n_] for n_ in layout.split})

@@ -86,10 +86,11 @@ class Preset:
     uncoordinated: bool = False  # also FlexOlmo's uncoordinated experts (branch.mode=ffn)
 
 
-# The uncoordinated experts' merges: router kind -> system name. Their learned rows are the
-# initial rows (config.branch.router_init), which an ffn job never trains.
-UNCOORDINATED = {"learned-rows": "merged uncoordinated experts (initial rows)",
-                 "ridge": "merged uncoordinated experts (ridge)"}
+# The uncoordinated experts' merges: router kind -> what its rows are. Their learned rows are
+# the initial rows (config.branch.router_init), which an ffn job never trains.
+UNCOORDINATED_ROWS = {"learned-rows": "initial rows", "ridge": "ridge"}
+UNCOORDINATED = {r: f"merged uncoordinated experts ({rows})"  # router kind -> system name
+                 for r, rows in UNCOORDINATED_ROWS.items()}
 FFN_ALONE = "each uncoordinated FFN expert alone on its domain"
 
 PRESETS = {
@@ -394,8 +395,8 @@ def findings(results: dict, preset_name: str) -> list[str]:
                      f"public data): {avg[TUNED]:.3f}, {avg[TUNED] - merged:+.3f} against the "
                      f"merge without it.")
     if FFN_ALONE in avg:
-        merges = ", ".join(f"{name.split('(')[1][:-1]} {avg[name]:.3f}"
-                           for name in UNCOORDINATED.values() if name in avg)
+        merges = ", ".join(f"{UNCOORDINATED_ROWS[r]} {avg[name]:.3f}"
+                           for r, name in UNCOORDINATED.items() if name in avg)
         lines.append(f"- FlexOlmo's uncoordinated experts (its ablation: each owner trains the "
                      f"FFN in place, with no public expert beside it and no replay) average "
                      f"{avg[FFN_ALONE]:.3f} alone on their own domains (the coordinated branches "
