@@ -106,6 +106,21 @@ def test_routing_shares_aggregate_over_batches(data_dir):
     assert m["tokens"] == 9 * SEQ
 
 
+def test_router_weight_share_does_not_depend_on_the_batch_size(data_dir):
+    """Top-k weights that are not renormalised do not sum to 1 per token: the share is pooled
+    over the domain's tokens, not averaged over per-batch shares."""
+    model = tiny(seed=2, n_experts=3, top_k=2, norm_topk_prob=False)
+    held = heldout_sequences(data_dir, "math", seq_len=SEQ, max_sequences=9)
+    _, aux = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(held.tokens[:, :-1]))  # one batch
+    per_token = np.asarray(aux["expert_weight_per_token"])
+    assert np.all(per_token.sum(axis=1) < 0.999)  # the case that matters
+    for batch_size in (9, 4, 2):
+        share = perplexity.evaluate(model, data_dir, ["math"], seq_len=SEQ, max_sequences=9,
+                                    batch_size=batch_size, progress=False)["math"]
+        np.testing.assert_allclose(share["routing"]["weight_share"],
+                                   per_token / per_token.sum(axis=1, keepdims=True), atol=1e-6)
+
+
 def test_missing_source_is_an_error_naming_it(data_dir):
     with pytest.raises(FileNotFoundError, match="law"):
         perplexity.evaluate(uniform_model(), data_dir, ["law"], seq_len=SEQ, progress=False)
@@ -288,6 +303,11 @@ def test_report_averages_only_over_the_domains_asked_and_only_when_all_are_there
     assert "| merged | 1.5000 | **2.5000** | 1.2000 | **2.0000** |" in md
     assert "mean of the code, math columns" in md
     assert (tmp_path / "bpb_avg.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    nan = {"systems": {"diverged": row(math.nan, math.nan, math.nan), **results["systems"]}}
+    report.write_report(tmp_path / "nan", nan, average_over=["code", "math"])
+    md = (tmp_path / "nan" / "report.md").read_text()
+    assert "| diverged | nan | nan | nan | nan |" in md  # listed first, yet the best stays bold
+    assert "| merged | 1.5000 | **2.5000** | 1.2000 | **2.0000** |" in md
     with pytest.raises(ValueError, match="average_over"):
         report.write_report(tmp_path / "x", results, average_over=["law"])
     with pytest.raises(ValueError, match=r"bar_systems: no results for \['BTM'\]"):
@@ -318,6 +338,18 @@ def test_cli_eval_writes_json(data_dir, tmp_path, capsys):
     assert "layer  1:" in capsys.readouterr().out
     assert main(["eval", "--model", str(tmp_path / "nothing"), "--data", str(data_dir)]) == 2
     assert "not a moesaic checkpoint" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--data", str(data_dir),
+                 "--expert", f"a={tmp_path / 'ckpt'}"]) == 2
+    assert "add --ensemble" in capsys.readouterr().err
+    for flag, value in (("--batch-size", "0"), ("--batch-size", "-1"), ("--seq-len", "-1"),
+                        ("--max-sequences", "0"), ("--top-k", "x")):
+        with pytest.raises(SystemExit):  # argparse: exit 2, naming the flag
+            main(["eval", "--model", str(tmp_path / "ckpt"), "--data", str(data_dir),
+                  flag, value])
+        assert f"argument {flag}:" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch size must be at least 1"):
+        perplexity.score_sequences(lambda t: (np.zeros(t.shape), {}), np.zeros((2, 5), int),
+                                   batch_size=0)
 
 
 def test_evaluate_on_four_devices_matches_one(data_dir, tmp_path):

@@ -20,6 +20,8 @@ import sys
 
 import numpy as np
 
+from moesaic.launch.cli import whole_number
+
 DEFAULT_SEQ_LEN = 128
 
 
@@ -29,18 +31,19 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="score an ensemble of --expert models instead of --model")
     parser.add_argument("--expert", action="append", default=[], metavar="NAME=CKPT",
                         help="an ensemble member; repeat")
-    parser.add_argument("--top-k", type=int, default=1, help="ensemble experts kept per token")
-    parser.add_argument("--stride", type=int, default=16,
+    parser.add_argument("--top-k", type=whole_number(1), default=1,
+                        help="ensemble experts kept per token")
+    parser.add_argument("--stride", type=whole_number(1), default=16,
                         help="c-BTM: recompute the prefix's weights every this many tokens")
     parser.add_argument("--data", required=True, help="DATA_DIR of prepared sources")
     parser.add_argument("--sources", default="",
                         help="comma-separated sources (default: every source in DATA_DIR)")
-    parser.add_argument("--seq-len", type=int, default=0,
+    parser.add_argument("--seq-len", type=whole_number(0), default=0,
                         help=f"default: the checkpoint's data.seq_len, else {DEFAULT_SEQ_LEN}")
-    parser.add_argument("--max-sequences", type=int, default=None,
+    parser.add_argument("--max-sequences", type=whole_number(1), default=None,
                         help="held-out sequences per domain, evenly spaced over the split "
                              "(default: all)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=whole_number(1), default=8)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -118,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
                 scorer, args.data, sources, seq_len=seq_len, max_sequences=args.max_sequences,
                 batch_size=args.batch_size, progress=not args.no_progress, name=args.ensemble)
         else:
+            if args.expert:
+                raise ValueError("--expert names an ensemble member; add --ensemble btm|cbtm")
             if not args.model:
                 raise ValueError("give --model CHECKPOINT (or --ensemble with --expert)")
             seq_len = args.seq_len or _seq_len_of(args.model)

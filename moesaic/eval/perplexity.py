@@ -2,10 +2,12 @@
 
 A *scorer* is anything callable as `scorer(tokens_bt1) -> (logp_bt, stats)`: for a batch of
 packed sequences (B, T+1) it gives the log-probability (nats, float) of every target
-`tokens[:, 1:]` and a dict of per-batch statistics (arrays) that the evaluator averages over
-batches weighted by their number of targets. `ModelScorer` is the scorer of one model (its
-stats: each expert's share of tokens and of router weight per layer, (L, E)); the ensembles of
-`moesaic.eval.ensembles` are scorers too, so one evaluator gives every system's numbers.
+`tokens[:, 1:]` and a dict of per-batch statistics (arrays, means over the batch's tokens)
+that the evaluator averages over batches weighted by their number of targets; a scorer may
+define `pooled(stats)` to finish them once pooled. `ModelScorer` is the scorer of one model
+(its stats: each expert's share of tokens and of router weight per layer, (L, E)); the
+ensembles of `moesaic.eval.ensembles` are scorers too, so one evaluator gives every system's
+numbers.
 
 Per domain (the held-out split of one prepared source):
     nll  = -sum(logp) / targets            (nats per token, eos targets included)
@@ -74,7 +76,7 @@ def _target_logprobs(graphdef, state, tokens_bt1):
     logits, aux = model(tokens_bt1[:, :-1])
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     target_logp = jnp.take_along_axis(logp, tokens_bt1[:, 1:, None], axis=-1)[..., 0]
-    return target_logp, aux["expert_token_share"], aux["expert_weight_share"]
+    return target_logp, aux["expert_token_share"], aux["expert_weight_per_token"]
 
 
 class ModelScorer:
@@ -94,13 +96,21 @@ class ModelScorer:
         spec = logical_to_spec(("batch", "length"), self.rules, self.mesh, tokens.shape)
         with activate(self.mesh, self.rules):
             tokens = jax.device_put(tokens, NamedSharding(self.mesh, spec))
-            logp, token_share, weight_share = _target_logprobs(self._graphdef, self._state,
-                                                               tokens)
+            logp, token_share, weight = _target_logprobs(self._graphdef, self._state, tokens)
         stats = {}
         if self.cfg.is_moe:
-            stats = {"token_share": np.asarray(token_share),
-                     "weight_share": np.asarray(weight_share)}
+            stats = {"token_share": np.asarray(token_share), "weight_share": np.asarray(weight)}
         return np.asarray(logp), stats
+
+    @staticmethod
+    def pooled(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Router weight per token, pooled over batches, as each expert's share per layer.
+        Normalising per batch and then averaging would not be the domain's share: top-k weights
+        that are not renormalised (`norm_topk_prob=False`) do not sum to 1 per token."""
+        if "weight_share" not in stats:
+            return stats
+        weight = stats["weight_share"]
+        return {**stats, "weight_share": weight / np.maximum(weight.sum(-1, keepdims=True), 1e-12)}
 
 
 def domain_metrics(sum_logp: float, num_targets: int, num_bytes: int) -> dict[str, float]:
@@ -115,6 +125,8 @@ def score_sequences(scorer: Scorer, tokens_nt1: np.ndarray, *, batch_size: int,
     """(sum of target log-probs, stats averaged over batches weighted by targets). Batches are
     cut in order; the last one may be smaller (one more compile, nothing padded: padding rows
     would distort the routing shares)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     n, width = tokens_nt1.shape
     total, sums, weight = 0.0, {}, 0
     starts = range(0, n, batch_size)
@@ -136,12 +148,15 @@ def evaluate_scorer(scorer: Scorer, data_dir: str | os.PathLike, sources: Iterab
     """{source: {"nll", "ppl", "bpb", "tokens", "bytes", "sequences", "bytes_exact", **stats}}
     on each source's held-out split; stats (e.g. "routing") as the scorer reports them, as
     nested lists."""
+    if seq_len < 1:
+        raise ValueError(f"sequence length must be at least 1, got {seq_len}")
     out = {}
     for source in sources:
         held = heldout_sequences(data_dir, source, seq_len=seq_len, max_sequences=max_sequences)
         desc = f"{name}:{source}" if name else source
         sum_logp, stats = score_sequences(scorer, held.tokens, batch_size=batch_size, desc=desc,
                                           progress=progress)
+        stats = getattr(scorer, "pooled", lambda pooled: pooled)(stats)
         metrics = domain_metrics(sum_logp, held.num_targets, held.num_bytes)
         metrics.update(tokens=held.num_targets, bytes=held.num_bytes,
                        sequences=int(held.tokens.shape[0]), bytes_exact=held.exact)

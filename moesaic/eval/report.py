@@ -93,8 +93,9 @@ def _table(summary: dict, key: str, digits: int) -> list[str]:
     columns = [*summary["domains"], AVG]
     lines = ["| system | " + " | ".join(columns) + " |",
              "| --- | " + " | ".join("---:" for _ in columns) + " |"]
-    best = {c: min((r[c][key] for r in summary["systems"].values() if c in r), default=None)
-            for c in columns}
+    best = {c: min((r[c][key] for r in summary["systems"].values()
+                    if c in r and math.isfinite(r[c][key])), default=None)
+            for c in columns}  # a diverged system (nan) must not hide the best of a column
     for system, rows in summary["systems"].items():
         cells = []
         for c in columns:

@@ -33,6 +33,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 TAKES_OVERRIDES = ("train", "pretrain", "branch", "launch", "plan")
 
 
+def whole_number(low: int):
+    """An argparse type: a whole number of at least `low`. argparse names the flag in its
+    error, e.g. `argument --batch-size: must be at least 1, got 0`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _available() -> dict[str, tuple[str, str]]:
     return {
         name: spec for name, spec in COMMANDS.items()

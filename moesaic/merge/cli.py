@@ -18,26 +18,17 @@ import argparse
 import shutil
 import sys
 
+from moesaic.launch.cli import whole_number
 from moesaic.merge.sources import MergeRefused
 from moesaic.routing.registry import KINDS
 
 ACTIONS = ("remove", "add", "soup", "btx")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: experts per token must be at least 1")
-    return value
-
-
 def _router_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--router", choices=sorted(KINDS), required=required,
                         help="how the router rows are built")
-    parser.add_argument("--top-k", type=_positive, default=None,
+    parser.add_argument("--top-k", type=whole_number(1), default=None,
                         help="experts per token (merge: 1; remove/add: the merged model's; "
                              "btx: 2)")
     parser.add_argument("--public-stats", default=None,

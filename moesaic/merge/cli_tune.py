@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moesaic.launch.cli import whole_number
 from moesaic.merge.sources import MergeRefused
 
 
@@ -14,10 +15,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="prepared data folder (moesaic data)")
     parser.add_argument("--source", action="append", required=True,
                         help="a source of --data to tune on (repeat; source:weight allowed)")
-    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--steps", type=whole_number(1), required=True)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=whole_number(1), default=128)
+    parser.add_argument("--batch", type=whole_number(1), default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
 

@@ -73,8 +73,9 @@ def route(x_td: jax.Array, router_ed: jax.Array, bias_e: jax.Array | None, top_k
 
 
 def routing_losses(r: Routing, n_experts: int) -> dict[str, jax.Array]:
-    """Router z-loss, the load-balancing loss E * sum_e f_e P_e, and each expert's share of
-    tokens and of router weight."""
+    """Router z-loss, the load-balancing loss E * sum_e f_e P_e, each expert's share of tokens
+    and of router weight, and its router weight per token (unnormalised: with top-k weights
+    that do not sum to 1, only this one pools exactly over batches)."""
     counts = jnp.zeros((n_experts,), jnp.float32).at[r.experts_tk.reshape(-1)].add(1.0)
     token_share = counts / r.experts_tk.size
     weight_sum = jnp.zeros((n_experts,), jnp.float32).at[r.experts_tk.reshape(-1)].add(
@@ -85,6 +86,7 @@ def routing_losses(r: Routing, n_experts: int) -> dict[str, jax.Array]:
         lb_loss=n_experts * jnp.sum(token_share * jnp.mean(r.probs_te, axis=0)),
         token_share=token_share,
         weight_share=weight_sum / jnp.maximum(jnp.sum(weight_sum), 1e-9),
+        weight_per_token=weight_sum / r.experts_tk.shape[0],
     )
 
 
@@ -119,7 +121,7 @@ class MoE(nnx.Module):
             one = jnp.ones((1,), jnp.float32)
             zero = jnp.zeros((), jnp.float32)
             return y, dict(z_loss=zero, lb_loss=zero, dropped=zero, token_share=one,
-                           weight_share=one)
+                           weight_share=one, weight_per_token=one)
         x_td = x_btd.reshape(b * t, d)
         r = self.routing(router_inputs(x_btd, cfg.router_input).reshape(b * t, d))
         fn = dispatch.get(cfg.dispatch)

@@ -79,8 +79,9 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens_bt: jax.Array, collect_stats: bool = False):
         """Logits (B, T, V) in float32 and aux: z_loss, lb_loss, dropped (means over layers),
-        expert_token_share / expert_weight_share (L, E), and with `collect_stats` the
-        per-layer router-input sums x_sum (L, D), xtx (L, D, D) and n_tokens."""
+        expert_token_share / expert_weight_share / expert_weight_per_token (L, E), and with
+        `collect_stats` the per-layer router-input sums x_sum (L, D), xtx (L, D, D) and
+        n_tokens."""
         x, per_layer = self.hidden(tokens_bt, collect_stats)
         x = rms_norm(x, self.final_norm[...], self.cfg.norm_eps)
         logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype))
@@ -91,6 +92,7 @@ class Decoder(nnx.Module):
             "dropped": jnp.mean(per_layer["dropped"]),
             "expert_token_share": per_layer["token_share"],
             "expert_weight_share": per_layer["weight_share"],
+            "expert_weight_per_token": per_layer["weight_per_token"],
         }
         if collect_stats:
             aux.update(x_sum=per_layer["x_sum"], xtx=per_layer["xtx"],
