@@ -329,6 +329,51 @@ def test_cli_merge_remove_add_and_refusal(world, tmp_path, capsys):
     code = main(["merge", "--base", str(world["base"]), "--branch", str(b["code"]),
                  "--router", "ridge", "--out", str(tmp_path / "ridge")])
     assert code == 2 and "--public-stats" in capsys.readouterr().err
+    # remove / add keep the merged rows: a router flag would be ignored, so it is refused
+    code = main(["merge", "remove", str(out), "--source", "math", "--router", "ridge",
+                 "--router-scale", "5", "--out", str(tmp_path / "r2")])
+    assert code == 2 and "takes no --router, --router-scale" in capsys.readouterr().err
+    code = main(["merge", "add", str(tmp_path / "r"), "--branch", str(b["law"]), "--seed", "3",
+                 "--out", str(tmp_path / "a2")])
+    assert code == 2 and "takes no --seed" in capsys.readouterr().err
+    # a data folder that is not there: refused in one line, not a traceback
+    code = main(["merge", "--base", str(world["base"]), "--branch", str(b["code"]),
+                 "--router", "ridge", "--public-data", str(tmp_path / "no_data"),
+                 "--out", str(tmp_path / "pd")])
+    assert code == 2 and "no prepared source 'public'" in capsys.readouterr().err
+    # a name the atomic write reserves would be written and then never read as a checkpoint
+    code = main(["merge", "--base", str(world["base"]), "--branch", str(b["code"]),
+                 "--router", "learned-rows", "--out", str(tmp_path / "m.partial")])
+    assert code == 2 and "may not end in '.partial'" in capsys.readouterr().err
+    assert not any(p.name.startswith(("r2", "a2", "pd", "m.partial")) for p in tmp_path.iterdir())
+
+
+def test_public_stats_in_an_artifact_layout_carry_their_router_input(world, tmp_path):
+    """A branch artifact records its router input in its model config, not at the top."""
+    a = _prefix_branch(world, tmp_path / "pa", "code", 1)
+    b = _prefix_branch(world, tmp_path / "pb", "math", 2)
+    stats_like = _prefix_branch(world, tmp_path / "pub", "web", 9)
+    meta = fuse.merge_paths(world["base"], [a, b], router="ridge", top_k=2,
+                            public_stats=stats_like, out=tmp_path / "m", log=lambda s: None)
+    assert meta["model"]["router_input"] == "prefix_mean"
+    with pytest.raises(MergeRefused, match="sums of router input 'prefix_mean'.*route on "
+                                           "'token'"):
+        fuse.merge_paths(world["base"], [world["branches"]["code"]], router="ridge", top_k=1,
+                         public_stats=stats_like, out=tmp_path / "t", log=lambda s: None)
+
+
+@pytest.mark.parametrize("router", ["contrast", "ridge"])
+def test_the_last_party_can_opt_out(world, tmp_path, router):
+    """With public stats of prefix means and contrast rows (which need a party to stack)."""
+    a = _prefix_branch(world, tmp_path / "pa", "code", 1)
+    pub = _prefix_branch(world, tmp_path / "pub", "web", 9)
+    fuse.merge_paths(world["base"], [a], router=router, top_k=1, public_stats=pub,
+                     out=tmp_path / "m", log=lambda s: None)
+    meta = fuse.remove(tmp_path / "m", "code", out=tmp_path / "none", log=lambda s: None)
+    assert [e["source"] for e in meta["experts"]] == ["public"]
+    fuse.merge_paths(world["base"], [], router=router, top_k=1, public_stats=pub,
+                     out=tmp_path / "empty", log=lambda s: None)
+    _assert_same(tmp_path / "none", tmp_path / "empty")
 
 
 def _rewrite(path, out, change):

@@ -110,6 +110,18 @@ def test_dense_branch_modified_after_it_was_written_is_refused(dense, tmp_path):
         baselines.soup([a, tmp_path / "b"], tmp_path / "s", log=print)
 
 
+def test_models_that_do_not_name_their_base_are_refused(dense, tmp_path):
+    """Two public models (kind "public", no base recorded) are not branches of one base."""
+    base, (a, _) = dense
+    other = make_base(tmp_path / "other", seed=5)
+    for pair in ([base, other], [a, other]):
+        with pytest.raises(MergeRefused, match="a 'public' checkpoint without the base"):
+            baselines.soup(pair, tmp_path / "s", log=lambda s: None)
+        with pytest.raises(MergeRefused, match="a 'public' checkpoint without the base"):
+            baselines.btx(pair, tmp_path / "x", router="random", top_k=1, log=lambda s: None)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "x").exists()
+
+
 def test_tune_router_trains_rows_only(tmp_path):
     base = make_base(tmp_path / "base")
     branches = [make_branch(base, tmp_path / s, s, i) for i, s in enumerate(["code", "law"])]

@@ -22,6 +22,7 @@ import pathlib
 import jax
 import numpy as np
 
+from moesaic.branch_train.artifact import DENSE_KIND
 from moesaic.merge import sources as src
 from moesaic.merge.sources import FFN_EXPERT, STAT_NAMES, MergeRefused, View
 from moesaic.merge.verify import check_unique, scan
@@ -36,6 +37,12 @@ class DenseBranch:
         self.meta = src.committed_meta(self.path, f"dense branch {self.path}")
         if "model" not in self.meta:
             raise MergeRefused(f"dense branch {self.path}: not a model checkpoint")
+        kind = self.meta.get("kind")
+        if kind != DENSE_KIND or not self.meta.get("base_fingerprint"):
+            raise MergeRefused(f"dense branch {self.path}: a {kind!r} checkpoint without the "
+                               f"base it started from; soup and BTX take {DENSE_KIND!r} "
+                               "checkpoints (`moesaic branch --config.branch.mode=dense`), "
+                               "which record it")
         self.source = str(self.meta.get("source") or self.path.name)
         self.cfg = io.model_config(self.meta)
         if self.cfg.n_experts != 1:

@@ -73,6 +73,25 @@ def _options(args) -> dict:
     return out
 
 
+ROUTER_FLAGS = {"router": "--router", "public_stats": "--public-stats",
+                "public_data": "--public-data", "ridge_lambda": "--ridge-lambda",
+                "router_scale": "--router-scale", "seed": "--seed"}
+# What each action reads of the router flags; the others are refused, never ignored.
+USES = {"merge": set(ROUTER_FLAGS), "btx": {"router", "ridge_lambda", "router_scale", "seed"},
+        "remove": set(), "add": set(), "soup": set()}
+
+
+def _refuse_unused(args) -> None:
+    unused = [flag for key, flag in ROUTER_FLAGS.items()
+              if key not in USES[args.action] and getattr(args, key) is not None]
+    if unused:
+        why = {"remove": "the merged model's router rows are kept as they are",
+               "add": "the merged model's router rows are kept as they are and the new "
+                      "party's come with its artifact",
+               "soup": "a soup has no router"}.get(args.action, "")
+        raise MergeRefused(f"merge {args.action} takes no {', '.join(unused)}: {why}")
+
+
 def _public_stats(args, base_path):
     """(path of public stats or None, temporary folder to remove afterwards or None)."""
     if args.public_stats and args.public_data:
@@ -80,9 +99,14 @@ def _public_stats(args, base_path):
     if args.public_data:
         from moesaic.merge.public_stats import compute_public_stats
         from moesaic.merge.sources import open_branch
-        kinds = {open_branch(b).router_input for b in args.branch or []}
+        branches = [open_branch(b) for b in args.branch or []]
+        kinds = {b.router_input for b in branches}
+        # The sums must be of sequences as long as the parties' (prefix means depend on it).
+        lengths = {((b.meta.get("config") or {}).get("data") or {}).get("seq_len")
+                   for b in branches} - {None}
         path = compute_public_stats(base_path, args.public_data,
-                                    router_input=kinds.pop() if len(kinds) == 1 else "token")
+                                    router_input=kinds.pop() if len(kinds) == 1 else "token",
+                                    seq_len=lengths.pop() if len(lengths) == 1 else 128)
         return path, path.parent
     return args.public_stats, None
 
@@ -90,6 +114,7 @@ def _public_stats(args, base_path):
 def _run(args) -> None:
     from moesaic.merge import fuse
 
+    _refuse_unused(args)
     if args.action == "merge":
         if not args.base or not args.router:
             raise MergeRefused("merge needs --base and --router (and --branch for each party)")
@@ -122,7 +147,7 @@ def _run(args) -> None:
 def run(args) -> int:
     try:
         _run(args)
-    except (MergeRefused, FileExistsError) as err:
+    except (MergeRefused, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"moesaic merge: refused: {err}", file=sys.stderr)
         return 2
     return 0

@@ -81,8 +81,10 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
     inputs_paths = {base.path.resolve(), *(p.path.resolve() for p in parties)}
     if out.resolve() in inputs_paths:
         raise MergeRefused(f"output {out} is one of the inputs; write to a new path")
-    if out.exists() and not overwrite:
-        raise MergeRefused(f"output {out} exists; choose another path or remove it")
+    try:
+        io.output_path(out, overwrite)
+    except (ValueError, FileExistsError) as err:
+        raise MergeRefused(f"output: {err}") from None
     build = registry.get(router)
     n_experts = base.n_experts + len(parties)
     if not 1 <= top_k <= n_experts:

@@ -223,8 +223,11 @@ def open_public_stats(path: str | pathlib.Path) -> PublicStats:
     if missing:
         raise MergeRefused(f"public stats {path}: missing {missing}")
     only_stats = set(stored) == {f"stats/{s}" for s in STAT_NAMES}
+    # `moesaic merge --public-data` records the router input at the top; a branch artifact
+    # in its model config; a stats checkpoint that records neither is of the token itself.
+    kind = meta.get("router_input") or (meta.get("model") or {}).get("router_input", "token")
     return PublicStats(path, {s: View(path, f"stats/{s}") for s in STAT_NAMES},
-                       int(meta.get("stats_tokens", 0)), str(meta.get("router_input", "token")),
+                       int(meta.get("stats_tokens", 0)), str(kind),
                        meta.get("fingerprint") if only_stats else None)
 
 

@@ -164,8 +164,10 @@ def router_input(base: Base, parties: list[Party], public: PublicStats | None) -
     """The merged model's model.router_input: the one every branch (and an MoE base, and the
     public statistics) was made with; rows made for different inputs do not mix."""
     made = {p.source: p.router_input for p in parties}
-    if base.cfg.is_moe or not parties:
+    if base.cfg.is_moe:
         made = {"the base": base.cfg.router_input, **made}
+    if not made:  # a dense base and no party left (the last one opted out)
+        return public.router_input if public is not None else base.cfg.router_input
     if len(set(made.values())) > 1:
         raise MergeRefused(f"the inputs disagree on model.router_input: {made}; merge branches "
                            "trained with the same router input")

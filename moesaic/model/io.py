@@ -145,13 +145,24 @@ def _layer_chunks(name: str, array) -> ocp.SaveArgs:
     return ocp.SaveArgs(chunk_byte_size=max(row_bytes, 1), shard_axes=(0,))
 
 
+def output_path(path: str | pathlib.Path, overwrite: bool = False) -> pathlib.Path:
+    """The absolute path (orbax needs one) of a checkpoint about to be written, refused
+    before anything is written if it exists (unless `overwrite`) or if its name is one the
+    atomic write reserves (a reader would never take it for a checkpoint)."""
+    path = pathlib.Path(path).absolute()
+    if path.name.endswith((PARTIAL, ASIDE)):
+        raise ValueError(f"{path}: a checkpoint name may not end in {PARTIAL!r} or {ASIDE!r} "
+                         "(reserved for checkpoints being written or replaced)")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another output or remove it")
+    return path
+
+
 def save(path: str | pathlib.Path, flat: Mapping[str, jax.Array], meta: dict, *,
          overwrite: bool = False) -> None:
     """Writes a checkpoint atomically. `meta` gets the parameter fingerprint added unless it
     has one. All processes call this; process 0 renames."""
-    path = pathlib.Path(path).absolute()  # orbax needs absolute paths
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another output or remove it")
+    path = output_path(path, overwrite)
     partial = path.with_name(path.name + PARTIAL)
     if jax.process_index() == 0 and partial.exists():
         shutil.rmtree(partial)
@@ -241,9 +252,7 @@ def save_streaming(path: str | pathlib.Path, sources: Mapping[str, TensorSource]
     disk as `save` of numpy arrays, same atomic rename (nothing but PATH.partial exists until
     it is complete; on error PATH.partial is removed). The fingerprint is computed while
     writing (unless `meta` has one). Returns {name: tensor_hash}. Single process."""
-    path = pathlib.Path(path).absolute()  # orbax needs absolute paths
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another output or remove it")
+    path = output_path(path, overwrite)
     partial = path.with_name(path.name + PARTIAL)
     if partial.exists():
         shutil.rmtree(partial)

@@ -61,9 +61,13 @@ def build(inputs: RouterInputs) -> Router:
         biases.append(bias - selectivity)
     zero = np.zeros((lyr, inputs.d_model), np.float32)
     base = base_rows_within(inputs, zero)
-    all_rows = np.concatenate([base, np.stack(rows, axis=1).astype(np.float32)], axis=1)
+    if not rows:  # every party opted out: the base's rows only
+        rows, biases = np.zeros((lyr, 0, inputs.d_model)), np.zeros((lyr, 0))
+    else:
+        rows, biases = np.stack(rows, axis=1), np.stack(biases, axis=1)
+    all_rows = np.concatenate([base, rows.astype(np.float32)], axis=1)
     base_bias = np.zeros((lyr, inputs.base_experts), np.float32)
-    all_bias = np.concatenate([base_bias, np.stack(biases, axis=1).astype(np.float32)], axis=1)
+    all_bias = np.concatenate([base_bias, biases.astype(np.float32)], axis=1)
     return Router(all_rows, all_bias, {"margin": margin, "selectivity": selectivity,
                                        "parties": "stats/mean_hidden",
                                        "public": "public stats mean_hidden"})
