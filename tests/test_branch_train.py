@@ -10,11 +10,14 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from train_helpers import compilation_cache, make_data, tiny_config
 
 from moesaic.branch_train import artifact, base_model, trainer, upcycle
 from moesaic.branch_train.trainer import Job, train
 from moesaic.model import io
+from moesaic.model.config import ModelConfig
+from moesaic.model.transformer import Decoder
 from moesaic.routing.stats import RouterStats
 
 
@@ -287,11 +290,56 @@ def test_bad_inputs_give_clear_errors(data, dense_base, code_branch, tmp_path):
 
     other = tmp_path / "other_data"
     shutil.copytree(data / "code", other / "code")
+    shutil.copytree(data / "public", other / "public")  # the router row's init reads it
     manifest = json.loads((other / "code" / "manifest.json").read_text())
     manifest["tokenizer"]["identity"] = "hf:0123abcd"
     (other / "code" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="tokenized with 'hf:0123abcd'"):
         train(config, _job("branch", tmp_path / "e", other, dense_base))
+    # the public text the router row is set from (router_init contrast) is checked the same,
+    # though no batch reads it
+    shutil.copytree(data / "code", other / "good" / "code")
+    shutil.copytree(data / "public", other / "good" / "public")
+    manifest = json.loads((other / "good" / "public" / "manifest.json").read_text())
+    manifest["tokenizer"]["identity"] = "hf:0123abcd"
+    (other / "good" / "public" / "manifest.json").write_text(json.dumps(manifest))
+    assert float(config.branch.public_mix) == 0 and config.branch.router_init == "contrast"
+    with pytest.raises(ValueError, match="'public' was tokenized with 'hf:0123abcd'"):
+        train(config, _job("branch", tmp_path / "f", other / "good", dense_base))
+
+    for key, value in (("data__seq_len", 0), ("data__global_batch", 0), ("train__steps", 0),
+                       ("train__warmup_steps", -3)):
+        name = key.replace("__", ".")
+        with pytest.raises(ValueError, match=f"config.{name}={value}: must be a whole number"):
+            train(tiny_config("source=code", **{key: value}),
+                  _job("branch", tmp_path / "g", data, dense_base))
+    assert not (tmp_path / "g").exists() or not any((tmp_path / "g").iterdir())
+
+
+def test_a_diverged_run_stops_before_saving_or_handing_on(data, dense_base, tmp_path):
+    with pytest.raises(ValueError, match=r"step 2: loss nan, gradient norm nan: training "
+                                         "diverged"):
+        train(tiny_config("source=code", train__steps=4, train__lr=float("nan"),
+                          train__log_every=10, train__ckpt_every=2),
+              _job("branch", tmp_path / "nan", data, dense_base))
+    assert not (tmp_path / "nan" / "artifact").exists()
+    assert not (tmp_path / "nan" / "ckpt" / "2").exists()  # the diverged state is not kept
+
+
+def test_router_rows_that_are_not_params_stay_frozen(data, tmp_path):
+    """model.router_trainable=False: the rows are RouterState and never train."""
+    config = tiny_config("experts=2", train__steps=2)
+    config.model.router_trainable = False
+    result = train(config, _job("pretrain", tmp_path / "p", data))
+    assert "blocks/ffn/router" in result.layout.frozen
+    assert "blocks/ffn/w_up" in result.layout.trainable
+    saved = _base_tensors(tmp_path / "p" / "public")
+    initial = io.flatten(nnx.state(Decoder(ModelConfig.from_config(config.model),
+                                           rngs=nnx.Rngs(int(config.seed)))))
+    # the initial rows (jitted init: equal to eager init to the last bit or so), not trained
+    np.testing.assert_allclose(saved["blocks/ffn/router"], initial["blocks/ffn/router"],
+                               rtol=1e-6, atol=1e-8)
+    assert not np.allclose(saved["blocks/ffn/w_up"], initial["blocks/ffn/w_up"], rtol=1e-3)
 
 
 def test_branch_mixture_replays_public_data_when_asked():
@@ -337,6 +385,15 @@ def test_resume_with_other_data_or_optimizer_settings_is_refused(data, dense_bas
                  tokenizer=BYTES, origin={"kind": "test"})
     with pytest.raises(ValueError, match=r"data source 'code': content hash \w+ at the "
                                          r"checkpoint, \w+ in this job's data folder"):
+        train(tiny_config("source=code"), _job("branch", workdir, other, dense_base))
+    # the public text the row was set from (contrast init) is part of the job's data too
+    shutil.rmtree(other / "code")
+    shutil.copytree(data / "code", other / "code")
+    shutil.rmtree(other / "public")
+    write_source(other, "public", {"train": lambda: ["the public text, changed\n" * 60],
+                                   "heldout": lambda: ["held out\n" * 30]},
+                 tokenizer=BYTES, origin={"kind": "test"})
+    with pytest.raises(ValueError, match=r"data source 'public': content hash"):
         train(tiny_config("source=code"), _job("branch", workdir, other, dense_base))
     assert (workdir / "artifact" / "meta.json").read_text() == before
     # what does not change the batches or the optimizer's path may change

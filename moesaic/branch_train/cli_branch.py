@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 
 from moesaic.branch_train import cli_args, distributed
 from moesaic.branch_train.trainer import Job
@@ -31,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     config = cli_args.resolve_config(args)
     mode = str(config.branch.mode)
     if mode not in MODES:
-        raise ValueError(f"config.branch.mode={mode!r}: one of {sorted(MODES)}")
+        print(f"error: config.branch.mode={mode!r}: one of {sorted(MODES)}", file=sys.stderr)
+        return 2
     base = pathlib.Path(args.base)
     job = Job(kind=MODES[mode], workdir=pathlib.Path(args.workdir), base=base,
               data_dir=cli_args.data_dir(args, config, base),

@@ -25,6 +25,7 @@ that FFN, and WORKDIR/model, the dense model.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 
@@ -40,7 +41,7 @@ from moesaic.branch_train import artifact, base_model, upcycle
 from moesaic.branch_train.checkpointing import JobCheckpoints, StopSignal, abstract_like, nested
 from moesaic.branch_train.optimizer import make_optimizer, schedule
 from moesaic.branch_train.progress import MetricsLog, parameter_overview
-from moesaic.data.loader import TokenBatches
+from moesaic.data.loader import TokenBatches, load_manifest
 from moesaic.data.tokenizer import check_tokenizer
 from moesaic.model import io
 from moesaic.model.config import ModelConfig
@@ -155,9 +156,33 @@ def resume_mismatches(saved: dict, config: ml_collections.ConfigDict, kind: str,
     return diffs
 
 
+def check_sizes(config: ml_collections.ConfigDict) -> None:
+    """The counts a job divides or loops by, refused with the field's name before anything
+    runs (a 0 would otherwise surface as a ZeroDivisionError deep in the loader)."""
+    for key, low in (("data.seq_len", 1), ("data.global_batch", 1), ("train.steps", 1),
+                     ("train.warmup_steps", 0)):
+        value = _config_value(config.to_dict(), key)
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"config.{key}={value!r}: must be a whole number >= {low}")
+
+
+def check_finite(step: int, metrics: dict, last_checkpoint: int | None) -> None:
+    """Stops a diverged run before its state is saved or handed on: a non-finite loss or
+    gradient norm at `step` (the update of that step used that gradient)."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if np.isfinite(loss) and np.isfinite(grad_norm):
+        return
+    kept = (f"the last checkpoint (step {last_checkpoint}) holds the last finite state"
+            if last_checkpoint else "no checkpoint was written")
+    raise ValueError(f"step {step}: loss {loss}, gradient norm {grad_norm}: training diverged; "
+                     f"nothing of this step was saved and no output written ({kept}). Use a "
+                     "fresh --workdir with a lower train.lr or more train.warmup_steps")
+
+
 def train(config: ml_collections.ConfigDict, job: Job) -> Result:
     if job.kind not in KINDS:
         raise ValueError(f"job kind {job.kind!r}: one of {KINDS}")
+    check_sizes(config)
     if job.kind != "pretrain" and job.base is None:
         raise ValueError(f"a {job.kind} job needs --base (the public checkpoint)")
     workdir = pathlib.Path(job.workdir)
@@ -179,6 +204,16 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
                            seed=seed, process_index=jax.process_index(),
                            process_count=jax.process_count())
     data_hashes = {n: m["content_hash"] for n, m in batches.manifests.items()}
+    manifests = list(batches.manifests.values())
+    if job.kind in ("branch", "ffn") and config.branch.router_init == "contrast":
+        # The public data the router row is set from: checked and recorded like the batches'.
+        public_source = str(config.branch.public_source)
+        manifests.append(load_manifest(job.data_dir, public_source))
+        data_hashes.setdefault(public_source, manifests[-1]["content_hash"])
+    if job.kind in ("branch", "ffn") and config.branch.router_init == "vector":
+        vector = pathlib.Path(str(config.branch.router_vector))
+        if vector.is_file():  # else the row setup says what is missing
+            data_hashes["branch.router_vector"] = hashlib.sha256(vector.read_bytes()).hexdigest()
     batch_shape = (global_batch, seq_len + 1)
     batch_sharding = NamedSharding(
         mesh, logical_to_spec(("batch", "length"), rules, mesh, batch_shape))
@@ -201,8 +236,8 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         else:
             model_cfg = base_cfg
             layout = upcycle.make_layout(model_cfg)
-    for data_source in batches.manifests.values():
-        check_tokenizer(model_cfg, data_source)
+    for manifest in manifests:
+        check_tokenizer(model_cfg, manifest)
 
     # ---- shardings -------------------------------------------------------------------
     abstract_trainable, abstract_frozen = layout.trainable_shapes(), layout.frozen_shapes()
@@ -223,10 +258,10 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
     # ---- restore: resume this workdir; else start from the base; else initialise -------
     stats, handover = None, None
     if job.kind == "pretrain":
-        frozen = {}
         fresh = jax.jit(lambda: upcycle.split_full(layout, io.flatten(nnx.state(
             Decoder(model_cfg, rngs=nnx.Rngs(seed))))),
             out_shardings=(trainable_shardings, frozen_shardings))
+        frozen = fresh()[1] if layout.frozen else {}  # e.g. rows that are not nnx.Param
         make_trainable = lambda: fresh()[0]  # noqa: E731
     else:
         base = base_model.load_base(job.base, base_meta, mesh, rules, base_cfg)
@@ -300,10 +335,13 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
             trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
                                                     jnp.asarray(step, jnp.int32))
             step += 1
-            if step % log_every == 0 or step == steps:
+            stopped = stop.agreed()
+            logged = step % log_every == 0 or step == steps
+            if logged:
                 record = log.log(step, jax.device_get(metrics))
                 losses[step] = record["loss"]
-            stopped = stop.agreed()
+            if logged or stopped or step % checkpoints.every == 0:  # before anything is saved
+                check_finite(step, jax.device_get(metrics), checkpoints.latest_step())
             checkpoints.save(step, {"params": nested(trainable), "opt": opt_state},
                              job_meta(step), force=stopped or step == steps)
             if stopped:

@@ -155,7 +155,8 @@ def make_layout(cfg: ModelConfig, *, frozen_patterns: Sequence[str] = (),
                 base_experts: int = 0) -> ParamLayout:
     """Layout of `cfg`'s parameters. `base_experts` > 0 splits the expert tensors (a
     coordinated branch: experts [0, base_experts) frozen, the last one trained); whole
-    tensors matching a `frozen_patterns` regex are frozen, the rest trained."""
+    tensors matching a `frozen_patterns` regex are frozen, and so is every variable that is
+    not an nnx.Param; the rest trains."""
     _, state = _graph(cfg)
     variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(state)
@@ -171,7 +172,10 @@ def make_layout(cfg: ModelConfig, *, frozen_patterns: Sequence[str] = (),
     if base_experts and base_experts != cfg.n_experts - 1:
         raise ValueError(f"a branch of a base with {base_experts} experts needs n_experts="
                          f"{base_experts + 1}, the model has {cfg.n_experts}")
-    frozen = tuple(n for n in names if n not in split and any(p.search(n) for p in compiled))
+    # Only nnx.Param trains: a model.router_trainable=False router (RouterState) stays frozen.
+    state_kind = {n for n, v in zip(names, variables) if not isinstance(v, nnx.Param)}
+    frozen = tuple(n for n in names if n not in split
+                   and (n in state_kind or any(p.search(n) for p in compiled)))
     trainable = tuple(n for n in names if n not in split and n not in frozen)
     if base_experts:
         _check_branch_patterns(compiled, split, trainable)
