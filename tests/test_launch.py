@@ -373,3 +373,15 @@ def test_training_commands_refuse_a_bad_override_in_one_line(tmp_path, capsys, o
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "Traceback" not in err
     assert err.startswith("error: config ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("coordinator, processes, process_id", [
+    ("", 2, 0), ("localhost:1234", 1, 0), ("localhost:1234", 2, -1), ("localhost:1234", 2, 2)])
+def test_a_multi_process_start_needs_a_coordinator_and_an_id_below_the_count(
+        coordinator, processes, process_id):
+    from moesaic.branch_train import distributed
+
+    args = argparse.Namespace(coordinator=coordinator, num_processes=processes,
+                              process_id=process_id)
+    with pytest.raises(ValueError, match=r"--process-id in \[0, N\)"):
+        distributed.initialize(args)

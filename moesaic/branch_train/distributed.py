@@ -36,7 +36,8 @@ def initialize(args: argparse.Namespace) -> None:
     """Starts the multi-controller runtime when this job has more than one process."""
     explicit = args.num_processes > 1 or bool(args.coordinator)
     if explicit:
-        if not (args.coordinator and args.num_processes > 1 and args.process_id >= 0):
+        if not (args.coordinator and args.num_processes > 1
+                and 0 <= args.process_id < args.num_processes):
             raise ValueError("a multi-process start needs --coordinator HOST:PORT, "
                              "--num-processes N > 1 and --process-id in [0, N)")
         jax.distributed.initialize(coordinator_address=args.coordinator,

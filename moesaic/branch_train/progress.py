@@ -11,6 +11,7 @@ leave its last line cut short: that line (and only the last one) is dropped with
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 import time
@@ -66,7 +67,9 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in _records(self.path) if r["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        fresh = self.path.with_name(self.path.name + ".partial")  # killed here: history kept
+        fresh.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(fresh, self.path)
         self._tb = _summary_writer()(str(pathlib.Path(workdir) / "tb"), purge_step=start_step + 1)
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
                          disable=not show_progress, dynamic_ncols=True)
