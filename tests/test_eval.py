@@ -121,6 +121,20 @@ def test_router_weight_share_does_not_depend_on_the_batch_size(data_dir):
                                    per_token / per_token.sum(axis=1, keepdims=True), atol=1e-6)
 
 
+def test_a_checkpoint_trained_with_capacity_dispatch_is_evaluated_dropless(data_dir, tmp_path):
+    model = tiny(seed=4, **MOE, dispatch="capacity", capacity_factor=0.5)  # drops tokens
+    io.save_model(tmp_path / "cap", model, {})
+    got = perplexity.evaluate(tmp_path / "cap", data_dir, ["math"], seq_len=SEQ,
+                              max_sequences=4, batch_size=4, progress=False)["math"]
+    dropless = tiny(seed=4, **MOE)  # the same weights, every token served
+    want = perplexity.evaluate(dropless, data_dir, ["math"], seq_len=SEQ, max_sequences=4,
+                               batch_size=4, progress=False)["math"]
+    assert got["nll"] == pytest.approx(want["nll"], rel=1e-6)
+    capped = perplexity.evaluate(model, data_dir, ["math"], seq_len=SEQ, max_sequences=4,
+                                 batch_size=4, progress=False)["math"]
+    assert capped["nll"] != pytest.approx(want["nll"], rel=1e-4)  # what it would have seen
+
+
 def test_missing_source_is_an_error_naming_it(data_dir):
     with pytest.raises(FileNotFoundError, match="law"):
         perplexity.evaluate(uniform_model(), data_dir, ["law"], seq_len=SEQ, progress=False)

@@ -341,11 +341,24 @@ def test_cli_merge_remove_add_and_refusal(world, tmp_path, capsys):
                  "--router", "ridge", "--public-data", str(tmp_path / "no_data"),
                  "--out", str(tmp_path / "pd")])
     assert code == 2 and "no prepared source 'public'" in capsys.readouterr().err
+    # kind options: set from the command line, refused when the kind does not read them
+    assert main(["merge", "--base", str(world["base"]), "--branch", str(b["code"]),
+                 "--router", "contrast", "--public-stats", str(world["public"]),
+                 "--router-option", "selectivity=1.5", "--router-option", "margin=3",
+                 "--out", str(tmp_path / "c")]) == 0
+    assert io.read_meta(tmp_path / "c")["router"]["options"] == {"margin": 3.0,
+                                                                  "selectivity": 1.5}
+    code = main(["merge", "--base", str(world["base"]), "--branch", str(b["code"]),
+                 "--router", "centroid", "--router-option", "marign=3", "--ridge-lambda", "1",
+                 "--out", str(tmp_path / "c2")])
+    assert code == 2 and ("router 'centroid' takes no option marign, ridge_lambda (it takes: "
+                          "scale)") in capsys.readouterr().err
     # a name the atomic write reserves would be written and then never read as a checkpoint
     code = main(["merge", "--base", str(world["base"]), "--branch", str(b["code"]),
                  "--router", "learned-rows", "--out", str(tmp_path / "m.partial")])
     assert code == 2 and "may not end in '.partial'" in capsys.readouterr().err
-    assert not any(p.name.startswith(("r2", "a2", "pd", "m.partial")) for p in tmp_path.iterdir())
+    assert not any(p.name.startswith(("r2", "a2", "pd", "m.partial", "c2"))
+                   for p in tmp_path.iterdir())
 
 
 def test_public_stats_in_an_artifact_layout_carry_their_router_input(world, tmp_path):
@@ -360,6 +373,27 @@ def test_public_stats_in_an_artifact_layout_carry_their_router_input(world, tmp_
                                            "'token'"):
         fuse.merge_paths(world["base"], [world["branches"]["code"]], router="ridge", top_k=1,
                          public_stats=stats_like, out=tmp_path / "t", log=lambda s: None)
+
+
+def test_public_stats_and_a_base_are_checked_like_any_input(world, tmp_path):
+    b = world["branches"]
+    other = make_base(tmp_path / "other", seed=7)
+    elsewhere = make_branch(other, tmp_path / "elsewhere", "web", 9)  # stats under another base
+    with pytest.raises(MergeRefused, match="public stats .*computed under another model"):
+        fuse.merge_paths(world["base"], [b["code"]], router="ridge", top_k=1,
+                         public_stats=elsewhere, out=tmp_path / "m", log=lambda s: None)
+    flat = all_tensors(world["base"])
+    flat["blocks/attn/q"] = flat["blocks/attn/q"].copy()
+    flat["blocks/attn/q"][1, 2] = np.nan
+    io.save(tmp_path / "nan_base", flat, io.read_meta(world["base"]) | {"fingerprint": None})
+    meta = json.loads((tmp_path / "nan_base" / io.META).read_text())
+    meta["fingerprint"] = io.fingerprint(flat)
+    (tmp_path / "nan_base" / io.META).write_text(json.dumps(meta))
+    with pytest.raises(MergeRefused, match=r"base .*'blocks/attn/q' holds NaN or Inf \(first "
+                                           r"at index \(1, 2"):
+        fuse.merge_paths(tmp_path / "nan_base", [], router="learned-rows", top_k=1,
+                         out=tmp_path / "n", log=lambda s: None)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "n").exists()
 
 
 @pytest.mark.parametrize("router", ["contrast", "ridge"])

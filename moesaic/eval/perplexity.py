@@ -49,7 +49,10 @@ def local_mesh() -> jax.sharding.Mesh:
 def load_model(model_or_path: Decoder | str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
                rules: Rules = DEFAULT_RULES, flag: str = "") -> tuple[Decoder, dict]:
     """A Decoder as is (meta {}), or a moesaic checkpoint restored onto `mesh` (default: the
-    local devices). `flag` is how the user gave the path, for the error (default: --model)."""
+    local devices), run with `dropless` dispatch whatever it trained with: under `capacity`
+    a token's output could depend on later tokens and on the other rows of the batch, which
+    a perplexity must not see. `flag` is how the user gave the path, for the error (default:
+    --model)."""
     if isinstance(model_or_path, Decoder):
         return model_or_path, {}
     path = pathlib.Path(model_or_path)
@@ -57,7 +60,8 @@ def load_model(model_or_path: Decoder | str | os.PathLike, *, mesh: jax.sharding
         raise FileNotFoundError(f"{flag or f'--model {str(path)!r}'}: not a moesaic checkpoint "
                                 f"(want a folder with {io.META} and {io.PARAMS}/, e.g. a "
                                 "pretrain, branch `model` or merge output)")
-    return io.load(path, mesh=mesh or local_mesh(), rules=rules)
+    cfg = io.model_config(io.read_meta(path)).replace(dispatch="dropless")
+    return io.load(path, mesh=mesh or local_mesh(), rules=rules, cfg=cfg)
 
 
 def expert_names(model: Decoder, meta: Mapping) -> list[str]:

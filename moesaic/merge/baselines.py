@@ -142,6 +142,10 @@ def soup(branch_paths, out: str | pathlib.Path, *, sample_bt1: np.ndarray | None
 def btx(branch_paths, out: str | pathlib.Path, *, router: str, top_k: int,
         options: dict | None = None, log=print) -> dict:
     """BTX-style MoE: the branches' FFNs as experts, other tensors averaged uniformly."""
+    try:
+        registry.check_options(router, dict(options or {}))
+    except ValueError as err:
+        raise MergeRefused(f"btx: {err}") from None
     branches = open_dense(branch_paths)
     n = len(branches)
     if router == "learned-rows":

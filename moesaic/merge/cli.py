@@ -25,6 +25,16 @@ from moesaic.routing.registry import KINDS
 ACTIONS = ("remove", "add", "soup", "btx")
 
 
+def _router_option(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: want NAME=NUMBER, e.g. margin=2") from None
+
+
 def _router_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--router", choices=sorted(KINDS), required=required,
                         help="how the router rows are built")
@@ -41,6 +51,10 @@ def _router_args(parser: argparse.ArgumentParser, required: bool = True) -> None
     parser.add_argument("--router-scale", type=float, default=None,
                         help="multiplies centroid / ridge rows (softmax temperature)")
     parser.add_argument("--seed", type=int, default=None, help="random router seed")
+    parser.add_argument("--router-option", action="append", default=None, metavar="NAME=X",
+                        type=_router_option,
+                        help="a number for the router kind, e.g. contrast's margin=2 or "
+                             "selectivity=2 (repeat)")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +77,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args) -> dict:
-    out = {}
+    out = dict(args.router_option or [])
     if args.ridge_lambda is not None:
         out["ridge_lambda"] = args.ridge_lambda
     if args.router_scale is not None:
@@ -75,9 +89,11 @@ def _options(args) -> dict:
 
 ROUTER_FLAGS = {"router": "--router", "public_stats": "--public-stats",
                 "public_data": "--public-data", "ridge_lambda": "--ridge-lambda",
-                "router_scale": "--router-scale", "seed": "--seed"}
+                "router_scale": "--router-scale", "seed": "--seed",
+                "router_option": "--router-option"}
 # What each action reads of the router flags; the others are refused, never ignored.
-USES = {"merge": set(ROUTER_FLAGS), "btx": {"router", "ridge_lambda", "router_scale", "seed"},
+USES = {"merge": set(ROUTER_FLAGS),
+        "btx": {"router", "ridge_lambda", "router_scale", "seed", "router_option"},
         "remove": set(), "add": set(), "soup": set()}
 
 

@@ -85,12 +85,16 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
         io.output_path(out, overwrite)
     except (ValueError, FileExistsError) as err:
         raise MergeRefused(f"output: {err}") from None
-    build = registry.get(router)
+    options = dict(options or {})
+    try:
+        build = registry.get(router)
+        registry.check_options(router, options)
+    except ValueError as err:
+        raise MergeRefused(str(err)) from None
     n_experts = base.n_experts + len(parties)
     if not 1 <= top_k <= n_experts:
         raise MergeRefused(f"--top-k {top_k}: the merged model has {n_experts} experts "
                            f"({base.n_experts} base + {len(parties)} parties)")
-    options = dict(options or {})
     public_fingerprint = verify(base, parties, public)
     try:
         built = build(router_inputs(base, parties, public, options))

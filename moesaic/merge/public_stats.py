@@ -22,7 +22,8 @@ def compute_public_stats(base_path: str | pathlib.Path, data_dir: str | pathlib.
     the sums are of what their routers score."""
     from moesaic.routing import stats
 
-    cfg = io.model_config(io.read_meta(base_path)).replace(router_input=router_input)
+    base_meta = io.read_meta(base_path)
+    cfg = io.model_config(base_meta).replace(router_input=router_input)
     model, _ = io.load(base_path, cfg=cfg)
     sequences, n_docs = stats.stats_sequences(data_dir, source, seq_len=seq_len,
                                               max_sequences=max_sequences)
@@ -31,6 +32,7 @@ def compute_public_stats(base_path: str | pathlib.Path, data_dir: str | pathlib.
     out = pathlib.Path(tempfile.mkdtemp(prefix="public_stats_", dir=workdir)) / "stats"
     io.save(out, collected.tensors(), {"kind": "router_stats", "source": source,
                                        "router_input": router_input,
+                                       "base_fingerprint": base_meta["fingerprint"],
                                        "stats_tokens": collected.n_tokens,
                                        "stats_documents": collected.n_documents})
     return out

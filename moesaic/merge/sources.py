@@ -76,12 +76,6 @@ class View:
         return io.TensorSource(self.shape, self.dtype, self.pieces,
                                rows_per_chunk=self.row_block() if self.shape else None)
 
-    def hash(self) -> str:
-        digest = io.tensor_digest(self.dtype, self.shape)
-        for piece in self.pieces():
-            digest.update(np.asarray(piece, order="C").tobytes())
-        return digest.hexdigest()
-
     def __repr__(self) -> str:
         return f"{self.path}:{self.name}"
 
@@ -148,6 +142,7 @@ class PublicStats:
     tokens: int
     router_input: str = "token"  # the router input the sums are of (model.router_input)
     fingerprint: str | None = None  # as recorded, when it covers only these three tensors
+    base_fingerprint: str | None = None  # the model they were computed under, when recorded
 
 
 # ---- from a base checkpoint and branch artifacts ------------------------------------------
@@ -228,7 +223,8 @@ def open_public_stats(path: str | pathlib.Path) -> PublicStats:
     kind = meta.get("router_input") or (meta.get("model") or {}).get("router_input", "token")
     return PublicStats(path, {s: View(path, f"stats/{s}") for s in STAT_NAMES},
                        int(meta.get("stats_tokens", 0)), str(kind),
-                       meta.get("fingerprint") if only_stats else None)
+                       meta.get("fingerprint") if only_stats else None,
+                       meta.get("base_fingerprint"))
 
 
 # ---- from a merged checkpoint ---------------------------------------------------------------

@@ -36,7 +36,7 @@ from moesaic.model import io
 
 def base_hashes(base: Base) -> dict[str, str]:
     """Per-tensor hashes of the base, checked against its recorded fingerprint."""
-    hashes = {name: view.hash() for name, view in sorted(base.tensors.items())}
+    hashes = {name: scan(f"base {base.path}", view) for name, view in sorted(base.tensors.items())}
     if io.fingerprint_of_hashes(hashes) != base.fingerprint:
         raise MergeRefused(f"base {base.path}: its tensors do not match its recorded "
                            f"fingerprint {base.fingerprint[:12]}...; the checkpoint was "
@@ -189,6 +189,11 @@ def verify(base: Base, parties: list[Party], public: PublicStats | None = None
     for party in parties:
         check_party(base, hashes, party, row_dtype)
     if public is not None:
+        if public.base_fingerprint and public.base_fingerprint != base.fingerprint:
+            raise MergeRefused(f"public stats {public.path}: computed under another model "
+                               f"(fingerprint {public.base_fingerprint[:12]}...) than the base "
+                               f"{base.path} ({base.fingerprint[:12]}...); compute them again "
+                               "under this base (--public-data DIR)")
         cfg = base.cfg
         shapes = {"x_sum": (cfg.n_layers, cfg.d_model), "mean_hidden": (cfg.n_layers, cfg.d_model),
                   "xtx": (cfg.n_layers, cfg.d_model, cfg.d_model)}

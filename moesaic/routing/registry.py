@@ -30,6 +30,23 @@ KINDS = {
     "contrast": "moesaic.routing.contrast",
 }
 
+# The options each kind reads (`RouterInputs.options`); any other is refused, never ignored.
+OPTIONS = {
+    "learned-rows": (),
+    "centroid": ("scale",),
+    "ridge": ("ridge_lambda", "scale"),
+    "random": ("seed", "std"),
+    "contrast": ("margin", "selectivity"),
+}
+
+
+def check_options(kind: str, options: dict) -> None:
+    unknown = sorted(set(options) - set(OPTIONS.get(kind, ())))
+    if unknown:
+        takes = ", ".join(OPTIONS[kind]) or "none"
+        raise ValueError(f"router {kind!r} takes no option {', '.join(unknown)} (it takes: "
+                         f"{takes})")
+
 
 @dataclasses.dataclass
 class RouterInputs:
