@@ -186,6 +186,49 @@ def test_unrepresentable_config_refused_by_name(changes, field):
         model_fields_from_hf({**hf, **changes})
 
 
+@pytest.mark.parametrize("model_type,key", [("olmo2", "rms_norm_eps"),
+                                            ("flex_olmo", "num_experts_per_tok"),
+                                            ("flex_olmo", "num_attention_heads")])
+def test_a_config_key_that_changes_the_logits_is_never_guessed(model_type, key):
+    """transformers would fill a missing key from its own class default (Olmo2's eps 1e-5,
+    FlexOlmo's top-5): the importer refuses instead of taking moesaic's."""
+    config = (transformers.Olmo2Config(**TINY) if model_type == "olmo2" else
+              transformers.FlexOlmoConfig(**TINY, num_experts=2, num_experts_per_tok=1))
+    hf = config.to_dict()
+    for gone in ({k: v for k, v in hf.items() if k != key}, {**hf, key: None}):
+        with pytest.raises(ValueError, match=f"no value for \\['{key}'\\]"):
+            model_fields_from_hf(gone)
+    with pytest.raises(ValueError, match="unknown_switch=0"):  # 0 is not "switched off"
+        model_fields_from_hf({**hf, "unknown_switch": 0})
+
+
+def test_export_checks_the_tokenizer_before_writing_and_leaves_nothing(tmp_path):
+    cfg = ModelConfig(vocab_size=264, d_model=32, n_layers=1, n_heads=4, d_ff=48,
+                      eos_id=3, pad_id=4)  # byte ids a tokenizer.json cannot describe
+    _save_random_moesaic(tmp_path / "m", cfg)
+    with pytest.raises(ValueError, match="expects eos_id=256"):
+        export_hf(tmp_path / "m", tmp_path / "hf", log=lambda _: None)
+    with pytest.raises(ValueError, match="is the model being exported"):
+        export_hf(tmp_path / "m", tmp_path / "m", overwrite=True, log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_import_records_a_tokenizer_path_that_resolves_from_anywhere(tmp_path, monkeypatch):
+    transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**TINY)).save_pretrained(
+        tmp_path / "hf")
+    write_byte_tokenizer(tmp_path / "tok.json", vocab_size=264, eos_id=256, pad_id=257)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="'nope.json': no such tokenizer.json"):
+        import_hf("hf", "b", tokenizer="nope.json", log=lambda _: None)
+    meta = import_hf("hf", "b", tokenizer="tok.json", log=lambda _: None)
+    assert meta["model"]["tokenizer"] == str(tmp_path / "tok.json")
+    # the copied tokenizer is inside the checkpoint when it is committed
+    (tmp_path / "hf" / "tokenizer.json").write_bytes((tmp_path / "tok.json").read_bytes())
+    meta = import_hf("hf", "c", log=lambda _: None)
+    assert (tmp_path / "c" / "tokenizer.json").is_file()
+    assert meta["model"]["tokenizer"] == str(tmp_path / "c" / "tokenizer.json")
+
+
 def test_cli_import_names_refused_field(tmp_path, capsys):
     transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**TINY)).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

@@ -24,15 +24,20 @@ def _byte_symbols() -> list[str]:
     return [symbols[b] for b in range(256)]
 
 
-def write_byte_tokenizer(path: str | pathlib.Path, *, vocab_size: int, eos_id: int,
-                         pad_id: int) -> None:
-    """Writes tokenizer.json for ids 0..255 = bytes; raises if eos/pad are not the byte ids
-    after 255 in order (256, 257) or the vocabulary is smaller than 258."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
+def check_byte_ids(vocab_size: int, eos_id: int, pad_id: int) -> None:
+    """Raises if eos/pad are not the byte ids after 255 in order (256, 257) or the vocabulary
+    is smaller than 258: the only byte models a tokenizer.json can describe."""
     if (eos_id, pad_id) != (256, 257) or vocab_size < 258:
         raise ValueError(f"byte tokenizer export expects eos_id=256, pad_id=257, vocab_size>=258;"
                          f" the model has {eos_id}, {pad_id}, {vocab_size}")
+
+
+def write_byte_tokenizer(path: str | pathlib.Path, *, vocab_size: int, eos_id: int,
+                         pad_id: int) -> None:
+    """Writes tokenizer.json for ids 0..255 = bytes (`check_byte_ids` first)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    check_byte_ids(vocab_size, eos_id, pad_id)
     vocab = {symbol: b for b, symbol in enumerate(_byte_symbols())}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

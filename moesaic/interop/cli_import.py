@@ -11,7 +11,7 @@ from moesaic.interop.hf_import import import_hf
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="folder with config.json, safetensors, tokenizer.json")
     parser.add_argument("--out", required=True, help="moesaic checkpoint to write")
-    parser.add_argument("--param-dtype", default=None,
+    parser.add_argument("--param-dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="store parameters in this dtype (default: the weights' own dtype)")
     parser.add_argument("--tokenizer", default=None,
                         help="model.tokenizer to record instead of copying DIR/tokenizer.json "

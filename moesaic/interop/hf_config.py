@@ -47,6 +47,16 @@ REQUIRED: dict[str, tuple] = {
     "is_encoder_decoder": (False,),
 }
 
+# keys that change the logits and that moesaic will not guess when config.json lacks them
+# (transformers fills them from class defaults that differ between versions and classes)
+NEEDED = {
+    "olmo2": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "rms_norm_eps"),
+    "flex_olmo": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "rms_norm_eps", "num_experts", "num_experts_per_tok",
+                  "norm_topk_prob"),
+}
+
 IGNORED = {
     "architectures": "checked through model_type",
     "model_type": "checked: olmo2 or flex_olmo",
@@ -115,9 +125,13 @@ def model_fields_from_hf(hf: dict) -> dict[str, Any]:
     if layer_types and any(t != "full_attention" for t in layer_types):
         raise ValueError(f"config.json layer_types={sorted(set(layer_types))!r}: moesaic has "
                          "full causal attention in every layer")
+    missing = [key for key in NEEDED[model_type] if hf.get(key) is None]
+    if missing:
+        raise ValueError(f"config.json has no value for {missing}: they change the model, "
+                         "so the importer does not guess them; add them")
     for key, value in hf.items():
-        if key not in MAPPED and key not in REQUIRED and key not in IGNORED and value not in (
-                None, False):
+        switched_off = value is None or value is False
+        if key not in MAPPED and key not in REQUIRED and key not in IGNORED and not switched_off:
             raise ValueError(f"config.json {key}={value!r} is not understood by the importer; "
                              "it may change the model, so it is refused (remove it only if you "
                              "know it does not)")
@@ -160,6 +174,7 @@ def hf_config_from_model(cfg: ModelConfig, *, dtype: str, bos_token_id: int | No
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta,  # what transformers 4.x reads
         "max_position_embeddings": max_position_embeddings,
         "attention_bias": False,
         "attention_dropout": 0.0,

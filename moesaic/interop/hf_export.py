@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 from safetensors.numpy import save_file
 
-from moesaic.interop.byte_tokenizer import write_byte_tokenizer
+from moesaic.interop.byte_tokenizer import check_byte_ids, write_byte_tokenizer
 from moesaic.interop.hf_config import hf_config_from_model
 from moesaic.model import io
 from moesaic.model.config import ModelConfig
@@ -116,19 +116,28 @@ class _Plan:
         return groups
 
 
-def _write_tokenizer(cfg: ModelConfig, out: pathlib.Path, log) -> None:
+def _tokenizer_source(cfg: ModelConfig) -> pathlib.Path | None:
+    """The tokenizer.json to copy (None: the byte tokenizer, written), checked."""
     if cfg.tokenizer in ("", "bytes"):
+        check_byte_ids(cfg.vocab_size, cfg.eos_id, cfg.pad_id)
+        return None
+    source = pathlib.Path(cfg.tokenizer)
+    source = source / "tokenizer.json" if source.is_dir() else source
+    if not source.is_file():
+        raise FileNotFoundError(f"model.tokenizer={cfg.tokenizer!r} does not exist; the "
+                                "export needs the tokenizer.json the model was trained with")
+    return source
+
+
+def _write_tokenizer(cfg: ModelConfig, out: pathlib.Path, log) -> None:
+    source = _tokenizer_source(cfg)
+    if source is None:
         write_byte_tokenizer(out / "tokenizer.json", vocab_size=cfg.vocab_size,
                              eos_id=cfg.eos_id, pad_id=cfg.pad_id)
         log("export-hf: byte tokenizer -> tokenizer.json (ByteLevel BPE without merges: byte b "
             f"is id b; <|endoftext|>={cfg.eos_id}, <pad>={cfg.pad_id}, reserved ids up to "
             f"{cfg.vocab_size - 1})")
     else:
-        source = pathlib.Path(cfg.tokenizer)
-        source = source / "tokenizer.json" if source.is_dir() else source
-        if not source.is_file():
-            raise FileNotFoundError(f"model.tokenizer={cfg.tokenizer!r} does not exist; the "
-                                    "export needs the tokenizer.json the model was trained with")
         shutil.copyfile(source, out / "tokenizer.json")
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096}
     vocab = json.loads((out / "tokenizer.json").read_text()).get("added_tokens", [])
@@ -146,8 +155,14 @@ def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
     model_path, out = pathlib.Path(model_path).resolve(), pathlib.Path(out).resolve()
     meta = io.read_meta(model_path)
     cfg = io.model_config(meta)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another output or pass --overwrite")
+    if out == model_path:
+        raise ValueError(f"--out {out} is the model being exported; write elsewhere")
+    try:
+        io.output_path(out, overwrite)
+    except FileExistsError:
+        raise FileExistsError(f"{out} exists; choose another output or pass --overwrite"
+                              ) from None
+    _tokenizer_source(cfg)  # a missing or unusable tokenizer is refused before any weight
     if cfg.is_moe and cfg.router_input != "token":
         raise ValueError(f"{model_path}: model.router_input={cfg.router_input!r}; "
                          "FlexOlmoForCausalLM routes each token on its own hidden state "
@@ -173,6 +188,20 @@ def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
+    try:
+        total, groups = _write_folder(partial, plan, config, cfg, max_shard_bytes, log)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    io.commit(partial, out)  # an existing OUT is replaced whole, never left half deleted
+    log(f"export-hf: wrote {out}: FlexOlmoForCausalLM E={cfg.n_experts} top_k={cfg.top_k}, "
+        f"{len(plan.entries)} tensors, {total / 2**20:.1f} MiB in {len(groups)} file(s)")
+    return config
+
+
+def _write_folder(partial: pathlib.Path, plan: _Plan, config: dict, cfg: ModelConfig,
+                  max_shard_bytes: int, log) -> tuple[int, list]:
+    """Safetensors shards (and their index), config.json and the tokenizer files."""
     groups = plan.shards(max_shard_bytes)
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
@@ -194,7 +223,4 @@ def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (partial / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
     _write_tokenizer(cfg, partial, log)
-    io.commit(partial, out)  # an existing OUT is replaced whole, never left half deleted
-    log(f"export-hf: wrote {out}: FlexOlmoForCausalLM E={cfg.n_experts} top_k={cfg.top_k}, "
-        f"{len(plan.entries)} tensors, {total / 2**20:.1f} MiB in {len(groups)} file(s)")
-    return config
+    return total, groups

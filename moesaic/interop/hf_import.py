@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
-import shutil
 from collections.abc import Callable, Iterator
 
 import ml_dtypes
@@ -32,6 +31,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from moesaic.data.tokenizer import load_tokenizer
 from moesaic.interop.hf_config import model_fields_from_hf
 from moesaic.model import io
 from moesaic.model.config import ModelConfig
@@ -183,8 +183,13 @@ class _StackedTensor:
                 yield np.stack([self._piece(layer, e) for e in range(self.shape[1])])[None]
 
 
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _param_dtype(reader: SafetensorsFolder, requested: str | None) -> str:
     if requested:
+        if requested not in PARAM_DTYPES:
+            raise ValueError(f"--param-dtype {requested!r}: one of {PARAM_DTYPES}")
         return str(np.dtype(ml_dtypes.bfloat16 if requested == "bfloat16" else requested))
     found = {str(reader.dtype(key)) for key in reader.keys()}
     if len(found) != 1:
@@ -202,9 +207,18 @@ def import_hf(folder: str | pathlib.Path, out: str | pathlib.Path, *,
     folder, out = pathlib.Path(folder).resolve(), pathlib.Path(out).resolve()  # orbax: absolute
     hf = json.loads((folder / "config.json").read_text())
     fields = model_fields_from_hf(hf)
+    io.output_path(out, overwrite)  # before any work: an existing or reserved output
+    if out == folder:
+        raise ValueError(f"--out {out} is the folder being imported; write elsewhere")
     if tokenizer is None and not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{folder} has no tokenizer.json; pass --tokenizer (a "
                                 "tokenizer.json path, or 'bytes')")
+    if tokenizer not in (None, "bytes"):  # recorded absolute: the checkpoint is read elsewhere
+        path = pathlib.Path(tokenizer).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--tokenizer {tokenizer!r}: no such tokenizer.json")
+        load_tokenizer(str(path))  # refuses a file that is not a tokenizer
+        tokenizer = str(path)
     with SafetensorsFolder(folder) as reader:
         fields["param_dtype"] = _param_dtype(reader, param_dtype)
         fields["tokenizer"] = tokenizer or str(out.resolve() / "tokenizer.json")
@@ -234,9 +248,9 @@ def import_hf(folder: str | pathlib.Path, out: str | pathlib.Path, *,
         meta = {"kind": "public", "model": cfg.to_dict(),
                 "hf": {"source": str(folder.resolve()), "config": hf}}
         io.save_streaming(out, {name: io.TensorSource(t.shape, t.dtype, t.layer_blocks)
-                                for name, t in tensors.items()}, meta, overwrite=overwrite)
-    if tokenizer is None:
-        shutil.copyfile(folder / "tokenizer.json", out / "tokenizer.json")
+                                for name, t in tensors.items()}, meta, overwrite=overwrite,
+                          files={"tokenizer.json": folder / "tokenizer.json"}
+                          if tokenizer is None else None)
     meta = io.read_meta(out)
     log(f"import-hf: wrote {out} ({len(tensors)} tensors, fingerprint {meta['fingerprint'][:12]})")
     return meta

@@ -247,11 +247,14 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
 
 
 def save_streaming(path: str | pathlib.Path, sources: Mapping[str, TensorSource], meta: dict,
-                   *, overwrite: bool = False) -> dict[str, str]:
+                   *, overwrite: bool = False,
+                   files: Mapping[str, pathlib.Path] | None = None) -> dict[str, str]:
     """Like `save`, but holds only a piece of one tensor in memory at a time. Same layout on
     disk as `save` of numpy arrays, same atomic rename (nothing but PATH.partial exists until
     it is complete; on error PATH.partial is removed). The fingerprint is computed while
-    writing (unless `meta` has one). Returns {name: tensor_hash}. Single process."""
+    writing (unless `meta` has one). `files` {name: source path} are copied in before the
+    rename (e.g. a tokenizer.json the meta points at). Returns {name: tensor_hash}. Single
+    process."""
     path = output_path(path, overwrite)
     partial = path.with_name(path.name + PARTIAL)
     if partial.exists():
@@ -265,6 +268,8 @@ def save_streaming(path: str | pathlib.Path, sources: Mapping[str, TensorSource]
             checkpointer.save(partial / PARAMS, args=ocp.args.PyTreeSave(unflatten(sources)))
         hashes = {name: writer.hashes[name.replace("/", ".")] for name in sources}
         meta = {**meta, "fingerprint": meta.get("fingerprint") or fingerprint_of_hashes(hashes)}
+        for name, source in (files or {}).items():
+            shutil.copyfile(source, partial / name)
         (partial / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
