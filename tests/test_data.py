@@ -105,7 +105,7 @@ def test_rows_are_documents_joined_by_eos(embedded):
 def test_mixture_proportions_and_parsing(embedded):
     assert parse_mixture("code:1,law:3") == {"code": 0.25, "law": 0.75}
     assert parse_mixture({"math": 2}) == {"math": 1.0}
-    for bad in ("", "code:0", "code:x", "code,code"):
+    for bad in ("", "code:0", "code:x", "code,code", "code:nan", "code:1,law:inf"):
         with pytest.raises(ValueError):
             parse_mixture(bad)
     with pytest.raises(FileNotFoundError, match="no prepared source 'nope'"):
@@ -376,6 +376,33 @@ def test_max_doc_bytes_below_one_character_is_refused(tmp_path, capsys):
     assert _returns_within(lambda: cli.main(argv)) == 2
     assert "--max-doc-bytes 0: must be an integer of at least 4" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_file_s_own_truncation_padding_and_id_gaps_do_not_leak_in(tmp_path):
+    """A saved tokenizer.json may carry truncation or padding, and ids with gaps: documents
+    are encoded whole, unpadded, and the vocabulary holds the largest id."""
+    from tokenizers import Tokenizer
+
+    (tmp_path / "tok").mkdir()
+    path = _hf_tokenizer(tmp_path / "tok" / "tokenizer.json")
+
+    hf = Tokenizer.from_file(str(path))
+    plain = load_tokenizer(str(path)).encode("some words about documents number one two")
+    hf.enable_truncation(max_length=2)
+    hf.enable_padding(length=32, pad_id=2, pad_token="<pad>")
+    data = json.loads(hf.to_str())
+    data["added_tokens"][0]["id"] = 500  # <unk> moved far out: the ids have a gap
+    data["model"]["vocab"]["<unk>"] = 500
+    path.write_text(json.dumps(data))
+    tok = load_tokenizer(str(path))
+    assert list(tok.encode("some words about documents number one two")) == list(plain)
+    assert tok.vocab_size == 501
+    # a folder holding tokenizer.json names it, for the data and for the model alike
+    src = _text_folder(tmp_path / "src")
+    prepare.prepare([f"h={src}"], tmp_path / "out", tokenizer=str(tmp_path / "tok"),
+                    heldout_fraction=0.2)
+    check_tokenizer({"tokenizer": str(tmp_path / "tok"), "vocab_size": 501, "eos_id": 1},
+                    tmp_path / "out" / "h")
 
 
 def _byte_level_tokenizer(path: Path) -> Path:

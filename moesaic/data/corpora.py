@@ -129,7 +129,9 @@ def _site_packages() -> Path:
 
 def code_texts() -> Iterator[str]:
     root = _stdlib()
-    files = (p for p in root.rglob("*.py") if not SKIP_STDLIB_PARTS & set(p.parts))
+    # parts below the root only: where Python is installed must not change the corpus
+    files = (p for p in root.rglob("*.py")
+             if not SKIP_STDLIB_PARTS & set(p.relative_to(root).parts))
     for _, path in _hash_ordered(root, files):
         text = _read_text(path)
         if text:
@@ -150,7 +152,8 @@ def _docstrings(source: str) -> list[str]:
 def prose_texts() -> Iterator[str]:
     root = _site_packages()
     files = (p for p in root.rglob("*") if (p.suffix == ".py" or p.suffix in PROSE_SUFFIXES)
-             and ".dist-info" not in p.as_posix() and not LICENSE_NAME.match(p.name))
+             and ".dist-info" not in p.relative_to(root).as_posix()
+             and not LICENSE_NAME.match(p.name))
     for _, path in _hash_ordered(root, files):
         text = _read_text(path)
         if not text:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import zlib
@@ -56,8 +57,9 @@ def parse_mixture(mixture: str | Mapping[str, float]) -> dict[str, float]:
                     f"mixture {mixture!r}: weight {weight!r} is not a number") from None
     else:
         weights = {str(k): float(v) for k, v in mixture.items()}
-    if not weights or any(w <= 0 for w in weights.values()):
-        raise ValueError(f"mixture {mixture!r}: need at least one source, all weights > 0")
+    if not weights or not all(math.isfinite(w) and w > 0 for w in weights.values()):
+        raise ValueError(f"mixture {mixture!r}: need at least one source, all weights finite "
+                         "and > 0")
     total = sum(weights.values())
     return {k: w / total for k, w in weights.items()}
 

@@ -93,7 +93,10 @@ class TokenDocuments(tfds.core.GeneratorBasedBuilder):
             yield len(stats.rows) - 1, {"tokens": tokens}
         if not stats.rows:
             raise ValueError(f"source {self._source!r}: split {split!r} has no documents; "
-                             "give more text or change --heldout-fraction")
+                             "give more documents or change --heldout-fraction (a single "
+                             "text file is one document unless it is larger than "
+                             "--max-doc-bytes: give a folder of files, or JSONL with one "
+                             "document per line)")
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:

@@ -182,7 +182,11 @@ def read_folder(root: Path, glob: str, log: ReadLog, *, max_doc_bytes: int = MAX
                 max_file_bytes: int = MAX_FILE_BYTES) -> Iterator[str]:
     """Documents of the files under `root` matching `glob`, in sorted path order; hidden paths
     only when the glob names them (`glob_names_hidden`)."""
-    files = sorted(p for p in root.glob(glob) if p.is_file()) if root.is_dir() else [root]
+    try:
+        files = sorted(p for p in root.glob(glob) if p.is_file()) if root.is_dir() else [root]
+    except (ValueError, NotImplementedError) as err:  # e.g. an empty or absolute pattern
+        raise ValueError(f"--glob {glob!r} under {str(root)!r}: {err}; give a pattern "
+                         "relative to the folder, e.g. '**/*.txt'") from None
     if root.is_dir():
         files = _drop_hidden(root, files, glob, log)
     for path in files:

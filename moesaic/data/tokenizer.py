@@ -62,18 +62,22 @@ class Tokenizer:
 BYTES = Tokenizer("bytes", BYTE_VOCAB_SIZE, BYTE_EOS_ID, BYTE_PAD_ID)
 
 
+def tokenizer_file(spec: str | os.PathLike) -> Path:
+    """The tokenizer.json a path names: the file itself, or DIR/tokenizer.json."""
+    path = Path(spec)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
 def hf_identity(path: str | os.PathLike) -> str:
     """"hf:<sha256 of the tokenizer.json bytes>[:16]"."""
-    return "hf:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return "hf:" + hashlib.sha256(tokenizer_file(path).read_bytes()).hexdigest()[:16]
 
 
 def load_tokenizer(spec: str | os.PathLike | None = "bytes") -> Tokenizer:
     """"bytes" (or None/"") -> the byte tokenizer; a path to tokenizer.json -> an HF tokenizer."""
     if spec in (None, "", "bytes"):
         return BYTES
-    path = Path(spec)
-    if path.is_dir():
-        path = path / "tokenizer.json"
+    path = tokenizer_file(spec)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer {str(spec)!r}: no such file (want 'bytes' or a "
                                 "path to a Hugging Face tokenizer.json)")
@@ -84,13 +88,17 @@ def load_tokenizer(spec: str | os.PathLike | None = "bytes") -> Tokenizer:
     except Exception as e:  # the library raises plain Exception subclasses
         raise ValueError(f"tokenizer {str(path)!r}: not a Hugging Face tokenizer.json ({e})") from e
     hf.encode_special_tokens = True  # special-token text in a document stays text
+    hf.no_truncation()  # a saved truncation would cut every document (and inflate bytes/token)
+    hf.no_padding()  # a saved padding would make pad ids training data
     vocab = hf.get_vocab(with_added_tokens=True)
     eos = next((vocab[t] for t in HF_EOS_CANDIDATES if t in vocab), None)
     if eos is None:
         raise ValueError(f"tokenizer {str(path)!r}: no end-of-document token among "
                          f"{HF_EOS_CANDIDATES}; add one to the tokenizer")
     pad = next((vocab[t] for t in ("<pad>", "<|pad|>", "[PAD]") if t in vocab), eos)
-    return Tokenizer(hf_identity(path), hf.get_vocab_size(with_added_tokens=True), eos, pad, hf)
+    # ids may have gaps: the embedding table must hold the largest, not count them
+    size = max(hf.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
+    return Tokenizer(hf_identity(path), size, eos, pad, hf)
 
 
 def _model_field(model_config: Any, name: str, default: Any = None) -> Any:
@@ -128,7 +136,7 @@ def check_tokenizer(model_config: Any, data_dir_or_manifest: str | os.PathLike |
     DATA_DIR of source folders (all are checked), a manifest.json path or a manifest dict.
     """
     spec = _model_field(model_config, "tokenizer", "bytes") or "bytes"
-    if spec != "bytes" and not Path(spec).is_file():
+    if spec != "bytes" and not tokenizer_file(spec).is_file():
         where = "" if Path(spec).is_absolute() else f" (relative: read from {os.getcwd()})"
         raise FileNotFoundError(
             f"model.tokenizer={str(spec)!r}: no such file{where}. This is the tokenizer path "
