@@ -51,14 +51,40 @@ def test_manifest_example_loads_with_overrides():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["merge.top_k=4"], "merge.top_k"),
+    (["merge.top_k=0"], "merge.top_k"),
+    (["log_dir=my logs"], "log_dir: 'my logs': letters, digits"),
+    (["parties.code.overrides=('train.steps=5',)", "merge.router=centroid"], None),
     (["merge.branches=('code', 'law')"], "merge.branches"),
     (["parties.code.resources.nodes=0"], "resources.nodes"),
     (["parties.math.workdir="], "parties.math: workdir is required"),
 ])
 def test_manifest_errors_name_the_field(overrides, message):
+    if message is None:  # the well-formed neighbour of a refused case
+        manifest.load(EXAMPLE, overrides)
+        return
     with pytest.raises(ValueError, match=message):
         manifest.load(EXAMPLE, overrides)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=True", "expected int, got 'True'"),
+    ("model.capacity_factor=True", "expected float"),
+    ("branch.frozen='^embed$'", "expected a list such as"),
+    ("branch.frozen=5", "expected a list such as"),
+])
+def test_overrides_of_the_wrong_type_are_refused(override, message):
+    config = config_cli.load_config_file(str(ROOT / "moesaic/configs/tiny.py"))
+    with pytest.raises(ValueError, match=message):
+        config_cli.apply_overrides(config, [override])
+
+
+def test_manifest_lists_must_be_lists():
+    raw = manifest.config_cli.load_config_file(EXAMPLE).to_dict()
+    raw["parties"]["code"]["overrides"] = "train.steps=5"  # tuple() would split its letters
+    config = ml_collections.ConfigDict(raw)
+    with pytest.raises(ValueError, match="parties.code.overrides: 'train.steps=5' must be a "
+                                         "list of strings"):
+        manifest.from_config(config)
 
 
 def test_manifest_rejects_unknown_resources_and_empty_parties():
@@ -101,8 +127,8 @@ def test_slurm_scripts(tmp_path):
             "--branch runs/w/branches/math/artifact --router learned-rows --top-k 2 "
             "--out runs/w/merged\n") in merge
     submit = files["submit_all.sh"]
-    assert 'job_code=$(sbatch --parsable "$here/branch-code.sbatch")' in submit
-    assert ('merge_job=$(sbatch --parsable --dependency=afterok:$job_code:$job_math '
+    assert 'job_0=$(sbatch --parsable "$here/branch-code.sbatch")' in submit
+    assert ('merge_job=$(sbatch --parsable --dependency=afterok:$job_0:$job_1 '
             '"$here/merge.sbatch")') in submit
 
 
@@ -186,6 +212,20 @@ def test_local_script_runs_every_process_id(tmp_path):
         assert args[-6:] == ["--coordinator", "127.0.0.1:12356", "--num-processes", "2",
                              "--process-id", str(process_id)]
         assert args[:2] == ["branch", "--config"]
+
+
+def test_local_script_stops_the_other_processes_when_one_fails(tmp_path):
+    """A peer of a failed process would wait for it at its next barrier: it is stopped."""
+    _render(tmp_path, "local", "command=" + str(tmp_path / "fake-moesaic"))
+    fake = tmp_path / "fake-moesaic"
+    fake.write_text('#!/bin/bash\nfor a; do last=$a; done\n'
+                    'if [ "$last" = 1 ]; then exit 3; fi\nexec sleep 60\n')
+    fake.chmod(0o755)
+    started = time.monotonic()
+    proc = subprocess.run(["bash", str(tmp_path / "local/branch-math.sh")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "party math failed" in proc.stderr
+    assert time.monotonic() - started < 20
 
 
 def _write_manifest(path: pathlib.Path, tmp: pathlib.Path, data: pathlib.Path, base: str,

@@ -285,8 +285,10 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         frozen = jax.device_put(frozen, frozen_shardings)
         # Own copies: the step donates the trainable buffers, and an own expert sliced from a
         # dense base can share its buffer with the frozen public expert.
+        held = [trainable0]  # handed over once, then dropped: no second copy for the run
+        del trainable0
         make_trainable = lambda: jax.device_put(  # noqa: E731
-            jax.tree.map(lambda a: jnp.array(a, copy=True), trainable0), trainable_shardings)
+            jax.tree.map(lambda a: jnp.array(a, copy=True), held.pop()), trainable_shardings)
         del base
 
     checkpoints = JobCheckpoints(workdir, every=int(config.train.ckpt_every),
@@ -313,6 +315,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         start = 0
         trainable = make_trainable()
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+    del make_trainable  # and with it the base's trainable slices (`plan` does not count them)
 
     # ---- loop ------------------------------------------------------------------------
     tokens_per_step = global_batch * seq_len

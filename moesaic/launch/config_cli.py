@@ -44,11 +44,15 @@ def _parse_value(text: str, old):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         raise ValueError(f"expected {type(old).__name__}, got {text!r}") from None
+    if isinstance(value, bool):  # True is an int to Python, never to a config
+        raise ValueError(f"expected {type(old).__name__}, got {text!r}")
     if isinstance(old, float) and isinstance(value, int):
         value = float(value)
     if isinstance(old, (int, float)) and not isinstance(value, type(old)):
         raise ValueError(f"expected {type(old).__name__}, got {text!r}")
     if isinstance(old, (tuple, list)):
+        if not isinstance(value, (tuple, list)):  # tuple('^embed$') would split the letters
+            raise ValueError(f"expected a list such as ({text!r},), got {text!r}")
         value = type(old)(value)
     return value
 

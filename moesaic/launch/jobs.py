@@ -150,8 +150,8 @@ def _slurm_files(manifest: Manifest) -> dict[str, str]:
         exports=_exports(manifest.env, manifest.merge.env),
         command=_command(manifest, manifest.merge_args()))
     submit, variables = [], []
-    for party in manifest.merge_parties():
-        var = "job_" + re.sub(r"\W", "_", party.name)
+    for i, party in enumerate(manifest.merge_parties()):
+        var = f"job_{i}"  # by position: 'code-v2' and 'code_v2' must not share a variable
         submit.append(f'{var}=$(sbatch --parsable "$here/branch-{party.name}.sbatch")\n'
                       f"{var}=${{{var}%%;*}}\n"
                       f'echo "branch {party.name}: job ${var}"\n')

@@ -159,6 +159,18 @@ def _where(where: str, what: str) -> str:
     return f"manifest {where}: {what}"
 
 
+_PLAIN_PATH = re.compile(r"^[A-Za-z0-9_./~-]+$")
+
+
+def _strings(section, key: str, where: str) -> tuple[str, ...]:
+    """A list of strings (a lone string would be split into its letters by tuple())."""
+    value = section.get(key, ()) or ()
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise ValueError(_where(f"{where}.{key}", f"{value!r} must be a list of strings, "
+                                                  f"e.g. ({value!r},)"))
+    return tuple(value)
+
+
 def _env(value, where: str) -> dict[str, str]:
     env = {str(k): str(v) for k, v in dict(value or {}).items()}
     bad = [k for k in env if not _ENV_NAME.match(k)]
@@ -194,6 +206,10 @@ def _require(section, field: str, where: str) -> str:
 def from_config(config: ml_collections.ConfigDict, spec: str = "") -> Manifest:
     base = _require(config, "base", "base")
     env = _env(config.get("env"), "env")
+    log_dir = str(config.get("log_dir", "logs") or "logs")
+    if not _PLAIN_PATH.match(log_dir):  # it is written into #SBATCH lines and shell words
+        raise ValueError(_where("log_dir", f"{log_dir!r}: letters, digits and / . _ - ~ only "
+                                           "(no spaces or shell characters)"))
     parties = []
     for name, section in dict(config.get("parties") or {}).items():
         where = f"parties.{name}"
@@ -204,11 +220,11 @@ def from_config(config: ml_collections.ConfigDict, spec: str = "") -> Manifest:
         parties.append(Party(
             name=name, config=_require(section, "config", where),
             source=str(section.get("source", "") or ""), data=str(section.get("data", "") or ""),
-            workdir=workdir, overrides=tuple(section.get("overrides", ()) or ()),
+            workdir=workdir, overrides=_strings(section, "overrides", where),
             base=str(section.get("base", "") or base),
             artifact=str(section.get("artifact", "") or f"{workdir.rstrip('/')}/artifact"),
-            env=_env(section.get("env"), where), extra_args=tuple(section.get("extra_args", ())
-                                                                  or ()),
+            env=_env(section.get("env"), where),
+            extra_args=_strings(section, "extra_args", where),
             resources=_resources(section.get("resources"), where)))
     if not parties:
         raise ValueError(_where("parties", "names no party; add parties.NAME = ConfigDict(...)"))
@@ -216,23 +232,22 @@ def from_config(config: ml_collections.ConfigDict, spec: str = "") -> Manifest:
     if merge is None:
         raise ValueError(_where("merge", "is required (router, top_k, out)"))
     names = [p.name for p in parties]
-    branches = tuple(merge.get("branches", ()) or names)
+    branches = _strings(merge, "branches", "merge") or tuple(names)
     unknown = sorted(set(branches) - set(names))
     if unknown or len(set(branches)) != len(branches):
         raise ValueError(_where("merge.branches", f"{list(branches)} must name distinct "
                                                   f"parties among {names}"))
     top_k = int(merge.get("top_k", 1))
-    if not 1 <= top_k <= len(branches) + 1:
-        raise ValueError(_where("merge.top_k", f"{top_k} must be in [1, {len(branches) + 1}] "
-                                               "(the public expert plus one per branch)"))
+    if top_k < 1:  # the upper bound is the base's experts plus the branches: `merge` checks it
+        raise ValueError(_where("merge.top_k", f"{top_k} must be at least 1"))
     merge_spec = Merge(router=_require(merge, "router", "merge"), top_k=top_k,
                        out=_require(merge, "out", "merge"), branches=branches,
-                       extra_args=tuple(merge.get("extra_args", ()) or ()),
+                       extra_args=_strings(merge, "extra_args", "merge"),
                        env=_env(merge.get("env"), "merge"),
                        resources=_resources(merge.get("resources"), "merge"))
     return Manifest(name=str(config.get("name", "moesaic") or "moesaic"),
                     repo=str(config.get("repo", "") or ""),
                     command=str(config.get("command", "moesaic") or "moesaic"), base=base,
                     env=env, port=int(config.get("port", 12355)),
-                    log_dir=str(config.get("log_dir", "logs") or "logs"),
+                    log_dir=log_dir,
                     parties=tuple(parties), merge=merge_spec, spec=spec)
