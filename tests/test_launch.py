@@ -165,7 +165,8 @@ def test_tpu_vm_scripts(tmp_path):
     assert line == [
         "gcloud compute tpus tpu-vm ssh code-v5p-16 --zone us-east5-a --project my-proj "
         "--worker=all --command=\"cd /home/me/moesaic && export PYTHONUNBUFFERED=1 && "
-        "export LIBTPU_INIT_ARGS='--xla_tpu_x=1 \\$HOME' && moesaic branch --config "
+        "export LIBTPU_INIT_ARGS='--xla_tpu_x=1 \\$HOME' && export MOESAIC_DISTRIBUTED=auto "
+        "&& moesaic branch --config "
         "moesaic/configs/tiny.py --base runs/w/public --workdir runs/w/branches/code "
         "--config.branch.source=code --config.train.steps=300 --no-progress\" 2>&1 "
         "| tee logs/branch-code.log"]
@@ -173,7 +174,8 @@ def test_tpu_vm_scripts(tmp_path):
     remote = subprocess.run(["bash", "-c", "printf %s " + line[0].split("--command=")[1]
                              .split(" 2>&1")[0]], capture_output=True, text=True).stdout
     assert remote.startswith("cd /home/me/moesaic && export PYTHONUNBUFFERED=1 && export "
-                             "LIBTPU_INIT_ARGS='--xla_tpu_x=1 $HOME' && moesaic branch")
+                             "LIBTPU_INIT_ARGS='--xla_tpu_x=1 $HOME' && export "
+                             "MOESAIC_DISTRIBUTED=auto && moesaic branch")
     assert "--zone europe-west4-b --worker=all" in files["branch-math.sh"]
     assert '"$here/branch-code.sh" & pids[code]=$!' in files["run_all.sh"]
     assert "moesaic merge --base runs/w/public" in files["merge.sh"]
@@ -413,6 +415,16 @@ def test_training_commands_refuse_a_bad_override_in_one_line(tmp_path, capsys, o
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "Traceback" not in err
     assert err.startswith("error: config ") and err.count("\n") == 1
+
+
+def test_a_tpu_vm_worker_starts_jax_distributed_from_the_marker(monkeypatch):
+    from moesaic.branch_train import distributed
+
+    for name in ("SLURM_NTASKS", "SLURM_PROCID", "TPU_WORKER_HOSTNAMES", "MOESAIC_DISTRIBUTED"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.detected_cluster() == ""
+    monkeypatch.setenv("MOESAIC_DISTRIBUTED", "auto")
+    assert distributed.detected_cluster() == "tpu"
 
 
 @pytest.mark.parametrize("coordinator, processes, process_id", [

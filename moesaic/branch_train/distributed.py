@@ -23,7 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def detected_cluster() -> str:
-    """"slurm" / "tpu" when the environment is a multi-process job, else ""."""
+    """"slurm" / "tpu" when the environment is a multi-process job, else "". A TPU VM slice
+    reached by `gcloud ... ssh --worker=all` has no such variable (JAX reads the slice from
+    the VM's metadata server): the rendered tpu-vm script sets MOESAIC_DISTRIBUTED=auto."""
+    if os.environ.get("MOESAIC_DISTRIBUTED") == "auto":
+        return "tpu"
     if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
         return "slurm"
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")

@@ -206,7 +206,7 @@ def _tpu_files(manifest: Manifest) -> dict[str, str]:
             raise ValueError(f"party {party.name!r} has no resources.tpu_name / tpu_zone; "
                              "set them in the manifest (or --config.parties."
                              f"{party.name}.resources.tpu_name=...)")
-        remote = _remote(manifest, {**manifest.env, **party.env},
+        remote = _remote(manifest, {**manifest.env, **party.env, "MOESAIC_DISTRIBUTED": "auto"},
                          _command(manifest, manifest.branch_args(party)))
         files[f"branch-{party.name}.sh"] = _template(
             "tpu_branch.sh", party=party.name, tpu_name=shlex.quote(r.tpu_name),
