@@ -194,3 +194,23 @@ def test_contrast_keeps_the_margin_where_the_bias_clamp_would_bind():
     effective = np.minimum(bias, 0)  # what the model applies
     np.testing.assert_allclose(np.sum(row * own, -1) + effective, 2.0, atol=1e-9)
     np.testing.assert_allclose(np.sum(row * public, -1) + effective, -2.0, atol=1e-9)
+
+
+def test_stats_rows_are_whole_batches_and_count_only_their_documents(tmp_path):
+    """A short split: `collect` sums whole batches only, so the rows (and the documents
+    counted from them) are cut to whole batches first."""
+    from moesaic.data.loader import packed_rows
+    from moesaic.data.prepare import write_source
+    from moesaic.data.tokenizer import BYTES
+    from moesaic.routing import stats
+
+    docs = [f"document number {i} " + "x" * 10 for i in range(10)]
+    write_source(tmp_path, "p", {"train": lambda: docs, "heldout": lambda: docs[:2]},
+                 tokenizer=BYTES, origin={"kind": "test"})
+    every, n_every = stats.stats_sequences(tmp_path, "p", seq_len=30, max_sequences=64)
+    rows, n_docs = stats.stats_sequences(tmp_path, "p", seq_len=30, max_sequences=64,
+                                         batch_rows=4)
+    assert len(every) == 9 and len(rows) == 8  # what collect(batch_rows=4) sums, all of it
+    picked, _, n_picked = packed_rows(tmp_path, "p", "train", width=30, max_rows=8)
+    np.testing.assert_array_equal(rows, picked)
+    assert n_docs == n_picked  # the documents of those rows, not of the nine

@@ -100,7 +100,7 @@ def party_stats(base: Base, config: ml_collections.ConfigDict, data_dir: str | p
     batch = int(config.data.global_batch)
     sequences, n_docs = router_stats.stats_sequences(
         data_dir, source or str(config.branch.source), seq_len=int(config.data.seq_len),
-        max_sequences=int(config.branch.stats_batches) * batch)
+        max_sequences=int(config.branch.stats_batches) * batch, batch_rows=batch)
     return router_stats.collect(base.model, sequences, n_docs, batch_rows=batch, mesh=mesh,
                                 rules=rules)
 

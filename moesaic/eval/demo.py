@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import time
@@ -338,7 +339,9 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default",
                 w / "ffn" / d / "model", data, [d], name=f"ffn-{d}", **kw)[d] for d in DOMAINS}
             for r, path in uncoordinated.items():
                 systems[UNCOORDINATED[r]] = ev(path, f"uncoordinated-{r}")
-        results_path.write_text(json.dumps({"domains": domains, "systems": systems}))
+        partial = results_path.with_name(results_path.name + ".partial")
+        partial.write_text(json.dumps({"domains": domains, "systems": systems}))
+        os.replace(partial, results_path)  # a killed write never reads as a finished stage
     stages.run("eval", results_path, evaluate_all)
     results = with_dense_own(json.loads(results_path.read_text()))
     hashes = {s: load_manifest(data, s)["content_hash"][:12] for s in results["domains"]}

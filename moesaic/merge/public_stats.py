@@ -26,7 +26,8 @@ def compute_public_stats(base_path: str | pathlib.Path, data_dir: str | pathlib.
     cfg = io.model_config(base_meta).replace(router_input=router_input)
     model, _ = io.load(base_path, cfg=cfg)
     sequences, n_docs = stats.stats_sequences(data_dir, source, seq_len=seq_len,
-                                              max_sequences=max_sequences)
+                                              max_sequences=max_sequences,
+                                              batch_rows=batch_rows)
     rows = min(batch_rows, len(sequences))
     collected = stats.collect(model, sequences, n_docs, batch_rows=rows, mesh=make_mesh())
     out = pathlib.Path(tempfile.mkdtemp(prefix="public_stats_", dir=workdir)) / "stats"

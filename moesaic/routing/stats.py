@@ -46,16 +46,21 @@ class RouterStats:
 
 
 def stats_sequences(data_dir: str | os.PathLike, source: str, *, seq_len: int,
-                    max_sequences: int) -> tuple[np.ndarray, int]:
+                    max_sequences: int, batch_rows: int = 1) -> tuple[np.ndarray, int]:
     """(int32 (N, seq_len) sequences, documents that contributed a position): the training
     split's packed rows, N <= max_sequences of them evenly spaced over the split
     (`moesaic.data.loader.packed_rows`), so the statistics describe the party's whole data,
-    not its first few documents."""
+    not its first few documents. N is a multiple of `batch_rows` (what `collect` uses), so
+    the document count is of the rows the statistics are summed over."""
     from moesaic.data.loader import packed_rows
 
     try:
         tokens, _, n_docs = packed_rows(data_dir, source, "train", width=seq_len,
                                         max_rows=max_sequences)
+        whole = len(tokens) // batch_rows * batch_rows
+        if 0 < whole < len(tokens):  # a short split: only whole batches are summed
+            tokens, _, n_docs = packed_rows(data_dir, source, "train", width=seq_len,
+                                            max_rows=whole)
     except ValueError as err:
         raise ValueError(f"{err} (in {str(data_dir)!r}), too few for its router "
                          "statistics") from None
