@@ -162,6 +162,18 @@ def test_losses_are_returned():
     np.testing.assert_allclose(np.asarray(aux["expert_token_share"]).sum(-1), 1.0, rtol=1e-6)
 
 
+def test_a_masked_target_outside_the_vocabulary_does_not_poison_the_loss():
+    cfg = ModelConfig(vocab_size=40, d_model=32, d_ff=48, n_layers=1, eos_id=0, pad_id=45)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    batch = jnp.asarray([[1, 2, 3, 4, 45, 45]])
+    loss, metrics = lm_loss(model, batch)
+    logits, _ = model(batch[:, :-1])
+    logp = jax.nn.log_softmax(logits[0, :3], axis=-1)
+    want = -np.mean([float(logp[i, int(batch[0, i + 1])]) for i in range(3)])
+    assert np.isfinite(float(loss))
+    np.testing.assert_allclose(float(metrics["nll"]), want, rtol=1e-5)
+
+
 EXPECTED_AXES = {
     "embed": ("vocab", "embed"),
     "blocks/attn/q": ("layers", "embed", "heads", "head_dim"),
@@ -201,6 +213,13 @@ def test_every_parameter_has_its_declared_axes():
     (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"),
     (dict(remat="sometimes"), "remat"),
     (dict(router_input="sentence"), "router_input"),
+    (dict(head_dim=-4), "head_dim"),
+    (dict(d_model=28, n_heads=4), "head_dim"),  # head size 7: RoPE rotates pairs
+    (dict(rope_theta=0.0), "rope_theta"),
+    (dict(norm_eps=-1.0), "norm_eps"),
+    (dict(capacity_factor=float("nan")), "capacity_factor"),
+    (dict(param_dtype="int8"), "param_dtype"),
+    (dict(eos_id=5, pad_id=5), "pad_id"),  # every document end would leave the loss
 ])
 def test_bad_config_values_are_named(changes, field):
     with pytest.raises(ValueError, match=f"model.{field}="):

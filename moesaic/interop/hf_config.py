@@ -143,6 +143,8 @@ def model_fields_from_hf(hf: dict) -> dict[str, Any]:
     fields["rope_theta"] = _rope_theta(hf)
     fields["eos_id"] = _single_id(hf, "eos_token_id", -1)
     fields["pad_id"] = _single_id(hf, "pad_token_id", -1)  # -1: no padding id, nothing masked
+    if fields["pad_id"] == fields["eos_id"]:  # pad = eos would mask every document end
+        fields["pad_id"] = -1  # moesaic packs documents and never pads
     if model_type == "olmo2":
         for key in ("num_experts", "num_local_experts", "num_experts_per_tok"):
             fields.pop(MAPPED[key], None)

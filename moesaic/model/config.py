@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 import ml_collections
@@ -61,13 +62,25 @@ class ModelConfig:
             bad("router_input", f"unknown router input; one of {ROUTER_INPUTS}")
         if self.remat not in REMATS:
             bad("remat", f"unknown remat policy; one of {REMATS}")
-        if self.capacity_factor <= 0:
-            bad("capacity_factor", "must be positive")
+        if self.head_dim < 0:
+            bad("head_dim", "must be 0 (d_model // n_heads) or positive")
+        if self.head_size % 2:
+            bad("head_dim", f"the head size {self.head_size} must be even (RoPE rotates pairs)")
+        for field in ("rope_theta", "capacity_factor"):
+            if not math.isfinite(getattr(self, field)) or getattr(self, field) <= 0:
+                bad(field, "must be a finite positive number")
+        if not math.isfinite(self.norm_eps) or self.norm_eps < 0:
+            bad("norm_eps", "must be a finite number >= 0")
         for field in ("dtype", "param_dtype"):
             try:
-                jnp.dtype(getattr(self, field))
+                floating = jnp.issubdtype(jnp.dtype(getattr(self, field)), jnp.floating)
             except TypeError:
                 bad(field, "not a dtype name")
+            if not floating:
+                bad(field, "must be a floating dtype (float32, bfloat16, ...)")
+        if self.pad_id == self.eos_id != -1:
+            bad("pad_id", "equals eos_id: every end-of-document target would be masked out of "
+                          "the loss; use -1 (moesaic packs documents and never pads)")
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict | dict) -> ModelConfig:

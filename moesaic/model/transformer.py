@@ -112,8 +112,9 @@ def lm_loss(model: Decoder, batch_bt1: jax.Array) -> tuple[jax.Array, dict]:
     cfg = model.cfg
     inputs, targets = batch_bt1[:, :-1], batch_bt1[:, 1:]
     logits, aux = model(inputs)
-    mask = (targets != cfg.pad_id).astype(jnp.float32)
-    nll = jnp.sum(token_nll(logits, targets) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    keep = targets != cfg.pad_id
+    nll = (jnp.sum(jnp.where(keep, token_nll(logits, targets), 0.0))  # a masked nan stays out
+           / jnp.maximum(jnp.sum(keep.astype(jnp.float32)), 1.0))
     loss = nll + cfg.z_loss_weight * aux["z_loss"] + cfg.lb_loss_weight * aux["lb_loss"]
     return loss, dict(nll=nll, z_loss=aux["z_loss"], lb_loss=aux["lb_loss"],
                       dropped=aux["dropped"])
