@@ -7,8 +7,7 @@
   process's RSS just before it starts, after the heap the warm-up freed is handed back with
   glibc's malloc_trim, so the merge cannot hide in memory it left behind) over the largest
   single tensor it writes, over the largest tensor it reads, and over one layer of the
-  largest tensor it writes (the unit the merge streams: the writer holds about three of
-  them, independent of depth).
+  largest tensor it writes (docs/merge.md, "Figures", says what these came to).
 
 For 2, 4 and 8 branches of a model whose expert tensors dominate (d_model 512, d_ff 2048,
 12 layers, float32). Each count runs in its own subprocess.

@@ -55,7 +55,8 @@ class View:
         return self.rows(0, self.shape[0])
 
     def row_block(self) -> int:
-        """Rows per piece: one layer for stacked tensors, a byte budget otherwise."""
+        """Rows per piece: as many as fit in PIECE_BYTES, at least one (for a stacked tensor
+        whose layer is larger than that, one layer)."""
         row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         return max(1, min(self.shape[0], PIECE_BYTES // max(row_bytes, 1)))
 

@@ -69,8 +69,7 @@ def scan(label: str, view) -> str:
     floating = np.issubdtype(view.dtype, np.floating) or view.dtype.kind == "V"
     digest = io.tensor_digest(view.dtype, view.shape)
     for start, piece in _pieces_with_rows(view):
-        piece = np.asarray(piece, order="C")
-        digest.update(piece.tobytes())
+        digest.update(io.byte_view(piece))
         if not floating:
             continue
         bad = ~np.isfinite(np.asarray(piece, np.float32))

@@ -69,14 +69,21 @@ def tensor_digest(dtype, shape):
     """The running sha256 behind `tensor_hash`: feed it the tensor's C-order bytes, in order
     and in pieces of any size, and its hexdigest is the tensor's hash. For code that reads a
     tensor piece by piece and hashes it on the way."""
-    return hashlib.sha256(f"{np.dtype(dtype)}|{tuple(shape)}|".encode())
+    shape = tuple(int(n) for n in shape)  # numpy ints would print otherwise
+    return hashlib.sha256(f"{np.dtype(dtype)}|{shape}|".encode())
+
+
+def byte_view(array) -> np.ndarray:
+    """The array's bytes in C order as a uint8 view, for hashing without a copy (`tobytes`
+    would copy a whole piece; a non-contiguous array is copied once, as it must be)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
 def tensor_hash(array) -> str:
     """sha256 of one tensor's dtype, shape and bytes."""
     array = np.asarray(jax.device_get(array))
     digest = tensor_digest(array.dtype, array.shape)
-    digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(byte_view(array))
     return digest.hexdigest()
 
 
@@ -232,7 +239,7 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
                         source.ndim == 0 and piece.shape != ()):
                     raise ValueError(f"tensor {info.name}: piece {piece.dtype}{piece.shape} "
                                      f"does not fit {source.dtype}{source.shape}")
-                digest.update(piece.tobytes())
+                digest.update(byte_view(piece))
                 if source.ndim == 0:
                     await store.write(piece)
                     row = None
@@ -309,9 +316,9 @@ class TensorReader:
         """`tensor_hash` of the stored tensor, read `rows_per_piece` rows at a time."""
         digest = tensor_digest(self.dtype, self.shape)
         if not self.shape:
-            digest.update(np.asarray(self.read(), order="C").tobytes())
+            digest.update(byte_view(self.read()))
         for row in range(0, self.shape[0] if self.shape else 0, rows_per_piece):
-            digest.update(np.ascontiguousarray(self[row:row + rows_per_piece]).tobytes())
+            digest.update(byte_view(self[row:row + rows_per_piece]))
         return digest.hexdigest()
 
 
