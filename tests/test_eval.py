@@ -502,3 +502,18 @@ def test_cli_ensemble_names_the_expert_with_a_bad_path(hf_experts, capsys):
     err = capsys.readouterr().err
     assert "--expert code=/nonexistent/ckpt: not a moesaic checkpoint" in err
     assert "--model" not in err
+
+
+def test_cli_ensemble_of_experts_with_different_lengths_needs_seq_len(data_dir, tmp_path,
+                                                                      capsys):
+    from moesaic.launch.cli import main
+
+    for name, length in (("a", SEQ), ("b", 2 * SEQ)):
+        io.save_model(tmp_path / name, tiny(), {"config": {"data": {"seq_len": length}}})
+    argv = ["eval", "--ensemble", "btm", "--expert", f"code={tmp_path / 'a'}", "--expert",
+            f"math={tmp_path / 'b'}", "--data", str(data_dir), "--sources", "code",
+            "--max-sequences", "4", "--batch-size", "4", "--no-progress"]
+    assert main(argv) == 2
+    assert "different data.seq_len {'code': 16, 'math': 32}; pass --seq-len" in (
+        capsys.readouterr().err)
+    assert main([*argv, "--seq-len", str(SEQ)]) == 0

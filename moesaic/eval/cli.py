@@ -105,7 +105,14 @@ def run(args: argparse.Namespace) -> int:
             experts = _experts(args.expert)
             if len(experts) < 2:
                 raise ValueError(f"--ensemble {args.ensemble}: give at least two --expert")
-            seq_len = args.seq_len or _seq_len_of(next(iter(experts.values())))
+            from moesaic.model import io
+
+            lengths = {name: _seq_len_of(path) for name, path in experts.items()
+                       if io.is_complete(path)}  # a bad path is named when it is loaded
+            if not args.seq_len and len(set(lengths.values())) > 1:
+                raise ValueError(f"the experts were trained on different data.seq_len "
+                                 f"{lengths}; pass --seq-len")
+            seq_len = args.seq_len or next(iter(lengths.values()), DEFAULT_SEQ_LEN)
             # c-BTM's router also reads the experts' own sources (their training text).
             checked = [*sources, *(s for s in experts
                                    if args.ensemble == "cbtm" and s not in sources)]
