@@ -11,7 +11,7 @@ from moesaic.merge.sources import MergeRefused
 from moesaic.merge.tune import tune_router
 from moesaic.model import io
 from tests.conftest import last_json_line, run_python
-from tests.test_merge import CFG, make_base, make_branch, synthetic_stats
+from tests.merge_helpers import CFG, make_base, make_branch, synthetic_stats
 
 
 def make_dense(base_path, path, source, seed, scale=0.01):

@@ -60,8 +60,9 @@ def load_model(model_or_path: Decoder | str | os.PathLike, *, mesh: jax.sharding
         raise FileNotFoundError(f"{flag or f'--model {str(path)!r}'}: not a moesaic checkpoint "
                                 f"(want a folder with {io.META} and {io.PARAMS}/, e.g. a "
                                 "pretrain, branch `model` or merge output)")
-    cfg = io.model_config(io.read_meta(path)).replace(dispatch="dropless")
-    return io.load(path, mesh=mesh or local_mesh(), rules=rules, cfg=cfg)
+    meta = io.read_meta(path)
+    cfg = io.model_config(meta).replace(dispatch="dropless")
+    return io.load(path, mesh=mesh or local_mesh(), rules=rules, cfg=cfg, meta=meta)
 
 
 def expert_names(model: Decoder, meta: Mapping) -> list[str]:

@@ -129,8 +129,10 @@ def _tokenizer_source(cfg: ModelConfig) -> pathlib.Path | None:
     return source
 
 
-def _write_tokenizer(cfg: ModelConfig, out: pathlib.Path, log) -> None:
-    source = _tokenizer_source(cfg)
+def _write_tokenizer(cfg: ModelConfig, source: pathlib.Path | None, out: pathlib.Path,
+                     log) -> None:
+    """tokenizer.json (copied from `source`, or the byte tokenizer when None) and
+    tokenizer_config.json naming the eos and pad tokens."""
     if source is None:
         write_byte_tokenizer(out / "tokenizer.json", vocab_size=cfg.vocab_size,
                              eos_id=cfg.eos_id, pad_id=cfg.pad_id)
@@ -162,7 +164,7 @@ def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
     except FileExistsError:
         raise FileExistsError(f"{out} exists; choose another output or pass --overwrite"
                               ) from None
-    _tokenizer_source(cfg)  # a missing or unusable tokenizer is refused before any weight
+    tokenizer = _tokenizer_source(cfg)  # a missing or unusable one is refused before any weight
     if cfg.is_moe and cfg.router_input != "token":
         raise ValueError(f"{model_path}: model.router_input={cfg.router_input!r}; "
                          "FlexOlmoForCausalLM routes each token on its own hidden state "
@@ -189,7 +191,8 @@ def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     try:
-        total, groups = _write_folder(partial, plan, config, cfg, max_shard_bytes, log)
+        total, groups = _write_folder(partial, plan, config, cfg, tokenizer,
+                                     max_shard_bytes, log)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left behind
         raise
@@ -200,7 +203,8 @@ def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
 
 
 def _write_folder(partial: pathlib.Path, plan: _Plan, config: dict, cfg: ModelConfig,
-                  max_shard_bytes: int, log) -> tuple[int, list]:
+                  tokenizer: pathlib.Path | None, max_shard_bytes: int,
+                  log) -> tuple[int, list]:
     """Safetensors shards (and their index), config.json and the tokenizer files."""
     groups = plan.shards(max_shard_bytes)
     names = (["model.safetensors"] if len(groups) == 1 else
@@ -222,5 +226,5 @@ def _write_folder(partial: pathlib.Path, plan: _Plan, config: dict, cfg: ModelCo
         (partial / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (partial / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
-    _write_tokenizer(cfg, partial, log)
+    _write_tokenizer(cfg, tokenizer, partial, log)
     return total, groups

@@ -361,10 +361,12 @@ def abstract_model(cfg: ModelConfig) -> Decoder:
 
 
 def load(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,
-         rules: Rules | None = None, cfg: ModelConfig | None = None) -> tuple[Decoder, dict]:
+         rules: Rules | None = None, cfg: ModelConfig | None = None,
+         meta: dict | None = None) -> tuple[Decoder, dict]:
     """Restores a model onto `mesh` (default: all local devices, replicated unless `rules`
-    shard it). Nothing the size of the model is allocated twice."""
-    meta = read_meta(path)
+    shard it). Nothing the size of the model is allocated twice. `meta`: the checkpoint's
+    meta when the caller has read it already."""
+    meta = read_meta(path) if meta is None else meta
     cfg = cfg or model_config(meta)
     model = abstract_model(cfg)
     graphdef, state = nnx.split(model)
