@@ -149,6 +149,38 @@ def test_collected_stats_are_sums_of_what_the_router_scores(router_input):
     np.testing.assert_allclose(aux["xtx"][0], flat.T @ flat, rtol=1e-4, atol=1e-3)
 
 
+def _dot_precisions(jaxpr) -> list[tuple[tuple, object]]:
+    """(output shape, precision) of every dot_general in a traced program, inner ones too."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append((tuple(eqn.outvars[0].aval.shape), eqn.params["precision"]))
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                found += _dot_precisions(inner)
+    return found
+
+
+def test_router_logits_and_stats_ask_for_full_float32_products():
+    """On TPU a float32 matmul defaults to one bfloat16 pass; the router's scores and the
+    statistics the ridge rows solve with must not. (CPU computes float32 either way, so the
+    traced program is what can be checked here.)"""
+    cfg = ModelConfig(vocab_size=64, d_model=32, d_ff=48, n_layers=2, n_heads=2, n_kv_heads=2,
+                      n_experts=3, top_k=2)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    traced = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t, collect_stats=True))(
+        state, tokens)
+    found = _dot_precisions(traced.jaxpr)
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    router = [p for shape, p in found if shape == (16, 3)]  # (tokens, experts)
+    xtx = [p for shape, p in found if shape == (32, 32)]  # (D, D)
+    assert router and xtx
+    assert all(p == highest for p in router + xtx), (router, xtx)
+
+
 def test_losses_are_returned():
     cfg = ModelConfig(d_model=32, d_ff=48, n_layers=2, n_experts=4, top_k=2,
                       z_loss_weight=0.1, lb_loss_weight=0.01)

@@ -62,7 +62,10 @@ def router_inputs(x_btd: jax.Array, kind: str) -> jax.Array:
 
 def route(x_td: jax.Array, router_ed: jax.Array, bias_e: jax.Array | None, top_k: int,
           norm_topk_prob: bool) -> Routing:
-    logits = jnp.einsum("td,ed->te", x_td.astype(jnp.float32), router_ed.astype(jnp.float32))
+    # full float32 products: on TPU a float32 matmul defaults to one bfloat16 pass, which
+    # would let near ties pick other experts than the exported model does
+    logits = jnp.einsum("td,ed->te", x_td.astype(jnp.float32), router_ed.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
     if bias_e is not None:
         logits = logits + effective_bias(bias_e)
     probs = jax.nn.softmax(logits, axis=-1)

@@ -45,7 +45,9 @@ class Block(nnx.Module):
         if collect_stats:  # sums of the router inputs, no per-token data
             h32 = router_inputs(h, self.cfg.router_input).reshape(-1, h.shape[-1])
             aux["x_sum"] = jnp.sum(h32, axis=0)
-            aux["xtx"] = h32.T @ h32
+            # full float32 products (TPU defaults to one bfloat16 pass): ridge rows solve
+            # with this matrix, and three significant digits would not do
+            aux["xtx"] = jnp.matmul(h32.T, h32, precision=jax.lax.Precision.HIGHEST)
         out = h + rms_norm(y, self.ffn_norm[...], eps)
         return constrain(out, ("batch", "length", "embed")), aux
 
