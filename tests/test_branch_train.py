@@ -210,10 +210,12 @@ def test_contrast_router_init_scores_margin_on_the_two_means():
 
 def test_dense_mode_trains_everything_and_writes_a_whole_model(data, dense_base, tmp_path):
     config = tiny_config("source=code", branch__mode="dense", train__steps=2)
+    config.branch.public_mix = 0.3  # read by coordinated branches only
     result = train(config, _job("dense", tmp_path, data, dense_base))
     assert result.frozen == {} and result.layout.cfg.n_experts == 1
     meta = io.read_meta(tmp_path / "artifact")
     assert meta["kind"] == artifact.DENSE_KIND and meta["source"] == "code"
+    assert meta["mixture"] == "code"  # what it read, not the share it was handed
     model, _ = io.load(tmp_path / "artifact")
     base = _base_tensors(dense_base)
     embed = np.asarray(model.embed[...])

@@ -412,12 +412,14 @@ def write_output(job: Job, config, layout: upcycle.ParamLayout, trainable: dict,
     dense model it trained, WORKDIR/model."""
     workdir = pathlib.Path(job.workdir)
     full = layout.assemble(trainable, frozen)
+    # the mixture the job read, not config.branch.public_mix: only a coordinated branch
+    # replays public data, so a dense or ffn job's config may name a share it never used
     common = {"config": meta["config"], "tokens_seen": meta["tokens_seen"],
-              "steps": meta["step"]}
+              "steps": meta["step"], "mixture": job_mixture(config, job.kind)}
     if job.kind == "pretrain":
         path = workdir / "public"
-        io.save(path, _savable(full), {**common, "kind": "public", "model": layout.cfg.to_dict(),
-                                       "mixture": str(config.data.mixture)}, overwrite=True)
+        io.save(path, _savable(full), {**common, "kind": "public", "model": layout.cfg.to_dict()},
+                overwrite=True)
         return path
     path = workdir / "artifact"
     source = str(config.branch.source)
