@@ -220,6 +220,23 @@ def test_dense_mode_trains_everything_and_writes_a_whole_model(data, dense_base,
     base = _base_tensors(dense_base)
     embed = np.asarray(model.embed[...])
     assert embed.shape == base["embed"].shape and not np.array_equal(embed, base["embed"])
+    # its data's router statistics under the base ride along, so BTX can route by them
+    code_stats = io.load_tensors(tmp_path / "artifact", [
+        n for n in io.tensor_metadata(tmp_path / "artifact") if n.startswith("stats/")])
+    assert sorted(code_stats) == ["stats/mean_hidden", "stats/x_sum", "stats/xtx"]
+    assert meta["stats_tokens"] > 0 and meta["stats_documents"] > 0
+    math = tmp_path / "math"
+    train(tiny_config("source=math", branch__mode="dense", train__steps=2),
+          _job("dense", math, data, dense_base))
+    from moesaic.merge import baselines
+
+    btx = baselines.btx([tmp_path / "artifact", math / "artifact"], tmp_path / "btx",
+                        router="centroid", top_k=1, log=lambda s: None)
+    assert btx["router"]["kind"] == "centroid"
+    rows = io.load_tensors(tmp_path / "btx", ["blocks/ffn/router"])["blocks/ffn/router"]
+    mean = code_stats["stats/mean_hidden"]
+    np.testing.assert_allclose(rows[:, 0], mean / np.linalg.norm(mean, axis=-1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)  # centroid: the unit mean router input
 
 
 def test_ffn_job_trains_the_ffn_in_place_and_hands_it_over_as_an_expert(data, dense_base,
@@ -266,6 +283,19 @@ def test_ffn_job_trains_the_ffn_in_place_and_hands_it_over_as_an_expert(data, de
     with pytest.raises(ValueError, match=r"leaves \[\] trainable"):
         train(tiny_config("source=code", branch__frozen=(".",)),
               _job("ffn", tmp_path / "b", data, dense_base))
+
+
+def test_a_wrong_base_is_named_before_any_corpus_is_built(dense_base, tmp_path, capsys):
+    from moesaic.launch.cli import main
+
+    for base, message in ((tmp_path / "nowhere" / "public", "does not exist; run `moesaic "
+                                                            "pretrain` first"),
+                          (dense_base.parent, f"did you mean {dense_base}?")):
+        argv = ["branch", "--config", "moesaic/configs/tiny.py:source=code", "--base",
+                str(base), "--workdir", str(tmp_path / "w"), "--no-progress"]
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "w").exists()  # no embedded corpora built for a doomed job
 
 
 def test_bad_inputs_give_clear_errors(data, dense_base, code_branch, tmp_path):

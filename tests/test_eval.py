@@ -223,6 +223,31 @@ def test_cli_eval_writes_json(data_dir, tmp_path, capsys):
                                    batch_size=0)
 
 
+def test_cli_eval_refuses_what_it_would_ignore_or_cannot_score(data_dir, tmp_path, capsys):
+    from moesaic.branch_train import artifact
+    from moesaic.launch.cli import main
+
+    io.save_model(tmp_path / "code", tiny(seed=6), {"config": {"data": {"seq_len": SEQ}}})
+    io.save_model(tmp_path / "math", tiny(seed=7), {"config": {"data": {"seq_len": SEQ}}})
+    data = ["--data", str(data_dir), "--max-sequences", "2", "--no-progress"]
+    cases = [
+        (["--model", str(tmp_path / "code"), "--top-k", "2"],
+         "--top-k set an ensemble (--ensemble); an MoE --model routes with the top_k"),
+        (["--ensemble", "btm", "--expert", f"code={tmp_path / 'code'}", "--expert",
+          f"math={tmp_path / 'math'}", "--stride", "4"], "--stride is c-BTM's"),
+        (["--ensemble", "cbtm", "--expert", f"kode={tmp_path / 'code'}", "--expert",
+          f"math={tmp_path / 'math'}"], "--expert kode: an expert's name must be the source "
+                                        "of --data it trained on"),
+    ]
+    io.save(tmp_path / "artifact", {"x": np.zeros(2, np.float32)},
+            {"kind": artifact.KIND, "source": "code"})
+    cases.append((["--model", str(tmp_path / "artifact")],
+                  "a branch artifact holds only the party's expert and router row"))
+    for argv, message in cases:
+        assert main(["eval", *argv, *data]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
 def test_evaluate_on_four_devices_matches_one(data_dir, tmp_path):
     model = tiny(seed=7, **MOE)
     io.save_model(tmp_path / "ckpt", model)

@@ -141,7 +141,7 @@ def test_nonzero_router_bias_refused_unless_dropped(tmp_path, capsys):
     _save_random_moesaic(tmp_path / "m", cfg, bias=bias)
     code = cli_export.run(_args(cli_export, [str(tmp_path / "m"), "--out",
                                              str(tmp_path / "hf")]))
-    assert code == 1 and "--drop-router-bias" in capsys.readouterr().out
+    assert code == 2 and "--drop-router-bias" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
     hf_model = _export_and_load(tmp_path / "m", tmp_path / "hf", drop_router_bias=True)
     _save_random_moesaic(tmp_path / "m0", cfg, bias=np.zeros((2, 3)))  # same seed: same rest
@@ -235,8 +235,23 @@ def test_cli_import_names_refused_field(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
     code = cli_import.run(_args(cli_import, [str(tmp_path), "--out", str(tmp_path / "b"),
                                              "--tokenizer", "bytes"]))
-    assert code == 1 and "attention_bias=True" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert code == 2 and "moesaic import-hf: error: config.json attention_bias=True" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_cli_export_errors_go_to_stderr_and_name_the_checkpoint_inside_a_workdir(tmp_path,
+                                                                                 capsys):
+    from moesaic.model import Decoder
+
+    cfg = ModelConfig(vocab_size=264, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32)
+    io.save_model(tmp_path / "run" / "public", Decoder(cfg, rngs=nnx.Rngs(0)))
+    for model, message in ((tmp_path / "nowhere", "does not exist"),
+                           (tmp_path / "run", f"did you mean {tmp_path / 'run' / 'public'}?")):
+        code = cli_export.run(_args(cli_export, [str(model), "--out", str(tmp_path / "hf")]))
+        out = capsys.readouterr()
+        assert code == 2 and out.out == "" and message in out.err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_byte_tokenizer_json_gives_byte_ids(tmp_path):

@@ -106,3 +106,28 @@ def test_tensor_digest_fed_in_pieces_is_the_tensor_hash():
         digest.update(np.ascontiguousarray(array[start:start + 3]).tobytes())
     assert digest.hexdigest() == io.tensor_hash(array)
     assert io.tensor_hash(array) != io.tensor_hash(array.reshape(3, 7))
+
+
+def test_a_discarded_folder_stays_gone_while_late_writers_finish(tmp_path):
+    """A Ctrl-C during a streaming write leaves tensorstore threads that still create files
+    for a moment; the half-written folder must not survive them."""
+    import threading
+    import time
+
+    folder = tmp_path / "out.partial"
+    folder.mkdir()
+    stop = time.monotonic() + 0.5
+
+    def late_writer():
+        while time.monotonic() < stop:
+            try:
+                (folder / "chunk").mkdir(parents=True, exist_ok=True)
+                (folder / "chunk" / "data").write_bytes(b"x")
+            except OSError:
+                pass
+            time.sleep(0.01)
+    thread = threading.Thread(target=late_writer)
+    thread.start()
+    io.discard(folder, settle=0.2)
+    thread.join()
+    assert not folder.exists()

@@ -78,6 +78,25 @@ def test_overrides_of_the_wrong_type_are_refused(override, message):
         config_cli.apply_overrides(config, [override])
 
 
+def test_overrides_take_the_absl_forms_and_configs_load_from_any_directory(tmp_path,
+                                                                          monkeypatch):
+    rest, overrides = config_cli.split_config_args(
+        ["--workdir", "w", "--config.train.steps", "3", "--config.train.lr=0.1",
+         "--config.train.warmup_steps", "-1"])
+    assert rest == ["--workdir", "w"]
+    assert overrides == ["train.steps=3", "train.lr=0.1", "train.warmup_steps=-1"]
+    for argv in (["--config.train.steps"], ["--config.train.steps", "--workdir", "w"]):
+        with pytest.raises(ValueError, match=r"--config.train.steps: no value; write "
+                                             r"--config.train.steps=VALUE"):
+            config_cli.split_config_args(argv)
+    monkeypatch.chdir(tmp_path)  # the README's relative path, run from elsewhere
+    assert config_cli.load_config_file("moesaic/configs/tiny.py:source=code").branch.source \
+        == "code"
+    with pytest.raises(FileNotFoundError, match=r"'moesaic/configs/nope.py' does not exist "
+                                                r"\(looked in "):
+        config_cli.load_config_file("moesaic/configs/nope.py")
+
+
 def test_manifest_lists_must_be_lists():
     raw = manifest.config_cli.load_config_file(EXAMPLE).to_dict()
     raw["parties"]["code"]["overrides"] = "train.steps=5"  # tuple() would split its letters
@@ -298,8 +317,8 @@ def test_local_run_trains_two_parties_and_merges(tmp_path):
 
 
 def test_local_run_failure_shows_the_party_log_tail(tmp_path, capsys):
-    """A party with no data fails; the run stops before the merge and prints the failing
-    party's log tail."""
+    """A party with no base (and no data) fails; the run stops before the merge and prints the
+    failing party's log tail."""
     spec = tmp_path / "manifest.py"
     _write_manifest(spec, tmp_path, tmp_path / "data", str(tmp_path / "missing-base"),
                     TINY)
@@ -311,7 +330,7 @@ def test_local_run_failure_shows_the_party_log_tail(tmp_path, capsys):
     assert "branch 'code' failed (exit code 2, process 0)" in err
     log = (tmp_path / "logs" / "branch-code.0.log").read_text().strip().splitlines()
     assert log[-1].startswith("error:") and log[-1] in err
-    assert "moesaic data" in err  # the branch job's advice, passed on
+    assert "run `moesaic pretrain` first" in err  # the branch job's advice, passed on
     assert not (tmp_path / "merged").exists()
 
 

@@ -201,3 +201,20 @@ def test_remove_names_an_inherited_top_k(world, tmp_path):
         fuse.remove(tmp_path / "m", "math", out=tmp_path / "r", top_k=3, log=lambda s: None)
     meta = fuse.remove(tmp_path / "m", "math", out=tmp_path / "r", top_k=2, log=lambda s: None)
     assert meta["router"]["top_k"] == 2
+
+
+def test_the_parties_sequence_length_travels_to_the_merged_model(world, tmp_path):
+    """`moesaic eval` and `tune-router` default to it; without it they would use 128."""
+    def trained_on(length):
+        def tamper(own, stats, meta, hashes):
+            meta["config"] = {"data": {"seq_len": length}}
+        return tamper
+    a = make_branch(world["base"], tmp_path / "a", "code", 1, tamper=trained_on(16))
+    b = make_branch(world["base"], tmp_path / "b", "math", 2, tamper=trained_on(16))
+    c = make_branch(world["base"], tmp_path / "c", "law", 3, tamper=trained_on(32))
+    kw = dict(router="learned-rows", top_k=2, log=lambda s: None)
+    meta = fuse.merge_paths(world["base"], [a, b], out=tmp_path / "m", **kw)
+    assert meta["config"] == {"data": {"seq_len": 16}}
+    assert "config" not in fuse.merge_paths(world["base"], [a, c], out=tmp_path / "m2", **kw)
+    meta = fuse.remove(tmp_path / "m", "math", out=tmp_path / "r", log=lambda s: None)
+    assert meta["config"] == {"data": {"seq_len": 16}}

@@ -3,6 +3,8 @@ an expert-parallel mesh of 8 fake devices equal to one device."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -138,6 +140,16 @@ def test_tune_router_trains_rows_only(tmp_path):
         if name != sources.ROUTER:
             np.testing.assert_array_equal(before[name], after[name], err_msg=name)
     assert meta["fingerprint"] == io.fingerprint(after)
+    from moesaic.routing import report
+
+    want, _ = report.routing_report(after[sources.ROUTER], ["public", "code", "law"])
+    want = json.loads(json.dumps(want))  # as meta.json holds it
+    assert meta["routing_report"] == want != io.read_meta(tmp_path / "m")["routing_report"]
+
+    def never(step):
+        raise AssertionError("trained before refusing its --out")
+    with pytest.raises(FileExistsError, match="exists"):
+        tune_router(tmp_path / "m", tmp_path / "t", never, steps=4, log=lambda s: None)
 
 
 def test_tune_router_command_refuses_a_missing_source(tmp_path, capsys):

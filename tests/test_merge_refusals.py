@@ -76,6 +76,14 @@ def test_refuses_uncommitted_checkpoint(world, tmp_path):
     expect_refusal(world, tmp_path, [no_meta], r"not a committed checkpoint")
 
 
+def test_a_job_workdir_given_for_its_output_is_named(world, tmp_path):
+    workdir = tmp_path / "branches" / "law"
+    shutil.copytree(world["branches"]["law"], workdir / "artifact")
+    expect_refusal(world, tmp_path, [workdir],
+                   rf"{workdir} is not a checkpoint but holds one; did you mean "
+                   rf"{workdir / 'artifact'}\?")
+
+
 def test_refuses_duplicate_sources(world, tmp_path):
     twin = make_branch(world["base"], tmp_path / "twin", "code", 9)
     expect_refusal(world, tmp_path, [world["branches"]["code"], twin], r"'code' appears twice")
@@ -243,6 +251,38 @@ def test_cli_refuses_top_k_below_one(world, tmp_path, capsys):
                  str(world["branches"]["code"]), "--router", "learned-rows", "--out",
                  str(tmp_path / "m")])
     assert code == 0
-    code = main(["merge", "--base", str(tmp_path / "m"), "--router", "centroid",
+    code = main(["merge", "--base", str(tmp_path / "m"), "--branch",
+                 str(world["branches"]["law"]), "--router", "centroid",
                  "--public-data", str(tmp_path / "no_data"), "--out", str(tmp_path / "o")])
     assert code == 2 and "merge add" in capsys.readouterr().err
+    code = main(["merge", "--base", str(world["base"]), "--out", str(tmp_path / "o")])
+    assert code == 2 and "merge needs --router, --branch (" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_every_flag_the_action_would_ignore(world, tmp_path, capsys):
+    from moesaic.launch.cli import main
+
+    b = world["branches"]
+    merge = ["merge", "--base", str(world["base"]), "--branch", str(b["code"]), "--router",
+             "learned-rows"]
+    cases = [
+        (["merge", "soup", "--branch", str(b["code"]), "--branch", str(b["math"]), "--top-k",
+          "2"], "merge soup takes no --top-k: a soup is a weighted mean"),
+        (["merge", "soup", "--branch", str(b["code"]), "--branch", str(b["math"]),
+          "--weighting", "inverse"], "--weighting weight the soup by each branch's loss on "
+                                     "--weights-data, which is not given"),
+        (["merge", "remove", str(tmp_path / "m"), "--source", "code", "--base",
+          str(world["base"])], "merge remove takes no --base: it rebuilds the router"),
+        (["merge", "add", str(tmp_path / "m"), "--branch", str(b["law"]), "--source", "law"],
+         "merge add takes no --source"),
+        ([*merge, "--weights-data", str(tmp_path)],
+         "merge takes no --weights-data: a merge starts"),
+        (["merge", "btx", "--branch", str(b["code"]), "--branch", str(b["math"]), "--router",
+          "centroid", "--public-stats", str(world["public"])],
+         "merge btx takes no --public-stats: a BTX model has no public expert"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--out", str(tmp_path / "o")]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "o").exists()

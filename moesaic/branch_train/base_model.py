@@ -133,8 +133,8 @@ def own_router_row(config: ml_collections.ConfigDict, base: Base,
     if kind == "public_noise":
         if not base.cfg.is_moe:
             raise ValueError("config.branch.router_init='public_noise' needs an MoE base: a "
-                             "dense base has no public router row; use 'mean_hidden' or "
-                             "'vector'")
+                             "dense base has no public router row; use 'contrast' (the "
+                             "default), 'mean_hidden' or 'vector'")
         key = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5EED)
         noise = float(config.branch.router_noise) * jax.random.normal(key, (n_layers, d))
         return base.flat["blocks/ffn/router"][:, 0].astype(jnp.float32) + noise, None

@@ -22,13 +22,17 @@ from moesaic.branch_train.trainer import Job, Result, train
 from moesaic.launch import config_cli
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, default_config: str = "") -> None:
+def add_arguments(parser: argparse.ArgumentParser, *, default_config: str = "",
+                  embedded_size: str = "default") -> None:
+    config_help = "config file[:arg], e.g. moesaic/configs/tiny.py:source=code"
     parser.add_argument("--config", default=default_config, required=not default_config,
-                        help="config file[:arg], e.g. moesaic/configs/tiny.py:source=code")
+                        help=config_help + (f" (default: {default_config})"
+                                            if default_config else ""))
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics and outputs")
     parser.add_argument("--data", default="", help="prepared data folder (DATA_DIR)")
-    parser.add_argument("--embedded-size", default="default", choices=("default", "smoke"),
-                        help="size of the embedded corpora built when no data is given")
+    parser.add_argument("--embedded-size", default=embedded_size, choices=("default", "smoke"),
+                        help="size of the embedded corpora built when no data is given "
+                             "(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     distributed.add_arguments(parser)
 

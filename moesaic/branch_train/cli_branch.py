@@ -16,7 +16,7 @@ import argparse
 import pathlib
 import sys
 
-from moesaic.branch_train import cli_args, distributed
+from moesaic.branch_train import base_model, cli_args, distributed
 from moesaic.branch_train.trainer import Job
 
 MODES = {"coordinated": "branch", "dense": "dense", "ffn": "ffn"}  # mode -> job kind
@@ -35,7 +35,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: config.branch.mode={mode!r}: one of {sorted(MODES)}", file=sys.stderr)
         return 2
     base = pathlib.Path(args.base)
+    try:  # a wrong --base is named before any corpus is built for the job
+        base_model.read_base(base, config)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     job = Job(kind=MODES[mode], workdir=pathlib.Path(args.workdir), base=base,
               data_dir=cli_args.data_dir(args, config, base),
               show_progress=not args.no_progress)
-    return cli_args.run_job(config, job, "branch artifact")[0]
+    code, result = cli_args.run_job(config, job, "branch artifact")
+    if result is not None and result.output is not None and job.kind == "ffn":
+        print(f"dense model: {job.workdir / 'model'}")  # the FFN-trained model, kept whole
+    return code

@@ -16,8 +16,7 @@ from moesaic.branch_train.trainer import Job
 
 def register(parser: argparse.ArgumentParser) -> None:
     tiny = pathlib.Path(configs.__file__).parent / "tiny.py"
-    cli_args.add_arguments(parser, default_config=str(tiny))
-    parser.set_defaults(embedded_size="smoke")
+    cli_args.add_arguments(parser, default_config=str(tiny), embedded_size="smoke")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,7 +41,7 @@ from moesaic.branch_train import artifact, base_model, upcycle
 from moesaic.branch_train.checkpointing import JobCheckpoints, StopSignal, abstract_like, nested
 from moesaic.branch_train.optimizer import make_optimizer, schedule
 from moesaic.branch_train.progress import MetricsLog, parameter_overview
-from moesaic.data.loader import TokenBatches, load_manifest
+from moesaic.data.loader import TokenBatches, load_manifest, parse_mixture
 from moesaic.data.tokenizer import check_tokenizer
 from moesaic.model import io
 from moesaic.model.config import ModelConfig
@@ -64,7 +64,7 @@ _HANDOVER_KEYS = ("branch.source", "branch.public_source", "branch.frozen", "bra
                   "branch.stats_batches")
 RESUME_KEYS = {
     "pretrain": (*_COMMON_KEYS, "data.mixture"),
-    "dense": (*_COMMON_KEYS, "branch.source"),
+    "dense": (*_COMMON_KEYS, "branch.source", "branch.stats_batches"),
     "branch": (*_COMMON_KEYS, *_HANDOVER_KEYS, "branch.public_mix"),
     "ffn": (*_COMMON_KEYS, *_HANDOVER_KEYS),  # no replay
 }
@@ -265,8 +265,12 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         make_trainable = lambda: fresh()[0]  # noqa: E731
     else:
         base = base_model.load_base(job.base, base_meta, mesh, rules, base_cfg)
-        if job.kind in ("branch", "ffn"):
+        # the party's router statistics under the base: a branch's router row is set from
+        # them and the merge's routers read them; a dense branch of one source keeps them for
+        # BTX routers (one trained on a mixture has no single domain to route to)
+        if job.kind != "dense" or len(parse_mixture(str(config.branch.source))) == 1:
             stats = base_model.party_stats(base, config, job.data_dir, mesh, rules)
+        if job.kind in ("branch", "ffn"):
             public = (base_model.party_stats(base, config, job.data_dir, mesh, rules,
                                              source=str(config.branch.public_source))
                       if config.branch.router_init == "contrast" else None)
@@ -426,8 +430,11 @@ def write_output(job: Job, config, layout: upcycle.ParamLayout, trainable: dict,
     if job.kind in ("dense", "ffn"):
         dense_meta = {**common, "kind": artifact.DENSE_KIND, "source": source,
                       "model": layout.cfg.to_dict(), "base_fingerprint": base_meta["fingerprint"]}
-        if job.kind == "dense":
-            io.save(path, _savable(full), dense_meta, overwrite=True)
+        if job.kind == "dense":  # with its data's router statistics under the base, for BTX
+            extra = {} if stats is None else {"stats_tokens": stats.n_tokens,
+                                              "stats_documents": stats.n_documents}
+            io.save(path, {**_savable(full), **(stats.tensors() if stats else {})},
+                    {**dense_meta, **extra}, overwrite=True)
             return path
         io.save(workdir / "model", _savable(full), dense_meta, overwrite=True)
     base_names = set(base_meta["tensors"])

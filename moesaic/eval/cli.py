@@ -31,10 +31,12 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="score an ensemble of --expert models instead of --model")
     parser.add_argument("--expert", action="append", default=[], metavar="NAME=CKPT",
                         help="an ensemble member; repeat")
-    parser.add_argument("--top-k", type=whole_number(1), default=1,
-                        help="ensemble experts kept per token")
-    parser.add_argument("--stride", type=whole_number(1), default=16,
-                        help="c-BTM: recompute the prefix's weights every this many tokens")
+    parser.add_argument("--top-k", type=whole_number(1), default=None,
+                        help="ensemble experts kept per token (default 1; an MoE --model "
+                             "routes with its own top_k)")
+    parser.add_argument("--stride", type=whole_number(1), default=None,
+                        help="c-BTM: recompute the prefix's weights every this many tokens "
+                             "(default 16)")
     parser.add_argument("--data", required=True, help="DATA_DIR of prepared sources")
     parser.add_argument("--sources", default="",
                         help="comma-separated sources (default: every source in DATA_DIR)")
@@ -114,15 +116,26 @@ def run(args: argparse.Namespace) -> int:
                                  f"{lengths}; pass --seq-len")
             seq_len = args.seq_len or next(iter(lengths.values()), DEFAULT_SEQ_LEN)
             # c-BTM's router also reads the experts' own sources (their training text).
+            if args.ensemble == "cbtm":
+                prepared = perplexity.prepared_sources(args.data)
+                unknown = [name for name in experts if name not in prepared]
+                if unknown:
+                    raise ValueError(f"--ensemble cbtm: --expert {', '.join(unknown)}: an "
+                                     "expert's name must be the source of --data it trained "
+                                     f"on (its centroid is that text); sources: "
+                                     f"{', '.join(prepared)}")
             checked = [*sources, *(s for s in experts
                                    if args.ensemble == "cbtm" and s not in sources)]
             models = ensembles.load_experts(experts, data_dir=args.data, sources=checked)
+            top_k = args.top_k or 1
             if args.ensemble == "btm":
-                scorer = ensembles.btm(models, top_k=args.top_k)
+                if args.stride is not None:
+                    raise ValueError("--stride is c-BTM's; BTM reweighs at every token")
+                scorer = ensembles.btm(models, top_k=top_k)
             else:
                 router = ensembles.TfidfCentroids.from_data(
                     args.data, experts, tokenizer=ensembles.experts_tokenizer(models))
-                scorer = ensembles.cbtm(models, router, top_k=args.top_k, stride=args.stride)
+                scorer = ensembles.cbtm(models, router, top_k=top_k, stride=args.stride or 16)
             label = f"{args.ensemble}({', '.join(experts)})"
             results = perplexity.evaluate_scorer(
                 scorer, args.data, sources, seq_len=seq_len, max_sequences=args.max_sequences,
@@ -132,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--expert names an ensemble member; add --ensemble btm|cbtm")
             if not args.model:
                 raise ValueError("give --model CHECKPOINT (or --ensemble with --expert)")
+            ignored = [f for f, v in (("--top-k", args.top_k), ("--stride", args.stride)) if v]
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)} set an ensemble (--ensemble); an MoE "
+                                 "--model routes with the top_k it was merged with")
             seq_len = args.seq_len or _seq_len_of(args.model)
             label = args.model
             results = perplexity.evaluate(

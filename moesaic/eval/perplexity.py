@@ -59,8 +59,14 @@ def load_model(model_or_path: Decoder | str | os.PathLike, *, mesh: jax.sharding
     if not io.is_complete(path):
         raise FileNotFoundError(f"{flag or f'--model {str(path)!r}'}: not a moesaic checkpoint "
                                 f"(want a folder with {io.META} and {io.PARAMS}/, e.g. a "
-                                "pretrain, branch `model` or merge output)")
+                                "pretrain, branch `model` or merge output)"
+                                f"{io.inner_checkpoint_hint(path)}")
     meta = io.read_meta(path)
+    if meta.get("kind") == "branch":  # branch_train.artifact.KIND
+        raise ValueError(f"{flag or f'--model {str(path)!r}'}: a branch artifact holds only "
+                         "the party's expert and router row, not a model; merge it over its "
+                         "base to evaluate it (`moesaic merge --base B --branch "
+                         f"{path} --router learned-rows --out M`)")
     cfg = io.model_config(meta).replace(dispatch="dropless")
     return io.load(path, mesh=mesh or local_mesh(), rules=rules, cfg=cfg, meta=meta)
 

@@ -4,6 +4,7 @@ moesaic/interop/hf_export.py)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from moesaic.interop.hf_export import export_hf, parse_size
 
@@ -24,6 +25,6 @@ def run(args: argparse.Namespace) -> int:
         export_hf(args.model, args.out, max_shard_bytes=parse_size(args.max_shard_size),
                   drop_router_bias=args.drop_router_bias, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"export-hf: {e}")
-        return 1
+        print(f"moesaic export-hf: error: {e}", file=sys.stderr)
+        return 2
     return 0

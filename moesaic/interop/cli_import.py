@@ -4,6 +4,7 @@ checkpoint (see moesaic/interop/hf_import.py for the mapping)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from moesaic.interop.hf_import import import_hf
 
@@ -24,6 +25,6 @@ def run(args: argparse.Namespace) -> int:
         import_hf(args.folder, args.out, param_dtype=args.param_dtype, tokenizer=args.tokenizer,
                   overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"import-hf: {e}")
-        return 1
+        print(f"moesaic import-hf: error: {e}", file=sys.stderr)
+        return 2
     return 0

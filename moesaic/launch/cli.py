@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    rest, overrides = config_cli.split_config_args(rest)
+    try:
+        rest, overrides = config_cli.split_config_args(rest)
+    except ValueError as err:
+        print(f"moesaic {name}: error: {err}", file=sys.stderr)
+        return 2
     if overrides and name not in TAKES_OVERRIDES:
         print(f"moesaic {name}: error: --config.{overrides[0]}: `moesaic {name}` reads no "
               f"config, so config overrides would be ignored; only "

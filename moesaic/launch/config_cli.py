@@ -13,13 +13,20 @@ import pathlib
 
 import ml_collections
 
+PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[2]  # where moesaic/configs/ sits
+
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """Loads `path.py[:arg]` and returns `get_config(arg)`."""
+    """Loads `path.py[:arg]` and returns `get_config(arg)`. A relative path that is not
+    there is also looked up from the installed package's root, so the README's
+    `moesaic/configs/tiny.py` works from any directory."""
     path, _, arg = spec.partition(":")
     file = pathlib.Path(path)
+    if not file.is_file() and not file.is_absolute() and (PACKAGE_ROOT / file).is_file():
+        file = PACKAGE_ROOT / file
     if not file.is_file():
-        raise FileNotFoundError(f"config file {path!r} does not exist")
+        raise FileNotFoundError(f"config file {path!r} does not exist (looked in "
+                                f"{pathlib.Path.cwd()} and {PACKAGE_ROOT})")
     module_spec = importlib.util.spec_from_file_location(f"moesaic_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -78,13 +85,21 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
 
 
 def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separates `--config.x=y` overrides from the other arguments."""
+    """Separates `--config.x=y` overrides (or `--config.x y`, as absl flags also take them)
+    from the other arguments."""
     rest, overrides = [], []
-    for arg in argv:
-        if arg.startswith("--config."):
-            overrides.append(arg[len("--config."):])
-        else:
+    args = iter(argv)
+    for arg in args:
+        if not arg.startswith("--config."):
             rest.append(arg)
+            continue
+        key = arg[len("--config."):]
+        if "=" not in key:
+            value = next(args, None)
+            if value is None or value.startswith("--"):
+                raise ValueError(f"{arg}: no value; write {arg}=VALUE")
+            key = f"{key}={value}"
+        overrides.append(key)
     return rest, overrides
 
 

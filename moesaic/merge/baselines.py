@@ -132,7 +132,8 @@ def soup(branch_paths, out: str | pathlib.Path, *, sample_bt1: np.ndarray | None
     meta = {"kind": "soup", "model": branches[0].cfg.to_dict(),
             "sources": [b.source for b in branches], "weights": [float(w) for w in weights],
             "weighting": how, "losses": losses,
-            "base_fingerprint": branches[0].meta.get("base_fingerprint")}
+            "base_fingerprint": branches[0].meta.get("base_fingerprint"),
+            **src.seq_len_record([b.meta for b in branches])}
     io.save_streaming(out, tensors, meta)
     log(f"soup ({how}) of {[b.source for b in branches]} weights "
         f"{np.round(weights, 3).tolist()} -> {out}")
@@ -199,7 +200,7 @@ def btx(branch_paths, out: str | pathlib.Path, *, router: str, top_k: int,
             "router": {"kind": router, "top_k": top_k, "options": dict(options or {}),
                        "inputs": built.inputs, "trainable": False},
             "base_fingerprint": branches[0].meta.get("base_fingerprint"),
-            "routing_warnings": warnings}
+            "routing_warnings": warnings, **src.seq_len_record([b.meta for b in branches])}
     io.save_streaming(out, tensors, meta)
     log(f"btx of {inputs.sources} with router {router!r}, top-{top_k} -> {out}")
     return io.read_meta(out)
@@ -209,15 +210,12 @@ def soup_cli(args) -> None:
     sample = None
     if args.weights_data:
         from moesaic.data.loader import heldout_sequences
-        sample = heldout_sequences(args.weights_data, args.weights_source, seq_len=128,
-                                   max_sequences=32).tokens
-    soup(args.branch, args.out, sample_bt1=sample, weighting=args.weighting)
+        sample = heldout_sequences(args.weights_data, args.weights_source or "public",
+                                   seq_len=128, max_sequences=32).tokens
+    soup(args.branch, args.out, sample_bt1=sample, weighting=args.weighting or "softmax")
 
 
 def btx_cli(args, options: dict) -> None:
     if not args.router:
         raise MergeRefused("btx needs --router (centroid, ridge or random)")
-    if args.public_stats or args.public_data:
-        raise MergeRefused("btx: a BTX model has no public expert, so it takes no "
-                           "--public-stats / --public-data")
     btx(args.branch, args.out, router=args.router, top_k=args.top_k or 2, options=options)

@@ -19,7 +19,7 @@ import shutil
 import sys
 
 from moesaic.launch.cli import whole_number
-from moesaic.merge.sources import MergeRefused
+from moesaic.merge.sources import MergeRefused, trained_seq_len
 from moesaic.routing.registry import KINDS
 
 ACTIONS = ("remove", "add", "soup", "btx")
@@ -69,10 +69,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="where to write (must not exist)")
     parser.add_argument("--weights-data", default=None,
                         help="soup: data folder; weight each branch by its loss there")
-    parser.add_argument("--weights-source", default="public",
-                        help="soup: which source of --weights-data to score on")
-    parser.add_argument("--weighting", choices=("softmax", "inverse"), default="softmax",
-                        help="soup: exp(-loss) softmax or inverse-loss weights")
+    parser.add_argument("--weights-source", default=None,
+                        help="soup: which source of --weights-data to score on (default: "
+                             "public)")
+    parser.add_argument("--weighting", choices=("softmax", "inverse"), default=None,
+                        help="soup: exp(-loss) softmax (default) or inverse-loss weights")
     _router_args(parser, required=False)
 
 
@@ -91,21 +92,37 @@ ROUTER_FLAGS = {"router": "--router", "public_stats": "--public-stats",
                 "public_data": "--public-data", "ridge_lambda": "--ridge-lambda",
                 "router_scale": "--router-scale", "seed": "--seed",
                 "router_option": "--router-option"}
-# What each action reads of the router flags; the others are refused, never ignored.
-USES = {"merge": set(ROUTER_FLAGS),
-        "btx": {"router", "ridge_lambda", "router_scale", "seed", "router_option"},
-        "remove": set(), "add": set(), "soup": set()}
+FLAGS = {"merged": "M", "base": "--base", "branch": "--branch", "source": "--source",
+         "top_k": "--top-k", "weights_data": "--weights-data",
+         "weights_source": "--weights-source", "weighting": "--weighting", **ROUTER_FLAGS}
+# What each action reads; a flag it does not read is refused, never ignored.
+USES = {"merge": {"base", "branch", "top_k", *ROUTER_FLAGS},
+        "remove": {"merged", "source", "top_k"},
+        "add": {"merged", "branch", "top_k"},
+        "soup": {"branch", "weights_data", "weights_source", "weighting"},
+        "btx": {"branch", "top_k", "router", "ridge_lambda", "router_scale", "seed",
+                "router_option"}}
+WHY = {"remove": "it rebuilds the router with the kind, options and statistics the model was "
+                 "merged with",
+       "add": "it rebuilds the router with the kind, options and statistics the model was "
+              "merged with; the new party's statistics come with its artifact",
+       "soup": "a soup is a weighted mean of whole models: it has no router and no experts",
+       "btx": "a BTX model has no public expert, and its dense branches are given with "
+              "--branch",
+       "merge": "a merge starts from --base and the --branch artifacts"}
 
 
 def _refuse_unused(args) -> None:
-    unused = [flag for key, flag in ROUTER_FLAGS.items()
-              if key not in USES[args.action] and getattr(args, key) is not None]
+    given = [key for key in FLAGS if getattr(args, key) not in (None, [])]
+    unused = [FLAGS[key] for key in given if key not in USES[args.action]]
     if unused:
-        why = {"remove": "the merged model's router rows are kept as they are",
-               "add": "the merged model's router rows are kept as they are and the new "
-                      "party's come with its artifact",
-               "soup": "a soup has no router"}.get(args.action, "")
-        raise MergeRefused(f"merge {args.action} takes no {', '.join(unused)}: {why}")
+        command = "merge" if args.action == "merge" else f"merge {args.action}"
+        raise MergeRefused(f"{command} takes no {', '.join(unused)}: {WHY[args.action]}")
+    if args.action == "soup" and not args.weights_data and (args.weights_source
+                                                            or args.weighting):
+        raise MergeRefused("merge soup: --weights-source and --weighting weight the soup by "
+                           "each branch's loss on --weights-data, which is not given (without "
+                           "it the soup is uniform)")
 
 
 def _public_stats(args, base_path):
@@ -118,11 +135,9 @@ def _public_stats(args, base_path):
         branches = [open_branch(b) for b in args.branch or []]
         kinds = {b.router_input for b in branches}
         # The sums must be of sequences as long as the parties' (prefix means depend on it).
-        lengths = {((b.meta.get("config") or {}).get("data") or {}).get("seq_len")
-                   for b in branches} - {None}
         path = compute_public_stats(base_path, args.public_data,
                                     router_input=kinds.pop() if len(kinds) == 1 else "token",
-                                    seq_len=lengths.pop() if len(lengths) == 1 else 128)
+                                    seq_len=trained_seq_len(b.meta for b in branches) or 128)
         return path, path.parent
     return args.public_stats, None
 
@@ -132,8 +147,11 @@ def _run(args) -> None:
 
     _refuse_unused(args)
     if args.action == "merge":
-        if not args.base or not args.router:
-            raise MergeRefused("merge needs --base and --router (and --branch for each party)")
+        missing = [flag for flag, value in (("--base", args.base), ("--router", args.router),
+                                            ("--branch", args.branch)) if not value]
+        if missing:
+            raise MergeRefused(f"merge needs {', '.join(missing)} (--base: the public model, "
+                               "--router: a kind, --branch: each party's artifact)")
         from moesaic.merge.sources import open_base
         open_base(args.base)  # refuse a merged base before computing public statistics
         public, scratch = _public_stats(args, args.base)

@@ -146,6 +146,7 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
                   "public_stats_fingerprint": public_fingerprint},
         "routing_report": [{k: v for k, v in r.items()} for r in reports],
         "routing_warnings": warnings,
+        **src.seq_len_record([p.meta for p in parties]),
     }
     io.save_streaming(out, tensors, meta, overwrite=overwrite)
     log(f"merged {n_experts} experts ({', '.join(names)}) with router {router!r}, top-{top_k} "

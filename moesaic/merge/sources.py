@@ -148,6 +148,20 @@ class PublicStats:
 
 # ---- from a base checkpoint and branch artifacts ------------------------------------------
 
+def trained_seq_len(metas) -> int | None:
+    """The data.seq_len the checkpoints with these metas trained on, when they agree."""
+    lengths = {((m.get("config") or {}).get("data") or {}).get("seq_len") for m in metas}
+    lengths.discard(None)
+    return int(lengths.pop()) if len(lengths) == 1 else None
+
+
+def seq_len_record(metas) -> dict:
+    """{"config": {"data": {"seq_len": L}}} for a merged model's meta when its inputs agree on
+    L (what `moesaic eval` and `tune-router` read for their default --seq-len), else {}."""
+    length = trained_seq_len(metas)
+    return {} if length is None else {"config": {"data": {"seq_len": length}}}
+
+
 def uncommitted_reason(path: pathlib.Path) -> str | None:
     partial = path.with_name(path.name + ".partial")
     if not path.exists():
@@ -160,6 +174,9 @@ def uncommitted_reason(path: pathlib.Path) -> str | None:
                    f"wrote it did not finish)"
         return f"{path} does not exist"
     if not io.is_complete(path):
+        hint = io.inner_checkpoint_hint(path)
+        if hint:  # a finished job's workdir, one level above its output
+            return f"{path} is not a checkpoint but holds one{hint}"
         return f"{path} is not a committed checkpoint (no {io.META} or {io.PARAMS}/): " \
                f"the job that wrote it did not finish"
     return None

@@ -24,6 +24,7 @@ from moesaic.data.loader import TokenBatches
 from moesaic.merge.sources import ROUTER, MergeRefused, View
 from moesaic.model import io
 from moesaic.model.transformer import lm_loss
+from moesaic.routing import report
 
 
 def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
@@ -32,6 +33,7 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
     """Trains the router rows for `steps` on `batches(step)` (int32 (B, T+1)); writes `out`.
     A progress bar shows the steps and the loss unless `progress` is False."""
     merged = pathlib.Path(merged)
+    io.output_path(out)  # an --out that cannot be written is refused before any step runs
     meta = io.read_meta(merged)
     if meta.get("kind") not in ("merged", "btx"):
         raise MergeRefused(f"{merged}: a {meta.get('kind')!r} checkpoint; tune-router takes a "
@@ -75,6 +77,10 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
                                          "loss_first": first, "loss_last": last})
     new_meta = {k: v for k, v in meta.items() if k != "fingerprint"}
     new_meta["router"] = router
+    # the report describes the rows the model now holds, not the ones it was merged with
+    names = [str(e.get("source", i)) for i, e in enumerate(meta.get("experts") or [])]
+    reports, warnings = report.routing_report(np.asarray(rows, np.float32), names)
+    new_meta.update(routing_report=reports, routing_warnings=warnings)
     io.save_streaming(out, tensors, new_meta)
     return io.read_meta(out)
 

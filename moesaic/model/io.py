@@ -19,6 +19,7 @@ import itertools
 import json
 import pathlib
 import shutil
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 import jax
@@ -130,12 +131,23 @@ def is_complete(path: str | pathlib.Path) -> bool:
     return (path / META).is_file() and (path / PARAMS).is_dir()
 
 
+def inner_checkpoint_hint(path: str | pathlib.Path) -> str:
+    """For a folder that is not a checkpoint but holds one (a job's workdir, whose output is
+    WORKDIR/artifact or WORKDIR/public): "; did you mean …?", else ""."""
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        return ""
+    inner = sorted(str(p) for p in path.iterdir() if p.is_dir() and is_complete(p))
+    return f"; did you mean {' or '.join(inner)}?" if inner else ""
+
+
 def read_meta(path: str | pathlib.Path) -> dict:
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not is_complete(path):
-        raise ValueError(f"{path} is not a complete moesaic checkpoint (no {META} or {PARAMS}/)")
+        raise ValueError(f"{path} is not a complete moesaic checkpoint (no {META} or {PARAMS}/)"
+                         f"{inner_checkpoint_hint(path)}")
     return json.loads((path / META).read_text())
 
 
@@ -279,10 +291,22 @@ def save_streaming(path: str | pathlib.Path, sources: Mapping[str, TensorSource]
             shutil.copyfile(source, partial / name)
         (partial / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        discard(partial)
         raise
     commit(partial, path)
     return hashes
+
+
+def discard(folder: pathlib.Path, *, settle: float = 0.2, limit: float = 10.0) -> None:
+    """Removes a half-written folder for good: a write interrupted mid-way (Ctrl-C) can leave
+    tensorstore threads that still create files in it for a moment after `rmtree`, so it is
+    removed again until it stays gone for `settle` seconds (at most `limit` seconds)."""
+    deadline = time.monotonic() + limit
+    while True:
+        shutil.rmtree(folder, ignore_errors=True)
+        time.sleep(settle)
+        if not folder.exists() or time.monotonic() > deadline:
+            return
 
 
 class TensorReader:
