@@ -254,6 +254,42 @@ def test_cli_export_errors_go_to_stderr_and_name_the_checkpoint_inside_a_workdir
     assert not (tmp_path / "hf").exists()
 
 
+def test_weights_the_config_cannot_lay_out_are_named_before_any_write(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**TINY)).save_pretrained(tmp_path)
+    write_byte_tokenizer(tmp_path / "tokenizer.json", vocab_size=264, eos_id=256, pad_id=257)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "head_dim": 16}))
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.weight: shape "
+                                         r"\(16, 32\) cannot be laid out as blocks/attn/k "
+                                         r"of \(32, 2, 16\) per layer; config.json"):
+        import_hf(tmp_path, tmp_path / "b", log=lambda _: None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]  # an Olmo2 tensor, named as Olmo2 does
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) the config implies are not in .*"
+                                         r"\['model.layers.1.mlp.up_proj.weight'\]"):
+        import_hf(tmp_path, tmp_path / "b", log=lambda _: None)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(FileExistsError, match="exists; choose another output or pass "
+                                              "--overwrite"):
+        import_hf(tmp_path, tmp_path / "b", log=lambda _: None)
+
+
+def test_shard_sizes_read_as_transformers_reads_them():
+    from moesaic.interop.hf_export import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("4GiB") == 4 * 2**30
+    assert parse_size("500 mb") == 500 * 10**6 and parse_size("2048") == 2048
+    assert parse_size("1.5KiB") == 1536 and parse_size(7) == 7
+    for bad in ("5G", "5XB", "GB", "-1GB"):
+        with pytest.raises(ValueError, match="want a size like 5GB, 4GiB"):
+            parse_size(bad)
+
+
 def test_byte_tokenizer_json_gives_byte_ids(tmp_path):
     from tokenizers import Tokenizer
 

@@ -13,7 +13,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="moesaic model checkpoint (public, merged, ...)")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--max-shard-size", default="5GB",
-                        help="split safetensors above this size, with an index (default 5GB)")
+                        help="split safetensors above this size, with an index (default 5GB "
+                             "= 5e9 bytes, as transformers reads it; 4GiB = 4 * 2^30)")
     parser.add_argument("--drop-router-bias", action="store_true",
                         help="export a model whose router biases are non-zero without them "
                              "(FlexOlmoForCausalLM has none); routing then changes")

@@ -28,19 +28,22 @@ from moesaic.interop.hf_config import hf_config_from_model
 from moesaic.model import io
 from moesaic.model.config import ModelConfig
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30,
-          "GB": 2**30}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B?)\s*$", re.IGNORECASE)
+# GB as transformers' max_shard_size reads it (10^9), GiB as 2^30
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2048' -> bytes."""
+    """'5GB' (5 * 10^9), '4GiB' (4 * 2^30), '500MB', '2048' -> bytes."""
     if isinstance(text, int):
         return text
     match = _SIZE.match(str(text))
-    if not match:
-        raise ValueError(f"--max-shard-size {text!r}: want a size like 5GB, 500MB or 123456")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    unit = match.group(2).upper() if match else None
+    if unit not in _UNITS:
+        raise ValueError(f"--max-shard-size {text!r}: want a size like 5GB, 4GiB, 500MB or "
+                         "123456")
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def effective_router_bias(path: str | pathlib.Path, cfg: ModelConfig) -> np.ndarray | None:
@@ -151,7 +154,7 @@ def _write_tokenizer(cfg: ModelConfig, source: pathlib.Path | None, out: pathlib
 
 
 def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
-              max_shard_bytes: int = 5 * 2**30, drop_router_bias: bool = False,
+              max_shard_bytes: int = 5 * 10**9, drop_router_bias: bool = False,
               overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     """Writes the FlexOlmoForCausalLM folder; returns its config.json dict."""
     model_path, out = pathlib.Path(model_path).resolve(), pathlib.Path(out).resolve()

@@ -85,6 +85,10 @@ class SafetensorsFolder(contextlib.AbstractContextManager):
             raise ValueError(f"tensor {key}: dtype {name} is not a floating type moesaic reads")
         return np.dtype(SAFETENSORS_DTYPES[name])
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The stored shape, read from the header alone."""
+        return tuple(self._handle(self.file_of[key]).get_slice(key).get_shape())
+
     def get(self, key: str) -> np.ndarray:
         if key not in self.file_of:
             raise KeyError(f"the checkpoint has no tensor {key!r}")
@@ -104,11 +108,13 @@ def _piece_rules(cfg: ModelConfig, reader: SafetensorsFolder
             return key, lambda: transform(reader.get(key))
         return 1, fn
 
-    def expert(proj):
-        fused = "model.layers.0.mlp.experts.gate_up_proj" in reader
+    fused = "model.layers.0.mlp.experts.gate_up_proj" in reader
+    # Olmo2 names its MLP mlp.{proj}; FlexOlmo (one expert included) mlp.experts.{e}.{proj}
+    olmo2_mlp = not cfg.is_moe and not any(".mlp.experts." in key for key in reader.keys())
 
+    def expert(proj):
         def fn(i, e):
-            if not cfg.is_moe and f"model.layers.{i}.mlp.{proj}.weight" in reader:
+            if olmo2_mlp:
                 key = f"model.layers.{i}.mlp.{proj}.weight"
                 return key, lambda: reader.get(key).T
             if fused and proj != "down_proj":
@@ -162,8 +168,13 @@ class _StackedTensor:
 
     def _piece(self, layer: int, expert: int) -> np.ndarray:
         key, read = self.piece_fn(layer, expert)
-        piece = read()
         want = self.shape[self.n_lead:]
+        try:
+            piece = read()
+        except ValueError as err:  # a reshape the config's head counts and sizes cannot do
+            raise ValueError(f"{key}: cannot be laid out as {self.name} ({want} per slice): "
+                             f"{err}; config.json (hidden_size, num_attention_heads, "
+                             "num_key_value_heads, head_dim) and the weights disagree") from None
         if piece.shape != want:
             raise ValueError(f"{key}: in moesaic layout its shape is {piece.shape} but "
                              f"{self.name} needs {want} per slice; config.json and the "
@@ -207,7 +218,11 @@ def import_hf(folder: str | pathlib.Path, out: str | pathlib.Path, *,
     folder, out = pathlib.Path(folder).resolve(), pathlib.Path(out).resolve()  # orbax: absolute
     hf = json.loads((folder / "config.json").read_text())
     fields = model_fields_from_hf(hf)
-    io.output_path(out, overwrite)  # before any work: an existing or reserved output
+    try:  # before any work: an existing or reserved output
+        io.output_path(out, overwrite)
+    except FileExistsError:
+        raise FileExistsError(f"{out} exists; choose another output or pass --overwrite"
+                              ) from None
     if out == folder:
         raise ValueError(f"--out {out} is the folder being imported; write elsewhere")
     if tokenizer is None and not (folder / "tokenizer.json").is_file():
@@ -239,6 +254,15 @@ def import_hf(folder: str | pathlib.Path, out: str | pathlib.Path, *,
         if missing:
             raise ValueError(f"{len(missing)} tensor(s) the config implies are not in {folder}, "
                              f"e.g. {missing[:3]}")
+        for name, t in tensors.items():  # before any write: sizes the config cannot lay out
+            if t.n_lead <= 1:  # one key per layer (or whole), read as is or reshaped
+                key = t.piece_fn(0, 0)[0]
+                have, want = reader.shape(key), t.shape[t.n_lead:]
+                if int(np.prod(have)) != int(np.prod(want)):
+                    raise ValueError(f"{key}: shape {have} cannot be laid out as {name} "
+                                     f"of {want} per layer; config.json (hidden_size, "
+                                     "num_attention_heads, num_key_value_heads, head_dim, "
+                                     "vocab_size) and the weights disagree")
         unused = [k for k in reader.keys() if k not in needed
                   and not k.endswith(IGNORED_KEY_SUFFIXES)
                   and not (not cfg.is_moe and k.endswith(".mlp.gate.weight"))]
