@@ -440,6 +440,10 @@ def test_errors_name_the_source_and_the_recorded_tokenizer_path(tmp_path):
     with pytest.raises(ValueError, match=r"source 'tiny' \(train split in '.*out'\) has \d+ "
                                          "tokens .* fewer than one sequence"):
         TokenBatches(tmp_path / "out", "tiny", seq_len=100_000, global_batch=2, seed=0)
+    with pytest.raises(ValueError, match=r"source 'tiny' \(heldout split in '.*out'\) has \d+ "
+                                         r"tokens .* fewer than one row of 100001 tokens; give "
+                                         "it more text or lower data.seq_len"):
+        heldout_sequences(tmp_path / "out", "tiny", seq_len=100_000)
     moved = tmp_path / "gone" / "tokenizer.json"
     with pytest.raises(FileNotFoundError, match=r"model.tokenizer='.*gone/tokenizer.json': no "
                                                 "such file.*recorded.*may have moved"):

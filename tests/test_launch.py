@@ -5,12 +5,8 @@ parties with two processes each that trains both branches and merges them."""
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
 import os
 import pathlib
-import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -19,7 +15,7 @@ import time
 import ml_collections
 import pytest
 
-from moesaic.launch import cli, config_cli, jobs, manifest, plan
+from moesaic.launch import cli, config_cli, jobs, manifest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "moesaic/configs/manifest_example.py")
@@ -53,6 +49,9 @@ def test_manifest_example_loads_with_overrides():
 @pytest.mark.parametrize("overrides, message", [
     (["merge.top_k=0"], "merge.top_k"),
     (["log_dir=my logs"], "log_dir: 'my logs': letters, digits"),
+    (["log_dir=~/lg"], "log_dir: '~/lg': `~` is not expanded .* give an absolute or relative"),
+    (["log_dir=/tmp/lg", "repo=~/moesaic"], None),
+    (["repo=~me/moesaic"], r"repo: '~me/moesaic': only a leading `~/`"),
     (["parties.code.overrides=('train.steps=5',)", "merge.router=centroid"], None),
     (["merge.branches=('code', 'law')"], "merge.branches"),
     (["parties.code.resources.nodes=0"], "resources.nodes"),
@@ -64,37 +63,6 @@ def test_manifest_errors_name_the_field(overrides, message):
         return
     with pytest.raises(ValueError, match=message):
         manifest.load(EXAMPLE, overrides)
-
-
-@pytest.mark.parametrize("override, message", [
-    ("train.steps=True", "expected int, got 'True'"),
-    ("model.capacity_factor=True", "expected float"),
-    ("branch.frozen='^embed$'", "expected a list such as"),
-    ("branch.frozen=5", "expected a list such as"),
-])
-def test_overrides_of_the_wrong_type_are_refused(override, message):
-    config = config_cli.load_config_file(str(ROOT / "moesaic/configs/tiny.py"))
-    with pytest.raises(ValueError, match=message):
-        config_cli.apply_overrides(config, [override])
-
-
-def test_overrides_take_the_absl_forms_and_configs_load_from_any_directory(tmp_path,
-                                                                          monkeypatch):
-    rest, overrides = config_cli.split_config_args(
-        ["--workdir", "w", "--config.train.steps", "3", "--config.train.lr=0.1",
-         "--config.train.warmup_steps", "-1"])
-    assert rest == ["--workdir", "w"]
-    assert overrides == ["train.steps=3", "train.lr=0.1", "train.warmup_steps=-1"]
-    for argv in (["--config.train.steps"], ["--config.train.steps", "--workdir", "w"]):
-        with pytest.raises(ValueError, match=r"--config.train.steps: no value; write "
-                                             r"--config.train.steps=VALUE"):
-            config_cli.split_config_args(argv)
-    monkeypatch.chdir(tmp_path)  # the README's relative path, run from elsewhere
-    assert config_cli.load_config_file("moesaic/configs/tiny.py:source=code").branch.source \
-        == "code"
-    with pytest.raises(FileNotFoundError, match=r"'moesaic/configs/nope.py' does not exist "
-                                                r"\(looked in "):
-        config_cli.load_config_file("moesaic/configs/nope.py")
 
 
 def test_manifest_lists_must_be_lists():
@@ -151,10 +119,15 @@ def test_slurm_scripts(tmp_path):
             '"$here/merge.sbatch")') in submit
 
 
-def test_slurm_submit_all_chains_the_merge_after_every_branch(tmp_path):
-    """submit_all.sh against a fake `sbatch` that records its arguments."""
+@pytest.mark.parametrize("overrides", [(), ("merge.branches=('math',)",)])
+def test_slurm_submit_all_chains_the_merge_after_every_branch(tmp_path, overrides):
+    """submit_all.sh against a fake `sbatch` that records its arguments. A party the merge
+    leaves out is still submitted (before, it was rendered but never submitted)."""
     files_dir = tmp_path / "slurm"
-    _render(tmp_path, "slurm")
+    files = _render(tmp_path, "slurm", *overrides)
+    merged = [w for w in files["merge.sbatch"].split() if w.startswith("runs/w/branches/")]
+    expected = ("math",) if overrides else ("code", "math")
+    assert merged == [f"runs/w/branches/{name}/artifact" for name in expected]
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "sbatch"
@@ -277,7 +250,6 @@ def _tiny_base(path: pathlib.Path) -> None:
     from flax import nnx
 
     from moesaic.configs import tiny
-    from moesaic.launch import config_cli
     from moesaic.model import io
     from moesaic.model.config import ModelConfig
     from moesaic.model.transformer import Decoder
@@ -324,7 +296,7 @@ def test_local_run_failure_shows_the_party_log_tail(tmp_path, capsys):
                     TINY)
     m = manifest.load(str(spec), ["parties.code.resources.processes=1",
                                   "merge.branches=('code',)"])
-    code = jobs.run_local(m, log_dir=tmp_path / "logs", poll_seconds=0.1)
+    code = jobs.run_local(m, log_dir=tmp_path / "logs", parallel=1, poll_seconds=0.1)
     err = capsys.readouterr().err
     assert code == 1
     assert "branch 'code' failed (exit code 2, process 0)" in err
@@ -352,6 +324,82 @@ def test_run_blames_the_process_that_failed_not_the_ones_it_stopped(tmp_path):
     assert str(logs[1]) in message and message.endswith("boom")
 
 
+def test_a_home_relative_repo_is_expanded_by_the_job_host(tmp_path):
+    """`repo='~/proj'` rendered as `cd ~/proj`, not `cd '~/proj'`, which failed."""
+    files = _render(tmp_path, "local", "repo=~/proj", "command=" + str(tmp_path / "fake"))
+    tpu = _render(tmp_path, "tpu-vm", "repo=~/my proj")
+    assert "\ncd ~/proj\n" in files["branch-code.sh"] and "\ncd ~/proj\n" in files["merge.sh"]
+    assert "--command=\"cd ~/'my proj' && export" in tpu["branch-code.sh"]
+    (tmp_path / "fake").write_text('#!/bin/bash\npwd\n')
+    (tmp_path / "fake").chmod(0o755)
+    (tmp_path / "home/proj").mkdir(parents=True)
+    proc = subprocess.run(["bash", str(tmp_path / "local/branch-code.sh")], capture_output=True,
+                          text=True, env={**os.environ, "HOME": str(tmp_path / "home")})
+    assert proc.returncode == 0, proc.stderr
+    log = tmp_path / "home/proj/logs/branch-code.0.log"
+    assert log.read_text().strip() == str(tmp_path / "home/proj")
+
+
+def test_run_starts_every_party_and_merges_the_listed_ones(tmp_path, monkeypatch, capsys):
+    """Before, a party left out of merge.branches was rendered but never run. `repo` with
+    `~/` is the working folder of every process."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home/proj").mkdir(parents=True)
+    monkeypatch.setattr(jobs, "_moesaic", lambda: [
+        sys.executable, "-c", "import os, sys; print(os.getcwd(), *sys.argv[1:3])"])
+    m = manifest.load(EXAMPLE, ["repo=~/proj", "merge.branches=('code',)",
+                                "parties.code.resources.processes=1",
+                                "parties.math.resources.processes=1"])
+    assert jobs.run_local(m, log_dir=tmp_path / "logs", poll_seconds=0.05) == 0
+    for name in ("code", "math"):
+        cwd, *args = (tmp_path / f"logs/branch-{name}.0.log").read_text().split()
+        assert cwd == str(tmp_path / "home/proj") and args == ["branch", "--config"]
+    assert "start merge of code\n" in capsys.readouterr().out
+    run_all = _render(tmp_path, "local", "merge.branches=('code',)")["run_all.sh"]
+    assert "pids[code]=$!" in run_all and "pids[math]=$!" in run_all
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["render", "--out", "OUT", "--log-dir", "x"], "render: --log-dir is a flag of `launch "
+                                                   "run`, `launch render` would ignore it"),
+    (["render", "--out", "OUT", "--parallel", "2"], "render: --parallel is a flag of `launch "
+                                                    "run`"),
+    (["run", "--out", "OUT"], "run: --out is a flag of `launch render`"),
+])
+def test_launch_refuses_the_flags_of_the_other_action(tmp_path, capsys, argv, message):
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
+    assert cli.main(["launch", argv[0], EXAMPLE, "--target", "local", *argv[1:]]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_launch_parallel_is_zero_for_automatic_or_a_count(capsys):
+    parser = argparse.ArgumentParser(prog="moesaic launch")
+    jobs.register(parser)
+    help_text = " ".join(parser.format_help().split())
+    assert "--parallel PARALLEL run: branch jobs at once (default 0: automatic" in help_text
+    with pytest.raises(SystemExit):
+        cli.main(["launch", "run", EXAMPLE, "--target", "local", "--parallel", "-1"])
+    assert "argument --parallel: must be at least 0, got -1" in capsys.readouterr().err
+
+
+def test_run_expands_a_home_relative_log_dir_flag(monkeypatch):
+    """`--log-dir=~/lg` reaches no shell that would expand it; before, it made `./~/lg`."""
+    seen = []
+    monkeypatch.setattr(jobs, "run_local", lambda m, log_dir, parallel: seen.append(log_dir))
+    assert cli.main(["launch", "run", EXAMPLE, "--target", "local", "--log-dir=~/lg"]) == 0
+    assert seen == [os.path.expanduser("~/lg")] and not seen[0].startswith("~")
+
+
+def test_tpu_vm_render_says_where_a_job_without_repo_runs(tmp_path, capsys):
+    argv = ["launch", "render", EXAMPLE, "--target", "tpu-vm", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert "repo is empty, so each TPU worker runs its job in its home directory" \
+        in capsys.readouterr().err
+    assert cli.main([*argv, "--config.repo=/srv/moesaic"]) == 0
+    assert "repo is empty" not in capsys.readouterr().err
+
+
 def test_each_party_gets_its_own_coordinator_port(tmp_path):
     """SLURM jobs of two parties may share a first node, as local ones share loopback."""
     slurm, local = _render(tmp_path, "slurm"), _render(tmp_path, "local")
@@ -360,99 +408,3 @@ def test_each_party_gets_its_own_coordinator_port(tmp_path):
         assert f'| head -n 1):{port}"\n' in slurm[f"branch-{name}.sbatch"]
         assert f"--coordinator 127.0.0.1:{port} " in local[f"branch-{name}.sh"]
 
-
-# ---- the `moesaic` command ---------------------------------------------------------------
-
-def _parser(name: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"moesaic {name}")
-    importlib.import_module(cli.COMMANDS[name][0]).register(parser)
-    return parser
-
-
-@pytest.mark.parametrize("name", [n for n in cli.COMMANDS if n not in cli.TAKES_OVERRIDES])
-def test_commands_without_a_config_refuse_overrides(name, capsys):
-    """Before, `moesaic eval ... --config.x=y` ran and ignored the override."""
-    assert "--config" not in _parser(name)._option_string_actions  # it really reads none
-    assert cli.main([name, "--help", "--config.train.steps=5"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"moesaic {name}: error: --config.train.steps=5: `moesaic {name}` "
-                          "reads no config")
-
-
-def test_commands_that_take_overrides_read_a_config():
-    for name in cli.TAKES_OVERRIDES:
-        options = _parser(name)._option_string_actions
-        assert "--config" in options or name == "launch", name  # launch: its manifest
-
-
-def _docstring_commands(path: pathlib.Path) -> list[str]:
-    """The commands a config file's docstring shows: indented lines and `inline` ones."""
-    doc = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""  # indents kept
-    doc = re.sub(r"\\\n\s*", "", doc)
-    lines = [ln.strip() for ln in doc.splitlines() if re.match(r" {4}(moesaic|python) ", ln)]
-    inline = re.findall(r"`((?:moesaic|python) [^`]+)`", doc)
-    return [" ".join(c.split()) for c in lines + inline]
-
-
-DOC_COMMANDS = [(p.name, c) for p in sorted((ROOT / "moesaic/configs").glob("*.py"))
-                for c in _docstring_commands(p)]
-
-
-def test_config_docstrings_show_commands():
-    assert {name for name, _ in DOC_COMMANDS} >= {"tiny.py", "small.py", "olmo2_7b.py",
-                                                   "flexolmo_7x7b.py", "manifest_example.py"}
-
-
-@pytest.mark.parametrize("where, command", DOC_COMMANDS)
-def test_config_docstring_commands_parse(where, command, monkeypatch):
-    """Every command a config's docstring shows parses, and its config (with overrides)
-    resolves; before, tiny.py's `moesaic train` had no --workdir and small.py passed the
-    bench a --config it does not take."""
-    monkeypatch.chdir(ROOT)
-    argv = shlex.split(command)
-    if argv[0] == "python":
-        script = (ROOT / argv[1]).read_text()
-        for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
-            assert f'add_argument("{flag}"' in script, f"{where}: {argv[1]} has no {flag}"
-        return
-    name, (rest, overrides) = argv[1], config_cli.split_config_args(argv[2:])
-    assert not overrides or name in cli.TAKES_OVERRIDES, where
-    args = _parser(name).parse_args(rest)  # a missing or unknown flag exits here
-    if name == "launch":
-        manifest.load(args.manifest, overrides)
-        return
-    config_cli.resolve(args.config, overrides)
-    if name == "plan":
-        plan.parse_mesh(args.mesh), plan.parse_bytes(args.hbm)
-
-
-@pytest.mark.parametrize("override", ["--config.nope=3", "--config.train.steps=abc"])
-def test_training_commands_refuse_a_bad_override_in_one_line(tmp_path, capsys, override):
-    with pytest.raises(SystemExit) as stop:
-        cli.main(["train", "--config", "moesaic/configs/tiny.py", "--workdir",
-                  str(tmp_path), override])
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and "Traceback" not in err
-    assert err.startswith("error: config ") and err.count("\n") == 1
-
-
-def test_a_tpu_vm_worker_starts_jax_distributed_from_the_marker(monkeypatch):
-    from moesaic.branch_train import distributed
-
-    for name in ("SLURM_NTASKS", "SLURM_PROCID", "TPU_WORKER_HOSTNAMES", "MOESAIC_DISTRIBUTED"):
-        monkeypatch.delenv(name, raising=False)
-    assert distributed.detected_cluster() == ""
-    monkeypatch.setenv("MOESAIC_DISTRIBUTED", "auto")
-    assert distributed.detected_cluster() == "tpu"
-
-
-@pytest.mark.parametrize("coordinator, processes, process_id", [
-    ("", 2, 0), ("localhost:1234", 1, 0), ("localhost:1234", 2, -1), ("localhost:1234", 2, 2)])
-def test_a_multi_process_start_needs_a_coordinator_and_an_id_below_the_count(
-        coordinator, processes, process_id):
-    from moesaic.branch_train import distributed
-
-    args = argparse.Namespace(coordinator=coordinator, num_processes=processes,
-                              process_id=process_id)
-    with pytest.raises(ValueError, match=r"--process-id in \[0, N\)"):
-        distributed.initialize(args)

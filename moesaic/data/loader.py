@@ -221,8 +221,9 @@ def packed_rows(data_dir: str | os.PathLike, source: str, split: str, *, width: 
     total = int(ends[-1]) if len(ends) else 0
     n_all = total // width
     if n_all < 1:
-        raise ValueError(f"source {source!r}: {split} split has {total} tokens (with eos), "
-                         f"fewer than one sequence of {width}")
+        raise ValueError(f"source {source!r} ({split} split in {str(data_dir)!r}) has {total} "
+                         f"tokens (with eos), fewer than one row of {width} tokens; give it "
+                         "more text or lower data.seq_len")
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"source {source!r}: max_rows={max_rows}, must be at least 1")
     n = n_all if max_rows is None else min(int(max_rows), n_all)

@@ -3,7 +3,8 @@
     moesaic launch render MANIFEST --target slurm|tpu-vm|local --out DIR
     moesaic launch run MANIFEST --target local [--log-dir DIR] [--parallel K]
 
-render writes, per target:
+render writes, per target (every party's branch job runs; the merge waits for all of them
+and fuses the parties merge.branches names):
   slurm   branch-NAME.sbatch (nodes, tasks and GPUs per node; `srun` starts one
           `moesaic branch` per task, jax.distributed from SLURM_NODELIST / SLURM_NTASKS /
           SLURM_PROCID), merge.sbatch, and submit_all.sh (sbatch every branch, then the
@@ -16,9 +17,10 @@ render writes, per target:
 A party's coordinator port (slurm, local) is PORT + its index among the parties, so two
 parties' jobs on one host never collide.
 
-run executes the local form here: the branch jobs (several at once when the machine has a
-core per process for them), then the merge. A failing job stops the run; its log's tail is
-printed. The scripts are rendered from string.Template files in moesaic/launch/templates.
+run executes the local form here: every party's branch job (several at once when the
+machine has a core per process for them), then the merge. A failing job stops the run; its
+log's tail is printed. The scripts are rendered from string.Template files in
+moesaic/launch/templates.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import sys
 import time
 
 from moesaic.launch import manifest as manifest_lib
+from moesaic.launch.cli import whole_number
 from moesaic.launch.manifest import Manifest, Party, Resources, distributed_args
 
 TARGETS = ("slurm", "tpu-vm", "local")
@@ -49,14 +52,37 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", help="manifest file[:arg], e.g. "
                                          "moesaic/configs/manifest_example.py")
     parser.add_argument("--target", choices=TARGETS, required=True)
-    parser.add_argument("--out", default="", help="render: the folder for the scripts")
-    parser.add_argument("--log-dir", default="",
+    parser.add_argument("--out", default=None, help="render: the folder for the scripts")
+    parser.add_argument("--log-dir", default=None,
                         help="run: where each process's log goes (default: manifest log_dir)")
-    parser.add_argument("--parallel", type=int, default=0,
-                        help="run: branch jobs at once (default: as many as the cores allow)")
+    parser.add_argument("--parallel", type=whole_number(0), default=None,
+                        help="run: branch jobs at once (default 0: automatic, as many as "
+                             "there are cores for their processes)")
+
+
+# The flags only one action reads, and the hint given when the other action receives one.
+_ACTION_FLAGS = {
+    "render": {"log_dir": ("--log-dir", "the rendered scripts write to the manifest's "
+                                        "log_dir (--config.log_dir=DIR)"),
+               "parallel": ("--parallel", "run_all.sh starts every branch job at once")},
+    "run": {"out": ("--out", "it writes no scripts; its logs go to --log-dir")},
+}
+
+
+def _misplaced_flag(args: argparse.Namespace) -> str:
+    """The error for a flag of the other action (it would be ignored), or ""."""
+    for attr, (flag, hint) in _ACTION_FLAGS[args.action].items():
+        if getattr(args, attr) is not None:
+            other = "run" if args.action == "render" else "render"
+            return (f"moesaic launch {args.action}: {flag} is a flag of `launch {other}`, "
+                    f"`launch {args.action}` would ignore it: {hint}")
+    return ""
 
 
 def run(args: argparse.Namespace) -> int:
+    if error := _misplaced_flag(args):
+        print(error, file=sys.stderr)
+        return 2
     try:
         manifest = manifest_lib.load(args.manifest, getattr(args, "config_overrides", []))
     except (ValueError, KeyError, FileNotFoundError) as err:
@@ -73,13 +99,18 @@ def run(args: argparse.Namespace) -> int:
             return 2
         for path in written:
             print(path)
+        if args.target == "tpu-vm" and not manifest.repo:
+            print("moesaic launch render: note: repo is empty, so each TPU worker runs its "
+                  "job in its home directory (where `gcloud ... ssh` logs in); relative "
+                  "paths resolve there (set repo, e.g. --config.repo='~/moesaic')",
+                  file=sys.stderr)
         return 0
     if args.target != "local":
         print(f"moesaic launch run: only --target local runs here; render --target "
               f"{args.target} and submit the scripts on the cluster", file=sys.stderr)
         return 2
-    return run_local(manifest, log_dir=args.log_dir or manifest.log_dir,
-                     parallel=args.parallel)
+    log_dir = os.path.expanduser(args.log_dir) if args.log_dir else manifest.log_dir
+    return run_local(manifest, log_dir=log_dir, parallel=args.parallel or 0)
 
 
 # ---- rendering -------------------------------------------------------------------------
@@ -92,8 +123,17 @@ def _job_name(manifest: Manifest, what: str) -> str:
     return f"{manifest.name}-{what}"
 
 
+def _repo_word(repo: str) -> str:
+    """The repo as one shell word; a leading `~/` stays unquoted, so the shell running the
+    job expands it to the home directory there."""
+    if repo == "~" or repo.startswith("~/"):
+        rest = repo[2:]
+        return "~/" + shlex.quote(rest) if rest else "~"
+    return shlex.quote(repo)
+
+
 def _cd(manifest: Manifest) -> str:
-    return f"cd {shlex.quote(manifest.repo)}\n" if manifest.repo else ""
+    return f"cd {_repo_word(manifest.repo)}\n" if manifest.repo else ""
 
 
 def _exports(*envs: dict[str, str]) -> str:
@@ -150,7 +190,7 @@ def _slurm_files(manifest: Manifest) -> dict[str, str]:
         exports=_exports(manifest.env, manifest.merge.env),
         command=_command(manifest, manifest.merge_args()))
     submit, variables = [], []
-    for i, party in enumerate(manifest.merge_parties()):
+    for i, party in enumerate(manifest.parties):
         var = f"job_{i}"  # by position: 'code-v2' and 'code_v2' must not share a variable
         submit.append(f'{var}=$(sbatch --parsable "$here/branch-{party.name}.sbatch")\n'
                       f"{var}=${{{var}%%;*}}\n"
@@ -174,7 +214,7 @@ def _tpu_ssh(name: str, zone: str, project: str, worker: str, remote: str) -> st
 
 def _remote(manifest: Manifest, env: dict[str, str], command: str) -> str:
     """The command a TPU worker runs: cd, environment, the job."""
-    parts = [f"cd {shlex.quote(manifest.repo)}"] if manifest.repo else []
+    parts = [f"cd {_repo_word(manifest.repo)}"] if manifest.repo else []
     parts += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     return " && ".join([*parts, command])
 
@@ -194,7 +234,7 @@ def _merge_sh(manifest: Manifest, target: str) -> str:
 
 def _run_all(manifest: Manifest) -> str:
     start = "".join(f'"$here/branch-{p.name}.sh" & pids[{shlex.quote(p.name)}]=$!\n'
-                    for p in manifest.merge_parties())
+                    for p in manifest.parties)
     return _template("run_all.sh", manifest=manifest.spec, start_branches=start)
 
 
@@ -338,12 +378,13 @@ def _branch_job(manifest: Manifest, party: Party, log_dir: pathlib.Path) -> _Job
 
 def run_local(manifest: Manifest, *, log_dir: str | pathlib.Path = "logs",
               parallel: int = 0, poll_seconds: float = 0.5) -> int:
-    """Runs every branch job here (`parallel` at once; 0: as many as there are cores for
-    their processes, at least one), then the merge. Returns 0, or 1 after the first failure
-    (its log tail printed, the other running jobs stopped, no merge)."""
+    """Runs every party's branch job here (`parallel` at once; 0: as many as there are cores
+    for their processes, at least one), then the merge of merge.branches. Returns 0, or 1
+    after the first failure (its log tail printed, the other running jobs stopped, no
+    merge)."""
     log_dir = pathlib.Path(log_dir)
-    cwd = manifest.repo or None
-    pending = list(manifest.merge_parties())  # a job's port is picked when it starts
+    cwd = os.path.expanduser(manifest.repo) if manifest.repo else None
+    pending = list(manifest.parties)  # a job's port is picked when it starts
     cores = os.cpu_count() or 1
     running: list[_Job] = []
     try:

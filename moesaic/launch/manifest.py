@@ -4,12 +4,15 @@ A manifest file's `get_config(arg)` returns a ConfigDict (see moesaic/configs/
 manifest_example.py) with:
 
   name       a label for the job names ("moesaic")
-  repo       the folder every job `cd`s into first ("" = where the script is run)
+  repo       the folder every job `cd`s into first; a leading `~/` is the home directory of
+             the host that runs the job. "" = no `cd`: local and SLURM jobs start where the
+             script is run (sbatch: the submit folder), TPU VM jobs (over `gcloud ... ssh`)
+             in each worker's home directory
   command    how a job host runs moesaic ("moesaic"; e.g. ".venv/bin/moesaic")
   base       the public checkpoint every party starts from
   env        environment variables every job gets
   port       coordinator port of the multi-process jobs (a party's: port + its index)
-  log_dir    where rendered jobs write their logs ("logs")
+  log_dir    where rendered jobs write their logs ("logs"; absolute or relative, no `~`)
   parties    one ConfigDict per party, keyed by its name:
     config     config file[:arg] of its branch job, e.g. moesaic/configs/tiny.py:source=code
     source     its source name (becomes config.branch.source; "" keeps the config's)
@@ -24,7 +27,8 @@ manifest_example.py) with:
                account (SLURM); tpu_name, tpu_zone, tpu_project (TPU VM);
                processes (local; 0 = nodes * tasks_per_node)
   merge      router, top_k, out, branches (party names in expert order; () = all, by name),
-             extra_args, env, resources (as a party's)
+             extra_args, env, resources (as a party's). Every party's branch job runs; the
+             merge waits for all of them and fuses the ones `branches` names.
 
 `--config.parties.code.resources.nodes=4` style overrides apply to a manifest as to a config.
 """
@@ -159,7 +163,31 @@ def _where(where: str, what: str) -> str:
     return f"manifest {where}: {what}"
 
 
-_PLAIN_PATH = re.compile(r"^[A-Za-z0-9_./~-]+$")
+_PLAIN_PATH = re.compile(r"^[A-Za-z0-9_./-]+$")
+
+
+def _log_dir(config) -> str:
+    """A plain path: it is written into #SBATCH lines and double-quoted shell words, where
+    neither sbatch nor the shell expands `~`."""
+    log_dir = str(config.get("log_dir", "logs") or "logs")
+    if "~" in log_dir:
+        raise ValueError(_where("log_dir", f"{log_dir!r}: `~` is not expanded in #SBATCH "
+                                           "lines or quoted shell words; give an absolute "
+                                           "or relative path"))
+    if not _PLAIN_PATH.match(log_dir):
+        raise ValueError(_where("log_dir", f"{log_dir!r}: letters, digits and / . _ - only "
+                                           "(no spaces or shell characters)"))
+    return log_dir
+
+
+def _repo(config) -> str:
+    """"" or a folder; `~` only as a leading `~/` (or alone), the job host's home."""
+    repo = str(config.get("repo", "") or "")
+    if repo.startswith("~") and repo != "~" and not repo.startswith("~/"):
+        raise ValueError(_where("repo", f"{repo!r}: only a leading `~/` (this user's home "
+                                        "on the job's host) is expanded; write the path "
+                                        "out"))
+    return repo
 
 
 def _strings(section, key: str, where: str) -> tuple[str, ...]:
@@ -206,10 +234,8 @@ def _require(section, field: str, where: str) -> str:
 def from_config(config: ml_collections.ConfigDict, spec: str = "") -> Manifest:
     base = _require(config, "base", "base")
     env = _env(config.get("env"), "env")
-    log_dir = str(config.get("log_dir", "logs") or "logs")
-    if not _PLAIN_PATH.match(log_dir):  # it is written into #SBATCH lines and shell words
-        raise ValueError(_where("log_dir", f"{log_dir!r}: letters, digits and / . _ - ~ only "
-                                           "(no spaces or shell characters)"))
+    log_dir = _log_dir(config)
+    repo = _repo(config)
     parties = []
     for name, section in dict(config.get("parties") or {}).items():
         where = f"parties.{name}"
@@ -246,7 +272,7 @@ def from_config(config: ml_collections.ConfigDict, spec: str = "") -> Manifest:
                        env=_env(merge.get("env"), "merge"),
                        resources=_resources(merge.get("resources"), "merge"))
     return Manifest(name=str(config.get("name", "moesaic") or "moesaic"),
-                    repo=str(config.get("repo", "") or ""),
+                    repo=repo,
                     command=str(config.get("command", "moesaic") or "moesaic"), base=base,
                     env=env, port=int(config.get("port", 12355)),
                     log_dir=log_dir,
