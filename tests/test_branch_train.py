@@ -237,6 +237,16 @@ def test_dense_mode_trains_everything_and_writes_a_whole_model(data, dense_base,
     mean = code_stats["stats/mean_hidden"]
     np.testing.assert_allclose(rows[:, 0], mean / np.linalg.norm(mean, axis=-1, keepdims=True),
                                rtol=1e-5, atol=1e-6)  # centroid: the unit mean router input
+    # stats_batches=0: a dense job without them (the demo's); a branch job cannot do without
+    train(tiny_config("source=math", branch__mode="dense", train__steps=1,
+                      branch__stats_batches=0), _job("dense", tmp_path / "bare", data, dense_base))
+    bare = io.tensor_metadata(tmp_path / "bare" / "artifact")
+    assert not any(n.startswith("stats/") for n in bare)
+    assert "stats_tokens" not in io.read_meta(tmp_path / "bare" / "artifact")
+    with pytest.raises(ValueError, match=r"stats_batches=0: a branch job needs its data's "
+                                         r"router statistics"):
+        train(tiny_config("source=math", branch__stats_batches=0),
+              _job("branch", tmp_path / "nostats", data, dense_base))
 
 
 def test_ffn_job_trains_the_ffn_in_place_and_hands_it_over_as_an_expert(data, dense_base,

@@ -267,8 +267,15 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         base = base_model.load_base(job.base, base_meta, mesh, rules, base_cfg)
         # the party's router statistics under the base: a branch's router row is set from
         # them and the merge's routers read them; a dense branch of one source keeps them for
-        # BTX routers (one trained on a mixture has no single domain to route to)
-        if job.kind != "dense" or len(parse_mixture(str(config.branch.source))) == 1:
+        # BTX routers (one trained on a mixture has no single domain to route to), unless
+        # config.branch.stats_batches is 0
+        n_stats = int(config.branch.stats_batches)
+        if job.kind != "dense" and n_stats < 1:
+            raise ValueError(f"config.branch.stats_batches={n_stats}: a {job.kind} job needs "
+                             "its data's router statistics (its router row and the merge's "
+                             "routers are set from them); at least 1")
+        if job.kind != "dense" or (n_stats > 0
+                                   and len(parse_mixture(str(config.branch.source))) == 1):
             stats = base_model.party_stats(base, config, job.data_dir, mesh, rules)
         if job.kind in ("branch", "ffn"):
             public = (base_model.party_stats(base, config, job.data_dir, mesh, rules,

@@ -231,10 +231,13 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default",
         branches[d] = stages.run(f"branch/{d}", w / "branches" / d / "artifact", lambda d=d: _train(
             job_config(preset, steps=preset.branch_steps, lr=preset.branch_lr, source=d),
             "branch", w / "branches" / d, data, public))
+    def train_dense(d):
+        config = job_config(preset, steps=preset.dense_steps, lr=preset.branch_lr, source=d)
+        config.branch.stats_batches = 0  # no router statistics: the demo's BTX routes randomly
+        _train(config, "dense", w / "dense" / d, data, public)
     for d in DOMAINS:
-        dense[d] = stages.run(f"dense/{d}", w / "dense" / d / "artifact", lambda d=d: _train(
-            job_config(preset, steps=preset.dense_steps, lr=preset.branch_lr, source=d),
-            "dense", w / "dense" / d, data, public))
+        dense[d] = stages.run(f"dense/{d}", w / "dense" / d / "artifact",
+                              lambda d=d: train_dense(d))
     everything = ",".join(f"{s}:1" for s in (*DOMAINS, "public"))
     n_all = 1 + len(DOMAINS)
 

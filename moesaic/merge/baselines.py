@@ -163,7 +163,8 @@ def btx(branch_paths, out: str | pathlib.Path, *, router: str, top_k: int,
                    if any(f"stats/{s}" not in b.tensors for s in STAT_NAMES)]
         if missing:
             raise MergeRefused(f"btx --router {router}: dense branches {missing} carry no "
-                               f"stats/ tensors; use --router random")
+                               "stats/ tensors (written before dense jobs kept them, or with "
+                               "config.branch.stats_batches=0); use --router random")
     cfg = branches[0].cfg
     inputs = registry.RouterInputs(
         n_layers=cfg.n_layers, d_model=cfg.d_model, sources=[b.source for b in branches],
