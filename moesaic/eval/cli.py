@@ -56,7 +56,7 @@ def _seq_len_of(path: str) -> int:
     if not io.is_complete(path):
         return DEFAULT_SEQ_LEN  # loading the model then says what is wrong with the path
     meta = io.read_meta(path)
-    return int(((meta.get("config") or {}).get("data") or {}).get("seq_len") or DEFAULT_SEQ_LEN)
+    return io.trained_seq_len([meta]) or DEFAULT_SEQ_LEN
 
 
 def _experts(specs: list[str]) -> dict[str, str]:

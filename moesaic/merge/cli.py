@@ -19,7 +19,7 @@ import shutil
 import sys
 
 from moesaic.launch.cli import whole_number
-from moesaic.merge.sources import MergeRefused, trained_seq_len
+from moesaic.merge.sources import MergeRefused
 from moesaic.routing.registry import KINDS
 
 ACTIONS = ("remove", "add", "soup", "btx")
@@ -132,12 +132,13 @@ def _public_stats(args, base_path):
     if args.public_data:
         from moesaic.merge.public_stats import compute_public_stats
         from moesaic.merge.sources import open_branch
+        from moesaic.model import io
         branches = [open_branch(b) for b in args.branch or []]
         kinds = {b.router_input for b in branches}
         # The sums must be of sequences as long as the parties' (prefix means depend on it).
         path = compute_public_stats(base_path, args.public_data,
                                     router_input=kinds.pop() if len(kinds) == 1 else "token",
-                                    seq_len=trained_seq_len(b.meta for b in branches) or 128)
+                                    seq_len=io.trained_seq_len(b.meta for b in branches) or 128)
         return path, path.parent
     return args.public_stats, None
 

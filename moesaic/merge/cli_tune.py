@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from moesaic.launch.cli import whole_number
-from moesaic.merge.sources import MergeRefused, trained_seq_len
+from moesaic.merge.sources import MergeRefused
 from moesaic.model import io
 
 
@@ -30,7 +30,7 @@ def run(args) -> int:
     from moesaic.merge.tune import tune_router_on_data
 
     try:
-        seq_len = args.seq_len or trained_seq_len([io.read_meta(args.merged)]) or 128
+        seq_len = args.seq_len or io.trained_seq_len([io.read_meta(args.merged)]) or 128
         tune_router_on_data(args.merged, args.out, args.data, ",".join(args.source),
                             seq_len=seq_len, batch=args.batch, seed=args.seed,
                             steps=args.steps, lr=args.lr)

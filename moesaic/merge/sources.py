@@ -148,17 +148,10 @@ class PublicStats:
 
 # ---- from a base checkpoint and branch artifacts ------------------------------------------
 
-def trained_seq_len(metas) -> int | None:
-    """The data.seq_len the checkpoints with these metas trained on, when they agree."""
-    lengths = {((m.get("config") or {}).get("data") or {}).get("seq_len") for m in metas}
-    lengths.discard(None)
-    return int(lengths.pop()) if len(lengths) == 1 else None
-
-
 def seq_len_record(metas) -> dict:
     """{"config": {"data": {"seq_len": L}}} for a merged model's meta when its inputs agree on
     L (what `moesaic eval` and `tune-router` read for their default --seq-len), else {}."""
-    length = trained_seq_len(metas)
+    length = io.trained_seq_len(metas)
     return {} if length is None else {"config": {"data": {"seq_len": length}}}
 
 

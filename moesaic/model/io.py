@@ -141,6 +141,13 @@ def inner_checkpoint_hint(path: str | pathlib.Path) -> str:
     return f"; did you mean {' or '.join(inner)}?" if inner else ""
 
 
+def trained_seq_len(metas: Iterable[dict]) -> int | None:
+    """The data.seq_len the checkpoints with these metas trained on, when they agree."""
+    lengths = {((m.get("config") or {}).get("data") or {}).get("seq_len") for m in metas}
+    lengths.discard(None)
+    return int(lengths.pop()) if len(lengths) == 1 else None
+
+
 def read_meta(path: str | pathlib.Path) -> dict:
     path = pathlib.Path(path)
     if not path.exists():
