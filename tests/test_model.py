@@ -149,17 +149,50 @@ def test_collected_stats_are_sums_of_what_the_router_scores(router_input):
     np.testing.assert_allclose(aux["xtx"][0], flat.T @ flat, rtol=1e-4, atol=1e-3)
 
 
-def _dot_precisions(jaxpr) -> list[tuple[tuple, object]]:
-    """(output shape, precision) of every dot_general in a traced program, inner ones too."""
+def _dots(jaxpr) -> list:
+    """Every dot_general of a traced program, inner ones (scan bodies, pjit) too."""
     found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
-            found.append((tuple(eqn.outvars[0].aval.shape), eqn.params["precision"]))
+            found.append(eqn)
         for value in eqn.params.values():
             inner = getattr(value, "jaxpr", value)
             if hasattr(inner, "eqns"):
-                found += _dot_precisions(inner)
+                found += _dots(inner)
     return found
+
+
+def _dot_precisions(jaxpr) -> list[tuple[tuple, object]]:
+    """(output shape, precision) of every dot_general in a traced program."""
+    return [(tuple(e.outvars[0].aval.shape), e.params["precision"]) for e in _dots(jaxpr)]
+
+
+@pytest.mark.parametrize("experts", [1, 3])
+def test_no_dot_of_the_training_step_contracts_two_axes(experts):
+    """XLA:CPU runs a dot that contracts two axes (batch and length, as the weight gradient of
+    a `btd,dnh` einsum does) about 2x slower than a 2-D matmul; every projection is one
+    (tokens, in) x (in, out) matmul, forward and backward."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, d_ff=48, n_layers=2, n_heads=2, n_kv_heads=2,
+                      n_experts=experts, top_k=min(2, experts))
+    graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+    batch = jnp.zeros((2, 9), jnp.int32)
+    grad = jax.grad(lambda s: lm_loss(nnx.merge(graphdef, s), batch)[0])
+    dots = _dots(jax.make_jaxpr(grad)(state).jaxpr)
+    lhs_shapes = [e.invars[0].aval.shape for e in dots]  # axes of size 1 do not count
+    contracted = [sum(shape[a] > 1 for a in e.params["dimension_numbers"][0][0])
+                  for e, shape in zip(dots, lhs_shapes)]
+    assert len(dots) > 10 and set(contracted) == {1}, contracted
+
+
+def test_dense_is_the_einsum_it_replaces():
+    from moesaic.model.layers import dense
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
+    w = jax.random.normal(jax.random.key(1), (4, 5, 6))
+    np.testing.assert_allclose(dense(x, w, n_in=2), jnp.einsum("btnh,nhd->btd", x, w),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dense(x, w[0], n_in=1), jnp.einsum("btnh,hd->btnd", x, w[0]),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_router_logits_and_stats_ask_for_full_float32_products():

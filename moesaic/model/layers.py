@@ -7,6 +7,8 @@ Shapes are named in the suffix: `x_btd` is (batch, length, d_model).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -39,6 +41,16 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, n_axes: int = 1) -> ja
     return (weight.astype(jnp.float32) * x32).astype(x.dtype)
 
 
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """x's last `n_in` axes contracted with w's first `n_in`, as one (tokens, in) x (in, out)
+    matmul. XLA:CPU lowers a dot whose weight gradient contracts two token axes (batch and
+    length) to a path about 2x slower than this 2-D one (bench/train_step.py); accelerators
+    compile both forms to the same kernel."""
+    lead, k = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    return y.reshape(*lead, *w.shape[n_in:])
+
+
 def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding, half-split layout (Hugging Face `rotate_half`)."""
     head = x_btnh.shape[-1]
@@ -68,13 +80,13 @@ class Attention(nnx.Module):
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
         cfg = self.cfg
         dt = cfg.compute_dtype
-        q = jnp.einsum("btd,dnh->btnh", x_btd, self.q[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", x_btd, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", x_btd, self.v[...].astype(dt))
+        q = dense(x_btd, self.q[...].astype(dt))
+        k = dense(x_btd, self.k[...].astype(dt))
+        v = dense(x_btd, self.v[...].astype(dt))
         q = rope(rms_norm(q, self.q_norm[...], cfg.norm_eps, 2), positions_bt, cfg.rope_theta)
         k = rope(rms_norm(k, self.k_norm[...], cfg.norm_eps, 2), positions_bt, cfg.rope_theta)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt))
+        return dense(out, self.o[...].astype(dt), n_in=2)

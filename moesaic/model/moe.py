@@ -26,7 +26,7 @@ from flax import nnx
 
 from moesaic.model import dispatch
 from moesaic.model.config import ModelConfig
-from moesaic.model.layers import stacked_param
+from moesaic.model.layers import dense, stacked_param
 from moesaic.model.sharding import constrain
 
 
@@ -94,7 +94,7 @@ def routing_losses(r: Routing, n_experts: int) -> dict[str, jax.Array]:
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+    return dense(jax.nn.silu(dense(x, w_gate)) * dense(x, w_up), w_down)
 
 
 class MoE(nnx.Module):

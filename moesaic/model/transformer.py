@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moesaic.model.config import ModelConfig
-from moesaic.model.layers import Attention, rms_norm, stacked_param
+from moesaic.model.layers import Attention, dense, rms_norm, stacked_param
 from moesaic.model.moe import MoE, router_inputs
 from moesaic.model.sharding import constrain
 
@@ -86,7 +86,7 @@ class Decoder(nnx.Module):
         n_tokens."""
         x, per_layer = self.hidden(tokens_bt, collect_stats)
         x = rms_norm(x, self.final_norm[...], self.cfg.norm_eps)
-        logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype))
+        logits = dense(x, self.lm_head[...].astype(x.dtype))
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         aux = {
             "z_loss": jnp.mean(per_layer["z_loss"]),
