@@ -1,4 +1,8 @@
-"""Shared test helpers. Multi-device code runs in a subprocess with fake CPU devices."""
+"""Shared test helpers. Multi-device code runs in a subprocess with fake CPU devices.
+
+The session keeps one XLA persistent compilation cache, which the subprocesses share: the smoke
+demo's four branches (and four dense experts) compile the same programs, and with the cache
+its run takes 93 s instead of 162 s."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,3 +47,13 @@ def last_json_line(stdout: str):
 @pytest.fixture
 def devices_subprocess():
     return run_python
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("xla-cache"))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path  # the subprocesses'
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield path

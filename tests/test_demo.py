@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from moesaic.eval import demo
+from tests.conftest import last_json_line, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -135,3 +136,22 @@ def test_uncoordinated_experts_train_merge_and_join_the_report(smoke, tmp_path):
             results["systems"][name]["code"]["bpb"], rel=1e-6), name
     report = (copy / "report.md").read_text()
     assert "FlexOlmo's uncoordinated experts" in report and all(n in report for n in new)
+
+
+def test_the_demo_command_compiles_each_program_once_into_its_workdir(tmp_path):
+    """`moesaic demo` keeps XLA's persistent cache in W/xla-cache (the branches and the dense
+    experts compile the same programs); a cache the user named is left in charge."""
+    code = f"""
+        import json, pathlib, jax, jax.numpy as jnp
+        from moesaic.eval import demo
+        demo.use_compilation_cache(pathlib.Path({str(tmp_path)!r}) / "xla-cache")
+        jax.jit(lambda x: x * 2 + 1)(jnp.ones(3)).block_until_ready()
+        print(json.dumps(jax.config.jax_compilation_cache_dir))
+    """
+    ours = run_python(code, env={"JAX_COMPILATION_CACHE_DIR": ""})
+    assert last_json_line(ours.stdout) == str(tmp_path / "xla-cache")
+    assert any((tmp_path / "xla-cache").iterdir())
+    shutil.rmtree(tmp_path / "xla-cache")
+    theirs = run_python(code, env={"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "mine")})
+    assert last_json_line(theirs.stdout) == str(tmp_path / "mine")
+    assert not (tmp_path / "xla-cache").exists()

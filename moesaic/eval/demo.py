@@ -34,6 +34,7 @@ import pathlib
 import shutil
 import time
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -446,7 +447,20 @@ def register(parser: argparse.ArgumentParser) -> None:
                              "public_mix=0, top_k=2, uncoordinated=true, ...); repeatable")
 
 
+def use_compilation_cache(path: pathlib.Path) -> None:
+    """XLA's persistent compilation cache in `path`, unless the user named one
+    (JAX_COMPILATION_CACHE_DIR). Every stage compiles its own train and eval steps, and the four
+    branches (and the four dense experts) compile the same programs: with the cache each is
+    compiled once. A cache holds executables the process will run, so it must be trusted
+    like the code: it lives in the workdir."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def run(args: argparse.Namespace) -> int:
+    use_compilation_cache(pathlib.Path(args.workdir).absolute() / "xla-cache")
     try:
         run_demo(args.workdir, args.preset, args.set)
     except ValueError as err:
