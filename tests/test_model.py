@@ -195,6 +195,35 @@ def test_dense_is_the_einsum_it_replaces():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("experts", [1, 3])
+def test_the_layer_loop_is_the_scan(experts):
+    """`model.scan_layers=False` unrolls the layers: same logits, per-layer aux, statistics and
+    gradients as the scan, and no scan left in the program."""
+    kw = dict(vocab_size=64, d_model=32, d_ff=48, n_layers=3, n_heads=2, n_kv_heads=2,
+              n_experts=experts, top_k=min(2, experts))
+    scanned = Decoder(ModelConfig(**kw), rngs=nnx.Rngs(0))
+    looped = Decoder(ModelConfig(**kw, scan_layers=False), rngs=nnx.Rngs(0))
+    batch = jax.random.randint(jax.random.key(1), (2, 9), 0, 64)
+    (logits_s, aux_s), (logits_l, aux_l) = scanned(batch, True), looped(batch, True)
+    np.testing.assert_allclose(logits_l, logits_s, rtol=1e-5, atol=1e-5)
+    assert aux_l.keys() == aux_s.keys()
+    for name in aux_s:
+        np.testing.assert_allclose(aux_l[name], aux_s[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+    def grads(model):
+        graphdef, state = nnx.split(model)
+        grad = jax.grad(lambda s: lm_loss(nnx.merge(graphdef, s), batch)[0])
+        return grad, state
+
+    grad_s, state_s = grads(scanned)
+    grad_l, state_l = grads(looped)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 grad_l(state_l), grad_s(state_s))
+    primitives = {e.primitive.name for e in jax.make_jaxpr(grad_l)(state_l).jaxpr.eqns}
+    assert "scan" not in primitives and "scan" in {
+        e.primitive.name for e in jax.make_jaxpr(grad_s)(state_s).jaxpr.eqns}
+
+
 def test_router_logits_and_stats_ask_for_full_float32_products():
     """On TPU a float32 matmul defaults to one bfloat16 pass; the router's scores and the
     statistics the ridge rows solve with must not. (CPU computes float32 either way, so the

@@ -30,7 +30,7 @@ from moesaic.routing.contrast import contrast_rows
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                 "d_ff", "tokenizer", "eos_id", "pad_id", "rope_theta", "norm_eps")
 RUNTIME_FIELDS = ("dispatch", "capacity_factor", "z_loss_weight", "lb_loss_weight", "dtype",
-                  "remat", "router_input")
+                  "remat", "scan_layers", "router_input")
 ROUTER_INITS = ("contrast", "mean_hidden", "public_noise", "vector")
 BASE_KINDS = ("public", "model")  # not "merged": its branch could never be merged
 

@@ -62,7 +62,7 @@ def build(*, model: dict, seq_len: int, global_batch: int, steps: int, lr: float
         rope_theta=10_000.0, norm_eps=1e-6, init_std=0.02,
         dispatch="dropless", capacity_factor=1.25,
         z_loss_weight=1e-5, lb_loss_weight=0.0,
-        dtype="float32", param_dtype="float32", remat="none",
+        dtype="float32", param_dtype="float32", remat="none", scan_layers=True,
     ))
     c.model.update(model)
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))

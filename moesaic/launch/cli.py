@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import sys
 
-from moesaic.launch import config_cli
+from moesaic.launch import config_cli, host_memory
 
 # name: (module, one-line help). Order is the order of the workflow.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
+    host_memory.keep_freed_memory()  # before the first JAX computation
     try:
         rest, overrides = config_cli.split_config_args(rest)
     except ValueError as err:

@@ -38,6 +38,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool = True  # False: a Python loop over the layers (faster on CPU, see Decoder)
     eos_id: int = 256
     pad_id: int = 257
     tokenizer: str = "bytes"

@@ -77,7 +77,15 @@ class Decoder(nnx.Module):
 
         if _REMAT[cfg.remat] is not None:
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat])
-        return jax.lax.scan(body, x, layers)
+        if cfg.scan_layers:
+            return jax.lax.scan(body, x, layers)
+        # unrolled: one copy of the block per layer in the program. XLA:CPU zero-fills the
+        # scan's stacked activation buffers every step; the unrolled program has none
+        per_layer = []
+        for i in range(cfg.n_layers):
+            x, aux = body(x, jax.tree.map(lambda a, i=i: a[i], layers))
+            per_layer.append(aux)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
     def __call__(self, tokens_bt: jax.Array, collect_stats: bool = False):
         """Logits (B, T, V) in float32 and aux: z_loss, lb_loss, dropped (means over layers),

@@ -1,0 +1,48 @@
+"""Keep the host's freed memory in the process, so a CPU step does not fault in fresh pages.
+
+XLA:CPU allocates each executable's temporaries (hundreds of MB for a training step) with
+`posix_memalign` from its worker threads, and frees them when the step ends. glibc serves an
+allocation that large with a fresh `mmap` (from a worker thread's arena it always does), so
+every step page-faults its whole working set back in and the kernel zeroes it: at the demo's
+shapes a quarter of the CPU time was system time. Three `mallopt` settings keep it instead:
+
+    M_ARENA_MAX 1          every thread allocates from the main heap, which can grow past 64 MB
+    M_MMAP_MAX 0           large blocks come from that heap, not from mmap
+    M_TRIM_THRESHOLD max   freed memory at the heap's top is kept for the next step
+
+The resident size then stays at the peak (it is not given back between steps). Accelerator
+memory is not host memory, so on a GPU or TPU host this only touches host buffers.
+`moesaic` applies it before any command runs, unless the user chose an allocator already
+(MALLOC_* or GLIBC_TUNABLES variables, or a preloaded library such as tcmalloc), or set
+MOESAIC_SYSTEM_MALLOC=1. Measured with `bench/train_step.py`; see docs/training.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's malloc.h
+_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def user_chose_allocator(environ=os.environ) -> str | None:
+    """The variable by which the user chose an allocator or its settings, if any."""
+    for name in sorted(environ):
+        if (name.startswith("MALLOC_") or name in ("GLIBC_TUNABLES", "LD_PRELOAD",
+                                                    "MOESAIC_SYSTEM_MALLOC")) and environ[name]:
+            return name
+    return None
+
+
+def keep_freed_memory() -> bool:
+    """Applies the settings above to this process; True if it did. Call it before the first
+    JAX computation (XLA's worker threads pick their arena when they first allocate)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if user_chose_allocator() is not None:
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return all(libc.mallopt(option, value) == 1 for option, value in _SETTINGS)
