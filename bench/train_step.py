@@ -2,11 +2,14 @@
 FLOP utilisation, for the tiny and small configs.
 
     python bench/train_step.py [--configs tiny,small] [--batch 4 --seq-len 256] [--repeats 3]
+                               [--experts E --top-k K] [--unroll] [--system-malloc]
 
 All figures are ratios to rates measured in this same run, so they hold on any machine:
   MFU      model FLOPs per step / step time / the jnp.dot rate (float32 2048^3, best of 5)
   vs HF    our step time / transformers' FlexOlmoForCausalLM forward+backward on the same
            shapes (torch, CPU; needs the `hf` extra). Ours also applies the AdamW update.
+Like the `moesaic` command, it keeps freed host memory for reuse (moesaic.launch.host_memory)
+unless --system-malloc; --unroll runs the layers as a loop (model.scan_layers=False).
 Model FLOPs per token: 6 * (attention + top_k experts + router + lm_head parameters)
 + 12 * layers * seq_len * heads * head_dim (attention scores, PaLM's count).
 """
@@ -27,6 +30,7 @@ from moesaic.branch_train import upcycle
 from moesaic.branch_train.optimizer import make_optimizer, schedule
 from moesaic.branch_train.trainer import make_train_step
 from moesaic.configs import small, tiny
+from moesaic.launch import host_memory
 from moesaic.model import io
 from moesaic.model.config import ModelConfig
 from moesaic.model.sharding import make_mesh
@@ -114,14 +118,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="default: the config's")
     parser.add_argument("--seq-len", type=int, default=0, help="default: the config's")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--experts", type=int, default=0, help="default: the config's")
+    parser.add_argument("--top-k", type=int, default=0, help="default: the config's")
+    parser.add_argument("--unroll", action="store_true", help="model.scan_layers=False")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="glibc's default allocator settings (see host_memory)")
     parser.add_argument("--no-hf", action="store_true")
     args = parser.parse_args()
 
+    if not args.system_malloc:
+        host_memory.keep_freed_memory()  # before the first JAX computation
     rate = dot_rate()
     print(f"jnp.dot float32 2048^3: {rate / 1e9:.1f} GFLOP/s ({jax.devices()[0].platform}, "
           f"{jax.device_count()} device(s))")
     for name in args.configs.split(","):
         config = CONFIGS[name].get_config()
+        config.model.n_experts = args.experts or config.model.n_experts
+        config.model.top_k = args.top_k or min(config.model.top_k, config.model.n_experts)
+        config.model.scan_layers = not args.unroll
         cfg = ModelConfig.from_config(config.model)
         batch = args.batch or int(config.data.global_batch)
         seq_len = args.seq_len or int(config.data.seq_len)
