@@ -120,6 +120,18 @@ def test_a_checkpoint_trained_with_capacity_dispatch_is_evaluated_dropless(data_
     assert capped["nll"] != pytest.approx(want["nll"], rel=1e-4)  # what it would have seen
 
 
+def test_a_checkpoint_trained_unrolled_is_evaluated_scanned(data_dir, tmp_path):
+    """An unrolled layer loop pays only in a training step; evaluation compiles the scan."""
+    io.save_model(tmp_path / "loop", tiny(seed=4, **MOE, scan_layers=False), {})
+    loaded, _ = perplexity.load_model(tmp_path / "loop")
+    assert loaded.cfg.scan_layers
+    kw = dict(seq_len=SEQ, max_sequences=4, batch_size=4, progress=False)
+    got = perplexity.evaluate(tmp_path / "loop", data_dir, ["math"], **kw)["math"]
+    want = perplexity.evaluate(tiny(seed=4, **MOE, scan_layers=False), data_dir, ["math"],
+                               **kw)["math"]
+    assert got["nll"] == pytest.approx(want["nll"], rel=1e-6)
+
+
 def test_missing_source_is_an_error_naming_it(data_dir):
     with pytest.raises(FileNotFoundError, match="law"):
         perplexity.evaluate(uniform_model(), data_dir, ["law"], seq_len=SEQ, progress=False)
