@@ -8,7 +8,7 @@ shapes a quarter of the CPU time was system time. Three `mallopt` settings keep 
 
     M_ARENA_MAX 1          every thread allocates from the main heap, which can grow past 64 MB
     M_MMAP_MAX 0           large blocks come from that heap, not from mmap
-    M_TRIM_THRESHOLD max   freed memory at the heap's top is kept for the next step
+    M_TRIM_THRESHOLD 2 GB  freed memory at the heap's top is kept for the next step
 
 The resident size then stays at the peak (it is not given back between steps). Accelerator
 memory is not host memory, so on a GPU or TPU host this only touches host buffers.

@@ -4,7 +4,8 @@
     out = h + RMSNorm(FFN(h))          FFN = MoE over E SwiGLU experts (E = 1: dense)
 
 then a final RMSNorm and an untied lm_head. The blocks' parameters are stacked over layers and
-the decoder scans one block over them (one compiled block whatever the depth).
+the decoder scans one block over them (one compiled block whatever the depth), or with
+`scan_layers=False` loops over them (one copy per layer; XLA:CPU trains it faster at a few).
 
 Parameter paths (what freeze patterns, merges and exports name):
     embed (V, D) | blocks/attn/{q,k,v,o,q_norm,k_norm} | blocks/attn_norm (L, D)
