@@ -1,6 +1,6 @@
 """`moesaic demo`: the whole flow on the embedded corpora, with a report a person reads.
 
-    moesaic demo --workdir runs/demo                  # 2-core CPU, 17 to 26 minutes
+    moesaic demo --workdir runs/demo                  # 2-core CPU, about 20 minutes
     moesaic demo --workdir runs/smoke --preset smoke  # CI, about 2 minutes
     moesaic demo --workdir runs/token --set router_input=token --set branch_lr=7e-4  # ablation
     moesaic demo --workdir runs/unc --set uncoordinated=true  # + FlexOlmo's uncoordinated experts
