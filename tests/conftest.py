@@ -4,27 +4,45 @@ The session keeps one XLA persistent compilation cache, which the subprocesses s
 demo's four branches (and four dense experts) compile the same programs, and with the cache
 its run takes 93 s instead of 162 s. Unlike the `moesaic` command, the session leaves glibc's
 allocator as it is (moesaic.launch.host_memory): its models are small, and keeping freed
-memory measured slower for them (the smoke demo 123 s against 113 s)."""
+memory measured slower for them (the smoke demo 123 s against 113 s).
+
+The session and its subprocesses compile with XLA:CPU's LLVM backend at -O0 (`TEST_XLA_FLAGS`,
+unless XLA_FLAGS already names a level). The suite's programs are small and most run once, so
+compiling is most of their time: tests/test_model.py took 1 min 59 s at -O0 against 2 min 54 s
+at the default. XLA's own graph passes (fusion and the rest) still run; only the machine code
+is less optimised."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
-import jax
-import pytest
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS, which the backend reads when it starts)
+import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def xla_flags(devices: int) -> str:
+    """The session's XLA_FLAGS with `devices` fake CPU devices, for a subprocess."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    return f"{flags} --xla_force_host_platform_device_count={devices}".strip()
 
 
 def run_python(code: str, *, devices: int = 1, timeout: int = 300, env: dict | None = None,
                check: bool = True) -> subprocess.CompletedProcess:
     """Runs `code` in a fresh interpreter with `devices` fake CPU devices."""
     full_env = dict(os.environ)
-    full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    full_env["XLA_FLAGS"] = xla_flags(devices)
     full_env["JAX_PLATFORMS"] = "cpu"
     full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.update(env or {})

@@ -41,7 +41,7 @@ def test_dispatch_matches_loop_reference(path, e, k, capacity_factor):
         cf = capacity_factor if path == "capacity" else None
         return moe_reference(x, r, w_gate, w_up, w_down, capacity_factor=cf)
 
-    y_fast, dropped = fast(x, w_gate, w_up, w_down, router)
+    y_fast, dropped = jax.jit(fast)(x, w_gate, w_up, w_down, router)
     y_slow = slow(x, w_gate, w_up, w_down, router)
     np.testing.assert_allclose(y_fast, y_slow, atol=1e-5, rtol=1e-5)
 
@@ -53,7 +53,7 @@ def test_dispatch_matches_loop_reference(path, e, k, capacity_factor):
         assert expected_drops > 0  # the case really drops tokens
 
     args = (x, w_gate, w_up, w_down, router)
-    grads_fast = jax.grad(lambda *a: jnp.sum(fast(*a)[0] ** 2), argnums=range(5))(*args)
+    grads_fast = jax.jit(jax.grad(lambda *a: jnp.sum(fast(*a)[0] ** 2), argnums=range(5)))(*args)
     grads_slow = jax.grad(lambda *a: jnp.sum(slow(*a) ** 2), argnums=range(5))(*args)
     for g_fast, g_slow in zip(grads_fast, grads_slow):
         np.testing.assert_allclose(g_fast, g_slow, atol=1e-4, rtol=1e-4)
@@ -201,27 +201,26 @@ def test_the_layer_loop_is_the_scan(experts):
     gradients as the scan, and no scan left in the program."""
     kw = dict(vocab_size=64, d_model=32, d_ff=48, n_layers=3, n_heads=2, n_kv_heads=2,
               n_experts=experts, top_k=min(2, experts))
-    scanned = Decoder(ModelConfig(**kw), rngs=nnx.Rngs(0))
-    looped = Decoder(ModelConfig(**kw, scan_layers=False), rngs=nnx.Rngs(0))
     batch = jax.random.randint(jax.random.key(1), (2, 9), 0, 64)
-    (logits_s, aux_s), (logits_l, aux_l) = scanned(batch, True), looped(batch, True)
+
+    def run(scan_layers):
+        """(the forward pass, the loss's gradients, the gradient program's primitives)."""
+        graphdef, state = nnx.split(Decoder(ModelConfig(**kw, scan_layers=scan_layers),
+                                            rngs=nnx.Rngs(0)))
+        grad = jax.grad(lambda s: lm_loss(nnx.merge(graphdef, s), batch)[0])
+        forward_and_grad = jax.jit(lambda s: (nnx.merge(graphdef, s)(batch, True), grad(s)))
+        primitives = {e.primitive.name for e in jax.make_jaxpr(grad)(state).jaxpr.eqns}
+        return *forward_and_grad(state), primitives
+
+    (logits_s, aux_s), grads_s, primitives_s = run(True)
+    (logits_l, aux_l), grads_l, primitives_l = run(False)
     np.testing.assert_allclose(logits_l, logits_s, rtol=1e-5, atol=1e-5)
     assert aux_l.keys() == aux_s.keys()
     for name in aux_s:
         np.testing.assert_allclose(aux_l[name], aux_s[name], rtol=1e-5, atol=1e-5, err_msg=name)
-
-    def grads(model):
-        graphdef, state = nnx.split(model)
-        grad = jax.grad(lambda s: lm_loss(nnx.merge(graphdef, s), batch)[0])
-        return grad, state
-
-    grad_s, state_s = grads(scanned)
-    grad_l, state_l = grads(looped)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 grad_l(state_l), grad_s(state_s))
-    primitives = {e.primitive.name for e in jax.make_jaxpr(grad_l)(state_l).jaxpr.eqns}
-    assert "scan" not in primitives and "scan" in {
-        e.primitive.name for e in jax.make_jaxpr(grad_s)(state_s).jaxpr.eqns}
+                 grads_l, grads_s)
+    assert "scan" not in primitives_l and "scan" in primitives_s
 
 
 def test_router_logits_and_stats_ask_for_full_float32_products():

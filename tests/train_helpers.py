@@ -18,6 +18,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cache
 from moesaic.configs import tiny
 from moesaic.data.prepare import write_source
 from moesaic.data.tokenizer import BYTES
+from tests.conftest import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPILATION_CACHE = ROOT / ".pytest_cache" / "moesaic-jax-compilation"
@@ -69,7 +70,7 @@ def moesaic_command(args: list[str], *, devices: int = 1, env: dict | None = Non
                     ) -> tuple[list[str], dict]:
     """(argv, env) to run `moesaic ARGS` in a subprocess with `devices` fake CPU devices."""
     full_env = dict(os.environ)
-    full_env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    full_env.update(XLA_FLAGS=xla_flags(devices),
                     JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(COMPILATION_CACHE),
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                     PYTHONPATH=str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", ""))
