@@ -456,6 +456,23 @@ def test_trained_router_bias_stays_on_the_clamp_side_and_can_move(data, dense_ba
     assert np.all(np.asarray(result.frozen["blocks/ffn/bias"]) == 0)  # the public expert's
 
 
+def test_a_branch_without_the_negative_bias_holds_its_bias_at_zero(data, dense_base, tmp_path):
+    """config.branch.negative_bias=False: no initial bias from the contrast rows and none
+    learned, in the trained tree and in the artifact the merge reads; the same run with the
+    bias (the default) ends with one."""
+    kw = dict(train__lr=1e-2, train__steps=12, train__ckpt_every=12, train__log_every=12)
+    biases = {}
+    for flag in (True, False):
+        config = tiny_config("source=math", branch__negative_bias=flag, **kw)
+        result = train(config, _job("branch", tmp_path / str(flag), data, dense_base))
+        biases[flag] = np.asarray(result.trainable["blocks/ffn/bias"])
+        path = tmp_path / str(flag) / "artifact"
+        handed = io.load_tensors(path, {n: s for n, (s, _) in io.tensor_metadata(path).items()})
+        np.testing.assert_array_equal(handed["blocks/ffn/bias"], biases[flag])
+    assert biases[True].min() < -1e-3, biases[True]
+    assert biases[False].shape == (2, 1) and np.all(biases[False] == 0), biases[False]
+
+
 def test_frozen_patterns_that_a_branch_would_overrule_or_drop_are_refused(data, dense_base,
                                                                           tmp_path):
     from moesaic.configs.common import DEFAULT_FROZEN

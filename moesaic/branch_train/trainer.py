@@ -61,7 +61,7 @@ _COMMON_KEYS = ("seed", "data.seq_len", "data.global_batch", "train.steps", "tra
 # What decides a branch artifact's frozen set, initial router row and statistics.
 _HANDOVER_KEYS = ("branch.source", "branch.public_source", "branch.frozen", "branch.router_init",
                   "branch.router_margin", "branch.router_noise", "branch.router_vector",
-                  "branch.stats_batches")
+                  "branch.negative_bias", "branch.stats_batches")
 RESUME_KEYS = {
     "pretrain": (*_COMMON_KEYS, "data.mixture"),
     "dense": (*_COMMON_KEYS, "branch.source", "branch.stats_batches"),
@@ -229,7 +229,8 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         if job.kind == "branch":
             model_cfg = upcycle.branch_config(base_cfg, int(config.branch.train_top_k))
             layout = upcycle.make_layout(model_cfg, frozen_patterns=tuple(config.branch.frozen),
-                                         base_experts=base_cfg.n_experts)
+                                         base_experts=base_cfg.n_experts,
+                                         bias_at_zero=not config.branch.negative_bias)
         elif job.kind == "ffn":
             model_cfg = base_cfg
             layout = upcycle.ffn_layout(model_cfg, tuple(config.branch.frozen))
@@ -282,6 +283,8 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
                                              source=str(config.branch.public_source))
                       if config.branch.router_init == "contrast" else None)
             own_row, own_bias = base_model.own_router_row(config, base, stats, public)
+            if not config.branch.negative_bias:
+                own_bias = None  # held at 0 (the layout's projection keeps it there)
         if job.kind == "branch":
             trainable0, frozen = upcycle.upcycle(layout, base.flat, base.cfg, own_row,
                                                  own_bias)
@@ -379,7 +382,7 @@ def make_train_step(layout: upcycle.ParamLayout, tx: optax.GradientTransformatio
     """jit(step)(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics):
     the full parameters assembled from both trees, the model run functionally, gradients
     and updates for the trainable tree only, a trained router bias projected back onto <= 0
-    (`ParamLayout.project`); trainable and optimizer state donated."""
+    (or onto 0: `ParamLayout.project`); trainable and optimizer state donated."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def train_step(trainable, opt_state, frozen, batch, step):

@@ -18,7 +18,8 @@ fixed): anything else is refused before training, not discovered by the merge af
 The model adds min(b, 0) of a router bias (`moesaic.model.moe.effective_bias`), whose gradient
 is 0 for b > 0: a bias the optimizer pushed positive would never come back. `ParamLayout.
 project` puts every trained bias (but the public expert's, index 0) back on <= 0 after each
-update, so the stored bias is the one the model uses and stays trainable.
+update, so the stored bias is the one the model uses and stays trainable. A branch with
+config.branch.negative_bias=False (`bias_at_zero`) starts its bias at 0 and is put back on 0.
 
 Upcycling (Komatsuzaki et al.): a base with n experts (n = 1: dense) becomes n + 1 experts;
 the owner's expert starts as a copy of the base's expert 0 (the public FFN), its bias at 0.
@@ -65,6 +66,7 @@ class ParamLayout:
     frozen: tuple[str, ...]  # frozen whole
     split: tuple[str, ...]  # expert tensors: frozen base experts [0:n] + trainable own [n]
     base_experts: int  # n (0 unless split)
+    bias_at_zero: bool = False  # the owner's bias held at 0 (config.branch.negative_bias=False)
 
     def trainable_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
         out = {n: jax.ShapeDtypeStruct(self.shapes[n], self.dtypes[n]) for n in self.trainable}
@@ -108,10 +110,11 @@ class ParamLayout:
     def project(self, trainable: Mapping[str, jax.Array]) -> Flat:
         """`trainable` with its router bias on <= 0 where the model clamps it (every expert
         but the public one, index 0): the owner's slice of a branch, experts 1.. of an MoE
-        trained whole."""
+        trained whole. With `bias_at_zero` the owner's slice goes back to 0."""
         out = dict(trainable)
         if BIAS in self.split:
-            out[BIAS] = jnp.minimum(trainable[BIAS], 0)
+            out[BIAS] = (jnp.zeros_like(trainable[BIAS]) if self.bias_at_zero
+                         else jnp.minimum(trainable[BIAS], 0))
         elif BIAS in self.trainable:
             out[BIAS] = trainable[BIAS].at[:, 1:].min(0)
         return out
@@ -152,9 +155,10 @@ def _path_name(path) -> str:
 
 
 def make_layout(cfg: ModelConfig, *, frozen_patterns: Sequence[str] = (),
-                base_experts: int = 0) -> ParamLayout:
+                base_experts: int = 0, bias_at_zero: bool = False) -> ParamLayout:
     """Layout of `cfg`'s parameters. `base_experts` > 0 splits the expert tensors (a
-    coordinated branch: experts [0, base_experts) frozen, the last one trained); whole
+    coordinated branch: experts [0, base_experts) frozen, the last one trained, its router
+    bias held at 0 with `bias_at_zero`); whole
     tensors matching a `frozen_patterns` regex are frozen, and so is every variable that is
     not an nnx.Param; the rest trains."""
     _, state = _graph(cfg)
@@ -179,7 +183,8 @@ def make_layout(cfg: ModelConfig, *, frozen_patterns: Sequence[str] = (),
     trainable = tuple(n for n in names if n not in split and n not in frozen)
     if base_experts:
         _check_branch_patterns(compiled, split, trainable)
-    return ParamLayout(cfg, shapes, axes, dtypes, trainable, frozen, split, base_experts)
+    return ParamLayout(cfg, shapes, axes, dtypes, trainable, frozen, split, base_experts,
+                       bias_at_zero=bias_at_zero and bool(split))
 
 
 def _check_branch_patterns(compiled: Sequence[re.Pattern], split: Sequence[str],

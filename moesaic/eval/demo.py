@@ -86,6 +86,7 @@ class Preset:
     tune_steps: int  # router tuning after the merge (FlexOlmo's optional step), on public data
     eval_sequences: int
     uncoordinated: bool = False  # also FlexOlmo's uncoordinated experts (branch.mode=ffn)
+    negative_bias: bool = True  # branch.negative_bias: False holds each owner's bias at 0
 
 
 # The uncoordinated experts' merges: router kind -> what its rows are. Their learned rows are
@@ -154,6 +155,7 @@ def job_config(preset: Preset, *, steps: int, lr: float, source: str = "", mixtu
     config = tiny.get_config()
     config.branch.source = source
     config.branch.public_mix = preset.public_mix  # read by coordinated branches only
+    config.branch.negative_bias = preset.negative_bias
     config.model.router_input = preset.router_input  # only an MoE reads it
     config.model.scan_layers = False  # 4 layers: the unrolled step is faster on CPU
     config.model.update(preset.model)
