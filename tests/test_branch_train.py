@@ -473,6 +473,16 @@ def test_a_branch_without_the_negative_bias_holds_its_bias_at_zero(data, dense_b
     assert biases[False].shape == (2, 1) and np.all(biases[False] == 0), biases[False]
 
 
+def test_a_checkpoint_from_before_negative_bias_was_recorded_resumes_with_the_bias():
+    config = tiny_config("source=code")
+    old = config.to_dict()
+    del old["branch"]["negative_bias"]  # what a checkpoint written before the key holds
+    assert trainer.resume_mismatches({"config": old}, config, "branch", {}) == []
+    config.branch.negative_bias = False
+    assert trainer.resume_mismatches({"config": old}, config, "branch", {}) == [
+        "branch.negative_bias: checkpoint True, config False"]
+
+
 def test_frozen_patterns_that_a_branch_would_overrule_or_drop_are_refused(data, dense_base,
                                                                           tmp_path):
     from moesaic.configs.common import DEFAULT_FROZEN

@@ -62,6 +62,8 @@ _COMMON_KEYS = ("seed", "data.seq_len", "data.global_batch", "train.steps", "tra
 _HANDOVER_KEYS = ("branch.source", "branch.public_source", "branch.frozen", "branch.router_init",
                   "branch.router_margin", "branch.router_noise", "branch.router_vector",
                   "branch.negative_bias", "branch.stats_batches")
+# Keys added after checkpoints recorded their config, with the value every earlier run had.
+_BEFORE_RECORDED = {"branch.negative_bias": True}
 RESUME_KEYS = {
     "pretrain": (*_COMMON_KEYS, "data.mixture"),
     "dense": (*_COMMON_KEYS, "branch.source", "branch.stats_batches"),
@@ -144,6 +146,8 @@ def resume_mismatches(saved: dict, config: ml_collections.ConfigDict, kind: str,
     diffs = []
     for key in RESUME_KEYS[kind]:
         was, now = _config_value(recorded, key), _config_value(current, key)
+        if was is _MISSING and key in _BEFORE_RECORDED:
+            was = _BEFORE_RECORDED[key]
         if was != now:
             note = (" (the learning rate decays over train.steps, so a run cannot be extended "
                     "or shortened in place)" if key == "train.steps" else "")

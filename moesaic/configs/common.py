@@ -79,7 +79,8 @@ def build(*, model: dict, seq_len: int, global_batch: int, steps: int, lr: float
     c.branch = ml_collections.ConfigDict(dict(
         source=source, mode="coordinated", router_init="contrast", router_margin=2.0,
         public_source="public", public_mix=0.0, router_noise=0.02,
-        router_vector="", negative_bias=True, train_top_k=0, frozen=DEFAULT_FROZEN, stats_batches=8,
+        router_vector="", negative_bias=True, train_top_k=0, frozen=DEFAULT_FROZEN,
+        stats_batches=8,
     ))
     return c
 
