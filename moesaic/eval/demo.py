@@ -4,11 +4,13 @@
     moesaic demo --workdir runs/smoke --preset smoke  # CI, about 2 minutes
     moesaic demo --workdir runs/token --set router_input=token --set branch_lr=7e-4  # ablation
     moesaic demo --workdir runs/unc --set uncoordinated=true  # + FlexOlmo's uncoordinated experts
+    moesaic demo --workdir runs/bias --set negative_bias=true  # FlexOlmo's negative bias
 
 Stages (each skipped when its output exists, so a re-run resumes where it stopped):
   data        the embedded corpora: code, prose, law, math (private) and public
   public      the public model, pretrained on the public mixture
-  branch/D    one coordinated branch per private domain D (FlexOlmo owner training)
+  branch/D    one coordinated branch per private domain D (FlexOlmo owner training, with
+              public replay and prefix-mean routing, its router bias held at 0)
   dense/D     one dense continued-pretraining copy per domain (BTM, soups, BTX baselines)
   moe-all     the unrestricted MoE: the public model upcycled and trained on all the data
   merge/R     the branches merged with each router kind R, no training
