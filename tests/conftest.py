@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -28,14 +27,14 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402  (after XLA_FLAGS, which the backend reads when it starts)
 import pytest  # noqa: E402
 
+from moesaic.launch.plan import fake_device_flags  # noqa: E402  (imports no jax)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def xla_flags(devices: int) -> str:
     """The session's XLA_FLAGS with `devices` fake CPU devices, for a subprocess."""
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                   os.environ.get("XLA_FLAGS", ""))
-    return f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    return fake_device_flags(os.environ.get("XLA_FLAGS", ""), devices)
 
 
 def run_python(code: str, *, devices: int = 1, timeout: int = 300, env: dict | None = None,

@@ -133,13 +133,17 @@ def run(args: argparse.Namespace) -> int:
 
 # ---- fake devices ----------------------------------------------------------------------
 
+def fake_device_flags(flags: str, count: int) -> str:
+    """XLA_FLAGS `flags` asking for `count` fake CPU devices (any earlier count replaced)."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+    return f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
 def _has_fake_devices(count: int) -> bool:
     """True when jax can give `count` CPU devices here (setting the flag if jax is not
     imported yet); False when this process must re-run itself."""
     if "jax" not in sys.modules:
-        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                       os.environ.get("XLA_FLAGS", ""))
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}"
+        os.environ["XLA_FLAGS"] = fake_device_flags(os.environ.get("XLA_FLAGS", ""), count)
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
@@ -167,8 +171,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 def _reexec(count: int, argv: list[str]) -> int:
     env = dict(os.environ, JAX_PLATFORMS="cpu", **{_REEXEC_MARK: "1"})
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}"
+    env["XLA_FLAGS"] = fake_device_flags(env.get("XLA_FLAGS", ""), count)
     return subprocess.call([sys.executable, "-m", "moesaic.launch.cli", "plan", *argv],
                            env=env)
 
