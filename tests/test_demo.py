@@ -27,8 +27,8 @@ def test_report_structure(smoke):
     report = json.loads((workdir / "report.json").read_text())
     systems = report["systems"]
     for name in ("public model", "soup (uniform)", "soup (weighted)", "BTM (top-2)",
-                 "c-BTM (top-2)", "BTX (random router)", "unrestricted MoE (all data)",
-                 demo.TUNED,
+                 "c-BTM (top-2)", demo.BTX, demo.BTX_TUNED,
+                 "unrestricted MoE (all data)", demo.TUNED,
                  *(f"merged MoE ({r})" for r in demo.ROUTERS),
                  *(f"dense expert {d}" for d in demo.DOMAINS)):
         assert name in systems, name
