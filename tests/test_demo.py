@@ -73,14 +73,18 @@ def test_opt_out_removes_exactly_one_expert(smoke):
         e["source"] for e in full["experts"] if e["source"] != demo.OPT_OUT]
 
 
-def test_router_tuning_changes_the_router_rows_only(smoke):
+@pytest.mark.parametrize("untuned, tuned", [("merged/learned-rows", "merged/learned-rows-tuned"),
+                                            ("btx", "btx-tuned")])
+def test_router_tuning_changes_the_router_rows_only(smoke, untuned, tuned):
+    """The merged MoE's tuning and BTX's (FlexOlmo's Table 1 BTX): only the rows move."""
     workdir, _ = smoke
     import numpy as np
 
     from moesaic.merge.sources import ROUTER
     from moesaic.model import io
 
-    merged, tuned = workdir / "merged" / "learned-rows", workdir / "merged" / "learned-rows-tuned"
+    merged, tuned = workdir / untuned, workdir / tuned
+    assert io.read_meta(merged)["kind"] == io.read_meta(tuned)["kind"]
     record = io.read_meta(tuned)["router"]["tuned"]
     assert record["steps"] == demo.PRESETS["smoke"].tune_steps
     assert record["data"]["mixture"] == "public" and record["data"]["dir"] == str(workdir / "data")

@@ -42,7 +42,8 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
         raise MergeRefused(f"--steps {steps}: must be at least 1")
     cfg = io.model_config(meta)
     names = list(io.flatten(jax.tree.map(lambda v: v, _abstract_params(cfg))))
-    params = {n: jnp.asarray(a) for n, a in io.load_tensors(merged, names).items()}
+    stored = io.tensor_metadata(merged)  # {name: (shape, dtype)} as written, read once
+    params = {n: jnp.asarray(a) for n, a in io.load_tensors(merged, names, stored=stored).items()}
     rows = params.pop(ROUTER)
     optimizer = optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=0.0)
     opt_state = optimizer.init(rows)
@@ -66,9 +67,9 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
         bar.set_postfix(loss=f"{last:.4f}", refresh=False)
     bar.close()
     log(f"tune-router: {steps} steps, loss {first:.4f} -> {last:.4f}")
-    new_rows = np.asarray(rows).astype(io.tensor_metadata(merged)[ROUTER][1])
+    new_rows = np.asarray(rows).astype(stored[ROUTER][1])
     tensors = {}
-    for name in io.tensor_metadata(merged):
+    for name in stored:
         if name == ROUTER:
             tensors[name] = io.TensorSource(new_rows.shape, new_rows.dtype, lambda: [new_rows])
         else:
