@@ -42,7 +42,7 @@ PARAMS = "params"
 def flatten(state: nnx.State | Mapping) -> dict[str, jax.Array]:
     """nnx.State or nested dict -> {"blocks/ffn/w_gate": array}."""
     if isinstance(state, nnx.State):
-        state = state.to_pure_dict()
+        state = nnx.to_pure_dict(state)
     out = {}
 
     def walk(prefix, node):
