@@ -36,15 +36,15 @@ def build_inputs(root: pathlib.Path, n_branches: int, layers: int) -> tuple[path
     from flax import nnx
 
     from moesaic.branch_train import artifact
-    from moesaic.model import Decoder, ModelConfig, io
+    from moesaic.model import Decoder, ModelConfig, checkpoint
 
     cfg = ModelConfig(vocab_size=264, d_model=512, n_layers=layers, n_heads=8, n_kv_heads=8,
                       d_ff=2048)
     base = root / "base"
-    io.save_model(base, Decoder(cfg, rngs=nnx.Rngs(0)), {"kind": "public"})
-    flat = io.load_tensors(base, io.tensor_metadata(base))
-    hashes = {n: io.tensor_hash(v) for n, v in flat.items()}
-    fingerprint = io.read_meta(base)["fingerprint"]
+    checkpoint.save_model(base, Decoder(cfg, rngs=nnx.Rngs(0)), {"kind": "public"})
+    flat = checkpoint.load_tensors(base, checkpoint.tensor_metadata(base))
+    hashes = {n: checkpoint.tensor_hash(v) for n, v in flat.items()}
+    fingerprint = checkpoint.read_meta(base)["fingerprint"]
     rng = np.random.default_rng(0)
     d = cfg.d_model
     paths = []
@@ -73,7 +73,7 @@ def measure(n_branches: int, layers: int) -> dict:
     import psutil
 
     from moesaic.merge import fuse
-    from moesaic.model import io
+    from moesaic.model import checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bench_merge_") as tmp:
         root = pathlib.Path(tmp)
@@ -111,10 +111,10 @@ def measure(n_branches: int, layers: int) -> dict:
         merge_s = time.perf_counter() - start
         done.set()
         sampler.join()
-        shapes = io.tensor_metadata(root / "merged")
+        shapes = checkpoint.tensor_metadata(root / "merged")
         largest_out = max(int(s[1].itemsize) * int(_prod(s[0])) for s in shapes.values())
         largest_in = max(int(s[1].itemsize) * int(_prod(s[0]))
-                         for p in inputs for s in io.tensor_metadata(p).values())
+                         for p in inputs for s in checkpoint.tensor_metadata(p).values())
         added = peak[0] - before
         return {"branches": n_branches, "input_mb": in_bytes / 2**20,
                 "copy_s": copy_s, "merge_s": merge_s, "time_ratio": merge_s / copy_s,

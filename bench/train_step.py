@@ -31,7 +31,7 @@ from moesaic.branch_train.optimizer import make_optimizer, schedule
 from moesaic.branch_train.trainer import make_train_step
 from moesaic.configs import small, tiny
 from moesaic.launch import host_memory
-from moesaic.model import io
+from moesaic.model import checkpoint
 from moesaic.model.config import ModelConfig
 from moesaic.model.sharding import make_mesh
 from moesaic.model.transformer import Decoder
@@ -71,7 +71,7 @@ def our_step_time(cfg: ModelConfig, config, batch: int, seq_len: int, repeats: i
     shapes = layout.trainable_shapes()
     t_shard = layout.shardings(shapes, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    params = upcycle.split_full(layout, io.flatten(nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)))))[0]
+    params = upcycle.split_full(layout, checkpoint.flatten(nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)))))[0]
     opt = tx.init(params)
     opt_shard = jax.tree.map(lambda _: replicated, opt)
     step = make_train_step(layout, tx, schedule(config.train), mesh, rules, t_shard, opt_shard,

@@ -13,14 +13,14 @@ from flax import nnx
 from moesaic.branch_train import artifact
 from moesaic.merge import fuse, sources
 from moesaic.merge.sources import MergeRefused
-from moesaic.model import Decoder, ModelConfig, io
+from moesaic.model import Decoder, ModelConfig, checkpoint
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=48,
                   eos_id=62, pad_id=63)
 
 
 def make_base(path, cfg=CFG, seed=0):
-    io.save_model(path, Decoder(cfg, rngs=nnx.Rngs(seed)), {"kind": "public"})
+    checkpoint.save_model(path, Decoder(cfg, rngs=nnx.Rngs(seed)), {"kind": "public"})
     return path
 
 
@@ -38,19 +38,19 @@ def synthetic_stats(cfg, seed, n_tokens=200):
 def make_branch(base_path, path, source, seed, *, tamper=None, noise=0.01):
     """A branch artifact as the branch job writes it. `tamper(own, stats, meta, hashes)` may
     change anything before it is saved."""
-    meta = io.read_meta(base_path)
-    cfg = io.model_config(meta)
-    base = io.load_tensors(base_path, io.tensor_metadata(base_path))
+    meta = checkpoint.read_meta(base_path)
+    cfg = checkpoint.model_config(meta)
+    base = checkpoint.load_tensors(base_path, checkpoint.tensor_metadata(base_path))
     rng = np.random.default_rng(seed)
     lyr, d, eb = cfg.n_layers, cfg.d_model, cfg.n_experts
     own = {n: (base[n][:, :1] + noise * rng.standard_normal(base[n][:, :1].shape)
                ).astype(base[n].dtype) for n in sources.FFN_EXPERT}
     own[sources.ROUTER] = (0.1 * rng.standard_normal((lyr, 1, d))).astype(np.float32)
     own[sources.BIAS] = (-np.abs(0.1 * rng.standard_normal((lyr, 1)))).astype(np.float32)
-    hashes = {n: io.tensor_hash(v) for n, v in base.items()}
+    hashes = {n: checkpoint.tensor_hash(v) for n, v in base.items()}
     if eb == 1:
-        hashes[sources.ROUTER] = io.tensor_hash(np.zeros((lyr, 1, d), np.float32))
-        hashes[sources.BIAS] = io.tensor_hash(np.zeros((lyr, 1), np.float32))
+        hashes[sources.ROUTER] = checkpoint.tensor_hash(np.zeros((lyr, 1, d), np.float32))
+        hashes[sources.BIAS] = checkpoint.tensor_hash(np.zeros((lyr, 1), np.float32))
     stats, n_tokens = synthetic_stats(cfg, seed + 1000)
     branch_meta = {"source": source, "base_fingerprint": meta["fingerprint"],
                    "frozen_hashes": hashes, "base_experts": eb,
@@ -70,12 +70,12 @@ def make_world(root: pathlib.Path) -> dict:
                 for seed, s in enumerate(["code", "math", "law"], start=1)}
     pub = root / "public_stats"
     stats, n = synthetic_stats(CFG, 99)
-    io.save(pub, stats, {"kind": "router_stats", "stats_tokens": n})
+    checkpoint.save(pub, stats, {"kind": "router_stats", "stats_tokens": n})
     return {"root": root, "base": base, "branches": branches, "public": pub}
 
 
 def all_tensors(path):
-    return io.load_tensors(path, io.tensor_metadata(path))
+    return checkpoint.load_tensors(path, checkpoint.tensor_metadata(path))
 
 
 def expect_refusal(world, tmp_path, branch_paths, match, **kw):
@@ -100,7 +100,7 @@ def assert_same(a, b):
     for name in pa:
         assert pa[name].dtype == pb[name].dtype
         np.testing.assert_array_equal(pa[name], pb[name], err_msg=name)
-    assert io.read_meta(a)["fingerprint"] == io.read_meta(b)["fingerprint"]
+    assert checkpoint.read_meta(a)["fingerprint"] == checkpoint.read_meta(b)["fingerprint"]
 
 
 def rewrite(path, out, change):
@@ -108,5 +108,5 @@ def rewrite(path, out, change):
     (recorded fingerprints included): what editing the files in place would give."""
     flat = all_tensors(path)
     change(flat)
-    io.save(out, flat, io.read_meta(path))
+    checkpoint.save(out, flat, checkpoint.read_meta(path))
     return out

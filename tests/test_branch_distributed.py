@@ -22,7 +22,7 @@ from train_helpers import (
 from moesaic.branch_train import artifact
 from moesaic.branch_train.progress import read_metrics
 from moesaic.branch_train.trainer import Job, train
-from moesaic.model import io
+from moesaic.model import checkpoint
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,7 +89,7 @@ def test_two_processes_train_a_branch_that_restores_in_one(setup, tmp_path):
     restored = train(tiny_config("source=code"), Job(
         "branch", tmp_path, data, base=base, show_progress=False, write_output=False))
     assert restored.step == 6 and restored.losses == {}
-    stored = io.load_tensors(tmp_path / "artifact", artifact.OWN_TENSORS)
+    stored = checkpoint.load_tensors(tmp_path / "artifact", artifact.OWN_TENSORS)
     for name in artifact.OWN_TENSORS:
         np.testing.assert_array_equal(np.asarray(restored.trainable[name]), stored[name])
 
@@ -107,7 +107,7 @@ def test_an_ffn_job_on_eight_devices_hands_over_what_one_device_does(setup, tmp_
                                [one.losses[s] for s in sorted(one.losses)], rtol=2e-5)
     metas = [artifact.read_meta(tmp_path / run / "artifact") for run in ("one", "eight")]
     assert metas[0]["frozen_hashes"] == metas[1]["frozen_hashes"]
-    tensors = [io.load_tensors(tmp_path / run / "artifact", artifact.OWN_TENSORS)
+    tensors = [checkpoint.load_tensors(tmp_path / run / "artifact", artifact.OWN_TENSORS)
                for run in ("one", "eight")]
     for name in artifact.OWN_TENSORS:
         np.testing.assert_allclose(tensors[1][name], tensors[0][name], rtol=1e-4, atol=1e-6)

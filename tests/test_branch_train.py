@@ -15,7 +15,7 @@ from train_helpers import compilation_cache, make_data, tiny_config
 
 from moesaic.branch_train import artifact, base_model, trainer, upcycle
 from moesaic.branch_train.trainer import Job, train
-from moesaic.model import io
+from moesaic.model import checkpoint
 from moesaic.model.config import ModelConfig
 from moesaic.model.transformer import Decoder
 from moesaic.routing.stats import RouterStats
@@ -51,7 +51,7 @@ def code_branch(data, dense_base, tmp_path_factory):
 
 
 def _base_tensors(base: pathlib.Path) -> dict[str, np.ndarray]:
-    return io.load_tensors(base, io.tensor_metadata(base))
+    return checkpoint.load_tensors(base, checkpoint.tensor_metadata(base))
 
 
 def test_frozen_tensors_stay_bit_identical_and_have_no_optimizer_state(dense_base, code_branch):
@@ -82,7 +82,7 @@ def test_frozen_tensors_stay_bit_identical_and_have_no_optimizer_state(dense_bas
 def test_artifact_holds_exactly_the_owner_tensors_stats_and_metadata(dense_base, code_branch):
     result, workdir = code_branch
     path = workdir / "artifact"
-    shapes = {n: s for n, (s, _) in io.tensor_metadata(path).items()}
+    shapes = {n: s for n, (s, _) in checkpoint.tensor_metadata(path).items()}
     assert set(shapes) == set(artifact.OWN_TENSORS) | set(artifact.STATS)
     assert shapes["blocks/ffn/w_gate"] == (2, 1, 32, 64)
     assert shapes["blocks/ffn/router"] == (2, 1, 32) and shapes["blocks/ffn/bias"] == (2, 1)
@@ -90,15 +90,15 @@ def test_artifact_holds_exactly_the_owner_tensors_stats_and_metadata(dense_base,
 
     meta = artifact.read_meta(path)
     assert set(artifact.REQUIRED_META) <= set(meta)
-    base_meta = io.read_meta(dense_base)
+    base_meta = checkpoint.read_meta(dense_base)
     base = _base_tensors(dense_base)
     assert meta["base_fingerprint"] == base_meta["fingerprint"]
-    assert meta["frozen_hashes"] == {n: io.tensor_hash(a) for n, a in base.items()}
+    assert meta["frozen_hashes"] == {n: checkpoint.tensor_hash(a) for n, a in base.items()}
     assert meta["source"] == "code" and meta["base_experts"] == 1 and meta["steps"] == 6
     assert meta["tokens_seen"] == 6 * 8 * 16 and meta["model"]["n_experts"] == 2
     assert meta["stats_tokens"] == 2 * 8 * 16 and meta["stats_documents"] >= 1
 
-    stored = io.load_tensors(path, shapes)
+    stored = checkpoint.load_tensors(path, shapes)
     for name in artifact.OWN_TENSORS:
         np.testing.assert_array_equal(stored[name], np.asarray(result.trainable[name]))
     np.testing.assert_allclose(stored["stats/mean_hidden"],
@@ -154,15 +154,15 @@ def test_prefix_mean_branch_over_a_dense_base(data, dense_base, code_branch, tmp
     # same base, source and sequences as the token-routed code branch: the statistics are
     # sums of prefix means now, not of tokens
     token_path = code_branch[1] / "artifact"
-    prefix_stats = io.load_tensors(path, ["stats/x_sum"])["stats/x_sum"]
-    token_stats = io.load_tensors(token_path, ["stats/x_sum"])["stats/x_sum"]
+    prefix_stats = checkpoint.load_tensors(path, ["stats/x_sum"])["stats/x_sum"]
+    token_stats = checkpoint.load_tensors(token_path, ["stats/x_sum"])["stats/x_sum"]
     assert meta["stats_tokens"] == artifact.read_meta(token_path)["stats_tokens"]
     assert not np.allclose(prefix_stats, token_stats, rtol=1e-3)
 
 
 def test_router_row_inits(tmp_path):
     stats = RouterStats(np.array([[3.0, 4.0], [0.0, 2.0]]), np.zeros((2, 2, 2)), 10, 2)
-    cfg = io.model_config({"model": dict(n_layers=2, d_model=2, n_heads=1, n_kv_heads=1,
+    cfg = checkpoint.model_config({"model": dict(n_layers=2, d_model=2, n_heads=1, n_kv_heads=1,
                                          n_experts=2, top_k=2)})
     router = np.array([[[1.0, 1.0], [5.0, 5.0]], [[2.0, 0.0], [5.0, 5.0]]], np.float32)
     base = base_model.Base(cfg, None, {"blocks/ffn/router": router}, {})
@@ -193,7 +193,7 @@ def test_router_row_inits(tmp_path):
 def test_contrast_router_init_scores_margin_on_the_two_means():
     own = RouterStats(np.array([[30.0, 40.0], [0.0, 20.0]]), np.zeros((2, 2, 2)), 10, 2)
     public = RouterStats(np.array([[10.0, 0.0], [20.0, 20.0]]), np.zeros((2, 2, 2)), 10, 2)
-    cfg = io.model_config({"model": dict(n_layers=2, d_model=2, n_heads=1, n_kv_heads=1)})
+    cfg = checkpoint.model_config({"model": dict(n_layers=2, d_model=2, n_heads=1, n_kv_heads=1)})
     config = tiny_config()
     config.branch.router_init, config.branch.router_margin = "contrast", 3.0
     base = base_model.Base(cfg, None, {}, {})
@@ -213,16 +213,16 @@ def test_dense_mode_trains_everything_and_writes_a_whole_model(data, dense_base,
     config.branch.public_mix = 0.3  # read by coordinated branches only
     result = train(config, _job("dense", tmp_path, data, dense_base))
     assert result.frozen == {} and result.layout.cfg.n_experts == 1
-    meta = io.read_meta(tmp_path / "artifact")
+    meta = checkpoint.read_meta(tmp_path / "artifact")
     assert meta["kind"] == artifact.DENSE_KIND and meta["source"] == "code"
     assert meta["mixture"] == "code"  # what it read, not the share it was handed
-    model, _ = io.load(tmp_path / "artifact")
+    model, _ = checkpoint.load(tmp_path / "artifact")
     base = _base_tensors(dense_base)
     embed = np.asarray(model.embed[...])
     assert embed.shape == base["embed"].shape and not np.array_equal(embed, base["embed"])
     # its data's router statistics under the base ride along, so BTX can route by them
-    code_stats = io.load_tensors(tmp_path / "artifact", [
-        n for n in io.tensor_metadata(tmp_path / "artifact") if n.startswith("stats/")])
+    code_stats = checkpoint.load_tensors(tmp_path / "artifact", [
+        n for n in checkpoint.tensor_metadata(tmp_path / "artifact") if n.startswith("stats/")])
     assert sorted(code_stats) == ["stats/mean_hidden", "stats/x_sum", "stats/xtx"]
     assert meta["stats_tokens"] > 0 and meta["stats_documents"] > 0
     math = tmp_path / "math"
@@ -233,16 +233,16 @@ def test_dense_mode_trains_everything_and_writes_a_whole_model(data, dense_base,
     btx = baselines.btx([tmp_path / "artifact", math / "artifact"], tmp_path / "btx",
                         router="centroid", top_k=1, log=lambda s: None)
     assert btx["router"]["kind"] == "centroid"
-    rows = io.load_tensors(tmp_path / "btx", ["blocks/ffn/router"])["blocks/ffn/router"]
+    rows = checkpoint.load_tensors(tmp_path / "btx", ["blocks/ffn/router"])["blocks/ffn/router"]
     mean = code_stats["stats/mean_hidden"]
     np.testing.assert_allclose(rows[:, 0], mean / np.linalg.norm(mean, axis=-1, keepdims=True),
                                rtol=1e-5, atol=1e-6)  # centroid: the unit mean router input
     # stats_batches=0: a dense job without them (the demo's); a branch job cannot do without
     train(tiny_config("source=math", branch__mode="dense", train__steps=1,
                       branch__stats_batches=0), _job("dense", tmp_path / "bare", data, dense_base))
-    bare = io.tensor_metadata(tmp_path / "bare" / "artifact")
+    bare = checkpoint.tensor_metadata(tmp_path / "bare" / "artifact")
     assert not any(n.startswith("stats/") for n in bare)
-    assert "stats_tokens" not in io.read_meta(tmp_path / "bare" / "artifact")
+    assert "stats_tokens" not in checkpoint.read_meta(tmp_path / "bare" / "artifact")
     with pytest.raises(ValueError, match=r"stats_batches=0: a branch job needs its data's "
                                          r"router statistics"):
         train(tiny_config("source=math", branch__stats_batches=0),
@@ -259,14 +259,14 @@ def test_ffn_job_trains_the_ffn_in_place_and_hands_it_over_as_an_expert(data, de
     ffn = set(upcycle.FFN_TENSORS)
     assert set(result.layout.trainable) == ffn and not result.layout.split
     base = _base_tensors(dense_base)
-    model = io.load_tensors(tmp_path / "ffn" / "model", io.tensor_metadata(tmp_path / "ffn" /
+    model = checkpoint.load_tensors(tmp_path / "ffn" / "model", checkpoint.tensor_metadata(tmp_path / "ffn" /
                                                                           "model"))
-    assert io.read_meta(tmp_path / "ffn" / "model")["kind"] == artifact.DENSE_KIND
+    assert checkpoint.read_meta(tmp_path / "ffn" / "model")["kind"] == artifact.DENSE_KIND
     for name, value in base.items():  # frozen bit for bit; every FFN tensor moved
         assert np.array_equal(model[name], value) == (name not in ffn), name
     # the artifact: that FFN as the expert, the untrained initial row; it merges over the base
-    own = io.load_tensors(tmp_path / "ffn" / "artifact",
-                          io.tensor_metadata(tmp_path / "ffn" / "artifact"))
+    own = checkpoint.load_tensors(tmp_path / "ffn" / "artifact",
+                          checkpoint.tensor_metadata(tmp_path / "ffn" / "artifact"))
     for name in ffn:
         np.testing.assert_array_equal(own[name], model[name])
     meta = artifact.read_meta(tmp_path / "ffn" / "artifact")
@@ -274,7 +274,7 @@ def test_ffn_job_trains_the_ffn_in_place_and_hands_it_over_as_an_expert(data, de
     merged = tmp_path / "merged"
     fuse.merge_paths(dense_base, [tmp_path / "ffn" / "artifact"], router="learned-rows",
                      top_k=2, out=merged, log=lambda *a: None)
-    fused = io.load_tensors(merged, io.tensor_metadata(merged))
+    fused = checkpoint.load_tensors(merged, checkpoint.tensor_metadata(merged))
     for name in ffn:  # expert 0 the public FFN, expert 1 the trained one
         np.testing.assert_array_equal(fused[name][:, :1], base[name])
         np.testing.assert_array_equal(fused[name][:, 1:], model[name])
@@ -376,7 +376,7 @@ def test_router_rows_that_are_not_params_stay_frozen(data, tmp_path):
     assert "blocks/ffn/router" in result.layout.frozen
     assert "blocks/ffn/w_up" in result.layout.trainable
     saved = _base_tensors(tmp_path / "p" / "public")
-    initial = io.flatten(nnx.state(Decoder(ModelConfig.from_config(config.model),
+    initial = checkpoint.flatten(nnx.state(Decoder(ModelConfig.from_config(config.model),
                                            rngs=nnx.Rngs(int(config.seed)))))
     # the initial rows (jitted init: equal to eager init to the last bit or so), not trained
     np.testing.assert_allclose(saved["blocks/ffn/router"], initial["blocks/ffn/router"],
@@ -467,7 +467,7 @@ def test_a_branch_without_the_negative_bias_holds_its_bias_at_zero(data, dense_b
         result = train(config, _job("branch", tmp_path / str(flag), data, dense_base))
         biases[flag] = np.asarray(result.trainable["blocks/ffn/bias"])
         path = tmp_path / str(flag) / "artifact"
-        handed = io.load_tensors(path, {n: s for n, (s, _) in io.tensor_metadata(path).items()})
+        handed = checkpoint.load_tensors(path, {n: s for n, (s, _) in checkpoint.tensor_metadata(path).items()})
         np.testing.assert_array_equal(handed["blocks/ffn/bias"], biases[flag])
     assert biases[True].min() < -1e-3, biases[True]
     assert biases[False].shape == (2, 1) and np.all(biases[False] == 0), biases[False]

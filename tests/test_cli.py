@@ -13,7 +13,8 @@ import shlex
 
 import pytest
 
-from moesaic.launch import cli, config_cli, manifest, plan
+from moesaic.configs import loading
+from moesaic.launch import cli, manifest, plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,14 +26,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
     ("branch.frozen=5", "expected a list such as"),
 ])
 def test_overrides_of_the_wrong_type_are_refused(override, message):
-    config = config_cli.load_config_file(str(ROOT / "moesaic/configs/tiny.py"))
+    config = loading.load_config_file(str(ROOT / "moesaic/configs/tiny.py"))
     with pytest.raises(ValueError, match=message):
-        config_cli.apply_overrides(config, [override])
+        loading.apply_overrides(config, [override])
 
 
 def test_overrides_take_the_absl_forms_and_configs_load_from_any_directory(tmp_path,
                                                                           monkeypatch):
-    rest, overrides = config_cli.split_config_args(
+    rest, overrides = loading.split_config_args(
         ["--workdir", "w", "--config.train.steps", "3", "--config.train.lr=0.1",
          "--config.train.warmup_steps", "-1"])
     assert rest == ["--workdir", "w"]
@@ -40,13 +41,13 @@ def test_overrides_take_the_absl_forms_and_configs_load_from_any_directory(tmp_p
     for argv in (["--config.train.steps"], ["--config.train.steps", "--workdir", "w"]):
         with pytest.raises(ValueError, match=r"--config.train.steps: no value; write "
                                              r"--config.train.steps=VALUE"):
-            config_cli.split_config_args(argv)
+            loading.split_config_args(argv)
     monkeypatch.chdir(tmp_path)  # the README's relative path, run from elsewhere
-    assert config_cli.load_config_file("moesaic/configs/tiny.py:source=code").branch.source \
+    assert loading.load_config_file("moesaic/configs/tiny.py:source=code").branch.source \
         == "code"
     with pytest.raises(FileNotFoundError, match=r"'moesaic/configs/nope.py' does not exist "
                                                 r"\(looked in "):
-        config_cli.load_config_file("moesaic/configs/nope.py")
+        loading.load_config_file("moesaic/configs/nope.py")
 
 
 
@@ -104,13 +105,13 @@ def test_config_docstring_commands_parse(where, command, monkeypatch):
         for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
             assert f'add_argument("{flag}"' in script, f"{where}: {argv[1]} has no {flag}"
         return
-    name, (rest, overrides) = argv[1], config_cli.split_config_args(argv[2:])
+    name, (rest, overrides) = argv[1], loading.split_config_args(argv[2:])
     assert not overrides or name in cli.TAKES_OVERRIDES, where
     args = _parser(name).parse_args(rest)  # a missing or unknown flag exits here
     if name == "launch":
         manifest.load(args.manifest, overrides)
         return
-    config_cli.resolve(args.config, overrides)
+    loading.resolve(args.config, overrides)
     if name == "plan":
         plan.parse_mesh(args.mesh), plan.parse_bytes(args.hbm)
 

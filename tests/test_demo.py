@@ -65,10 +65,10 @@ def test_merged_model_beats_the_public_model_on_the_private_domains(smoke):
 
 def test_opt_out_removes_exactly_one_expert(smoke):
     workdir, results = smoke
-    from moesaic.model import io
+    from moesaic.model import checkpoint
 
-    full = io.read_meta(workdir / "merged" / "learned-rows")
-    without = io.read_meta(workdir / "merged" / f"learned-rows-without-{demo.OPT_OUT}")
+    full = checkpoint.read_meta(workdir / "merged" / "learned-rows")
+    without = checkpoint.read_meta(workdir / "merged" / f"learned-rows-without-{demo.OPT_OUT}")
     assert [e["source"] for e in without["experts"]] == [
         e["source"] for e in full["experts"] if e["source"] != demo.OPT_OUT]
 
@@ -81,16 +81,16 @@ def test_router_tuning_changes_the_router_rows_only(smoke, untuned, tuned):
     import numpy as np
 
     from moesaic.merge.sources import ROUTER
-    from moesaic.model import io
+    from moesaic.model import checkpoint
 
     merged, tuned = workdir / untuned, workdir / tuned
-    assert io.read_meta(merged)["kind"] == io.read_meta(tuned)["kind"]
-    record = io.read_meta(tuned)["router"]["tuned"]
+    assert checkpoint.read_meta(merged)["kind"] == checkpoint.read_meta(tuned)["kind"]
+    record = checkpoint.read_meta(tuned)["router"]["tuned"]
     assert record["steps"] == demo.PRESETS["smoke"].tune_steps
     assert record["data"]["mixture"] == "public" and record["data"]["dir"] == str(workdir / "data")
-    names = list(io.tensor_metadata(merged))
-    assert names == list(io.tensor_metadata(tuned))
-    before, after = io.load_tensors(merged, names), io.load_tensors(tuned, names)
+    names = list(checkpoint.tensor_metadata(merged))
+    assert names == list(checkpoint.tensor_metadata(tuned))
+    before, after = checkpoint.load_tensors(merged, names), checkpoint.load_tensors(tuned, names)
     for name in names:
         same = np.array_equal(before[name], after[name])
         assert same == (name != ROUTER), name

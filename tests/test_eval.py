@@ -14,7 +14,7 @@ from flax import nnx
 
 from moesaic.data.loader import heldout_sequences
 from moesaic.eval import perplexity, report
-from moesaic.model import io
+from moesaic.model import checkpoint
 from moesaic.model.transformer import token_nll
 from tests.conftest import last_json_line, run_python
 from tests.eval_helpers import MOE, SEQ, tiny, uniform_model
@@ -108,7 +108,7 @@ def test_router_weight_share_does_not_depend_on_the_batch_size(data_dir):
 
 def test_a_checkpoint_trained_with_capacity_dispatch_is_evaluated_dropless(data_dir, tmp_path):
     model = tiny(seed=4, **MOE, dispatch="capacity", capacity_factor=0.5)  # drops tokens
-    io.save_model(tmp_path / "cap", model, {})
+    checkpoint.save_model(tmp_path / "cap", model, {})
     got = perplexity.evaluate(tmp_path / "cap", data_dir, ["math"], seq_len=SEQ,
                               max_sequences=4, batch_size=4, progress=False)["math"]
     dropless = tiny(seed=4, **MOE)  # the same weights, every token served
@@ -122,7 +122,7 @@ def test_a_checkpoint_trained_with_capacity_dispatch_is_evaluated_dropless(data_
 
 def test_a_checkpoint_trained_unrolled_is_evaluated_scanned(data_dir, tmp_path):
     """An unrolled layer loop pays only in a training step; evaluation compiles the scan."""
-    io.save_model(tmp_path / "loop", tiny(seed=4, **MOE, scan_layers=False), {})
+    checkpoint.save_model(tmp_path / "loop", tiny(seed=4, **MOE, scan_layers=False), {})
     loaded, _ = perplexity.load_model(tmp_path / "loop")
     assert loaded.cfg.scan_layers
     kw = dict(seq_len=SEQ, max_sequences=4, batch_size=4, progress=False)
@@ -204,7 +204,7 @@ def test_cli_eval_writes_json(data_dir, tmp_path, capsys):
     from moesaic.launch.cli import main
 
     model = tiny(seed=6, **MOE)
-    io.save_model(tmp_path / "ckpt", model, {"config": {"data": {"seq_len": SEQ}}})
+    checkpoint.save_model(tmp_path / "ckpt", model, {"config": {"data": {"seq_len": SEQ}}})
     code = main(["eval", "--model", str(tmp_path / "ckpt"), "--data", str(data_dir),
                  "--sources", "code,math", "--max-sequences", "5", "--batch-size", "4",
                  "--json",
@@ -239,8 +239,8 @@ def test_cli_eval_refuses_what_it_would_ignore_or_cannot_score(data_dir, tmp_pat
     from moesaic.branch_train import artifact
     from moesaic.launch.cli import main
 
-    io.save_model(tmp_path / "code", tiny(seed=6), {"config": {"data": {"seq_len": SEQ}}})
-    io.save_model(tmp_path / "math", tiny(seed=7), {"config": {"data": {"seq_len": SEQ}}})
+    checkpoint.save_model(tmp_path / "code", tiny(seed=6), {"config": {"data": {"seq_len": SEQ}}})
+    checkpoint.save_model(tmp_path / "math", tiny(seed=7), {"config": {"data": {"seq_len": SEQ}}})
     data = ["--data", str(data_dir), "--max-sequences", "2", "--no-progress"]
     cases = [
         (["--model", str(tmp_path / "code"), "--top-k", "2"],
@@ -251,7 +251,7 @@ def test_cli_eval_refuses_what_it_would_ignore_or_cannot_score(data_dir, tmp_pat
           f"math={tmp_path / 'math'}"], "--expert kode: an expert's name must be the source "
                                         "of --data it trained on"),
     ]
-    io.save(tmp_path / "artifact", {"x": np.zeros(2, np.float32)},
+    checkpoint.save(tmp_path / "artifact", {"x": np.zeros(2, np.float32)},
             {"kind": artifact.KIND, "source": "code"})
     cases.append((["--model", str(tmp_path / "artifact")],
                   "a branch artifact holds only the party's expert and router row"))
@@ -262,7 +262,7 @@ def test_cli_eval_refuses_what_it_would_ignore_or_cannot_score(data_dir, tmp_pat
 
 def test_evaluate_on_four_devices_matches_one(data_dir, tmp_path):
     model = tiny(seed=7, **MOE)
-    io.save_model(tmp_path / "ckpt", model)
+    checkpoint.save_model(tmp_path / "ckpt", model)
     one = perplexity.evaluate(model, data_dir, ["code"], seq_len=SEQ, max_sequences=8,
                               batch_size=4, progress=False)["code"]
     proc = run_python(f"""

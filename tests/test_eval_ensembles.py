@@ -11,7 +11,7 @@ import pytest
 
 from moesaic.data.loader import heldout_sequences
 from moesaic.eval import ensembles, perplexity
-from moesaic.model import io
+from moesaic.model import checkpoint
 from tests.eval_helpers import SEQ, tiny, uniform_model
 from tests.train_helpers import make_data
 
@@ -183,7 +183,7 @@ def hf_experts(tmp_path_factory):
     for seed, source in enumerate(HF_WORDS):
         model = tiny(seed=seed, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
                      pad_id=tok.pad_id, tokenizer=str(root / "tokenizer.json"))
-        io.save_model(root / source, model, {"config": {"data": {"seq_len": SEQ}}})
+        checkpoint.save_model(root / source, model, {"config": {"data": {"seq_len": SEQ}}})
     return root, tok
 
 
@@ -219,7 +219,7 @@ def test_cli_ensemble_checks_each_expert_against_the_data(hf_experts, tmp_path, 
     from moesaic.launch.cli import main
 
     root, _ = hf_experts
-    io.save_model(tmp_path / "bytes", tiny(), {"config": {"data": {"seq_len": SEQ}}})
+    checkpoint.save_model(tmp_path / "bytes", tiny(), {"config": {"data": {"seq_len": SEQ}}})
     for kind in ("btm", "cbtm"):
         argv = _eval_ensemble(root, kind, f"code={tmp_path / 'bytes'}", f"math={root / 'math'}")
         assert main(argv) == 2
@@ -243,7 +243,7 @@ def test_cli_ensemble_of_experts_with_different_lengths_needs_seq_len(data_dir, 
     from moesaic.launch.cli import main
 
     for name, length in (("a", SEQ), ("b", 2 * SEQ)):
-        io.save_model(tmp_path / name, tiny(), {"config": {"data": {"seq_len": length}}})
+        checkpoint.save_model(tmp_path / name, tiny(), {"config": {"data": {"seq_len": length}}})
     argv = ["eval", "--ensemble", "btm", "--expert", f"code={tmp_path / 'a'}", "--expert",
             f"math={tmp_path / 'b'}", "--data", str(data_dir), "--sources", "code",
             "--max-sequences", "4", "--batch-size", "4", "--no-progress"]

@@ -21,7 +21,7 @@ from moesaic.interop.byte_tokenizer import write_byte_tokenizer  # noqa: E402
 from moesaic.interop.hf_config import model_fields_from_hf  # noqa: E402
 from moesaic.interop.hf_export import export_hf  # noqa: E402
 from moesaic.interop.hf_import import import_hf  # noqa: E402
-from moesaic.model import io  # noqa: E402
+from moesaic.model import checkpoint  # noqa: E402
 from moesaic.model.config import ModelConfig  # noqa: E402
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -47,7 +47,7 @@ def _hf_logits(model, tokens=TOKENS) -> np.ndarray:
 
 
 def _moesaic_logits(path, tokens=TOKENS) -> np.ndarray:
-    model, _ = io.load(path)
+    model, _ = checkpoint.load(path)
     return np.asarray(model(jnp.asarray(tokens))[0])
 
 
@@ -56,7 +56,7 @@ def _save_random_moesaic(path, cfg: ModelConfig, seed=0, bias=None) -> dict:
     biases `bias` (default zero). Returns the flat tensors."""
     rng = np.random.default_rng(seed)
     flat = {}
-    for name, value in io.flatten(nnx.state(io.abstract_model(cfg))).items():
+    for name, value in checkpoint.flatten(nnx.state(checkpoint.abstract_model(cfg))).items():
         if name.endswith("bias"):
             flat[name] = np.zeros(value.shape, np.float32) if bias is None else np.asarray(
                 bias, np.float32)
@@ -64,7 +64,7 @@ def _save_random_moesaic(path, cfg: ModelConfig, seed=0, bias=None) -> dict:
             flat[name] = (1.0 + 0.5 * rng.standard_normal(value.shape)).astype(np.float32)
         else:
             flat[name] = (0.3 * rng.standard_normal(value.shape)).astype(np.float32)
-    io.save(path, flat, {"kind": "merged", "model": cfg.to_dict()})
+    checkpoint.save(path, flat, {"kind": "merged", "model": cfg.to_dict()})
     return flat
 
 
@@ -78,14 +78,14 @@ def test_olmo2_import_matches_transformers_with_gqa(tmp_path, shard):
     write_byte_tokenizer(tmp_path / "hf" / "tokenizer.json", vocab_size=264, eos_id=256,
                          pad_id=257)
     meta = import_hf(tmp_path / "hf", tmp_path / "base", log=lambda _: None)
-    cfg = io.model_config(meta)
+    cfg = checkpoint.model_config(meta)
     assert (cfg.n_experts, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta) == (1, 4, 2, 5e5)
     assert cfg.norm_eps == 1e-5 and meta["kind"] == "public"
     assert cfg.tokenizer == str((tmp_path / "base" / "tokenizer.json").resolve())
     assert (tmp_path / "base" / "tokenizer.json").read_bytes() == (
         tmp_path / "hf" / "tokenizer.json").read_bytes()
-    flat = io.load_tensors(tmp_path / "base", io.tensor_metadata(tmp_path / "base"))
-    assert meta["fingerprint"] == io.fingerprint(flat)
+    flat = checkpoint.load_tensors(tmp_path / "base", checkpoint.tensor_metadata(tmp_path / "base"))
+    assert meta["fingerprint"] == checkpoint.fingerprint(flat)
     logits = _moesaic_logits(tmp_path / "base")
     assert np.abs(logits).max() > 1.0  # a real signal, not near-zero noise
     np.testing.assert_allclose(logits, _hf_logits(hf_model), atol=1e-4, rtol=0)
@@ -97,7 +97,7 @@ def test_flexolmo_import_matches_transformers(tmp_path, norm_topk_prob):
         **TINY, num_experts=4, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob)), seed=1)
     hf_model.save_pretrained(tmp_path / "hf")
     meta = import_hf(tmp_path / "hf", tmp_path / "base", tokenizer="bytes", log=lambda _: None)
-    cfg = io.model_config(meta)
+    cfg = checkpoint.model_config(meta)
     assert (cfg.n_experts, cfg.top_k, cfg.norm_topk_prob, cfg.router_bias) == (
         4, 2, norm_topk_prob, False)
     np.testing.assert_allclose(_moesaic_logits(tmp_path / "base"), _hf_logits(hf_model),
@@ -125,8 +125,8 @@ def test_export_loads_in_transformers_and_imports_back_identically(tmp_path, n_e
                                atol=1e-4, rtol=0)
 
     import_hf(tmp_path / "hf", tmp_path / "back", log=lambda _: None)
-    original = io.load_tensors(tmp_path / "merged", io.tensor_metadata(tmp_path / "merged"))
-    back = io.load_tensors(tmp_path / "back", io.tensor_metadata(tmp_path / "back"))
+    original = checkpoint.load_tensors(tmp_path / "merged", checkpoint.tensor_metadata(tmp_path / "merged"))
+    back = checkpoint.load_tensors(tmp_path / "back", checkpoint.tensor_metadata(tmp_path / "back"))
     if n_experts > 1:  # the all-zero bias has no place in FlexOlmo; the import has none
         assert not original.pop("blocks/ffn/bias").any()
     assert sorted(back) == sorted(original)
@@ -245,7 +245,7 @@ def test_cli_export_errors_go_to_stderr_and_name_the_checkpoint_inside_a_workdir
     from moesaic.model import Decoder
 
     cfg = ModelConfig(vocab_size=264, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32)
-    io.save_model(tmp_path / "run" / "public", Decoder(cfg, rngs=nnx.Rngs(0)))
+    checkpoint.save_model(tmp_path / "run" / "public", Decoder(cfg, rngs=nnx.Rngs(0)))
     for model, message in ((tmp_path / "nowhere", "does not exist"),
                            (tmp_path / "run", f"did you mean {tmp_path / 'run' / 'public'}?")):
         code = cli_export.run(_args(cli_export, [str(model), "--out", str(tmp_path / "hf")]))

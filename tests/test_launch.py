@@ -15,7 +15,8 @@ import time
 import ml_collections
 import pytest
 
-from moesaic.launch import cli, config_cli, jobs, manifest
+from moesaic.configs import loading
+from moesaic.launch import cli, jobs, manifest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "moesaic/configs/manifest_example.py")
@@ -66,7 +67,7 @@ def test_manifest_errors_name_the_field(overrides, message):
 
 
 def test_manifest_lists_must_be_lists():
-    raw = manifest.config_cli.load_config_file(EXAMPLE).to_dict()
+    raw = manifest.loading.load_config_file(EXAMPLE).to_dict()
     raw["parties"]["code"]["overrides"] = "train.steps=5"  # tuple() would split its letters
     config = ml_collections.ConfigDict(raw)
     with pytest.raises(ValueError, match="parties.code.overrides: 'train.steps=5' must be a "
@@ -75,7 +76,7 @@ def test_manifest_lists_must_be_lists():
 
 
 def test_manifest_rejects_unknown_resources_and_empty_parties():
-    config = manifest.config_cli.load_config_file(EXAMPLE)
+    config = manifest.loading.load_config_file(EXAMPLE)
     config.parties.code.resources.gpus = 8
     with pytest.raises(ValueError, match=r"parties.code: unknown resources \['gpus'\]"):
         manifest.from_config(config)
@@ -250,14 +251,14 @@ def _tiny_base(path: pathlib.Path) -> None:
     from flax import nnx
 
     from moesaic.configs import tiny
-    from moesaic.model import io
+    from moesaic.model import checkpoint
     from moesaic.model.config import ModelConfig
     from moesaic.model.transformer import Decoder
 
     config = tiny.get_config()
-    config_cli.apply_overrides(config, TINY)
+    loading.apply_overrides(config, TINY)
     cfg = ModelConfig.from_config(config.model)
-    io.save_model(path, Decoder(cfg, rngs=nnx.Rngs(0)), {"kind": "public"})
+    checkpoint.save_model(path, Decoder(cfg, rngs=nnx.Rngs(0)), {"kind": "public"})
 
 
 @pytest.mark.slow
@@ -265,7 +266,7 @@ def test_local_run_trains_two_parties_and_merges(tmp_path):
     if shutil.which("bash") is None:
         pytest.skip("needs bash")
     from moesaic.data.corpora import build_embedded
-    from moesaic.model import io
+    from moesaic.model import checkpoint
 
     data = tmp_path / "data"
     build_embedded(data, size="smoke")
@@ -279,11 +280,11 @@ def test_local_run_trains_two_parties_and_merges(tmp_path):
         env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     for name in ("code", "math"):
-        assert io.read_meta(tmp_path / name / "artifact")["source"] == name
+        assert checkpoint.read_meta(tmp_path / name / "artifact")["source"] == name
         # Both processes of the party ran and trained (process 0 logs the parameters).
         assert (tmp_path / "logs" / f"branch-{name}.1.log").exists()
         assert "parameters:" in (tmp_path / "logs" / f"branch-{name}.0.log").read_text()
-    meta = io.read_meta(tmp_path / "merged")
+    meta = checkpoint.read_meta(tmp_path / "merged")
     assert meta["model"]["n_experts"] == 3 and meta["model"]["top_k"] == 2
     assert "merged model:" in proc.stdout
 

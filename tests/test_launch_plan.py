@@ -132,7 +132,8 @@ def test_plan_of_an_ffn_job_trains_the_dense_ffn_only(capfd):
 def test_plan_takes_the_base_from_the_config(capfd, monkeypatch):
     """An MoE config of n experts names the branch model, so its base has n - 1; before, the
     base was dense whatever the config said (flexolmo_7x7b planned olmo2_7b's 2 experts)."""
-    from moesaic.launch import cli, config_cli
+    from moesaic.configs import loading
+    from moesaic.launch import cli
 
     monkeypatch.chdir(ROOT)
     argv = ["plan", "--config", "moesaic/configs/tiny.py:experts=3", "--mesh", "data=1",
@@ -142,7 +143,7 @@ def test_plan_takes_the_base_from_the_config(capfd, monkeypatch):
     assert (result["experts"], result["base_experts"]) == (3, 2)
 
     def branch_of(spec: str, *overrides: str) -> tuple[int, int]:
-        config = config_cli.resolve(spec, list(overrides))
+        config = loading.resolve(spec, list(overrides))
         layout = plan.branch_layout(config, base_experts=plan.default_base_experts(config))
         return plan.default_base_experts(config), layout.cfg.n_experts
 

@@ -12,7 +12,7 @@ from flax import nnx
 
 from moesaic.merge import fuse, sources
 from moesaic.merge.sources import MergeRefused
-from moesaic.model import Decoder, io
+from moesaic.model import Decoder, checkpoint
 from moesaic.routing import registry
 from tests.merge_helpers import (
     CFG,
@@ -38,7 +38,7 @@ def test_merged_layout_values_and_loads(world, tmp_path):
                             top_k=2, out=out, log=lambda s: None)
     assert meta["kind"] == "merged" and meta["model"]["n_experts"] == 3
     assert [e["source"] for e in meta["experts"]] == ["public", "code", "math"]
-    assert meta["base_fingerprint"] == io.read_meta(world["base"])["fingerprint"]
+    assert meta["base_fingerprint"] == checkpoint.read_meta(world["base"])["fingerprint"]
     assert meta["router"]["kind"] == "learned-rows" and meta["router"]["top_k"] == 2
     merged, base = all_tensors(out), all_tensors(world["base"])
     code, math = all_tensors(b["code"]), all_tensors(b["math"])
@@ -54,9 +54,9 @@ def test_merged_layout_values_and_loads(world, tmp_path):
     np.testing.assert_array_equal(router[:, 1:2], code[sources.ROUTER])
     np.testing.assert_array_equal(merged[sources.BIAS][:, 2:3], math[sources.BIAS])
     np.testing.assert_array_equal(merged["stats/math/xtx"], math["stats/xtx"])
-    assert meta["fingerprint"] == io.fingerprint(merged)  # streamed fingerprint is the real one
+    assert meta["fingerprint"] == checkpoint.fingerprint(merged)  # streamed fingerprint is the real one
 
-    model, _ = io.load(out)
+    model, _ = checkpoint.load(out)
     assert model.cfg.n_experts == 3 and not model.cfg.router_trainable
     assert not isinstance(model.blocks.ffn.router, nnx.Param)  # RouterState: no optimizer
     tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % 60
@@ -70,7 +70,7 @@ def test_merge_of_one_branch_equals_the_branch_model(world, tmp_path):
     out = tmp_path / "m"
     fuse.merge_paths(world["base"], [world["branches"]["code"]], router="learned-rows",
                      top_k=2, out=out, log=lambda s: None)
-    merged, _ = io.load(out)
+    merged, _ = checkpoint.load(out)
     code = all_tensors(world["branches"]["code"])
     base = all_tensors(world["base"])
     flat = dict(base)
@@ -81,7 +81,7 @@ def test_merge_of_one_branch_equals_the_branch_model(world, tmp_path):
     flat[sources.BIAS] = np.concatenate([np.zeros_like(code[sources.BIAS]),
                                          code[sources.BIAS]], axis=1)
     branch_model = Decoder(CFG.replace(n_experts=2, top_k=2), rngs=nnx.Rngs(0))
-    nnx.update(branch_model, nnx.State(io.unflatten(flat)))
+    nnx.update(branch_model, nnx.State(checkpoint.unflatten(flat)))
     tokens = np.arange(24, dtype=np.int32).reshape(2, 12) % 60
     np.testing.assert_array_equal(np.asarray(merged(tokens)[0]),
                                   np.asarray(branch_model(tokens)[0]))
@@ -93,7 +93,7 @@ def test_router_input_travels_and_must_agree(world, tmp_path):
     meta = fuse.merge_paths(world["base"], [a, b], router="learned-rows", top_k=2,
                             out=tmp_path / "m", log=lambda s: None)
     assert meta["model"]["router_input"] == "prefix_mean"
-    model, _ = io.load(tmp_path / "m")
+    model, _ = checkpoint.load(tmp_path / "m")
     assert model.cfg.router_input == "prefix_mean"
     # a token-routed branch next to prefix-routed ones: refused, naming both
     expect_refusal(world, tmp_path, [a, world["branches"]["math"]],
@@ -137,27 +137,27 @@ def test_streaming_write_equals_whole_write(tmp_path):
     rng = np.random.default_rng(0)
     flat = {"a/w": rng.standard_normal((5, 3, 4)).astype(np.float32),
             "b": np.arange(7, dtype=np.int32), "c": np.array(2.5, np.float32)}
-    io.save(tmp_path / "whole", flat, {"kind": "x"})
+    checkpoint.save(tmp_path / "whole", flat, {"kind": "x"})
 
     def pieces(v):
         return (lambda: [v]) if v.ndim == 0 else (lambda: [v[i:i + 2] for i in range(0, len(v), 2)])
-    hashes = io.save_streaming(tmp_path / "stream", {
-        k: io.TensorSource(v.shape, v.dtype, pieces(v)) for k, v in flat.items()}, {"kind": "x"})
-    assert hashes == {k: io.tensor_hash(v) for k, v in flat.items()}
-    assert io.read_meta(tmp_path / "stream")["fingerprint"] == \
-        io.read_meta(tmp_path / "whole")["fingerprint"]
-    read = (pathlib.Path(tmp_path) / p / io.PARAMS / "_METADATA" for p in ("whole", "stream"))
+    hashes = checkpoint.save_streaming(tmp_path / "stream", {
+        k: checkpoint.TensorSource(v.shape, v.dtype, pieces(v)) for k, v in flat.items()}, {"kind": "x"})
+    assert hashes == {k: checkpoint.tensor_hash(v) for k, v in flat.items()}
+    assert checkpoint.read_meta(tmp_path / "stream")["fingerprint"] == \
+        checkpoint.read_meta(tmp_path / "whole")["fingerprint"]
+    read = (pathlib.Path(tmp_path) / p / checkpoint.PARAMS / "_METADATA" for p in ("whole", "stream"))
     assert len({r.read_text() for r in read}) == 1  # same tree metadata on disk
-    got = io.load_tensors(tmp_path / "stream", flat)
+    got = checkpoint.load_tensors(tmp_path / "stream", flat)
     for k in flat:
         np.testing.assert_array_equal(got[k], flat[k])
-    assert io.TensorReader(tmp_path / "whole", "a/w").hash() == io.tensor_hash(flat["a/w"])
+    assert checkpoint.TensorReader(tmp_path / "whole", "a/w").hash() == checkpoint.tensor_hash(flat["a/w"])
 
     def broken():
         yield flat["a/w"][:2]
         raise RuntimeError("source failed")
     with pytest.raises(RuntimeError, match="source failed"):
-        io.save_streaming(tmp_path / "broken", {"a/w": io.TensorSource((5, 3, 4), np.float32,
+        checkpoint.save_streaming(tmp_path / "broken", {"a/w": checkpoint.TensorSource((5, 3, 4), np.float32,
                                                                         broken)}, {})
     assert not (tmp_path / "broken").exists() and not (tmp_path / "broken.partial").exists()
 

@@ -11,20 +11,20 @@ import pytest
 from moesaic.merge import baselines, fuse, sources
 from moesaic.merge.sources import MergeRefused
 from moesaic.merge.tune import tune_router
-from moesaic.model import io
+from moesaic.model import checkpoint
 from tests.conftest import last_json_line, run_python
 from tests.merge_helpers import CFG, make_base, make_branch, synthetic_stats
 
 
 def make_dense(base_path, path, source, seed, scale=0.01):
-    base = io.load_tensors(base_path, io.tensor_metadata(base_path))
+    base = checkpoint.load_tensors(base_path, checkpoint.tensor_metadata(base_path))
     rng = np.random.default_rng(seed)
     flat = {n: (v + scale * rng.standard_normal(v.shape)).astype(v.dtype)
             for n, v in base.items()}
     stats, n = synthetic_stats(CFG, seed + 50)
-    io.save(path, {**flat, **stats}, {
+    checkpoint.save(path, {**flat, **stats}, {
         "kind": "dense_branch", "source": source, "model": CFG.to_dict(), "stats_tokens": n,
-        "base_fingerprint": io.read_meta(base_path)["fingerprint"]})
+        "base_fingerprint": checkpoint.read_meta(base_path)["fingerprint"]})
     return path
 
 
@@ -36,7 +36,7 @@ def dense(tmp_path_factory):
 
 
 def _params(path):
-    return io.load_tensors(path, io.tensor_metadata(path))
+    return checkpoint.load_tensors(path, checkpoint.tensor_metadata(path))
 
 
 def test_uniform_and_weighted_soup(dense, tmp_path):
@@ -60,7 +60,7 @@ def test_uniform_and_weighted_soup(dense, tmp_path):
     w = _params(tmp_path / "w")
     np.testing.assert_allclose(w["embed"], expected[0] * pa["embed"] + expected[1] * pb["embed"],
                                rtol=1e-5, atol=1e-7)
-    model, _ = io.load(tmp_path / "w")
+    model, _ = checkpoint.load(tmp_path / "w")
     assert model.cfg.n_experts == 1
 
 
@@ -79,7 +79,7 @@ def test_btx_stacks_ffns_and_averages_the_rest(dense, tmp_path):
     centroid = pa["stats/mean_hidden"] / np.linalg.norm(pa["stats/mean_hidden"], axis=-1,
                                                         keepdims=True)
     np.testing.assert_allclose(x[sources.ROUTER][:, 0], centroid, rtol=1e-5)
-    model, _ = io.load(tmp_path / "x")
+    model, _ = checkpoint.load(tmp_path / "x")
     assert np.isfinite(np.asarray(model(np.zeros((1, 8), np.int32))[0])).all()
     with pytest.raises(MergeRefused, match="no router rows"):
         baselines.btx([a, b], tmp_path / "y", router="learned-rows", top_k=1, log=print)
@@ -107,7 +107,7 @@ def test_dense_branch_modified_after_it_was_written_is_refused(dense, tmp_path):
     _, (a, b) = dense
     flat = _params(b)
     flat["blocks/attn/q"] = flat["blocks/attn/q"] + 1
-    io.save(tmp_path / "b", flat, io.read_meta(b))  # the recorded fingerprint kept
+    checkpoint.save(tmp_path / "b", flat, checkpoint.read_meta(b))  # the recorded fingerprint kept
     with pytest.raises(MergeRefused, match=r"dense branch 'math'.*recorded fingerprint"):
         baselines.soup([a, tmp_path / "b"], tmp_path / "s", log=print)
 
@@ -139,12 +139,12 @@ def test_tune_router_trains_rows_only(tmp_path):
     for name in before:
         if name != sources.ROUTER:
             np.testing.assert_array_equal(before[name], after[name], err_msg=name)
-    assert meta["fingerprint"] == io.fingerprint(after)
+    assert meta["fingerprint"] == checkpoint.fingerprint(after)
     from moesaic.routing import report
 
     want, _ = report.routing_report(after[sources.ROUTER], ["public", "code", "law"])
     want = json.loads(json.dumps(want))  # as meta.json holds it
-    assert meta["routing_report"] == want != io.read_meta(tmp_path / "m")["routing_report"]
+    assert meta["routing_report"] == want != checkpoint.read_meta(tmp_path / "m")["routing_report"]
 
     def never(step):
         raise AssertionError("trained before refusing its --out")
@@ -178,10 +178,10 @@ def test_expert_parallel_logits_equal_single_device(tmp_path):
         import json, jax, numpy as np
         from moesaic.configs.common import DEFAULT_RULES
         from moesaic.merge.parallel import load_merged
-        from moesaic.model import io
+        from moesaic.model import checkpoint
         from moesaic.model.sharding import activate, make_mesh
         tokens = (np.arange(4 * 12).reshape(4, 12) * 3 % 60).astype(np.int32)
-        single, _ = io.load("{tmp_path / 'm4'}", mesh=make_mesh({{"data": 1}},
+        single, _ = checkpoint.load("{tmp_path / 'm4'}", mesh=make_mesh({{"data": 1}},
                             devices=jax.devices()[:1]))
         ref = np.asarray(single(tokens)[0])
         result = {{}}

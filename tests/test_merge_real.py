@@ -12,7 +12,7 @@ import pytest
 from moesaic.branch_train import artifact
 from moesaic.branch_train.trainer import Job, train
 from moesaic.launch.cli import main
-from moesaic.model import io
+from moesaic.model import checkpoint
 from tests.train_helpers import make_data, tiny_config
 
 
@@ -30,15 +30,15 @@ def test_real_branch_merges_with_learned_rows_and_ridge(tmp_path):
     branch = tmp_path / "code" / "artifact"
     argv = ["merge", "--base", str(base), "--branch", str(branch), "--top-k", "2"]
     assert main([*argv, "--router", "learned-rows", "--out", str(tmp_path / "rows")]) == 0
-    merged = io.load_tensors(tmp_path / "rows", ["blocks/ffn/router", "blocks/ffn/w_up"])
-    own = io.load_tensors(branch, artifact.OWN_TENSORS)
+    merged = checkpoint.load_tensors(tmp_path / "rows", ["blocks/ffn/router", "blocks/ffn/w_up"])
+    own = checkpoint.load_tensors(branch, artifact.OWN_TENSORS)
     np.testing.assert_array_equal(merged["blocks/ffn/router"][:, 1:], own["blocks/ffn/router"])
     np.testing.assert_array_equal(merged["blocks/ffn/router"][:, :1], 0)
     np.testing.assert_array_equal(merged["blocks/ffn/w_up"][:, 1:], own["blocks/ffn/w_up"])
     assert main([*argv, "--router", "ridge", "--public-data", str(data), "--out",
                  str(tmp_path / "ridge")]) == 0
-    meta = io.read_meta(tmp_path / "ridge")
+    meta = checkpoint.read_meta(tmp_path / "ridge")
     assert meta["merge"]["public_stats"] and meta["merge"]["public_stats_tokens"] > 0
-    model, _ = io.load(tmp_path / "ridge")
+    model, _ = checkpoint.load(tmp_path / "ridge")
     logits, _ = model(np.arange(16, dtype=np.int32).reshape(1, 16))
     assert np.isfinite(np.asarray(logits)).all()

@@ -11,7 +11,7 @@ import pytest
 
 from moesaic.merge import fuse
 from moesaic.merge.sources import MergeRefused
-from moesaic.model import io
+from moesaic.model import checkpoint
 from tests.merge_helpers import (
     CFG,
     all_tensors,
@@ -72,7 +72,7 @@ def test_refuses_uncommitted_checkpoint(world, tmp_path):
     expect_refusal(world, tmp_path, [half], r"never committed.*half.partial")
     no_meta = tmp_path / "no_meta"
     shutil.copytree(world["branches"]["law"], no_meta)
-    (no_meta / io.META).unlink()
+    (no_meta / checkpoint.META).unlink()
     expect_refusal(world, tmp_path, [no_meta], r"not a committed checkpoint")
 
 
@@ -92,9 +92,9 @@ def test_refuses_duplicate_sources(world, tmp_path):
 def test_refuses_modified_base(world, tmp_path):
     base = tmp_path / "base_copy"
     shutil.copytree(world["base"], base)
-    meta = json.loads((base / io.META).read_text())
+    meta = json.loads((base / checkpoint.META).read_text())
     meta["fingerprint"] = "f" * 64
-    (base / io.META).write_text(json.dumps(meta))
+    (base / checkpoint.META).write_text(json.dumps(meta))
     with pytest.raises(MergeRefused, match="do not match its recorded fingerprint"):
         fuse.merge_paths(base, [], router="learned-rows", top_k=1, out=tmp_path / "o",
                          log=lambda s: None)
@@ -109,13 +109,13 @@ def test_cli_merge_remove_add_and_refusal(world, tmp_path, capsys):
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "routing report" in printed and "max cos" in printed
-    assert io.read_meta(out)["router"]["inputs"]["public"].startswith("normalised mean")
+    assert checkpoint.read_meta(out)["router"]["inputs"]["public"].startswith("normalised mean")
     assert main(["merge", "remove", str(out), "--source", "math", "--out",
                  str(tmp_path / "r")]) == 0
-    assert [e["source"] for e in io.read_meta(tmp_path / "r")["experts"]] == ["public", "code"]
+    assert [e["source"] for e in checkpoint.read_meta(tmp_path / "r")["experts"]] == ["public", "code"]
     assert main(["merge", "add", str(tmp_path / "r"), "--branch", str(b["law"]), "--out",
                  str(tmp_path / "a")]) == 0
-    assert io.read_meta(tmp_path / "a")["model"]["n_experts"] == 3
+    assert checkpoint.read_meta(tmp_path / "a")["model"]["n_experts"] == 3
     code = main(["merge", "--base", str(world["base"]), "--branch", str(b["code"]),
                  "--branch", str(b["code"]), "--router", "learned-rows", "--out",
                  str(tmp_path / "dup")])
@@ -141,7 +141,7 @@ def test_cli_merge_remove_add_and_refusal(world, tmp_path, capsys):
                  "--router", "contrast", "--public-stats", str(world["public"]),
                  "--router-option", "selectivity=1.5", "--router-option", "margin=3",
                  "--out", str(tmp_path / "c")]) == 0
-    assert io.read_meta(tmp_path / "c")["router"]["options"] == {"margin": 3.0,
+    assert checkpoint.read_meta(tmp_path / "c")["router"]["options"] == {"margin": 3.0,
                                                                   "selectivity": 1.5}
     code = main(["merge", "--base", str(world["base"]), "--branch", str(b["code"]),
                  "--router", "centroid", "--router-option", "marign=3", "--ridge-lambda", "1",
@@ -166,10 +166,10 @@ def test_public_stats_and_a_base_are_checked_like_any_input(world, tmp_path):
     flat = all_tensors(world["base"])
     flat["blocks/attn/q"] = flat["blocks/attn/q"].copy()
     flat["blocks/attn/q"][1, 2] = np.nan
-    io.save(tmp_path / "nan_base", flat, io.read_meta(world["base"]) | {"fingerprint": None})
-    meta = json.loads((tmp_path / "nan_base" / io.META).read_text())
-    meta["fingerprint"] = io.fingerprint(flat)
-    (tmp_path / "nan_base" / io.META).write_text(json.dumps(meta))
+    checkpoint.save(tmp_path / "nan_base", flat, checkpoint.read_meta(world["base"]) | {"fingerprint": None})
+    meta = json.loads((tmp_path / "nan_base" / checkpoint.META).read_text())
+    meta["fingerprint"] = checkpoint.fingerprint(flat)
+    (tmp_path / "nan_base" / checkpoint.META).write_text(json.dumps(meta))
     with pytest.raises(MergeRefused, match=r"base .*'blocks/attn/q' holds NaN or Inf \(first "
                                            r"at index \(1, 2"):
         fuse.merge_paths(tmp_path / "nan_base", [], router="learned-rows", top_k=1,
@@ -205,7 +205,7 @@ def test_refuses_party_tensors_modified_after_they_were_written(world, tmp_path)
         fuse.remove(public, "math", out=tmp_path / "r", log=lambda s: None)
     assert not (tmp_path / "r").exists() and not (tmp_path / "a").exists()
     meta = fuse.remove(tmp_path / "m", "math", out=tmp_path / "r", log=lambda s: None)
-    assert meta["merge"]["public_stats_fingerprint"] == io.read_meta(world["public"])[
+    assert meta["merge"]["public_stats_fingerprint"] == checkpoint.read_meta(world["public"])[
         "fingerprint"]
 
 
@@ -230,7 +230,7 @@ def test_refuses_a_merged_base(world, tmp_path):
 
 def test_public_stats_of_another_shape_are_named(world, tmp_path):
     stats, n = synthetic_stats(CFG.replace(d_model=16), 3)
-    io.save(tmp_path / "small", stats, {"kind": "router_stats", "stats_tokens": n})
+    checkpoint.save(tmp_path / "small", stats, {"kind": "router_stats", "stats_tokens": n})
     with pytest.raises(MergeRefused, match=r"public stats .*small: tensor 'stats/x_sum' has "
                                            r"shape \(2, 16\).*computed under a model of another"):
         fuse.merge_paths(world["base"], [world["branches"]["code"]], router="ridge", top_k=1,

@@ -26,7 +26,7 @@ from train_helpers import (
 from moesaic.branch_train.checkpointing import JobCheckpoints
 from moesaic.branch_train.progress import read_metrics
 from moesaic.branch_train.trainer import Job, train
-from moesaic.model import io
+from moesaic.model import checkpoint
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,10 +58,10 @@ def test_pretrain_writes_the_public_model_metrics_and_resumes_a_finished_run(dat
     assert result.step == 6 and not result.stopped and result.frozen == {}
     assert result.losses[6] < result.losses[1]
 
-    meta = io.read_meta(tmp_path / "public")
+    meta = checkpoint.read_meta(tmp_path / "public")
     assert meta["kind"] == "public" and meta["steps"] == 6
     assert meta["tokens_seen"] == 6 * 8 * 16 and meta["model"]["d_model"] == 32
-    stored = io.load_tensors(tmp_path / "public", result.trainable)
+    stored = checkpoint.load_tensors(tmp_path / "public", result.trainable)
     for name, value in result.trainable.items():
         np.testing.assert_array_equal(stored[name], np.asarray(value), err_msg=name)
 
@@ -101,8 +101,8 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(data, tmp_path):
     curve = [(r["step"], r["loss"]) for r in read_metrics(killed)]
     assert curve == [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref")]
     assert [s for s, _ in curve] == list(range(1, 41))
-    names = io.tensor_metadata(killed / "public")
-    resumed, uninterrupted = (io.load_tensors(w / "public", names)
+    names = checkpoint.tensor_metadata(killed / "public")
+    resumed, uninterrupted = (checkpoint.load_tensors(w / "public", names)
                               for w in (killed, tmp_path / "ref"))
     for name in names:
         np.testing.assert_array_equal(resumed[name], uninterrupted[name], err_msg=name)

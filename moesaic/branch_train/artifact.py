@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from moesaic.model import io
+from moesaic.model import checkpoint
 
 KIND = "branch"
 DENSE_KIND = "dense_branch"
@@ -51,11 +51,11 @@ def save(path: str | pathlib.Path, own: Mapping, stats: Mapping, meta: dict, **k
     extra = sorted(set(own) - set(OWN_TENSORS)) + sorted(set(stats) - set(STATS))
     if extra:
         raise ValueError(f"branch artifact {path}: unexpected tensors {extra}")
-    io.save(path, {**own, **stats}, {**meta, "kind": KIND}, **kw)
+    checkpoint.save(path, {**own, **stats}, {**meta, "kind": KIND}, **kw)
 
 
 def read_meta(path: str | pathlib.Path) -> dict:
-    meta = io.read_meta(path)
+    meta = checkpoint.read_meta(path)
     if meta.get("kind") != KIND:
         raise ValueError(f"{path} is a {meta.get('kind')!r} checkpoint, not a branch artifact")
     return meta

@@ -1,7 +1,7 @@
 """The base a branch job starts from: checked, loaded onto this job's mesh, and the party's
 router statistics and own router row computed under it.
 
-A base is a model checkpoint (`moesaic.model.io`) of kind "public" (or "model"/"merged":
+A base is a model checkpoint (`moesaic.model.checkpoint`) of kind "public" (or "model"/"merged":
 any whole model). Its shape fields must equal the job config's model section; the fields
 that only say how to run it (dispatch, dtype, remat, loss weights) come from the job config,
 and so does `router_input` (what the branch's router scores) over a dense base; an MoE base
@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from moesaic.model import io
+from moesaic.model import checkpoint
 from moesaic.model.config import ModelConfig
 from moesaic.model.sharding import Rules
 from moesaic.model.transformer import Decoder
@@ -50,11 +50,11 @@ def read_base(path: str | pathlib.Path, config: ml_collections.ConfigDict) -> di
     if not path.exists():
         raise FileNotFoundError(f"base checkpoint {str(path)!r} does not exist; run "
                                 "`moesaic pretrain` first or point --base at its WORKDIR/public")
-    meta = io.read_meta(path)
+    meta = checkpoint.read_meta(path)
     if meta.get("kind") not in BASE_KINDS:
         raise ValueError(f"base {str(path)!r} is a {meta.get('kind')!r} checkpoint; a branch "
                          f"starts from a whole model ({', '.join(BASE_KINDS)})")
-    base_cfg = io.model_config(meta)
+    base_cfg = checkpoint.model_config(meta)
     wanted = dict(config.model)
     diffs = [f"{f}: base {getattr(base_cfg, f)!r}, config {wanted[f]!r}"
              for f in SHAPE_FIELDS if f in wanted and wanted[f] != getattr(base_cfg, f)]
@@ -65,8 +65,8 @@ def read_base(path: str | pathlib.Path, config: ml_collections.ConfigDict) -> di
     if diffs:
         raise ValueError(f"the job config does not match the base {str(path)!r}: "
                          + "; ".join(diffs) + ". Use the config the base was trained with.")
-    stored = io.tensor_metadata(path)
-    abstract = io.flatten(nnx.state(io.abstract_model(base_cfg)))
+    stored = checkpoint.tensor_metadata(path)
+    abstract = checkpoint.flatten(nnx.state(checkpoint.abstract_model(base_cfg)))
     for name, value in abstract.items():
         if name not in stored or stored[name][0] != tuple(value.shape):
             have = stored[name][0] if name in stored else "missing"
@@ -88,9 +88,9 @@ def load_base(path: str | pathlib.Path, meta: dict, mesh: Mesh, rules: Rules,
               cfg: ModelConfig | None = None) -> Base:
     """The base on this mesh, run as `cfg` (the base's config with the job's runtime fields;
     default: as stored)."""
-    cfg = cfg or io.model_config(meta)
-    model, _ = io.load(path, mesh=mesh, rules=rules, cfg=cfg)
-    return Base(cfg, model, io.flatten(nnx.state(model)), meta)
+    cfg = cfg or checkpoint.model_config(meta)
+    model, _ = checkpoint.load(path, mesh=mesh, rules=rules, cfg=cfg)
+    return Base(cfg, model, checkpoint.flatten(nnx.state(model)), meta)
 
 
 def party_stats(base: Base, config: ml_collections.ConfigDict, data_dir: str | pathlib.Path,

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from moesaic.model import io
+from moesaic.model import checkpoint
 
 
 class JobCheckpoints:
@@ -70,7 +70,7 @@ def abstract_like(tree, shardings) -> object:
 
 def nested(flat: dict) -> dict:
     """Orbax keys must not contain '/': store the flat trees nested."""
-    return io.unflatten(flat)
+    return checkpoint.unflatten(flat)
 
 
 class StopSignal:

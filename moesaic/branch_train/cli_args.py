@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from moesaic.branch_train import distributed
 from moesaic.branch_train.trainer import Job, Result, train
-from moesaic.launch import config_cli
+from moesaic.configs import loading
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, default_config: str = "",
@@ -41,9 +41,9 @@ def resolve_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     """The config file with its --config.FIELD=VALUE overrides; a bad file, field or value is
     one line on stderr and exit code 2, as the commands' other input errors are."""
     try:
-        return config_cli.resolve(args.config, getattr(args, "config_overrides", []))
-    except config_cli.CONFIG_ERRORS as err:
-        print(f"error: {config_cli.error_message(err)}", file=sys.stderr)
+        return loading.resolve(args.config, getattr(args, "config_overrides", []))
+    except loading.CONFIG_ERRORS as err:
+        print(f"error: {loading.error_message(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

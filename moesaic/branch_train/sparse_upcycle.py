@@ -8,7 +8,7 @@ import pathlib
 
 import numpy as np
 
-from moesaic.model import io
+from moesaic.model import checkpoint
 
 FFN_EXPERT = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down")
 
@@ -19,15 +19,15 @@ def upcycle_checkpoint(dense: str | pathlib.Path, out: str | pathlib.Path, *, n_
     """Writes an MoE checkpoint at `out`: every FFN copied into `n_experts` experts, every
     other tensor as it is, router rows drawn from N(0, router_std^2) that will score
     `router_input` (model.router_input), biases zero."""
-    meta = io.read_meta(dense)
-    cfg = io.model_config(meta)
+    meta = checkpoint.read_meta(dense)
+    cfg = checkpoint.model_config(meta)
     if cfg.n_experts != 1:
         raise ValueError(f"{dense}: upcycling needs a dense (E = 1) model, it has "
                          f"{cfg.n_experts} experts")
     moe_cfg = cfg.replace(n_experts=n_experts, top_k=top_k, router_trainable=True,
                           router_bias=True, router_input=router_input)
-    names = list(io.tensor_metadata(dense))
-    flat = io.load_tensors(dense, names)
+    names = list(checkpoint.tensor_metadata(dense))
+    flat = checkpoint.load_tensors(dense, names)
     for name in FFN_EXPERT:
         flat[name] = np.repeat(flat[name], n_experts, axis=1)
     rng = np.random.default_rng(seed)
@@ -35,6 +35,6 @@ def upcycle_checkpoint(dense: str | pathlib.Path, out: str | pathlib.Path, *, n_
     flat["blocks/ffn/router"] = (router_std * rng.standard_normal(
         (cfg.n_layers, n_experts, cfg.d_model))).astype(dtype)
     flat["blocks/ffn/bias"] = np.zeros((cfg.n_layers, n_experts), dtype)
-    io.save(out, flat, {"kind": "public", "model": moe_cfg.to_dict(),
+    checkpoint.save(out, flat, {"kind": "public", "model": moe_cfg.to_dict(),
                         "upcycled_from": meta["fingerprint"]})
-    return io.read_meta(out)
+    return checkpoint.read_meta(out)

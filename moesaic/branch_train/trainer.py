@@ -43,7 +43,7 @@ from moesaic.branch_train.optimizer import make_optimizer, schedule
 from moesaic.branch_train.progress import MetricsLog, parameter_overview
 from moesaic.data.loader import TokenBatches, load_manifest, parse_mixture
 from moesaic.data.tokenizer import check_tokenizer
-from moesaic.model import io
+from moesaic.model import checkpoint
 from moesaic.model.config import ModelConfig
 from moesaic.model.sharding import activate, logical_to_spec, make_mesh
 from moesaic.model.transformer import Decoder, lm_loss
@@ -229,7 +229,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         layout = upcycle.make_layout(model_cfg)
     else:
         base_meta = base_model.read_base(job.base, config)
-        base_cfg = base_model.job_model_config(io.model_config(base_meta), config)
+        base_cfg = base_model.job_model_config(checkpoint.model_config(base_meta), config)
         if job.kind == "branch":
             model_cfg = upcycle.branch_config(base_cfg, int(config.branch.train_top_k))
             layout = upcycle.make_layout(model_cfg, frozen_patterns=tuple(config.branch.frozen),
@@ -263,7 +263,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
     # ---- restore: resume this workdir; else start from the base; else initialise -------
     stats, handover = None, None
     if job.kind == "pretrain":
-        fresh = jax.jit(lambda: upcycle.split_full(layout, io.flatten(nnx.state(
+        fresh = jax.jit(lambda: upcycle.split_full(layout, checkpoint.flatten(nnx.state(
             Decoder(model_cfg, rngs=nnx.Rngs(seed))))),
             out_shardings=(trainable_shardings, frozen_shardings))
         frozen = fresh()[1] if layout.frozen else {}  # e.g. rows that are not nnx.Param
@@ -298,7 +298,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
             handover = FfnHandover(
                 router=upcycle.own_router_slices(own_row, own_bias,
                                                  layout.dtypes["blocks/ffn/w_gate"]),
-                public_hashes={n: io.tensor_hash(_host(base.flat[n]))
+                public_hashes={n: checkpoint.tensor_hash(_host(base.flat[n]))
                                for n in upcycle.FFN_TENSORS})
         frozen = jax.device_put(frozen, frozen_shardings)
         # Own copies: the step donates the trainable buffers, and an own expert sliced from a
@@ -328,7 +328,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
         target = {"params": nested(abstract_like(abstract_trainable, trainable_shardings)),
                   "opt": abstract_like(abstract_opt, opt_shardings)}
         state, _ = checkpoints.restore(start, target)
-        trainable, opt_state = io.flatten(state["params"]), state["opt"]
+        trainable, opt_state = checkpoint.flatten(state["params"]), state["opt"]
     else:
         start = 0
         trainable = make_trainable()
@@ -417,7 +417,7 @@ def _host(array) -> np.ndarray:
 
 
 def _savable(flat: dict) -> dict:
-    """Arrays io.save can hash: as they are in one process, host copies across processes."""
+    """Arrays checkpoint.save can hash: as they are in one process, host copies across processes."""
     if jax.process_count() == 1:
         return flat
     return {n: _host(a) for n, a in flat.items()}
@@ -436,7 +436,7 @@ def write_output(job: Job, config, layout: upcycle.ParamLayout, trainable: dict,
               "steps": meta["step"], "mixture": job_mixture(config, job.kind)}
     if job.kind == "pretrain":
         path = workdir / "public"
-        io.save(path, _savable(full), {**common, "kind": "public", "model": layout.cfg.to_dict()},
+        checkpoint.save(path, _savable(full), {**common, "kind": "public", "model": layout.cfg.to_dict()},
                 overwrite=True)
         return path
     path = workdir / "artifact"
@@ -447,12 +447,12 @@ def write_output(job: Job, config, layout: upcycle.ParamLayout, trainable: dict,
         if job.kind == "dense":  # with its data's router statistics under the base, for BTX
             extra = {} if stats is None else {"stats_tokens": stats.n_tokens,
                                               "stats_documents": stats.n_documents}
-            io.save(path, {**_savable(full), **(stats.tensors() if stats else {})},
+            checkpoint.save(path, {**_savable(full), **(stats.tensors() if stats else {})},
                     {**dense_meta, **extra}, overwrite=True)
             return path
-        io.save(workdir / "model", _savable(full), dense_meta, overwrite=True)
+        checkpoint.save(workdir / "model", _savable(full), dense_meta, overwrite=True)
     base_names = set(base_meta["tensors"])
-    frozen_hashes = {n: io.tensor_hash(_host(a)) for n, a in frozen.items() if n in base_names}
+    frozen_hashes = {n: checkpoint.tensor_hash(_host(a)) for n, a in frozen.items() if n in base_names}
     if job.kind == "ffn":  # the trained FFN becomes the expert beside the base's, kept whole
         own = {n: _host(trainable[n]) for n in upcycle.FFN_TENSORS}
         own.update({n: _host(a) for n, a in handover.router.items()})

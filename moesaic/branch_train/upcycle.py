@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from moesaic.model import io
+from moesaic.model import checkpoint
 from moesaic.model.config import ModelConfig
 from moesaic.model.sharding import Rules, logical_to_spec, variable_axes
 from moesaic.model.transformer import Decoder
@@ -126,7 +126,7 @@ class ParamLayout:
 
 
 def _abstract_state(cfg: ModelConfig):
-    return nnx.split(io.abstract_model(cfg))
+    return nnx.split(checkpoint.abstract_model(cfg))
 
 
 def build_model(cfg: ModelConfig, flat: Mapping[str, jax.Array]) -> Decoder:

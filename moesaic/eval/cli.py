@@ -51,12 +51,12 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def _seq_len_of(path: str) -> int:
-    from moesaic.model import io
+    from moesaic.model import checkpoint
 
-    if not io.is_complete(path):
+    if not checkpoint.is_complete(path):
         return DEFAULT_SEQ_LEN  # loading the model then says what is wrong with the path
-    meta = io.read_meta(path)
-    return io.trained_seq_len([meta]) or DEFAULT_SEQ_LEN
+    meta = checkpoint.read_meta(path)
+    return checkpoint.trained_seq_len([meta]) or DEFAULT_SEQ_LEN
 
 
 def _experts(specs: list[str]) -> dict[str, str]:
@@ -107,10 +107,10 @@ def run(args: argparse.Namespace) -> int:
             experts = _experts(args.expert)
             if len(experts) < 2:
                 raise ValueError(f"--ensemble {args.ensemble}: give at least two --expert")
-            from moesaic.model import io
+            from moesaic.model import checkpoint
 
             lengths = {name: _seq_len_of(path) for name, path in experts.items()
-                       if io.is_complete(path)}  # a bad path is named when it is loaded
+                       if checkpoint.is_complete(path)}  # a bad path is named when it is loaded
             if not args.seq_len and len(set(lengths.values())) > 1:
                 raise ValueError(f"the experts were trained on different data.seq_len "
                                  f"{lengths}; pass --seq-len")

@@ -53,7 +53,7 @@ from moesaic.eval import ensembles, perplexity, report
 from moesaic.merge import baselines, fuse
 from moesaic.merge.public_stats import compute_public_stats
 from moesaic.merge.tune import tune_router_on_data
-from moesaic.model import io
+from moesaic.model import checkpoint
 
 DOMAINS = ("code", "prose", "law", "math")
 ROUTERS = ("learned-rows", "contrast", "centroid", "ridge", "random")
@@ -202,7 +202,7 @@ class Stages:
         self.times: dict[str, float] = {}
 
     def run(self, name: str, output: pathlib.Path, fn) -> pathlib.Path:
-        done = output.is_file() or io.is_complete(output)
+        done = output.is_file() or checkpoint.is_complete(output)
         self.bar.set_postfix_str(name)
         if done:
             tqdm.write(f"[demo] {name}: done before ({output})")
@@ -261,7 +261,7 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default",
     n_all = 1 + len(DOMAINS)
 
     def train_moe_all():
-        if not io.is_complete(w / "moe-all" / "base"):
+        if not checkpoint.is_complete(w / "moe-all" / "base"):
             upcycle_checkpoint(public, w / "moe-all" / "base", n_experts=n_all,
                                top_k=preset.top_k, router_input=preset.router_input)
         config = job_config(preset, steps=preset.moe_steps, lr=preset.branch_lr,
@@ -291,7 +291,7 @@ def run_demo(workdir: str | pathlib.Path, preset_name: str = "default",
 
     def make_soups():  # five soups, one stage: a re-run keeps the soups already written
         for name, domain in [("uniform", None)] + [(f"weighted-{d}", d) for d in DOMAINS]:
-            if not io.is_complete(w / "soups" / name):
+            if not checkpoint.is_complete(w / "soups" / name):
                 sample = None if domain is None else _sample(data, domain, preset)
                 baselines.soup([dense[e] for e in DOMAINS], w / "soups" / name,
                                sample_bt1=sample, log=tqdm.write)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from moesaic.configs.common import DEFAULT_RULES
 from moesaic.data.loader import heldout_sequences, load_manifest
 from moesaic.data.tokenizer import check_tokenizer
-from moesaic.model import io
+from moesaic.model import checkpoint
 from moesaic.model.sharding import Rules, activate, logical_to_spec, make_mesh
 from moesaic.model.transformer import Decoder
 
@@ -58,19 +58,19 @@ def load_model(model_or_path: Decoder | str | os.PathLike, *, mesh: jax.sharding
     if isinstance(model_or_path, Decoder):
         return model_or_path, {}
     path = pathlib.Path(model_or_path)
-    if not io.is_complete(path):
+    if not checkpoint.is_complete(path):
         raise FileNotFoundError(f"{flag or f'--model {str(path)!r}'}: not a moesaic checkpoint "
-                                f"(want a folder with {io.META} and {io.PARAMS}/, e.g. a "
+                                f"(want a folder with {checkpoint.META} and {checkpoint.PARAMS}/, e.g. a "
                                 "pretrain, branch `model` or merge output)"
-                                f"{io.inner_checkpoint_hint(path)}")
-    meta = io.read_meta(path)
+                                f"{checkpoint.inner_checkpoint_hint(path)}")
+    meta = checkpoint.read_meta(path)
     if meta.get("kind") == "branch":  # branch_train.artifact.KIND
         raise ValueError(f"{flag or f'--model {str(path)!r}'}: a branch artifact holds only "
                          "the party's expert and router row, not a model; merge it over its "
                          "base to evaluate it (`moesaic merge --base B --branch "
                          f"{path} --router learned-rows --out M`)")
-    cfg = io.model_config(meta).replace(dispatch="dropless", scan_layers=True)
-    return io.load(path, mesh=mesh or local_mesh(), rules=rules, cfg=cfg, meta=meta)
+    cfg = checkpoint.model_config(meta).replace(dispatch="dropless", scan_layers=True)
+    return checkpoint.load(path, mesh=mesh or local_mesh(), rules=rules, cfg=cfg, meta=meta)
 
 
 def expert_names(model: Decoder, meta: Mapping) -> list[str]:

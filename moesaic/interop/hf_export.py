@@ -4,7 +4,7 @@ FlexOlmoForCausalLM (model_type flex_olmo).
 Writes config.json, safetensors (one model.safetensors, or shards of at most `max_shard_bytes`
 with model.safetensors.index.json), tokenizer.json and tokenizer_config.json, under OUT.partial
 renamed to OUT when complete. Tensors are read slice by slice (one layer, one expert) with
-`io.TensorReader`, so memory holds at most one shard. The layout is the inverse of
+`checkpoint.TensorReader`, so memory holds at most one shard. The layout is the inverse of
 `hf_import`'s. A dense model (E = 1) is written as a FlexOlmo with one expert and a zero router
 (softmax over one expert is 1: the same function); transformers 5 loads it.
 
@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 
 from moesaic.interop.byte_tokenizer import check_byte_ids, write_byte_tokenizer
 from moesaic.interop.hf_config import hf_config_from_model
-from moesaic.model import io
+from moesaic.model import checkpoint
 from moesaic.model.config import ModelConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B?)\s*$", re.IGNORECASE)
@@ -50,7 +50,7 @@ def effective_router_bias(path: str | pathlib.Path, cfg: ModelConfig) -> np.ndar
     """(L, E) biases as the model applies them (min(b, 0), expert 0 forced to 0), or None."""
     if not (cfg.is_moe and cfg.router_bias):
         return None
-    bias = io.load_tensors(path, ["blocks/ffn/bias"])["blocks/ffn/bias"].astype(np.float32)
+    bias = checkpoint.load_tensors(path, ["blocks/ffn/bias"])["blocks/ffn/bias"].astype(np.float32)
     effective = np.minimum(bias, 0.0)
     effective[:, 0] = 0.0
     return effective
@@ -61,12 +61,12 @@ class _Plan:
 
     def __init__(self, path: pathlib.Path, cfg: ModelConfig):
         self.entries: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]] = []
-        stored = io.tensor_metadata(path)
+        stored = checkpoint.tensor_metadata(path)
         opened: dict[str, object] = {}
 
         def read(name, index=()):
             if name not in opened:
-                opened[name] = io.TensorReader(path, name)
+                opened[name] = checkpoint.TensorReader(path, name)
             return opened[name][index]
 
         d, n, k, hd, f, e_count = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size,
@@ -158,12 +158,12 @@ def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
               overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     """Writes the FlexOlmoForCausalLM folder; returns its config.json dict."""
     model_path, out = pathlib.Path(model_path).resolve(), pathlib.Path(out).resolve()
-    meta = io.read_meta(model_path)
-    cfg = io.model_config(meta)
+    meta = checkpoint.read_meta(model_path)
+    cfg = checkpoint.model_config(meta)
     if out == model_path:
         raise ValueError(f"--out {out} is the model being exported; write elsewhere")
     try:
-        io.output_path(out, overwrite)
+        checkpoint.output_path(out, overwrite)
     except FileExistsError:
         raise FileExistsError(f"{out} exists; choose another output or pass --overwrite"
                               ) from None
@@ -199,7 +199,7 @@ def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left behind
         raise
-    io.commit(partial, out)  # an existing OUT is replaced whole, never left half deleted
+    checkpoint.commit(partial, out)  # an existing OUT is replaced whole, never left half deleted
     log(f"export-hf: wrote {out}: FlexOlmoForCausalLM E={cfg.n_experts} top_k={cfg.top_k}, "
         f"{len(plan.entries)} tensors, {total / 2**20:.1f} MiB in {len(groups)} file(s)")
     return config

@@ -11,7 +11,8 @@ import importlib
 import importlib.util
 import sys
 
-from moesaic.launch import config_cli, host_memory
+from moesaic.configs import loading
+from moesaic.launch import host_memory
 
 # name: (module, one-line help). Order is the order of the workflow.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     host_memory.keep_freed_memory()  # before the first JAX computation
     try:
-        rest, overrides = config_cli.split_config_args(rest)
+        rest, overrides = loading.split_config_args(rest)
     except ValueError as err:
         print(f"moesaic {name}: error: {err}", file=sys.stderr)
         return 2

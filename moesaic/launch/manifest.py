@@ -40,7 +40,7 @@ import re
 
 import ml_collections
 
-from moesaic.launch import config_cli
+from moesaic.configs import loading
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -155,7 +155,7 @@ def distributed_args(processes: int, coordinator: str, process_id: int | str) ->
 
 def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Manifest:
     """Loads and checks a manifest file (`path.py[:arg]`, plus `a.b=v` overrides)."""
-    config = config_cli.resolve(spec, list(overrides))
+    config = loading.resolve(spec, list(overrides))
     return from_config(config, spec)
 
 

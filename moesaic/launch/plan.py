@@ -38,7 +38,7 @@ import re
 import subprocess
 import sys
 
-from moesaic.launch import config_cli  # no jax: XLA_FLAGS must be set before jax loads
+from moesaic.configs import loading  # no jax: XLA_FLAGS must be set before jax loads
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -88,7 +88,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def _error(err: Exception) -> int:
     """An input error (a bad flag, config field or base) as one line on stderr: exit 2."""
-    print(f"moesaic plan: error: {config_cli.error_message(err)}", file=sys.stderr)
+    print(f"moesaic plan: error: {loading.error_message(err)}", file=sys.stderr)
     return 2
 
 
@@ -101,13 +101,13 @@ def default_base_experts(config) -> int:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = config_cli.resolve(args.config, getattr(args, "config_overrides", []))
+        config = loading.resolve(args.config, getattr(args, "config_overrides", []))
         mesh_shape = parse_mesh(args.mesh) if args.mesh else dict(config.mesh)
         hbm = parse_bytes(args.hbm) if args.hbm else None
         if any(int(v) < 1 for v in mesh_shape.values()):
             raise ValueError(f"config.mesh {mesh_shape} has a -1 (fill the rest); give the "
                              "sizes with --mesh, e.g. --mesh data=1,fsdp=8")
-    except config_cli.CONFIG_ERRORS as err:
+    except loading.CONFIG_ERRORS as err:
         return _error(err)
     devices = math.prod(int(v) for v in mesh_shape.values())
     if not _has_fake_devices(devices):
@@ -229,11 +229,11 @@ def _per_device_bytes(shape: tuple[int, ...], dtype, sharding) -> int:
 def branch_layout(config, *, base: str = "", base_experts: int = 1):
     """The `upcycle.ParamLayout` of the branch job `moesaic branch` would run."""
     from moesaic.branch_train import base_model, upcycle
-    from moesaic.model import io
+    from moesaic.model import checkpoint
     from moesaic.model.config import ModelConfig
 
     if base:
-        base_cfg = base_model.job_model_config(io.model_config(io.read_meta(base)), config)
+        base_cfg = base_model.job_model_config(checkpoint.model_config(checkpoint.read_meta(base)), config)
     else:
         if base_experts < 1:
             raise ValueError(f"--base-experts={base_experts}: must be at least 1 (1: dense)")

@@ -26,7 +26,7 @@ from moesaic.branch_train.artifact import DENSE_KIND
 from moesaic.merge import sources as src
 from moesaic.merge.sources import FFN_EXPERT, STAT_NAMES, MergeRefused, View
 from moesaic.merge.verify import check_unique, scan
-from moesaic.model import io
+from moesaic.model import checkpoint
 from moesaic.model.transformer import lm_loss
 from moesaic.routing import registry, report
 
@@ -44,11 +44,11 @@ class DenseBranch:
                                "checkpoints (`moesaic branch --config.branch.mode=dense`), "
                                "which record it")
         self.source = str(self.meta.get("source") or self.path.name)
-        self.cfg = io.model_config(self.meta)
+        self.cfg = checkpoint.model_config(self.meta)
         if self.cfg.n_experts != 1:
             raise MergeRefused(f"dense branch {self.path}: has {self.cfg.n_experts} experts; "
                                f"soup and BTX take dense (E = 1) models")
-        self.tensors = {n: View(self.path, n) for n in io.tensor_metadata(self.path)}
+        self.tensors = {n: View(self.path, n) for n in checkpoint.tensor_metadata(self.path)}
 
 
 def open_dense(paths) -> list[DenseBranch]:
@@ -73,14 +73,14 @@ def open_dense(paths) -> list[DenseBranch]:
                 raise MergeRefused(f"{label}: tensor {name!r} is {got.dtype}{got.shape}, "
                                    f"{first.source!r} has {ref.dtype}{ref.shape}")
         hashes = {name: scan(label, view) for name, view in sorted(b.tensors.items())}
-        if io.fingerprint_of_hashes(hashes) != b.meta.get("fingerprint"):
+        if checkpoint.fingerprint_of_hashes(hashes) != b.meta.get("fingerprint"):
             raise MergeRefused(f"{label}: its tensors do not match its recorded fingerprint "
                                f"{str(b.meta.get('fingerprint'))[:12]}...; the checkpoint was "
                                f"modified after it was written")
     return branches
 
 
-def _mean_source(views: list[View], weights: np.ndarray) -> io.TensorSource:
+def _mean_source(views: list[View], weights: np.ndarray) -> checkpoint.TensorSource:
     """The weighted mean of same-shaped tensors, a piece at a time, summed in float64 in
     branch order."""
     first = views[0]
@@ -91,7 +91,7 @@ def _mean_source(views: list[View], weights: np.ndarray) -> io.TensorSource:
             total = sum(w * p.astype(np.float64) for w, p in zip(weights, parts))
             yield total.astype(first.dtype)
 
-    return io.TensorSource(first.shape, first.dtype, pieces,
+    return checkpoint.TensorSource(first.shape, first.dtype, pieces,
                            rows_per_chunk=first.row_block() if first.shape else None)
 
 
@@ -108,7 +108,7 @@ def soup_weights(losses: list[float], weighting: str) -> np.ndarray:
 
 def sample_loss(path: str | pathlib.Path, sample_bt1: np.ndarray, batch_rows: int = 8) -> float:
     """Mean next-token loss of a checkpoint on `sample_bt1` (N, T+1)."""
-    model, _ = io.load(path)
+    model, _ = checkpoint.load(path)
     step = jax.jit(lambda m, b: lm_loss(m, b)[1]["nll"])
     losses, weights = [], []
     for start in range(0, len(sample_bt1), batch_rows):
@@ -134,10 +134,10 @@ def soup(branch_paths, out: str | pathlib.Path, *, sample_bt1: np.ndarray | None
             "weighting": how, "losses": losses,
             "base_fingerprint": branches[0].meta.get("base_fingerprint"),
             **src.seq_len_record([b.meta for b in branches])}
-    io.save_streaming(out, tensors, meta)
+    checkpoint.save_streaming(out, tensors, meta)
     log(f"soup ({how}) of {[b.source for b in branches]} weights "
         f"{np.round(weights, 3).tolist()} -> {out}")
-    return io.read_meta(out)
+    return checkpoint.read_meta(out)
 
 
 def btx(branch_paths, out: str | pathlib.Path, *, router: str, top_k: int,
@@ -190,9 +190,9 @@ def btx(branch_paths, out: str | pathlib.Path, *, router: str, top_k: int,
     for name in FFN_EXPERT:
         tensors[name] = src.stack_experts([b.tensors[name] for b in branches])
     dtype = branches[0].tensors[FFN_EXPERT[0]].dtype
-    tensors[src.ROUTER] = io.TensorSource(built.rows.shape, dtype,
+    tensors[src.ROUTER] = checkpoint.TensorSource(built.rows.shape, dtype,
                                           lambda: [built.rows.astype(dtype)])
-    tensors[src.BIAS] = io.TensorSource(built.bias.shape, dtype,
+    tensors[src.BIAS] = checkpoint.TensorSource(built.bias.shape, dtype,
                                         lambda: [built.bias.astype(dtype)])
     merged_cfg = cfg.replace(n_experts=n, top_k=top_k, router_bias=True, router_trainable=False)
     meta = {"kind": "btx", "model": merged_cfg.to_dict(),
@@ -202,9 +202,9 @@ def btx(branch_paths, out: str | pathlib.Path, *, router: str, top_k: int,
                        "inputs": built.inputs, "trainable": False},
             "base_fingerprint": branches[0].meta.get("base_fingerprint"),
             "routing_warnings": warnings, **src.seq_len_record([b.meta for b in branches])}
-    io.save_streaming(out, tensors, meta)
+    checkpoint.save_streaming(out, tensors, meta)
     log(f"btx of {inputs.sources} with router {router!r}, top-{top_k} -> {out}")
-    return io.read_meta(out)
+    return checkpoint.read_meta(out)
 
 
 def soup_cli(args) -> None:

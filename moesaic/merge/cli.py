@@ -132,13 +132,13 @@ def _public_stats(args, base_path):
     if args.public_data:
         from moesaic.merge.public_stats import compute_public_stats
         from moesaic.merge.sources import open_branch
-        from moesaic.model import io
+        from moesaic.model import checkpoint
         branches = [open_branch(b) for b in args.branch or []]
         kinds = {b.router_input for b in branches}
         # The sums must be of sequences as long as the parties' (prefix means depend on it).
         path = compute_public_stats(base_path, args.public_data,
                                     router_input=kinds.pop() if len(kinds) == 1 else "token",
-                                    seq_len=io.trained_seq_len(b.meta for b in branches) or 128)
+                                    seq_len=checkpoint.trained_seq_len(b.meta for b in branches) or 128)
         return path, path.parent
     return args.public_stats, None
 

@@ -8,7 +8,7 @@ import sys
 
 from moesaic.launch.cli import whole_number
 from moesaic.merge.sources import MergeRefused
-from moesaic.model import io
+from moesaic.model import checkpoint
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def run(args) -> int:
     from moesaic.merge.tune import tune_router_on_data
 
     try:
-        seq_len = args.seq_len or io.trained_seq_len([io.read_meta(args.merged)]) or 128
+        seq_len = args.seq_len or checkpoint.trained_seq_len([checkpoint.read_meta(args.merged)]) or 128
         tune_router_on_data(args.merged, args.out, args.data, ",".join(args.source),
                             seq_len=seq_len, batch=args.batch, seed=args.seed,
                             steps=args.steps, lr=args.lr)

@@ -1,6 +1,6 @@
 """The merge: verify, build the router, then write the merged MoE tensor by tensor.
 
-Merged checkpoint (an io checkpoint, loadable with `io.load`):
+Merged checkpoint (a model checkpoint, loadable with `checkpoint.load`):
     every shared tensor of the base, as it is
     blocks/ffn/{w_gate,w_up,w_down}  (L, E, ...) experts [base experts..., P1, P2, ...]
     blocks/ffn/{router,bias}         built by the router kind (RouterState: never optimized)
@@ -13,7 +13,7 @@ experts [{"source", "fingerprint", "branch_meta"}], base_fingerprint, router {ki
 options, inputs}, merge {base_model, base_tensors, public_stats, public_stats_fingerprint...},
 routing_report. `remove` and `add` check every recorded fingerprint again.
 
-Memory: one layer of one tensor at a time (io.save_streaming pulls pieces; every piece is a
+Memory: one layer of one tensor at a time (checkpoint.save_streaming pulls pieces; every piece is a
 layer slice read from disk), whatever the number of parties.
 
 `remove` and `add` read the base and the parties back out of a merged checkpoint and run
@@ -41,7 +41,7 @@ from moesaic.merge.sources import (
     PublicStats,
 )
 from moesaic.merge.verify import router_dtype, router_input, verify
-from moesaic.model import io
+from moesaic.model import checkpoint
 from moesaic.routing import registry, report
 
 
@@ -67,8 +67,8 @@ def router_inputs(base: Base, parties: list[Party], public: PublicStats | None,
         options=dict(options))
 
 
-def _in_memory(array: np.ndarray) -> io.TensorSource:
-    return io.TensorSource(array.shape, array.dtype, lambda: [array])
+def _in_memory(array: np.ndarray) -> checkpoint.TensorSource:
+    return checkpoint.TensorSource(array.shape, array.dtype, lambda: [array])
 
 
 def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
@@ -82,7 +82,7 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
     if out.resolve() in inputs_paths:
         raise MergeRefused(f"output {out} is one of the inputs; write to a new path")
     try:
-        io.output_path(out, overwrite)
+        checkpoint.output_path(out, overwrite)
     except (ValueError, FileExistsError) as err:
         raise MergeRefused(f"output: {err}") from None
     options = dict(options or {})
@@ -107,7 +107,7 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
         log(f"WARNING: {warning}")
 
     row_dtype = router_dtype(base, parties)
-    tensors: dict[str, io.TensorSource] = {}
+    tensors: dict[str, checkpoint.TensorSource] = {}
     for name, view in base.tensors.items():
         if name not in EXPERT_TENSORS:
             tensors[name] = view.source()
@@ -148,10 +148,10 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
         "routing_warnings": warnings,
         **src.seq_len_record([p.meta for p in parties]),
     }
-    io.save_streaming(out, tensors, meta, overwrite=overwrite)
+    checkpoint.save_streaming(out, tensors, meta, overwrite=overwrite)
     log(f"merged {n_experts} experts ({', '.join(names)}) with router {router!r}, top-{top_k} "
         f"-> {out}")
-    return io.read_meta(out)
+    return checkpoint.read_meta(out)
 
 
 def merge_paths(base_path, branch_paths, *, public_stats=None, **kw) -> dict:

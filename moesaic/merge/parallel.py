@@ -13,7 +13,7 @@ import pathlib
 
 import jax
 
-from moesaic.model import io
+from moesaic.model import checkpoint
 from moesaic.model.sharding import Rules
 from moesaic.model.transformer import Decoder
 
@@ -24,8 +24,8 @@ def expert_axis_divisors(n_experts: int, n_devices: int) -> list[int]:
 
 def load_merged(path: str | pathlib.Path, mesh: jax.sharding.Mesh, rules: Rules
                 ) -> tuple[Decoder, dict]:
-    """`io.load` onto `mesh`, refusing an expert axis that does not divide the experts."""
-    meta = io.read_meta(path)
+    """`checkpoint.load` onto `mesh`, refusing an expert axis that does not divide the experts."""
+    meta = checkpoint.read_meta(path)
     n_experts = int(meta["model"]["n_experts"])
     axis = int(mesh.shape.get("expert", 1))
     if n_experts % axis:
@@ -34,4 +34,4 @@ def load_merged(path: str | pathlib.Path, mesh: jax.sharding.Mesh, rules: Rules
             f"expert axis sizes that work with {mesh.size} devices: "
             f"{expert_axis_divisors(n_experts, mesh.size)} (or merge/remove a party so "
             f"the count divides)")
-    return io.load(path, mesh=mesh, rules=rules)
+    return checkpoint.load(path, mesh=mesh, rules=rules)

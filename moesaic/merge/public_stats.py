@@ -8,7 +8,7 @@ from __future__ import annotations
 import pathlib
 import tempfile
 
-from moesaic.model import io
+from moesaic.model import checkpoint
 from moesaic.model.sharding import make_mesh
 
 
@@ -22,16 +22,16 @@ def compute_public_stats(base_path: str | pathlib.Path, data_dir: str | pathlib.
     the sums are of what their routers score."""
     from moesaic.routing import stats
 
-    base_meta = io.read_meta(base_path)
-    cfg = io.model_config(base_meta).replace(router_input=router_input)
-    model, _ = io.load(base_path, cfg=cfg)
+    base_meta = checkpoint.read_meta(base_path)
+    cfg = checkpoint.model_config(base_meta).replace(router_input=router_input)
+    model, _ = checkpoint.load(base_path, cfg=cfg)
     sequences, n_docs = stats.stats_sequences(data_dir, source, seq_len=seq_len,
                                               max_sequences=max_sequences,
                                               batch_rows=batch_rows)
     rows = min(batch_rows, len(sequences))
     collected = stats.collect(model, sequences, n_docs, batch_rows=rows, mesh=make_mesh())
     out = pathlib.Path(tempfile.mkdtemp(prefix="public_stats_", dir=workdir)) / "stats"
-    io.save(out, collected.tensors(), {"kind": "router_stats", "source": source,
+    checkpoint.save(out, collected.tensors(), {"kind": "router_stats", "source": source,
                                        "router_input": router_input,
                                        "base_fingerprint": base_meta["fingerprint"],
                                        "stats_tokens": collected.n_tokens,

@@ -21,7 +21,7 @@ import re
 import numpy as np
 
 from moesaic.branch_train import artifact
-from moesaic.model import io
+from moesaic.model import checkpoint
 from moesaic.model.config import ModelConfig
 
 FFN_EXPERT = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down")
@@ -37,7 +37,7 @@ class View:
     """A stored tensor, optionally restricted to experts [lo, hi) of axis 1."""
 
     def __init__(self, path: str | pathlib.Path, name: str, experts: tuple[int, int] | None = None):
-        self.reader = io.TensorReader(path, name)
+        self.reader = checkpoint.TensorReader(path, name)
         self.path, self.name, self.experts = pathlib.Path(path), name, experts
         shape = list(self.reader.shape)
         if experts is not None:
@@ -72,16 +72,16 @@ class View:
             stop = min(start + step, self.shape[0])
             yield whole[start:stop] if whole is not None else self.rows(start, stop)
 
-    def source(self) -> io.TensorSource:
+    def source(self) -> checkpoint.TensorSource:
         """This tensor as a streaming-write source (chunks of `row_block` rows)."""
-        return io.TensorSource(self.shape, self.dtype, self.pieces,
+        return checkpoint.TensorSource(self.shape, self.dtype, self.pieces,
                                rows_per_chunk=self.row_block() if self.shape else None)
 
     def __repr__(self) -> str:
         return f"{self.path}:{self.name}"
 
 
-def stack_experts(views: list[View]) -> io.TensorSource:
+def stack_experts(views: list[View]) -> checkpoint.TensorSource:
     """The tensors concatenated along the expert axis (1), produced a layer at a time."""
     shape = list(views[0].shape)
     shape[1] = sum(v.shape[1] for v in views)
@@ -90,7 +90,7 @@ def stack_experts(views: list[View]) -> io.TensorSource:
         for layer in range(shape[0]):
             yield np.concatenate([v.rows(layer, layer + 1) for v in views], axis=1)
 
-    return io.TensorSource(tuple(shape), views[0].dtype, pieces, rows_per_chunk=1)
+    return checkpoint.TensorSource(tuple(shape), views[0].dtype, pieces, rows_per_chunk=1)
 
 
 @dataclasses.dataclass
@@ -151,14 +151,14 @@ class PublicStats:
 def seq_len_record(metas) -> dict:
     """{"config": {"data": {"seq_len": L}}} for a merged model's meta when its inputs agree on
     L (what `moesaic eval` and `tune-router` read for their default --seq-len), else {}."""
-    length = io.trained_seq_len(metas)
+    length = checkpoint.trained_seq_len(metas)
     return {} if length is None else {"config": {"data": {"seq_len": length}}}
 
 
 def uncommitted_reason(path: pathlib.Path) -> str | None:
     partial = path.with_name(path.name + ".partial")
     if not path.exists():
-        aside = io.aside_path(path)
+        aside = checkpoint.aside_path(path)
         if aside.exists():
             return f"{path} does not exist: an overwrite of it was interrupted (the previous " \
                    f"checkpoint is in {aside.name}, the new one in {partial.name})"
@@ -166,11 +166,11 @@ def uncommitted_reason(path: pathlib.Path) -> str | None:
             return f"{path} was never committed (only {partial.name} exists: the job that " \
                    f"wrote it did not finish)"
         return f"{path} does not exist"
-    if not io.is_complete(path):
-        hint = io.inner_checkpoint_hint(path)
+    if not checkpoint.is_complete(path):
+        hint = checkpoint.inner_checkpoint_hint(path)
         if hint:  # a finished job's workdir, one level above its output
             return f"{path} is not a checkpoint but holds one{hint}"
-        return f"{path} is not a committed checkpoint (no {io.META} or {io.PARAMS}/): " \
+        return f"{path} is not a committed checkpoint (no {checkpoint.META} or {checkpoint.PARAMS}/): " \
                f"the job that wrote it did not finish"
     return None
 
@@ -180,7 +180,7 @@ def committed_meta(path: pathlib.Path, label: str) -> dict:
     reason = uncommitted_reason(path)
     if reason:
         raise MergeRefused(f"{label}: {reason}")
-    return io.read_meta(path)
+    return checkpoint.read_meta(path)
 
 
 def open_base(path: str | pathlib.Path) -> Base:
@@ -193,8 +193,8 @@ def open_base(path: str | pathlib.Path) -> Base:
                            f"its base and drop its parties {merged_parties(meta)}. To add a "
                            f"party: moesaic merge add {path} --branch B --out OUT; to merge "
                            f"afresh, pass the public base its parties started from")
-    names = io.tensor_metadata(path)
-    return Base(path, io.model_config(meta), meta["fingerprint"],
+    names = checkpoint.tensor_metadata(path)
+    return Base(path, checkpoint.model_config(meta), meta["fingerprint"],
                 {n: View(path, n) for n in names}, "checkpoint")
 
 
@@ -205,7 +205,7 @@ def open_branch(path: str | pathlib.Path) -> Party:
         raise MergeRefused(f"branch {path}: a {meta.get('kind')!r} checkpoint, not a branch "
                            f"artifact (kind {artifact.KIND!r})")
     missing = [k for k in artifact.REQUIRED_META if k not in meta]
-    stored = io.tensor_metadata(path)
+    stored = checkpoint.tensor_metadata(path)
     missing += [n for n in (*artifact.OWN_TENSORS, *artifact.STATS) if n not in stored]
     if missing:
         raise MergeRefused(f"branch {path}: incomplete artifact, missing {missing}")
@@ -220,11 +220,11 @@ def open_branch(path: str | pathlib.Path) -> Party:
 
 def open_public_stats(path: str | pathlib.Path) -> PublicStats:
     """A checkpoint holding stats/{x_sum,xtx,mean_hidden} of public data (for instance a
-    branch artifact's layout, or `moesaic.routing.stats` output saved with io.save) and
+    branch artifact's layout, or `moesaic.routing.stats` output saved with checkpoint.save) and
     meta "stats_tokens"."""
     path = pathlib.Path(path)
     meta = committed_meta(path, "public stats")
-    stored = io.tensor_metadata(path)
+    stored = checkpoint.tensor_metadata(path)
     missing = [f"stats/{s}" for s in STAT_NAMES if f"stats/{s}" not in stored]
     if missing:
         raise MergeRefused(f"public stats {path}: missing {missing}")
@@ -249,7 +249,7 @@ def base_of_merged(path: pathlib.Path, meta: dict) -> Base:
     and (for an MoE base) the base router rows kept under rows/public/."""
     merge = meta["merge"]
     cfg = ModelConfig.from_config(merge["base_model"])
-    names = io.tensor_metadata(path)
+    names = checkpoint.tensor_metadata(path)
     tensors = {}
     for name in merge["base_tensors"]:
         if name in FFN_EXPERT:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from moesaic.branch_train.upcycle import build_model
 from moesaic.data.loader import TokenBatches
 from moesaic.merge.sources import ROUTER, MergeRefused, View
-from moesaic.model import io
+from moesaic.model import checkpoint
 from moesaic.model.transformer import lm_loss
 from moesaic.routing import report
 
@@ -33,17 +33,17 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
     """Trains the router rows for `steps` on `batches(step)` (int32 (B, T+1)); writes `out`.
     A progress bar shows the steps and the loss unless `progress` is False."""
     merged = pathlib.Path(merged)
-    io.output_path(out)  # an --out that cannot be written is refused before any step runs
-    meta = io.read_meta(merged)
+    checkpoint.output_path(out)  # an --out that cannot be written is refused before any step runs
+    meta = checkpoint.read_meta(merged)
     if meta.get("kind") not in ("merged", "btx"):
         raise MergeRefused(f"{merged}: a {meta.get('kind')!r} checkpoint; tune-router takes a "
                            f"merged model")
     if steps < 1:
         raise MergeRefused(f"--steps {steps}: must be at least 1")
-    cfg = io.model_config(meta)
-    names = list(io.flatten(jax.tree.map(lambda v: v, _abstract_params(cfg))))
-    stored = io.tensor_metadata(merged)  # {name: (shape, dtype)} as written, read once
-    params = {n: jnp.asarray(a) for n, a in io.load_tensors(merged, names, stored=stored).items()}
+    cfg = checkpoint.model_config(meta)
+    names = list(checkpoint.flatten(jax.tree.map(lambda v: v, _abstract_params(cfg))))
+    stored = checkpoint.tensor_metadata(merged)  # {name: (shape, dtype)} as written, read once
+    params = {n: jnp.asarray(a) for n, a in checkpoint.load_tensors(merged, names, stored=stored).items()}
     rows = params.pop(ROUTER)
     optimizer = optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=0.0)
     opt_state = optimizer.init(rows)
@@ -71,7 +71,7 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
     tensors = {}
     for name in stored:
         if name == ROUTER:
-            tensors[name] = io.TensorSource(new_rows.shape, new_rows.dtype, lambda: [new_rows])
+            tensors[name] = checkpoint.TensorSource(new_rows.shape, new_rows.dtype, lambda: [new_rows])
         else:
             tensors[name] = View(merged, name).source()
     router = dict(meta["router"], tuned={"steps": steps, "lr": lr, "data": data or {},
@@ -82,8 +82,8 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
     names = [str(e.get("source", i)) for i, e in enumerate(meta.get("experts") or [])]
     reports, warnings = report.routing_report(np.asarray(rows, np.float32), names)
     new_meta.update(routing_report=reports, routing_warnings=warnings)
-    io.save_streaming(out, tensors, new_meta)
-    return io.read_meta(out)
+    checkpoint.save_streaming(out, tensors, new_meta)
+    return checkpoint.read_meta(out)
 
 
 def tune_router_on_data(merged: str | pathlib.Path, out: str | pathlib.Path,
@@ -100,4 +100,4 @@ def tune_router_on_data(merged: str | pathlib.Path, out: str | pathlib.Path,
 
 def _abstract_params(cfg):
     from flax import nnx
-    return nnx.state(io.abstract_model(cfg))
+    return nnx.state(checkpoint.abstract_model(cfg))

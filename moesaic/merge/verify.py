@@ -31,13 +31,13 @@ from moesaic.merge.sources import (
     Party,
     PublicStats,
 )
-from moesaic.model import io
+from moesaic.model import checkpoint
 
 
 def base_hashes(base: Base) -> dict[str, str]:
     """Per-tensor hashes of the base, checked against its recorded fingerprint."""
     hashes = {name: scan(f"base {base.path}", view) for name, view in sorted(base.tensors.items())}
-    if io.fingerprint_of_hashes(hashes) != base.fingerprint:
+    if checkpoint.fingerprint_of_hashes(hashes) != base.fingerprint:
         raise MergeRefused(f"base {base.path}: its tensors do not match its recorded "
                            f"fingerprint {base.fingerprint[:12]}...; the checkpoint was "
                            f"modified after it was written")
@@ -51,7 +51,7 @@ def _expected_frozen_hash(base: Base, hashes: dict[str, str], name: str, party: 
         # a base without a router (dense) or without bias: the branch froze zeros there
         own = party.own[name]
         shape = (own.shape[0], base.n_experts, *own.shape[2:])
-        return io.tensor_hash(np.zeros(shape, own.dtype))
+        return checkpoint.tensor_hash(np.zeros(shape, own.dtype))
     return None
 
 
@@ -65,11 +65,11 @@ def check_unique(sources: list[str]) -> None:
 
 
 def scan(label: str, view) -> str:
-    """`io.tensor_hash` of a stored view, refusing NaN or Inf on the way (one read for both)."""
+    """`checkpoint.tensor_hash` of a stored view, refusing NaN or Inf on the way (one read for both)."""
     floating = np.issubdtype(view.dtype, np.floating) or view.dtype.kind == "V"
-    digest = io.tensor_digest(view.dtype, view.shape)
+    digest = checkpoint.tensor_digest(view.dtype, view.shape)
     for start, piece in _pieces_with_rows(view):
-        digest.update(io.byte_view(piece))
+        digest.update(checkpoint.byte_view(piece))
         if not floating:
             continue
         bad = ~np.isfinite(np.asarray(piece, np.float32))
@@ -137,7 +137,7 @@ def check_party(base: Base, hashes: dict[str, str], party: Party, row_dtype) -> 
     own = {name: scan(label, party.own[name]) for name in EXPERT_TENSORS}
     own.update({f"stats/{stat}": scan(label, party.stats[stat]) for stat in STAT_NAMES})
     recorded = meta.get("fingerprint")
-    if io.fingerprint_of_hashes(own) != recorded:
+    if checkpoint.fingerprint_of_hashes(own) != recorded:
         raise MergeRefused(f"{label}: its expert, router row, bias and statistics do not match "
                            f"the fingerprint {str(recorded)[:12]}... the branch job recorded; "
                            f"they were modified after it wrote them (merge the artifact it "
@@ -147,7 +147,7 @@ def check_party(base: Base, hashes: dict[str, str], party: Party, row_dtype) -> 
 def public_fingerprint(public: PublicStats) -> str:
     """The public statistics' fingerprint: that of a checkpoint holding only them."""
     label = f"public stats {public.path}"
-    return io.fingerprint_of_hashes({f"stats/{stat}": scan(label, public.stats[stat])
+    return checkpoint.fingerprint_of_hashes({f"stats/{stat}": scan(label, public.stats[stat])
                                      for stat in STAT_NAMES})
 
 

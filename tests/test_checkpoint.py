@@ -10,24 +10,24 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moesaic.model import Decoder, ModelConfig, io
+from moesaic.model import Decoder, ModelConfig, checkpoint
 
 
 def test_round_trip_under_a_relative_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = Decoder(ModelConfig(d_model=32, d_ff=48, n_layers=2, n_experts=3, top_k=2),
                     rngs=nnx.Rngs(0))
-    io.save_model("runs/model", model, {"kind": "public"})
-    assert io.is_complete(tmp_path / "runs" / "model")
+    checkpoint.save_model("runs/model", model, {"kind": "public"})
+    assert checkpoint.is_complete(tmp_path / "runs" / "model")
     assert not (tmp_path / "runs" / "model.partial").exists()
-    restored, meta = io.load("runs/model")
-    before, after = io.flatten(nnx.state(model)), io.flatten(nnx.state(restored))
+    restored, meta = checkpoint.load("runs/model")
+    before, after = checkpoint.flatten(nnx.state(model)), checkpoint.flatten(nnx.state(restored))
     for name in before:
         np.testing.assert_array_equal(before[name], after[name], err_msg=name)
-    assert meta["fingerprint"] == io.fingerprint(before)
-    router = io.load_tensors("runs/model", ["blocks/ffn/router"])["blocks/ffn/router"]
+    assert meta["fingerprint"] == checkpoint.fingerprint(before)
+    router = checkpoint.load_tensors("runs/model", ["blocks/ffn/router"])["blocks/ffn/router"]
     np.testing.assert_array_equal(router, before["blocks/ffn/router"])
-    assert io.TensorReader("runs/model", "blocks/ffn/w_gate").rows_per_chunk == 1
+    assert checkpoint.TensorReader("runs/model", "blocks/ffn/w_gate").rows_per_chunk == 1
 
 
 def _flat(value):
@@ -36,9 +36,9 @@ def _flat(value):
 
 def _which(path):
     """The value the checkpoint at `path` was written with, after checking it is whole."""
-    meta = io.read_meta(path)
-    flat = io.load_tensors(path, io.tensor_metadata(path))
-    assert io.fingerprint(flat) == meta["fingerprint"]
+    meta = checkpoint.read_meta(path)
+    flat = checkpoint.load_tensors(path, checkpoint.tensor_metadata(path))
+    assert checkpoint.fingerprint(flat) == meta["fingerprint"]
     for name, array in _flat(meta["value"]).items():
         np.testing.assert_array_equal(flat[name], array)
     return meta["value"]
@@ -48,38 +48,38 @@ def test_overwrite_killed_while_deleting_the_old_checkpoint(tmp_path, monkeypatc
     """A kill while the replaced checkpoint is being deleted leaves PATH the new checkpoint,
     whole; the half-deleted old one is not accepted as a checkpoint."""
     path = tmp_path / "ckpt"
-    io.save(path, _flat(1.0), {"kind": "x", "value": 1.0})
+    checkpoint.save(path, _flat(1.0), {"kind": "x", "value": 1.0})
     real_rmtree = shutil.rmtree
 
     def killed_rmtree(target, ignore_errors=False):
         target = pathlib.Path(target)
         if target.name.endswith(".partial"):
             return real_rmtree(target, ignore_errors=ignore_errors)
-        files = sorted((p for p in (target / io.PARAMS).rglob("*") if p.is_file()),
+        files = sorted((p for p in (target / checkpoint.PARAMS).rglob("*") if p.is_file()),
                        key=lambda p: p.stat().st_size)
         files[-1].unlink()  # half deleted, meta.json still there
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(io.shutil, "rmtree", killed_rmtree)
-    for save in (io.save, lambda p, flat, meta, **kw: io.save_streaming(p, {
-            n: io.TensorSource(a.shape, a.dtype, lambda a=a: [a]) for n, a in flat.items()},
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_rmtree)
+    for save in (checkpoint.save, lambda p, flat, meta, **kw: checkpoint.save_streaming(p, {
+            n: checkpoint.TensorSource(a.shape, a.dtype, lambda a=a: [a]) for n, a in flat.items()},
             meta, **kw)):
         with pytest.raises(KeyboardInterrupt):
             save(path, _flat(2.0), {"kind": "x", "value": 2.0}, overwrite=True)
         assert _which(path) == 2.0
-        aside = io.aside_path(path)
-        assert (aside / io.META).is_file() and not io.is_complete(aside)
+        aside = checkpoint.aside_path(path)
+        assert (aside / checkpoint.META).is_file() and not checkpoint.is_complete(aside)
         with pytest.raises(ValueError, match="not a complete"):
-            io.read_meta(aside)
-        monkeypatch.setattr(io.shutil, "rmtree", real_rmtree)
-        io.save(path, _flat(1.0), {"kind": "x", "value": 1.0}, overwrite=True)
+            checkpoint.read_meta(aside)
+        monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+        checkpoint.save(path, _flat(1.0), {"kind": "x", "value": 1.0}, overwrite=True)
         assert _which(path) == 1.0 and not aside.exists()
-        monkeypatch.setattr(io.shutil, "rmtree", killed_rmtree)
+        monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_rmtree)
 
 
 def test_overwrite_killed_between_the_renames_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt"
-    io.save(path, _flat(1.0), {"kind": "x", "value": 1.0})
+    checkpoint.save(path, _flat(1.0), {"kind": "x", "value": 1.0})
     real_rename = pathlib.Path.rename
 
     def rename(self, target):
@@ -89,11 +89,11 @@ def test_overwrite_killed_between_the_renames_keeps_the_old_checkpoint(tmp_path,
 
     monkeypatch.setattr(pathlib.Path, "rename", rename)
     with pytest.raises(KeyboardInterrupt):
-        io.save(path, _flat(2.0), {"kind": "x", "value": 2.0}, overwrite=True)
+        checkpoint.save(path, _flat(2.0), {"kind": "x", "value": 2.0}, overwrite=True)
     monkeypatch.setattr(pathlib.Path, "rename", real_rename)
     assert not path.exists()  # never a mix: the old one is aside, whole
-    assert not io.is_complete(path.with_name("ckpt.partial"))
-    real_rename(io.aside_path(path), path)
+    assert not checkpoint.is_complete(path.with_name("ckpt.partial"))
+    real_rename(checkpoint.aside_path(path), path)
     assert _which(path) == 1.0
 
 
@@ -101,11 +101,11 @@ def test_tensor_digest_fed_in_pieces_is_the_tensor_hash():
     """Code that hashes a tensor while reading it (merge's NaN scan, streaming saves) feeds
     `tensor_digest` piece by piece; the result must be `tensor_hash` of the whole."""
     array = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
-    digest = io.tensor_digest(array.dtype, array.shape)
+    digest = checkpoint.tensor_digest(array.dtype, array.shape)
     for start in range(0, 7, 3):
         digest.update(np.ascontiguousarray(array[start:start + 3]).tobytes())
-    assert digest.hexdigest() == io.tensor_hash(array)
-    assert io.tensor_hash(array) != io.tensor_hash(array.reshape(3, 7))
+    assert digest.hexdigest() == checkpoint.tensor_hash(array)
+    assert checkpoint.tensor_hash(array) != checkpoint.tensor_hash(array.reshape(3, 7))
 
 
 def test_a_discarded_folder_stays_gone_while_late_writers_finish(tmp_path):
@@ -128,6 +128,6 @@ def test_a_discarded_folder_stays_gone_while_late_writers_finish(tmp_path):
             time.sleep(0.01)
     thread = threading.Thread(target=late_writer)
     thread.start()
-    io.discard(folder, settle=0.2)
+    checkpoint.discard(folder, settle=0.2)
     thread.join()
     assert not folder.exists()
