@@ -1,4 +1,4 @@
-"""The branch artifact: what one party hands to the merge (DESIGN.md, contract 3).
+"""The branch artifact: what one party hands to the merge (docs/design.md, contract 3).
 
 Only what the owner trained, plus aggregates of its data under the base model:
 

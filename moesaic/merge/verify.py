@@ -1,4 +1,4 @@
-"""Checks every merge input before anything is written (DESIGN.md, contract 2).
+"""Checks every merge input before anything is written (docs/design.md, contracts 2 and 9).
 
 A merge refuses (raises `MergeRefused`, naming the branch and the tensor) when:
   - a checkpoint is not committed (a `.partial` folder, no meta);

@@ -1,5 +1,5 @@
 """Model checkpoints: one Orbax tree of parameters plus a JSON metadata file, written whole or
-not at all (DESIGN.md, contract 8).
+not at all (docs/design.md, contract 8).
 
     PATH/params/      Orbax (OCDBT) tree, flat: {"blocks/ffn/w_gate": array, ...}
     PATH/meta.json    {"kind": ..., "model": ModelConfig fields, "fingerprint": ..., ...}

@@ -1,5 +1,5 @@
 """Logical axes -> mesh axes. Model code names logical axes only; the config's rules table
-maps them onto the mesh ('data', 'fsdp', 'expert', 'tensor') (DESIGN.md, contract 5)."""
+maps them onto the mesh ('data', 'fsdp', 'expert', 'tensor') (docs/design.md, contract 5)."""
 
 from __future__ import annotations
 
