@@ -84,25 +84,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
             raise ValueError(f"config field {key!r}: {err}") from None
 
 
-def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separates `--config.x=y` overrides (or `--config.x y`, as absl flags also take them)
-    from the other arguments."""
-    rest, overrides = [], []
-    args = iter(argv)
-    for arg in args:
-        if not arg.startswith("--config."):
-            rest.append(arg)
-            continue
-        key = arg[len("--config."):]
-        if "=" not in key:
-            value = next(args, None)
-            if value is None or value.startswith("--"):
-                raise ValueError(f"{arg}: no value; write {arg}=VALUE")
-            key = f"{key}={value}"
-        overrides.append(key)
-    return rest, overrides
-
-
 def resolve(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
     config = load_config_file(spec)
     apply_overrides(config, overrides)

@@ -205,18 +205,3 @@ def btx(branch_paths, out: str | pathlib.Path, *, router: str, top_k: int,
     checkpoint.save_streaming(out, tensors, meta)
     log(f"btx of {inputs.sources} with router {router!r}, top-{top_k} -> {out}")
     return checkpoint.read_meta(out)
-
-
-def soup_cli(args) -> None:
-    sample = None
-    if args.weights_data:
-        from moesaic.data.loader import heldout_sequences
-        sample = heldout_sequences(args.weights_data, args.weights_source or "public",
-                                   seq_len=128, max_sequences=32).tokens
-    soup(args.branch, args.out, sample_bt1=sample, weighting=args.weighting or "softmax")
-
-
-def btx_cli(args, options: dict) -> None:
-    if not args.router:
-        raise MergeRefused("btx needs --router (centroid, ridge or random)")
-    btx(args.branch, args.out, router=args.router, top_k=args.top_k or 2, options=options)

@@ -9,6 +9,13 @@ The second form scores an ensemble of separately trained models (moesaic.eval.en
 c-BTM the expert names must be source names of DATA_DIR (their training text gives the
 centroids). Every model is checked against the tokenizer of the data it reads, and c-BTM
 decodes text with that tokenizer (loaded from the experts' model.tokenizer).
+
+The table's "average" row is the mean of the domain rows over --average-over (default: every
+domain evaluated, public included); its label names them. For an MoE model, the routing
+printed per domain and layer is each expert's share of router weight (the weights of the
+top-k experts chosen, summed over the domain's tokens, as the demo's heatmaps show); --json
+also keeps each expert's share of top-k slots (token_share), which counts an expert chosen
+with a tiny weight as fully as one chosen with all of it.
 """
 
 from __future__ import annotations
@@ -20,12 +27,12 @@ import sys
 
 import numpy as np
 
-from moesaic.launch.cli import whole_number
+from moesaic.cli.args import whole_number
 
 DEFAULT_SEQ_LEN = 128
 
 
-def register(parser: argparse.ArgumentParser) -> None:
+def register(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--model", help="a moesaic checkpoint (pretrain, branch model, merge)")
     parser.add_argument("--ensemble", choices=("btm", "cbtm"),
                         help="score an ensemble of --expert models instead of --model")
@@ -46,6 +53,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="held-out sequences per domain, evenly spaced over the split "
                              "(default: all)")
     parser.add_argument("--batch-size", type=whole_number(1), default=8)
+    parser.add_argument("--average-over", default="",
+                        help="comma-separated sources the average row means over (default: "
+                             "every source evaluated, public included)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -71,23 +81,42 @@ def _experts(specs: list[str]) -> dict[str, str]:
     return experts
 
 
-def format_results(results: dict[str, dict]) -> str:
+def _average_over(text: str, sources: list[str]) -> list[str]:
+    """The domains the average row means over: --average-over, else every one evaluated."""
+    over = [s for s in text.split(",") if s] or list(sources)
+    unknown = [s for s in over if s not in sources]
+    if unknown:
+        raise ValueError(f"--average-over {', '.join(unknown)}: not evaluated; the sources "
+                         f"evaluated are {', '.join(sources)}")
+    return over
+
+
+def averages(results: dict[str, dict], over: list[str]) -> dict[str, float]:
+    """The mean of nll, ppl and bpb over the domains `over`."""
+    return {k: float(np.mean([results[d][k] for d in over])) for k in ("nll", "ppl", "bpb")}
+
+
+def format_results(results: dict[str, dict], over: list[str] | None = None) -> str:
+    over = list(results) if over is None else over
     lines = [f"{'domain':>10} {'nll':>8} {'ppl':>9} {'bpb':>8} {'tokens':>9}"]
     for domain, m in results.items():
         lines.append(f"{domain:>10} {m['nll']:8.4f} {m['ppl']:9.3f} {m['bpb']:8.4f} "
                      f"{m['tokens']:9d}")
-    lines.append(f"{'average':>10} {np.mean([m['nll'] for m in results.values()]):8.4f} "
-                 f"{np.mean([m['ppl'] for m in results.values()]):9.3f} "
-                 f"{np.mean([m['bpb'] for m in results.values()]):8.4f}")
+    mean = averages(results, over)
+    which = "every domain" if over == list(results) else "--average-over"
+    lines.append(f"{'average':>10} {mean['nll']:8.4f} {mean['ppl']:9.3f} {mean['bpb']:8.4f}"
+                 f"  mean over {', '.join(over)} ({which})")
     for domain, m in results.items():
         routing = m.get("routing")
         if not routing:
             continue
         experts = routing.get("experts") or []
-        if "token_share" in routing:
-            lines.append(f"routing on {domain}: share of tokens per layer "
+        if "weight_share" in routing or "token_share" in routing:
+            key = "weight_share" if "weight_share" in routing else "token_share"
+            what = "router weight" if key == "weight_share" else "top-k slots"
+            lines.append(f"routing on {domain}: each expert's share of {what} per layer "
                          f"({', '.join(experts)})")
-            for layer, shares in enumerate(routing["token_share"]):
+            for layer, shares in enumerate(routing[key]):
                 lines.append(f"{'':>4}layer {layer:>2}: " + " ".join(f"{s:6.3f}" for s in shares))
         if "ensemble_weight" in routing:
             lines.append(f"ensemble weights on {domain}: " + ", ".join(
@@ -101,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         sources = [s for s in args.sources.split(",") if s] or perplexity.prepared_sources(
             args.data)
+        over = _average_over(args.average_over, sources)
         if args.ensemble:
             if args.model:
                 raise ValueError("give --model or --ensemble with --expert, not both")
@@ -159,11 +189,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"moesaic eval: error: {e}", file=sys.stderr)
         return 2
     print(f"{label}: held-out, seq_len {seq_len}")
-    print(format_results(results))
+    print(format_results(results, over))
     if args.json:
         out = {"system": label, "seq_len": seq_len, "domains": results,
-               "average": {k: float(np.mean([m[k] for m in results.values()]))
-                           for k in ("nll", "ppl", "bpb")}}
+               "average": averages(results, over), "average_over": over}
         pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

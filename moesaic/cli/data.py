@@ -14,7 +14,7 @@ import sys
 from moesaic.data import sources
 
 
-def register(parser: argparse.ArgumentParser) -> None:
+def register(parser: argparse.ArgumentParser, command: str) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     prep = sub.add_parser("prepare", help="local folders / JSONL files -> TFDS ArrayRecord")
     prep.add_argument("--source", action="append", default=[], metavar="NAME=PATH",

@@ -10,6 +10,11 @@ Router kinds: learned-rows, centroid, ridge, random, contrast (moesaic.routing).
 (an input that fails verification) prints what is wrong and where, writes nothing, and
 exits 2. The base must be the public model the branches started from, never a merged one:
 `merge add` is how a party joins a merged model.
+
+    moesaic tune-router M --data DIR --source S [--source S2] --steps N --out M2
+
+tune-router trains the router rows only, everything else frozen, on data the caller provides
+(moesaic.merge.tune).
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import argparse
 import shutil
 import sys
 
-from moesaic.launch.cli import whole_number
+from moesaic.cli.args import whole_number
 from moesaic.merge.sources import MergeRefused
+from moesaic.model import checkpoint
 from moesaic.routing.registry import KINDS
 
 ACTIONS = ("remove", "add", "soup", "btx")
@@ -57,7 +63,25 @@ def _router_args(parser: argparse.ArgumentParser, required: bool = True) -> None
                              "selectivity=2 (repeat)")
 
 
-def register(parser: argparse.ArgumentParser) -> None:
+def _tune_router_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("merged", help="a merged checkpoint")
+    parser.add_argument("--data", required=True, help="prepared data folder (moesaic data)")
+    parser.add_argument("--source", action="append", required=True,
+                        help="a source of --data to tune on (repeat; source:weight allowed)")
+    parser.add_argument("--steps", type=whole_number(1), required=True)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seq-len", type=whole_number(1), default=None,
+                        help="tokens per row (default: the data.seq_len the merged model's "
+                             "parties trained on, else 128)")
+    parser.add_argument("--batch", type=whole_number(1), default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True)
+
+
+def register(parser: argparse.ArgumentParser, command: str) -> None:
+    if command == "tune-router":
+        _tune_router_args(parser)
+        return
     parser.add_argument("action", nargs="?", default="merge", choices=("merge", *ACTIONS),
                         help="merge (default), remove, add, soup or btx")
     parser.add_argument("merged", nargs="?", default=None,
@@ -132,13 +156,13 @@ def _public_stats(args, base_path):
     if args.public_data:
         from moesaic.merge.public_stats import compute_public_stats
         from moesaic.merge.sources import open_branch
-        from moesaic.model import checkpoint
         branches = [open_branch(b) for b in args.branch or []]
         kinds = {b.router_input for b in branches}
         # The sums must be of sequences as long as the parties' (prefix means depend on it).
+        seq_len = checkpoint.trained_seq_len(b.meta for b in branches) or 128
         path = compute_public_stats(base_path, args.public_data,
                                     router_input=kinds.pop() if len(kinds) == 1 else "token",
-                                    seq_len=checkpoint.trained_seq_len(b.meta for b in branches) or 128)
+                                    seq_len=seq_len)
         return path, path.parent
     return args.public_stats, None
 
@@ -171,18 +195,50 @@ def _run(args) -> None:
         if not args.merged or not args.branch:
             raise MergeRefused("usage: moesaic merge add M --branch P3 --out M3")
         fuse.add(args.merged, args.branch, out=args.out, top_k=args.top_k)
+    elif args.action == "soup":
+        _soup(args)
     else:
-        from moesaic.merge import baselines
-        if args.action == "soup":
-            baselines.soup_cli(args)
-        else:
-            baselines.btx_cli(args, _options(args))
+        _btx(args, _options(args))
+
+
+def _soup(args) -> None:
+    from moesaic.merge import baselines
+
+    sample = None
+    if args.weights_data:
+        from moesaic.data.loader import heldout_sequences
+        sample = heldout_sequences(args.weights_data, args.weights_source or "public",
+                                   seq_len=128, max_sequences=32).tokens
+    baselines.soup(args.branch, args.out, sample_bt1=sample,
+                   weighting=args.weighting or "softmax")
+
+
+def _btx(args, options: dict) -> None:
+    from moesaic.merge import baselines
+
+    if not args.router:
+        raise MergeRefused("btx needs --router (centroid, ridge or random)")
+    baselines.btx(args.branch, args.out, router=args.router, top_k=args.top_k or 2,
+                  options=options)
+
+
+def _tune_router(args) -> None:
+    from moesaic.merge.tune import tune_router_on_data
+
+    seq_len = (args.seq_len
+               or checkpoint.trained_seq_len([checkpoint.read_meta(args.merged)]) or 128)
+    tune_router_on_data(args.merged, args.out, args.data, ",".join(args.source),
+                        seq_len=seq_len, batch=args.batch, seed=args.seed,
+                        steps=args.steps, lr=args.lr)
 
 
 def run(args) -> int:
     try:
-        _run(args)
+        if args.command == "tune-router":
+            _tune_router(args)
+        else:
+            _run(args)
     except (MergeRefused, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"moesaic merge: refused: {err}", file=sys.stderr)
+        print(f"moesaic {args.command}: refused: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,10 +1,14 @@
-"""The command-line arguments the training commands share (train, pretrain, branch) and how
-they become a resolved config and a `trainer.Job`.
+"""Argument helpers the commands share: a whole-number argparse type, the `--config.FIELD=VALUE`
+overrides split from the other arguments, and the arguments of a training job (train,
+pretrain, branch) with how they become a resolved config and a data folder.
 
-Data: --data DIR, else config.data.dir, else the first folder holding prepared sources among
-WORKDIR/data, WORKDIR/../data and (a branch) BASE/../data, BASE/../../data (so
-`moesaic data embedded --out W/data` then `--workdir W/run` finds it), else the embedded
-corpora built into WORKDIR/data (once; reused when present). The folder used is printed.
+Data of a training job: --data DIR, else config.data.dir, else the first folder holding
+prepared sources among WORKDIR/data, WORKDIR/../data and (a branch) BASE/../data,
+BASE/../../data (so `moesaic data embedded --out W/data` then `--workdir W/run` finds it),
+else the embedded corpora built into WORKDIR/data (once; reused when present). The folder
+used is printed.
+
+Nothing here imports jax at import time: `moesaic plan` must set XLA_FLAGS before jax loads.
 """
 
 from __future__ import annotations
@@ -13,17 +17,52 @@ import argparse
 import pathlib
 import sys
 
-import jax
 import ml_collections
-from jax.experimental import multihost_utils
 
-from moesaic.branch_train import distributed
-from moesaic.branch_train.trainer import Job, Result, train
 from moesaic.configs import loading
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, default_config: str = "",
-                  embedded_size: str = "default") -> None:
+def whole_number(low: int):
+    """An argparse type: a whole number of at least `low`. argparse names the flag in its
+    error, e.g. `argument --batch-size: must be at least 1, got 0`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config.x=y` overrides (or `--config.x y`, as absl flags also take them)
+    from the other arguments."""
+    rest, overrides = [], []
+    args = iter(argv)
+    for arg in args:
+        if not arg.startswith("--config."):
+            rest.append(arg)
+            continue
+        key = arg[len("--config."):]
+        if "=" not in key:
+            value = next(args, None)
+            if value is None or value.startswith("--"):
+                raise ValueError(f"{arg}: no value; write {arg}=VALUE")
+            key = f"{key}={value}"
+        overrides.append(key)
+    return rest, overrides
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, *, default_config: str = "",
+                      embedded_size: str = "default") -> None:
+    """--config, --workdir, --data, --embedded-size, --no-progress and the multi-process
+    start-up flags of a training job."""
+    from moesaic.branch_train import distributed
+
     config_help = "config file[:arg], e.g. moesaic/configs/tiny.py:source=code"
     parser.add_argument("--config", default=default_config, required=not default_config,
                         help=config_help + (f" (default: {default_config})"
@@ -55,6 +94,9 @@ def data_dir(args: argparse.Namespace, config: ml_collections.ConfigDict,
              base: pathlib.Path | None = None) -> pathlib.Path:
     """The data folder for this job (see the module docstring); builds the embedded corpora
     when nothing else is given."""
+    import jax
+    from jax.experimental import multihost_utils
+
     if args.data or config.data.dir:
         return pathlib.Path(args.data or config.data.dir)
     workdir = pathlib.Path(args.workdir)
@@ -75,20 +117,3 @@ def data_dir(args: argparse.Namespace, config: ml_collections.ConfigDict,
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("moesaic-embedded-data")
     return folder
-
-
-def run_job(config: ml_collections.ConfigDict, job: Job, output_name: str
-            ) -> tuple[int, Result | None]:
-    """Runs the job; an input error (missing base, mismatched config or data) is printed as
-    one line and gives exit code 2. Returns (exit code, result)."""
-    try:
-        result = train(config, job)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2, None
-    if result.stopped:
-        print(f"stopped at step {result.step}; checkpoint saved in {job.workdir}/ckpt, "
-              "run the same command again to resume")
-    elif result.output is not None:
-        print(f"{output_name}: {result.output}")
-    return 0, result
