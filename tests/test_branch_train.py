@@ -251,7 +251,7 @@ def test_dense_mode_trains_everything_and_writes_a_whole_model(data, dense_base,
 
 def test_ffn_job_trains_the_ffn_in_place_and_hands_it_over_as_an_expert(data, dense_base,
                                                                         tmp_path):
-    from moesaic.branch_train.cli_branch import MODES
+    from moesaic.cli.train import MODES
     from moesaic.merge import fuse
 
     config = tiny_config("source=code", branch__mode="ffn", train__steps=2)
@@ -296,7 +296,7 @@ def test_ffn_job_trains_the_ffn_in_place_and_hands_it_over_as_an_expert(data, de
 
 
 def test_a_wrong_base_is_named_before_any_corpus_is_built(dense_base, tmp_path, capsys):
-    from moesaic.launch.cli import main
+    from moesaic.cli.main import main
 
     for base, message in ((tmp_path / "nowhere" / "public", "does not exist; run `moesaic "
                                                             "pretrain` first"),

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib
 import pathlib
 import re
 import shlex
 
 import pytest
 
+from moesaic.cli import args as cli_args
+from moesaic.cli import main as cli
 from moesaic.configs import loading
-from moesaic.launch import cli, manifest, plan
+from moesaic.launch import manifest, plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def test_overrides_of_the_wrong_type_are_refused(override, message):
 
 def test_overrides_take_the_absl_forms_and_configs_load_from_any_directory(tmp_path,
                                                                           monkeypatch):
-    rest, overrides = loading.split_config_args(
+    rest, overrides = cli_args.split_config_args(
         ["--workdir", "w", "--config.train.steps", "3", "--config.train.lr=0.1",
          "--config.train.warmup_steps", "-1"])
     assert rest == ["--workdir", "w"]
@@ -41,7 +42,7 @@ def test_overrides_take_the_absl_forms_and_configs_load_from_any_directory(tmp_p
     for argv in (["--config.train.steps"], ["--config.train.steps", "--workdir", "w"]):
         with pytest.raises(ValueError, match=r"--config.train.steps: no value; write "
                                              r"--config.train.steps=VALUE"):
-            loading.split_config_args(argv)
+            cli_args.split_config_args(argv)
     monkeypatch.chdir(tmp_path)  # the README's relative path, run from elsewhere
     assert loading.load_config_file("moesaic/configs/tiny.py:source=code").branch.source \
         == "code"
@@ -54,9 +55,28 @@ def test_overrides_take_the_absl_forms_and_configs_load_from_any_directory(tmp_p
 # ---- the `moesaic` command ---------------------------------------------------------------
 
 def _parser(name: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"moesaic {name}")
-    importlib.import_module(cli.COMMANDS[name][0]).register(parser)
-    return parser
+    return cli.command_parser(name)
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_every_command_has_its_module_in_the_cli_package(name):
+    """Every command is parsed in moesaic/cli/, by a module named after what is typed."""
+    module = cli.COMMANDS[name][0]
+    assert module.startswith("moesaic.cli."), module
+    assert name in cli._available(), f"{module} is missing"
+    assert _parser(name).prog == f"moesaic {name}"
+
+
+def test_train_and_pretrain_run_one_job_and_say_what_differs():
+    from moesaic.cli import train
+
+    assert cli.COMMANDS["train"][0] == cli.COMMANDS["pretrain"][0] == train.__name__
+    for name, other in (("train", "pretrain"), ("pretrain", "train")):
+        helptext = _parser(name).format_help()
+        assert f"The same job as `moesaic {other}`" in " ".join(helptext.split())
+    assert _parser("pretrain").parse_args(["--config", "c.py", "--workdir", "w"]).embedded_size \
+        == "default"
+    assert _parser("train").parse_args(["--workdir", "w"]).embedded_size == "smoke"
 
 
 @pytest.mark.parametrize("name", [n for n in cli.COMMANDS if n not in cli.TAKES_OVERRIDES])
@@ -105,7 +125,7 @@ def test_config_docstring_commands_parse(where, command, monkeypatch):
         for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
             assert f'add_argument("{flag}"' in script, f"{where}: {argv[1]} has no {flag}"
         return
-    name, (rest, overrides) = argv[1], loading.split_config_args(argv[2:])
+    name, (rest, overrides) = argv[1], cli_args.split_config_args(argv[2:])
     assert not overrides or name in cli.TAKES_OVERRIDES, where
     args = _parser(name).parse_args(rest)  # a missing or unknown flag exits here
     if name == "launch":
@@ -114,6 +134,26 @@ def test_config_docstring_commands_parse(where, command, monkeypatch):
     loading.resolve(args.config, overrides)
     if name == "plan":
         plan.parse_mesh(args.mesh), plan.parse_bytes(args.hbm)
+
+
+def test_eval_prints_the_share_of_router_weight_and_names_what_it_averages():
+    """Before, `moesaic eval` printed each expert's share of top-k slots (a domain whose
+    tokens all put 0.9 of their weight on the public expert looked evenly routed at top-2)
+    and an "average" that silently included public."""
+    from moesaic.cli import eval as cli_eval
+
+    routing = {"token_share": [[0.5, 0.5]], "weight_share": [[0.9, 0.1]],
+               "experts": ["public", "code"]}
+    results = {"code": {"nll": 1.0, "ppl": 2.0, "bpb": 1.5, "tokens": 10, "routing": routing},
+               "public": {"nll": 3.0, "ppl": 4.0, "bpb": 2.5, "tokens": 10}}
+    text = cli_eval.format_results(results)
+    assert "share of router weight per layer (public, code)" in text
+    assert "0.900  0.100" in text and "0.500" not in text
+    assert "mean over code, public (every domain)" in text
+    private = cli_eval.format_results(results, ["code"])
+    assert "   average   1.0000     2.000   1.5000  mean over code (--average-over)" in private
+    with pytest.raises(ValueError, match="--average-over law: not evaluated"):
+        cli_eval._average_over("code,law", ["code", "public"])
 
 
 @pytest.mark.parametrize("override", ["--config.nope=3", "--config.train.steps=abc"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moesaic.cli import main as cli
 from moesaic.data import (
     TokenBatches,
     check_tokenizer,
@@ -22,7 +23,6 @@ from moesaic.data import (
 )
 from moesaic.data.loader import packed_rows
 from moesaic.data.tokenizer import load_tokenizer
-from moesaic.launch import cli
 
 EOS = 256
 

@@ -201,7 +201,7 @@ def test_report_averages_only_over_the_domains_asked_and_only_when_all_are_there
 # --- the command and several devices -----------------------------------------------------------
 
 def test_cli_eval_writes_json(data_dir, tmp_path, capsys):
-    from moesaic.launch.cli import main
+    from moesaic.cli.main import main
 
     model = tiny(seed=6, **MOE)
     checkpoint.save_model(tmp_path / "ckpt", model, {"config": {"data": {"seq_len": SEQ}}})
@@ -237,7 +237,7 @@ def test_cli_eval_writes_json(data_dir, tmp_path, capsys):
 
 def test_cli_eval_refuses_what_it_would_ignore_or_cannot_score(data_dir, tmp_path, capsys):
     from moesaic.branch_train import artifact
-    from moesaic.launch.cli import main
+    from moesaic.cli.main import main
 
     checkpoint.save_model(tmp_path / "code", tiny(seed=6), {"config": {"data": {"seq_len": SEQ}}})
     checkpoint.save_model(tmp_path / "math", tiny(seed=7), {"config": {"data": {"seq_len": SEQ}}})

@@ -196,7 +196,7 @@ def _eval_ensemble(root, kind: str, *experts: str, data=None) -> list[str]:
 def test_cli_cbtm_decodes_with_the_data_tokenizer(hf_experts, tmp_path):
     """Before, contexts and centroids were decoded as bytes: control characters, no TF-IDF
     feature at all."""
-    from moesaic.launch.cli import main
+    from moesaic.cli.main import main
 
     root, tok = hf_experts
     argv = _eval_ensemble(root, "cbtm", f"code={root / 'code'}", f"math={root / 'math'}")
@@ -216,7 +216,7 @@ def test_cli_cbtm_decodes_with_the_data_tokenizer(hf_experts, tmp_path):
 
 
 def test_cli_ensemble_checks_each_expert_against_the_data(hf_experts, tmp_path, capsys):
-    from moesaic.launch.cli import main
+    from moesaic.cli.main import main
 
     root, _ = hf_experts
     checkpoint.save_model(tmp_path / "bytes", tiny(), {"config": {"data": {"seq_len": SEQ}}})
@@ -228,7 +228,7 @@ def test_cli_ensemble_checks_each_expert_against_the_data(hf_experts, tmp_path, 
 
 
 def test_cli_ensemble_names_the_expert_with_a_bad_path(hf_experts, capsys):
-    from moesaic.launch.cli import main
+    from moesaic.cli.main import main
 
     root, _ = hf_experts
     argv = _eval_ensemble(root, "btm", "code=/nonexistent/ckpt", f"math={root / 'math'}")
@@ -240,7 +240,7 @@ def test_cli_ensemble_names_the_expert_with_a_bad_path(hf_experts, capsys):
 
 def test_cli_ensemble_of_experts_with_different_lengths_needs_seq_len(data_dir, tmp_path,
                                                                       capsys):
-    from moesaic.launch.cli import main
+    from moesaic.cli.main import main
 
     for name, length in (("a", SEQ), ("b", 2 * SEQ)):
         checkpoint.save_model(tmp_path / name, tiny(), {"config": {"data": {"seq_len": length}}})

@@ -60,7 +60,7 @@ def test_a_users_allocator_choice_is_left_alone(environ, chosen):
 
 
 def test_the_command_applies_it_before_any_stage(monkeypatch):
-    from moesaic.launch import cli
+    from moesaic.cli import main as cli
 
     calls = []
     monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1))

@@ -16,7 +16,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from moesaic.interop import cli_export, cli_import  # noqa: E402
+from moesaic.cli.main import main  # noqa: E402
 from moesaic.interop.byte_tokenizer import write_byte_tokenizer  # noqa: E402
 from moesaic.interop.hf_config import model_fields_from_hf  # noqa: E402
 from moesaic.interop.hf_export import export_hf  # noqa: E402
@@ -139,8 +139,7 @@ def test_nonzero_router_bias_refused_unless_dropped(tmp_path, capsys):
                       n_experts=3, top_k=2, router_bias=True)
     bias = [[0.0, -0.5, 0.0], [0.3, 0.0, 0.2]]  # layer 1's are inert (clamped to <= 0)
     _save_random_moesaic(tmp_path / "m", cfg, bias=bias)
-    code = cli_export.run(_args(cli_export, [str(tmp_path / "m"), "--out",
-                                             str(tmp_path / "hf")]))
+    code = main(["export-hf", str(tmp_path / "m"), "--out", str(tmp_path / "hf")])
     assert code == 2 and "--drop-router-bias" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
     hf_model = _export_and_load(tmp_path / "m", tmp_path / "hf", drop_router_bias=True)
@@ -233,8 +232,8 @@ def test_cli_import_names_refused_field(tmp_path, capsys):
     transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**TINY)).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
-    code = cli_import.run(_args(cli_import, [str(tmp_path), "--out", str(tmp_path / "b"),
-                                             "--tokenizer", "bytes"]))
+    code = main(["import-hf", str(tmp_path), "--out", str(tmp_path / "b"), "--tokenizer",
+                 "bytes"])
     err = capsys.readouterr().err
     assert code == 2 and "moesaic import-hf: error: config.json attention_bias=True" in err
     assert not (tmp_path / "b").exists()
@@ -248,7 +247,7 @@ def test_cli_export_errors_go_to_stderr_and_name_the_checkpoint_inside_a_workdir
     checkpoint.save_model(tmp_path / "run" / "public", Decoder(cfg, rngs=nnx.Rngs(0)))
     for model, message in ((tmp_path / "nowhere", "does not exist"),
                            (tmp_path / "run", f"did you mean {tmp_path / 'run' / 'public'}?")):
-        code = cli_export.run(_args(cli_export, [str(model), "--out", str(tmp_path / "hf")]))
+        code = main(["export-hf", str(model), "--out", str(tmp_path / "hf")])
         out = capsys.readouterr()
         assert code == 2 and out.out == "" and message in out.err
     assert not (tmp_path / "hf").exists()
@@ -300,10 +299,3 @@ def test_byte_tokenizer_json_gives_byte_ids(tmp_path):
     assert tok.token_to_id("<|endoftext|>") == 256 and tok.token_to_id("<pad>") == 257
     assert tok.get_vocab_size() == 264 and tok.decode(list(text.encode())) == text
 
-
-def _args(module, argv):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    module.register(parser)
-    return parser.parse_args(argv)

@@ -4,7 +4,6 @@ parties with two processes each that trains both branches and merges them."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import shutil
@@ -15,8 +14,9 @@ import time
 import ml_collections
 import pytest
 
+from moesaic.cli import main as cli
 from moesaic.configs import loading
-from moesaic.launch import cli, jobs, manifest
+from moesaic.launch import jobs, manifest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "moesaic/configs/manifest_example.py")
@@ -177,8 +177,6 @@ def test_tpu_vm_scripts(tmp_path):
 def test_tpu_vm_needs_a_tpu_name(tmp_path, capsys):
     argv = ["launch", "render", EXAMPLE, "--target", "tpu-vm", "--out", str(tmp_path),
             "--config.parties.math.resources.tpu_name="]
-    from moesaic.launch import cli
-
     assert cli.main(argv) == 2
     assert "party 'math' has no resources.tpu_name" in capsys.readouterr().err
 
@@ -274,7 +272,7 @@ def test_local_run_trains_two_parties_and_merges(tmp_path):
     spec = tmp_path / "manifest.py"
     _write_manifest(spec, tmp_path, data, str(tmp_path / "public"), TINY)
     proc = subprocess.run(
-        [sys.executable, "-m", "moesaic.launch.cli", "launch", "run", str(spec),
+        [sys.executable, "-m", "moesaic.cli.main", "launch", "run", str(spec),
          "--target", "local", "--log-dir", str(tmp_path / "logs")],
         capture_output=True, text=True, cwd=ROOT, timeout=400,
         env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
@@ -375,9 +373,7 @@ def test_launch_refuses_the_flags_of_the_other_action(tmp_path, capsys, argv, me
 
 
 def test_launch_parallel_is_zero_for_automatic_or_a_count(capsys):
-    parser = argparse.ArgumentParser(prog="moesaic launch")
-    jobs.register(parser)
-    help_text = " ".join(parser.format_help().split())
+    help_text = " ".join(cli.command_parser("launch").format_help().split())
     assert "--parallel PARALLEL run: branch jobs at once (default 0: automatic" in help_text
     with pytest.raises(SystemExit):
         cli.main(["launch", "run", EXAMPLE, "--target", "local", "--parallel", "-1"])

@@ -37,7 +37,7 @@ def test_7b_branch_plan_on_8_devices_matches_the_arithmetic():
     env["PYTHONPATH"] = str(ROOT)
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "moesaic.launch.cli", "plan", "--config",
+        [sys.executable, "-m", "moesaic.cli.main", "plan", "--config",
          "moesaic/configs/olmo2_7b.py:source=code", "--mesh", "data=1,fsdp=8", "--hbm", "5GB",
          "--json", "--config.data.global_batch=8", "--config.data.seq_len=512"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
@@ -132,8 +132,8 @@ def test_plan_of_an_ffn_job_trains_the_dense_ffn_only(capfd):
 def test_plan_takes_the_base_from_the_config(capfd, monkeypatch):
     """An MoE config of n experts names the branch model, so its base has n - 1; before, the
     base was dense whatever the config said (flexolmo_7x7b planned olmo2_7b's 2 experts)."""
+    from moesaic.cli import main as cli
     from moesaic.configs import loading
-    from moesaic.launch import cli
 
     monkeypatch.chdir(ROOT)
     argv = ["plan", "--config", "moesaic/configs/tiny.py:experts=3", "--mesh", "data=1",
@@ -168,7 +168,7 @@ def test_plan_takes_the_base_from_the_config(capfd, monkeypatch):
     ([], "config.mesh {'data': -1"),
 ])
 def test_plan_input_errors_are_one_line(args, message, capfd, monkeypatch):
-    from moesaic.launch import cli
+    from moesaic.cli import main as cli
 
     monkeypatch.chdir(ROOT)
     assert cli.main(["plan", "--config", "moesaic/configs/tiny.py", *args]) == 2

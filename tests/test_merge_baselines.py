@@ -90,7 +90,7 @@ def test_btx_stacks_ffns_and_averages_the_rest(dense, tmp_path):
 def test_btx_refuses_routers_that_need_a_public_expert(dense, tmp_path, capsys):
     """contrast scores parties against a public expert BTX has none of: refused by name, not a
     crash whose advice (--public-stats) btx cannot follow."""
-    from moesaic.launch.cli import main
+    from moesaic.cli.main import main
 
     _, (a, b) = dense
     with pytest.raises(MergeRefused, match="btx: contrast .*public expert"):
@@ -153,7 +153,7 @@ def test_tune_router_trains_rows_only(tmp_path):
 
 
 def test_tune_router_command_refuses_a_missing_source(tmp_path, capsys):
-    from moesaic.launch.cli import main
+    from moesaic.cli.main import main
 
     base = make_base(tmp_path / "base")
     fuse.merge_paths(base, [make_branch(base, tmp_path / "code", "code", 0)], router="random",

@@ -11,7 +11,7 @@ import pytest
 
 from moesaic.branch_train import artifact
 from moesaic.branch_train.trainer import Job, train
-from moesaic.launch.cli import main
+from moesaic.cli.main import main
 from moesaic.model import checkpoint
 from tests.train_helpers import make_data, tiny_config
 

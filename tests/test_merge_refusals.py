@@ -101,7 +101,7 @@ def test_refuses_modified_base(world, tmp_path):
 
 
 def test_cli_merge_remove_add_and_refusal(world, tmp_path, capsys):
-    from moesaic.launch.cli import main
+    from moesaic.cli.main import main
     b = world["branches"]
     out = tmp_path / "m"
     assert main(["merge", "--base", str(world["base"]), "--branch", str(b["code"]),
@@ -239,7 +239,7 @@ def test_public_stats_of_another_shape_are_named(world, tmp_path):
 
 
 def test_cli_refuses_top_k_below_one(world, tmp_path, capsys):
-    from moesaic.launch.cli import main
+    from moesaic.cli.main import main
     for value in ("0", "-1"):
         with pytest.raises(SystemExit) as exit_:
             main(["merge", "--base", str(world["base"]), "--branch",
@@ -261,7 +261,7 @@ def test_cli_refuses_top_k_below_one(world, tmp_path, capsys):
 
 
 def test_cli_refuses_every_flag_the_action_would_ignore(world, tmp_path, capsys):
-    from moesaic.launch.cli import main
+    from moesaic.cli.main import main
 
     b = world["branches"]
     merge = ["merge", "--base", str(world["base"]), "--branch", str(b["code"]), "--router",

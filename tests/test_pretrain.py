@@ -129,7 +129,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(data, tmp_path):
 
 
 def test_train_command_prints_the_loss(data, tmp_path, capsys):
-    from moesaic.launch.cli import main
+    from moesaic.cli.main import main
 
     code = main(["train", "--workdir", str(tmp_path), "--data", str(data), "--no-progress",
                  *overrides_argv(train__steps=4)])
@@ -143,7 +143,7 @@ def test_train_command_prints_the_loss(data, tmp_path, capsys):
 def test_data_folder_is_found_beside_the_workdir_or_the_base(data, tmp_path):
     from argparse import Namespace
 
-    from moesaic.branch_train.cli_args import data_dir
+    from moesaic.cli.args import data_dir
 
     shutil.copytree(data, tmp_path / "data")
     config = tiny_config()

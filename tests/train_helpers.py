@@ -75,7 +75,7 @@ def moesaic_command(args: list[str], *, devices: int = 1, env: dict | None = Non
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                     PYTHONPATH=str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", ""))
     full_env.update(env or {})
-    return [sys.executable, "-m", "moesaic.launch.cli", *args], full_env
+    return [sys.executable, "-m", "moesaic.cli.main", *args], full_env
 
 
 def run_moesaic(args: list[str], *, devices: int = 1, timeout: int = 240,

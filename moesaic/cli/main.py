@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 TAKES_OVERRIDES = ("train", "pretrain", "branch", "launch", "plan", "demo")
 
 
-def available() -> dict[str, tuple[str, str]]:
+def _available() -> dict[str, tuple[str, str]]:
     """The commands whose module is installed."""
     return {
         name: spec for name, spec in COMMANDS.items()
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Configs: --config moesaic/configs/tiny.py:arg --config.model.d_model=256",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in available().items():
+    for name, (_, help_text) in _available().items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -70,7 +70,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = available()
+    commands = _available()
     if not argv or argv[0] not in commands:
         parser = build_parser()
         if argv and not argv[0].startswith("-"):
