@@ -59,6 +59,8 @@ class MetricsLog:
                  tokens_per_step: int, show_progress: bool = True):
         self.enabled = jax.process_index() == 0
         self.tokens_per_step = tokens_per_step
+        self.total_steps = total_steps
+        self.show_progress = show_progress  # without the bar, each record is printed as a line
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self._last = (start_step, time.perf_counter())
         self._bar = None
@@ -91,6 +93,9 @@ class MetricsLog:
                     self._tb.add_scalar(f"train/{key}", value, step)
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:,.0f}")
+            if not self.show_progress:
+                print(f"step {step}/{self.total_steps}  loss {record['loss']:.4f}  "
+                      f"tokens/s {rate:,.0f}", flush=True)
         return record
 
     def close(self) -> None:

@@ -5,15 +5,20 @@ most `DOC_BYTES`; exact duplicates and near copies dropped, see `NearCopies`; no
 ever enters the text):
   code   Python source of the standard library (`sysconfig` stdlib; tests, idlelib,
          turtledemo and lib2to3 left out), the first piece of each file.
-  prose  English technical prose from site-packages: docstrings (parsed with `ast`, never
-         imported) and .rst/.md/.txt documentation, kept when mostly letters and spaces.
-  law    license and legal text: LICENSE/COPYING/NOTICE files in site-packages (the
-         *.dist-info ones included), the stdlib LICENSE.txt, then, while short of the size,
-         /usr/share/common-licenses and /usr/share/doc/*/copyright when the system has them.
+  prose  English technical prose from the packages moesaic depends on: docstrings (parsed
+         with `ast`, never imported) and .rst/.md/.txt documentation, kept when mostly
+         letters and spaces.
+  law    license and legal text: LICENSE/COPYING/NOTICE files of those packages (their
+         *.dist-info ones included), then the stdlib LICENSE.txt.
   math   arithmetic and word problems with answers, from a seeded generator.
+"Those packages" are the installed distributions that moesaic requires, followed through their
+own requirements (extras left out, moesaic itself left out), each file as its RECORD lists it:
+what else is installed (pip, the test tools) never enters a corpus, and the locked environment
+(requirements/demo.lock) fixes every version, so a fresh `make demo` reads the same text.
 A document is held out when its stable hash falls below `HELDOUT_FRACTION`; documents are
 taken until the train split has (1 - HELDOUT_FRACTION) * SIZES[size] bytes and the held-out
-split HELDOUT_FRACTION * SIZES[size] (law may run short on a system with few license files).
+split HELDOUT_FRACTION * SIZES[size] (law runs short: its
+train and held-out splits are smaller than the others).
 `public` takes the training documents of every domain whose second hash (salt "public") is
 below `PUBLIC_SHARE` for its train split, and the band [PUBLIC_SHARE, PUBLIC_SHARE +
 PUBLIC_HELDOUT_SHARE) for its held-out split; the band is then taken out of the domains'
@@ -25,7 +30,9 @@ The same machine builds the same bytes twice.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
+import importlib.metadata
 import inspect
 import os
 import random
@@ -35,6 +42,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from tqdm import tqdm
 
 from moesaic.data.prepare import write_source
@@ -127,6 +136,41 @@ def _site_packages() -> Path:
     return Path(sysconfig.get_paths()["purelib"])
 
 
+def dependency_names(root: str = "moesaic") -> list[str]:
+    """The installed distributions `root` requires, followed through their requirements
+    (extras left out; a requirement not installed is skipped), `root` itself left out."""
+    seen: set[str] = set()
+    todo = [canonicalize_name(root)]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        try:
+            requires = importlib.metadata.distribution(name).requires or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        seen.add(name)
+        for text in requires:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(req.name))
+    return sorted(seen - {canonicalize_name(root)})
+
+
+@functools.cache
+def dependency_files() -> tuple[Path, ...]:
+    """Every file in site-packages that belongs to one of `dependency_names()`."""
+    root = _site_packages().resolve()
+    files = set()
+    for name in dependency_names():
+        dist = importlib.metadata.distribution(name)
+        for entry in dist.files or ():
+            path = Path(dist.locate_file(entry)).resolve()
+            if path.is_relative_to(root) and path.is_file():
+                files.add(path)
+    return tuple(sorted(files))
+
+
 def code_texts() -> Iterator[str]:
     root = _stdlib()
     # parts below the root only: where Python is installed must not change the corpus
@@ -150,8 +194,8 @@ def _docstrings(source: str) -> list[str]:
 
 
 def prose_texts() -> Iterator[str]:
-    root = _site_packages()
-    files = (p for p in root.rglob("*") if (p.suffix == ".py" or p.suffix in PROSE_SUFFIXES)
+    root = _site_packages().resolve()
+    files = (p for p in dependency_files() if (p.suffix == ".py" or p.suffix in PROSE_SUFFIXES)
              and ".dist-info" not in p.relative_to(root).as_posix()
              and not LICENSE_NAME.match(p.name))
     for _, path in _hash_ordered(root, files):
@@ -167,18 +211,13 @@ def prose_texts() -> Iterator[str]:
 
 
 def law_texts() -> Iterator[str]:
-    site = _site_packages()
-    yield from (t for _, p in _hash_ordered(site, (p for p in site.rglob("*")
+    site = _site_packages().resolve()
+    yield from (t for _, p in _hash_ordered(site, (p for p in dependency_files()
                                                     if LICENSE_NAME.match(p.name)))
                 if (t := _read_text(p)))
     stdlib_license = _stdlib() / "LICENSE.txt"
     if stdlib_license.is_file() and (t := _read_text(stdlib_license)):
         yield t
-    for root, pattern in ((Path("/usr/share/common-licenses"), "*"),
-                          (Path("/usr/share/doc"), "*/copyright")):
-        if root.is_dir():
-            yield from (t for _, p in _hash_ordered(root, root.glob(pattern))
-                        if p.is_file() and (t := _read_text(p)))
 
 
 NAMES = ("Ada", "Bela", "Chen", "Dara", "Emil", "Farah", "Gus", "Hana", "Ivo", "Jun", "Kofi",

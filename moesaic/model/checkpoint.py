@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import pathlib
 import shutil
 import time
@@ -32,6 +33,7 @@ from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from moesaic.model.config import ModelConfig
+from moesaic.model.names import LAYER_STACKED
 from moesaic.model.sharding import Rules, make_mesh, state_shardings
 from moesaic.model.transformer import Decoder
 
@@ -158,7 +160,15 @@ def read_meta(path: str | pathlib.Path) -> dict:
     return json.loads((path / META).read_text())
 
 
-LAYER_STACKED = ("blocks/", "stats/", "rows/")  # tensors whose axis 0 is the layer
+class _SmallChunksAccepted(logging.Filter):
+    """Orbax warns (through absl) for every chunk under 1 MiB that it "could reduce
+    performance"; one-layer chunks of a small model are that small by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "target_byte_size too small" not in str(record.msg)
+
+
+logging.getLogger("absl").addFilter(_SmallChunksAccepted())
 
 
 def _layer_chunks(name: str, array) -> ocp.SaveArgs:
