@@ -21,7 +21,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements/test.lock
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/moesaic demo --workdir $(WORKDIR) --preset $(PRESET)
+	$(VENV)/bin/moesaic demo --workdir $(WORKDIR) --config moesaic/configs/demo.py:preset=$(PRESET)
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/lint-imports

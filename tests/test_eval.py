@@ -3,7 +3,6 @@ the report files and `moesaic eval` (the ensembles are in test_eval_ensembles.py
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -277,34 +276,3 @@ def test_evaluate_on_four_devices_matches_one(data_dir, tmp_path):
     assert got["devices"] == 4
     assert got["nll"] == pytest.approx(one["nll"], rel=1e-5)
     np.testing.assert_allclose(got["share"], one["routing"]["token_share"], atol=1e-6)
-
-
-def test_demo_settings_override_and_guard_the_workdir(tmp_path):
-    from moesaic.eval import demo
-
-    preset = demo.with_overrides(demo.PRESETS["smoke"], ["branch_lr=7e-4", "router_input=token",
-                                                         "top_k=2"])
-    assert (preset.branch_lr, preset.router_input, preset.top_k) == (7e-4, "token", 2)
-    assert demo.with_overrides(preset, ["uncoordinated=true"]).uncoordinated is True
-    assert demo.with_overrides(preset, ["uncoordinated=0"]).uncoordinated is False
-    for bad, says in [("lr", "NAME=VALUE"), ("model=x", "NAME=VALUE"), ("seeds=3", "NAME=VALUE"),
-                      ("top_k=two", "top_k is of type int"),
-                      ("uncoordinated=yes", "uncoordinated is of type bool")]:
-        with pytest.raises(ValueError, match=says):
-            demo.with_overrides(preset, [bad])
-    demo.claim_workdir(tmp_path, preset)
-    demo.claim_workdir(tmp_path, preset)  # the same settings again: fine
-    with pytest.raises(ValueError, match="branch_lr: 0.0007 there, 0.002 now"):
-        demo.claim_workdir(tmp_path, demo.PRESETS["smoke"])
-    assert demo.run(argparse.Namespace(workdir=str(tmp_path), preset="smoke", set=[])) == 2
-    recorded = json.loads((tmp_path / "preset.json").read_text())
-    del recorded["uncoordinated"]  # a workdir made before the field existed ran at its default
-    (tmp_path / "preset.json").write_text(json.dumps(recorded))
-    demo.claim_workdir(tmp_path, preset)
-    with pytest.raises(ValueError, match="uncoordinated: False there, True now"):
-        demo.claim_workdir(tmp_path, demo.with_overrides(preset, ["uncoordinated=true"]))
-    old = tmp_path / "old"
-    (old / "public").mkdir(parents=True)  # a workdir of unknown settings
-    with pytest.raises(ValueError, match="no preset.json"):
-        demo.claim_workdir(old, preset)
-
