@@ -37,6 +37,7 @@ def build_inputs(root: pathlib.Path, n_branches: int, layers: int) -> tuple[path
 
     from moesaic.branch_train import artifact
     from moesaic.model import Decoder, ModelConfig, checkpoint
+    from moesaic.model.names import BIAS, FFN_EXPERT, ROUTER, stat_name
 
     cfg = ModelConfig(vocab_size=264, d_model=512, n_layers=layers, n_heads=8, n_kv_heads=8,
                       d_ff=2048)
@@ -49,12 +50,13 @@ def build_inputs(root: pathlib.Path, n_branches: int, layers: int) -> tuple[path
     d = cfg.d_model
     paths = []
     for i in range(n_branches):
-        own = {n: flat[n][:, :1] + np.float32(0.01) for n in artifact.OWN_TENSORS[:3]}
-        own["blocks/ffn/router"] = rng.standard_normal((layers, 1, d)).astype(np.float32)
-        own["blocks/ffn/bias"] = np.zeros((layers, 1), np.float32)
+        own = {n: flat[n][:, :1] + np.float32(0.01) for n in FFN_EXPERT}
+        own[ROUTER] = rng.standard_normal((layers, 1, d)).astype(np.float32)
+        own[BIAS] = np.zeros((layers, 1), np.float32)
         x = rng.standard_normal((layers, 64, d)).astype(np.float32)
-        stats = {"stats/x_sum": x.sum(1), "stats/xtx": np.einsum("ltd,lte->lde", x, x),
-                 "stats/mean_hidden": x.mean(1)}
+        stats = {stat_name("x_sum"): x.sum(1),
+                 stat_name("xtx"): np.einsum("ltd,lte->lde", x, x),
+                 stat_name("mean_hidden"): x.mean(1)}
         path = root / f"branch_{i}"
         artifact.save(path, own, stats, {
             "source": f"p{i}", "base_fingerprint": fingerprint, "frozen_hashes": hashes,

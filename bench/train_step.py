@@ -24,11 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from moesaic.branch_train import upcycle
-from moesaic.branch_train.optimizer import make_optimizer, schedule
-from moesaic.branch_train.trainer import make_train_step
+from moesaic.branch_train import setup, upcycle
 from moesaic.configs import small, tiny
 from moesaic.launch import host_memory
 from moesaic.model import checkpoint
@@ -63,25 +60,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * params + 12 * cfg.n_layers * seq_len * h * hd
 
 
-def our_step_time(cfg: ModelConfig, config, batch: int, seq_len: int, repeats: int) -> float:
-    mesh = make_mesh({"data": -1})
-    rules = tuple(config.rules)
-    layout = upcycle.make_layout(cfg)
-    tx = make_optimizer(config.train)
-    shapes = layout.trainable_shapes()
-    t_shard = layout.shardings(shapes, mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    params = upcycle.split_full(layout, checkpoint.flatten(nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)))))[0]
-    opt = tx.init(params)
-    opt_shard = jax.tree.map(lambda _: replicated, opt)
-    step = make_train_step(layout, tx, schedule(config.train), mesh, rules, t_shard, opt_shard,
-                           {}, replicated)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, seq_len + 1)),
-                         jnp.int32)
+def our_step_time(config, repeats: int) -> float:
+    """The trainer's pretraining step (`setup.set_up`) on all devices, data parallel."""
+    sc, step = setup.set_up(config, "pretrain", make_mesh({"data": -1}))
+    model = Decoder(sc.layout.cfg, rngs=nnx.Rngs(0))
+    params, frozen = upcycle.split_full(sc.layout, checkpoint.flatten(nnx.state(model)))
+    opt = sc.optimizer.init(params)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, sc.batch_shape), jnp.int32)
     state = [params, opt]
 
     def run():
-        state[0], state[1], metrics = step(state[0], state[1], {}, tokens, jnp.int32(0))
+        state[0], state[1], metrics = step(state[0], state[1], frozen, tokens, jnp.int32(0))
         jax.block_until_ready(metrics)
 
     return best_of(run, repeats)
@@ -136,10 +125,11 @@ def main() -> None:
         config.model.n_experts = args.experts or config.model.n_experts
         config.model.top_k = args.top_k or min(config.model.top_k, config.model.n_experts)
         config.model.scan_layers = not args.unroll
+        config.data.global_batch = args.batch or int(config.data.global_batch)
+        config.data.seq_len = args.seq_len or int(config.data.seq_len)
         cfg = ModelConfig.from_config(config.model)
-        batch = args.batch or int(config.data.global_batch)
-        seq_len = args.seq_len or int(config.data.seq_len)
-        ours = our_step_time(cfg, config, batch, seq_len, args.repeats)
+        batch, seq_len = int(config.data.global_batch), int(config.data.seq_len)
+        ours = our_step_time(config, args.repeats)
         tokens = batch * seq_len
         achieved = flops_per_token(cfg, seq_len) * tokens / ours
         line = (f"{name:5s} B={batch} T={seq_len} E={cfg.n_experts} k={cfg.top_k}: "

@@ -13,9 +13,9 @@ import pytest
 from flax import nnx
 from train_helpers import compilation_cache, make_data, tiny_config
 
-from moesaic.branch_train import artifact, base_model, trainer, upcycle
+from moesaic.branch_train import artifact, base_model, kinds, trainer
 from moesaic.branch_train.trainer import Job, train
-from moesaic.model import checkpoint
+from moesaic.model import checkpoint, names
 from moesaic.model.config import ModelConfig
 from moesaic.model.transformer import Decoder
 from moesaic.routing.stats import RouterStats
@@ -59,7 +59,7 @@ def test_frozen_tensors_stay_bit_identical_and_have_no_optimizer_state(dense_bas
     base = _base_tensors(dense_base)
     layout = result.layout
     assert layout.cfg.n_experts == 2 and layout.cfg.top_k == 2 and layout.base_experts == 1
-    assert set(layout.split) == set(upcycle.EXPERT_TENSORS)
+    assert set(layout.split) == set(names.EXPERT_TENSORS)
     assert set(layout.trainable) == set()  # everything else matches config.branch.frozen
     for name in base:
         np.testing.assert_array_equal(np.asarray(result.frozen[name]), base[name], err_msg=name)
@@ -116,7 +116,7 @@ def test_branch_on_an_moe_base_keeps_every_base_expert_frozen(data, tmp_path):
                          train__steps=2)
     result = train(config, _job("branch", tmp_path / "br", data, pre / "public"))
     assert result.layout.cfg.n_experts == 3 and result.layout.base_experts == 2
-    for name in upcycle.EXPERT_TENSORS:
+    for name in names.EXPERT_TENSORS:
         np.testing.assert_array_equal(np.asarray(result.frozen[name]), base[name])
         assert result.trainable[name].shape[1] == 1
     meta = artifact.read_meta(tmp_path / "br" / "artifact")
@@ -251,16 +251,15 @@ def test_dense_mode_trains_everything_and_writes_a_whole_model(data, dense_base,
 
 def test_ffn_job_trains_the_ffn_in_place_and_hands_it_over_as_an_expert(data, dense_base,
                                                                         tmp_path):
-    from moesaic.cli.train import MODES
     from moesaic.merge import fuse
 
     config = tiny_config("source=code", branch__mode="ffn", train__steps=2)
-    result = train(config, _job(MODES["ffn"], tmp_path / "ffn", data, dense_base))
-    ffn = set(upcycle.FFN_TENSORS)
+    result = train(config, _job(kinds.BRANCH_MODES["ffn"], tmp_path / "ffn", data, dense_base))
+    ffn = set(names.FFN_EXPERT)
     assert set(result.layout.trainable) == ffn and not result.layout.split
     base = _base_tensors(dense_base)
-    model = checkpoint.load_tensors(tmp_path / "ffn" / "model", checkpoint.tensor_metadata(tmp_path / "ffn" /
-                                                                          "model"))
+    model = checkpoint.load_tensors(tmp_path / "ffn" / "model",
+                                    checkpoint.tensor_metadata(tmp_path / "ffn" / "model"))
     assert checkpoint.read_meta(tmp_path / "ffn" / "model")["kind"] == artifact.DENSE_KIND
     for name, value in base.items():  # frozen bit for bit; every FFN tensor moved
         assert np.array_equal(model[name], value) == (name not in ffn), name
@@ -386,14 +385,14 @@ def test_router_rows_that_are_not_params_stay_frozen(data, tmp_path):
 
 def test_branch_mixture_replays_public_data_when_asked():
     config = tiny_config("source=code")
-    assert trainer.job_mixture(config, "branch") == "code"
+    assert kinds.job_mixture(config, "branch") == "code"
     config.branch.public_mix = 0.25
-    assert trainer.job_mixture(config, "branch") == "code:0.75,public:0.25"
-    assert trainer.job_mixture(config, "dense") == "code"
-    assert trainer.job_mixture(config, "pretrain") == str(config.data.mixture)
+    assert kinds.job_mixture(config, "branch") == "code:0.75,public:0.25"
+    assert kinds.job_mixture(config, "dense") == "code"
+    assert kinds.job_mixture(config, "pretrain") == str(config.data.mixture)
     config.branch.public_mix = 1.5
     with pytest.raises(ValueError, match="public_mix=1.5"):
-        trainer.job_mixture(config, "branch")
+        kinds.job_mixture(config, "branch")
 
 
 def test_resume_with_other_data_or_optimizer_settings_is_refused(data, dense_base, code_branch,
@@ -467,7 +466,8 @@ def test_a_branch_without_the_negative_bias_holds_its_bias_at_zero(data, dense_b
         result = train(config, _job("branch", tmp_path / str(flag), data, dense_base))
         biases[flag] = np.asarray(result.trainable["blocks/ffn/bias"])
         path = tmp_path / str(flag) / "artifact"
-        handed = checkpoint.load_tensors(path, {n: s for n, (s, _) in checkpoint.tensor_metadata(path).items()})
+        handed = checkpoint.load_tensors(
+            path, {n: s for n, (s, _) in checkpoint.tensor_metadata(path).items()})
         np.testing.assert_array_equal(handed["blocks/ffn/bias"], biases[flag])
     assert biases[True].min() < -1e-3, biases[True]
     assert biases[False].shape == (2, 1) and np.all(biases[False] == 0), biases[False]

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from moesaic.cli import plan as plan_command
 from moesaic.launch import plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def _plan_here(capfd, config: str, mesh: str, *overrides: str, hbm: str = "") ->
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        assert plan.run(args) == 0
+        assert plan_command.run(args) == 0
     finally:
         os.chdir(cwd)
     return json.loads(capfd.readouterr().out.strip().splitlines()[-1])
@@ -153,7 +154,7 @@ def test_plan_takes_the_base_from_the_config(capfd, monkeypatch):
     assert branch_of("moesaic/configs/tiny.py:experts=2", "branch.mode=dense") == (2, 2)
     args = argparse.Namespace(config="c.py", mesh="", hbm="", base="", base_experts=None,
                               json=False, config_overrides=[])
-    assert "--base-experts" not in plan._argv(args)  # the re-run defaults it the same way
+    assert "--base-experts" not in plan_command._argv(args)  # the re-run defaults it the same way
 
 
 @pytest.mark.parametrize("args, message", [

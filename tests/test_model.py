@@ -299,6 +299,28 @@ def test_every_parameter_has_its_declared_axes():
         assert len(axes) == len(shape), name
 
 
+def test_the_names_module_spells_every_parameter_and_build_model_runs_them():
+    """moesaic.model.names is the one vocabulary branch_train, merge and interop read tensors
+    by; build_model runs a config's model on a flat dict of them."""
+    from moesaic.model import checkpoint, names
+    from moesaic.model.params import build_model
+
+    spelled = {names.EMBED, names.FINAL_NORM, names.LM_HEAD, names.ATTN_Q, names.ATTN_K,
+               names.ATTN_V, names.ATTN_O, names.ATTN_Q_NORM, names.ATTN_K_NORM,
+               names.ATTN_NORM, names.FFN_NORM, *names.EXPERT_TENSORS}
+    assert spelled == set(EXPECTED_AXES)
+    assert all(EXPECTED_AXES[n][names.EXPERT_AXIS] == "expert" for n in names.EXPERT_TENSORS)
+    assert names.stat_name("xtx", "code") == "stats/code/xtx"
+    assert names.rows_name("code", names.BIAS) == "rows/code/bias"
+    cfg = ModelConfig(d_model=32, d_ff=48, n_layers=2, n_experts=3, top_k=2)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    flat = checkpoint.flatten(nnx.state(model))
+    batch = jax.random.randint(jax.random.key(0), (2, 9), 0, 256)
+    np.testing.assert_array_equal(build_model(cfg, flat)(batch)[0], model(batch)[0])
+    with pytest.raises(KeyError, match="blocks/ffn/router"):
+        build_model(cfg, {n: a for n, a in flat.items() if n != names.ROUTER})
+
+
 @pytest.mark.parametrize("changes,field", [
     (dict(n_experts=2, top_k=3), "top_k"),
     (dict(d_model=30, n_heads=4), "d_model"),

@@ -27,13 +27,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from moesaic.model import checkpoint
+from moesaic.model import checkpoint, names
 
 KIND = "branch"
 DENSE_KIND = "dense_branch"
-OWN_TENSORS = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down",
-               "blocks/ffn/router", "blocks/ffn/bias")
-STATS = ("stats/x_sum", "stats/xtx", "stats/mean_hidden")
+OWN_TENSORS = names.EXPERT_TENSORS  # the owner's slice of each, expert axis of size 1
+STATS = tuple(names.stat_name(s) for s in names.STAT_NAMES)
 REQUIRED_META = ("source", "base_fingerprint", "frozen_hashes", "base_experts", "model",
                  "config", "tokens_seen", "stats_tokens", "stats_documents", "steps")
 

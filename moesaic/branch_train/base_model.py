@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from moesaic.model import checkpoint
 from moesaic.model.config import ModelConfig
+from moesaic.model.names import ROUTER
 from moesaic.model.sharding import Rules
 from moesaic.model.transformer import Decoder
 from moesaic.routing import stats as router_stats
@@ -137,7 +138,7 @@ def own_router_row(config: ml_collections.ConfigDict, base: Base,
                              "default), 'mean_hidden' or 'vector'")
         key = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5EED)
         noise = float(config.branch.router_noise) * jax.random.normal(key, (n_layers, d))
-        return base.flat["blocks/ffn/router"][:, 0].astype(jnp.float32) + noise, None
+        return base.flat[ROUTER][:, 0].astype(jnp.float32) + noise, None
     if kind == "vector":
         path = str(config.branch.router_vector)
         if not path or not pathlib.Path(path).is_file():

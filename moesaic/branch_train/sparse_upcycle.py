@@ -9,8 +9,7 @@ import pathlib
 import numpy as np
 
 from moesaic.model import checkpoint
-
-FFN_EXPERT = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down")
+from moesaic.model.names import BIAS, EMBED, FFN_EXPERT, ROUTER
 
 
 def upcycle_checkpoint(dense: str | pathlib.Path, out: str | pathlib.Path, *, n_experts: int,
@@ -31,10 +30,10 @@ def upcycle_checkpoint(dense: str | pathlib.Path, out: str | pathlib.Path, *, n_
     for name in FFN_EXPERT:
         flat[name] = np.repeat(flat[name], n_experts, axis=1)
     rng = np.random.default_rng(seed)
-    dtype = flat["embed"].dtype
-    flat["blocks/ffn/router"] = (router_std * rng.standard_normal(
+    dtype = flat[EMBED].dtype
+    flat[ROUTER] = (router_std * rng.standard_normal(
         (cfg.n_layers, n_experts, cfg.d_model))).astype(dtype)
-    flat["blocks/ffn/bias"] = np.zeros((cfg.n_layers, n_experts), dtype)
+    flat[BIAS] = np.zeros((cfg.n_layers, n_experts), dtype)
     checkpoint.save(out, flat, {"kind": "public", "model": moe_cfg.to_dict(),
                         "upcycled_from": meta["fingerprint"]})
     return checkpoint.read_meta(out)

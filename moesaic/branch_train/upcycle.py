@@ -40,16 +40,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from moesaic.model import checkpoint
+from moesaic.model import params
 from moesaic.model.config import ModelConfig
+from moesaic.model.names import BIAS, EXPERT_AXIS, EXPERT_TENSORS, FFN_EXPERT, ROUTER, W_GATE
+from moesaic.model.params import build_model
 from moesaic.model.sharding import Rules, logical_to_spec, variable_axes
 from moesaic.model.transformer import Decoder
-
-EXPERT_TENSORS = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down",
-                  "blocks/ffn/router", "blocks/ffn/bias")
-FFN_TENSORS = EXPERT_TENSORS[:3]  # the expert's FFN, without its router row and bias
-EXPERT_AXIS = 1  # (layers, expert, ...)
-BIAS = "blocks/ffn/bias"
 
 Flat = dict[str, jax.Array]
 
@@ -125,35 +121,6 @@ class ParamLayout:
         return {"trainable": t, "frozen": f}
 
 
-def _abstract_state(cfg: ModelConfig):
-    return nnx.split(checkpoint.abstract_model(cfg))
-
-
-def build_model(cfg: ModelConfig, flat: Mapping[str, jax.Array]) -> Decoder:
-    """A Decoder of `cfg` whose parameters are `flat` (no copy; works on tracers)."""
-    graphdef, state = _graph(cfg)
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(state)
-    names = [_path_name(path) for path, _ in leaves_with_path]
-    missing = sorted(set(names) - set(flat))
-    if missing:
-        raise KeyError(f"parameters {missing} missing for the model config")
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names]))
-
-
-_GRAPHS: dict[ModelConfig, tuple] = {}
-
-
-def _graph(cfg: ModelConfig):
-    if cfg not in _GRAPHS:
-        _GRAPHS[cfg] = _abstract_state(cfg)
-    return _GRAPHS[cfg]
-
-
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", None)) for k in path
-                    if isinstance(k, jax.tree_util.DictKey))
-
-
 def make_layout(cfg: ModelConfig, *, frozen_patterns: Sequence[str] = (),
                 base_experts: int = 0, bias_at_zero: bool = False) -> ParamLayout:
     """Layout of `cfg`'s parameters. `base_experts` > 0 splits the expert tensors (a
@@ -161,13 +128,11 @@ def make_layout(cfg: ModelConfig, *, frozen_patterns: Sequence[str] = (),
     bias held at 0 with `bias_at_zero`); whole
     tensors matching a `frozen_patterns` regex are frozen, and so is every variable that is
     not an nnx.Param; the rest trains."""
-    _, state = _graph(cfg)
-    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(state)
-    names = [_path_name(p) for p, _ in leaves_with_path]
-    shapes = {n: tuple(v.shape) for n, v in zip(names, variables)}
-    axes = {n: variable_axes(v) for n, v in zip(names, variables)}
-    dtypes = {n: np.dtype(v.dtype) for n, v in zip(names, variables)}
+    by_name = params.variables(cfg)
+    names = list(by_name)
+    shapes = {n: tuple(v.shape) for n, v in by_name.items()}
+    axes = {n: variable_axes(v) for n, v in by_name.items()}
+    dtypes = {n: np.dtype(v.dtype) for n, v in by_name.items()}
     try:
         compiled = [re.compile(p) for p in frozen_patterns]
     except re.error as err:
@@ -177,7 +142,7 @@ def make_layout(cfg: ModelConfig, *, frozen_patterns: Sequence[str] = (),
         raise ValueError(f"a branch of a base with {base_experts} experts needs n_experts="
                          f"{base_experts + 1}, the model has {cfg.n_experts}")
     # Only nnx.Param trains: a model.router_trainable=False router (RouterState) stays frozen.
-    state_kind = {n for n, v in zip(names, variables) if not isinstance(v, nnx.Param)}
+    state_kind = {n for n, v in by_name.items() if not isinstance(v, nnx.Param)}
     frozen = tuple(n for n in names if n not in split
                    and (n in state_kind or any(p.search(n) for p in compiled)))
     trainable = tuple(n for n in names if n not in split and n not in frozen)
@@ -214,9 +179,9 @@ def ffn_layout(cfg: ModelConfig, frozen_patterns: Sequence[str]) -> ParamLayout:
         raise ValueError(f"an ffn job trains the base's one FFN in place; this base is an MoE "
                          f"of {cfg.n_experts} experts (use branch.mode=coordinated)")
     layout = make_layout(cfg, frozen_patterns=frozen_patterns)
-    if sorted(layout.trainable) != sorted(FFN_TENSORS):
+    if sorted(layout.trainable) != sorted(FFN_EXPERT):
         raise ValueError(f"config.branch.frozen leaves {sorted(layout.trainable)} trainable; an "
-                         f"ffn job trains exactly the FFN {list(FFN_TENSORS)} (its artifact "
+                         f"ffn job trains exactly the FFN {list(FFN_EXPERT)} (its artifact "
                          "holds nothing else, and every other tensor must stay the public one)")
     return layout
 
@@ -236,9 +201,9 @@ def own_router_slices(own_router_ld, own_bias_l, dtype) -> dict[str, jax.Array]:
     """The owner's router row (L, 1, D) and bias (L, 1) slices from a row (L, D) and a bias
     (L,) or None (0), as a branch artifact holds them."""
     lyr, d = own_router_ld.shape
-    return {"blocks/ffn/router": jnp.asarray(own_router_ld, dtype).reshape(lyr, 1, d),
-            "blocks/ffn/bias": (jnp.zeros((lyr, 1), dtype) if own_bias_l is None
-                                else jnp.asarray(own_bias_l, dtype).reshape(lyr, 1))}
+    return {ROUTER: jnp.asarray(own_router_ld, dtype).reshape(lyr, 1, d),
+            BIAS: (jnp.zeros((lyr, 1), dtype) if own_bias_l is None
+                   else jnp.asarray(own_bias_l, dtype).reshape(lyr, 1))}
 
 
 def upcycle(layout: ParamLayout, base: Mapping[str, jax.Array], base_cfg: ModelConfig,
@@ -249,18 +214,14 @@ def upcycle(layout: ParamLayout, base: Mapping[str, jax.Array], base_cfg: ModelC
     bias `own_bias_l` (L,) or 0; the base's experts, rows and biases frozen as they are (a
     dense base: zero row, zero bias)."""
     n, lyr, d = base_cfg.n_experts, base_cfg.n_layers, base_cfg.d_model
-    dtype = layout.dtypes["blocks/ffn/w_gate"]
+    dtype = layout.dtypes[W_GATE]
     base = dict(base)
     if not base_cfg.is_moe:
-        base["blocks/ffn/router"] = jnp.zeros((lyr, n, d), dtype)
-    if "blocks/ffn/bias" not in base:
-        base["blocks/ffn/bias"] = jnp.zeros((lyr, n), dtype)
-    own = {
-        "blocks/ffn/w_gate": base["blocks/ffn/w_gate"][:, :1],
-        "blocks/ffn/w_up": base["blocks/ffn/w_up"][:, :1],
-        "blocks/ffn/w_down": base["blocks/ffn/w_down"][:, :1],
-        **own_router_slices(own_router_ld, own_bias_l, dtype),
-    }
+        base[ROUTER] = jnp.zeros((lyr, n, d), dtype)
+    if BIAS not in base:
+        base[BIAS] = jnp.zeros((lyr, n), dtype)
+    own = {**{name: base[name][:, :1] for name in FFN_EXPERT},
+           **own_router_slices(own_router_ld, own_bias_l, dtype)}
     trainable = {n_: base[n_] for n_ in layout.trainable}
     trainable.update({n_: own[n_] for n_ in layout.split})
     frozen = {n_: base[n_] for n_ in (*layout.frozen, *layout.split)}

@@ -27,6 +27,24 @@ from moesaic.interop.byte_tokenizer import check_byte_ids, write_byte_tokenizer
 from moesaic.interop.hf_config import hf_config_from_model
 from moesaic.model import checkpoint
 from moesaic.model.config import ModelConfig
+from moesaic.model.names import (
+    ATTN_K,
+    ATTN_K_NORM,
+    ATTN_NORM,
+    ATTN_O,
+    ATTN_Q,
+    ATTN_Q_NORM,
+    ATTN_V,
+    BIAS,
+    EMBED,
+    FFN_NORM,
+    FINAL_NORM,
+    LM_HEAD,
+    ROUTER,
+    W_DOWN,
+    W_GATE,
+    W_UP,
+)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B?)\s*$", re.IGNORECASE)
 # GB as transformers' max_shard_size reads it (10^9), GiB as 2^30
@@ -50,7 +68,7 @@ def effective_router_bias(path: str | pathlib.Path, cfg: ModelConfig) -> np.ndar
     """(L, E) biases as the model applies them (min(b, 0), expert 0 forced to 0), or None."""
     if not (cfg.is_moe and cfg.router_bias):
         return None
-    bias = checkpoint.load_tensors(path, ["blocks/ffn/bias"])["blocks/ffn/bias"].astype(np.float32)
+    bias = checkpoint.load_tensors(path, [BIAS])[BIAS].astype(np.float32)
     effective = np.minimum(bias, 0.0)
     effective[:, 0] = 0.0
     return effective
@@ -71,40 +89,37 @@ class _Plan:
 
         d, n, k, hd, f, e_count = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size,
                                    cfg.d_ff, cfg.n_experts)
-        dtype = stored["embed"][1]
+        dtype = stored[EMBED][1]
 
         def add(key, shape, fn):
             self.entries.append((key, tuple(shape), dtype, fn))
 
-        add("model.embed_tokens.weight", (cfg.vocab_size, d), lambda: read("embed"))
+        add("model.embed_tokens.weight", (cfg.vocab_size, d), lambda: read(EMBED))
         for i in range(cfg.n_layers):
             pre = f"model.layers.{i}."
-            for proj, heads in (("q", n), ("k", k), ("v", k)):
+            for proj, name, heads in (("q", ATTN_Q, n), ("k", ATTN_K, k), ("v", ATTN_V, k)):
                 add(f"{pre}self_attn.{proj}_proj.weight", (heads * hd, d),
-                    lambda p=proj, h=heads, i=i: read(f"blocks/attn/{p}", (i,))
+                    lambda nm=name, h=heads, i=i: read(nm, (i,))
                     .transpose(1, 2, 0).reshape(h * hd, d))
             add(f"{pre}self_attn.o_proj.weight", (d, n * hd),
-                lambda i=i: read("blocks/attn/o", (i,)).transpose(2, 0, 1).reshape(d, n * hd))
-            for proj, heads in (("q", n), ("k", k)):
+                lambda i=i: read(ATTN_O, (i,)).transpose(2, 0, 1).reshape(d, n * hd))
+            for proj, name, heads in (("q", ATTN_Q_NORM, n), ("k", ATTN_K_NORM, k)):
                 add(f"{pre}self_attn.{proj}_norm.weight", (heads * hd,),
-                    lambda p=proj, i=i: read(f"blocks/attn/{p}_norm", (i,)).reshape(-1))
-            add(f"{pre}post_attention_layernorm.weight", (d,),
-                lambda i=i: read("blocks/attn_norm", (i,)))
-            add(f"{pre}post_feedforward_layernorm.weight", (d,),
-                lambda i=i: read("blocks/ffn_norm", (i,)))
+                    lambda nm=name, i=i: read(nm, (i,)).reshape(-1))
+            add(f"{pre}post_attention_layernorm.weight", (d,), lambda i=i: read(ATTN_NORM, (i,)))
+            add(f"{pre}post_feedforward_layernorm.weight", (d,), lambda i=i: read(FFN_NORM, (i,)))
             if cfg.is_moe:
-                add(f"{pre}mlp.gate.weight", (e_count, d),
-                    lambda i=i: read("blocks/ffn/router", (i,)))
+                add(f"{pre}mlp.gate.weight", (e_count, d), lambda i=i: read(ROUTER, (i,)))
             else:
                 add(f"{pre}mlp.gate.weight", (1, d), lambda: np.zeros((1, d), dtype))
             for e in range(e_count):
-                for proj, name, shape in (("gate_proj", "w_gate", (f, d)),
-                                          ("up_proj", "w_up", (f, d)),
-                                          ("down_proj", "w_down", (d, f))):
+                for proj, name, shape in (("gate_proj", W_GATE, (f, d)),
+                                          ("up_proj", W_UP, (f, d)),
+                                          ("down_proj", W_DOWN, (d, f))):
                     add(f"{pre}mlp.experts.{e}.{proj}.weight", shape,
-                        lambda nm=name, i=i, e=e: read(f"blocks/ffn/{nm}", (i, e)).T)
-        add("model.norm.weight", (d,), lambda: read("final_norm"))
-        add("lm_head.weight", (cfg.vocab_size, d), lambda: read("lm_head").T)
+                        lambda nm=name, i=i, e=e: read(nm, (i, e)).T)
+        add("model.norm.weight", (d,), lambda: read(FINAL_NORM))
+        add("lm_head.weight", (cfg.vocab_size, d), lambda: read(LM_HEAD).T)
 
     def shards(self, max_bytes: int) -> list[list[int]]:
         groups: list[list[int]] = [[]]

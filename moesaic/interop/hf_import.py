@@ -3,8 +3,8 @@
 Reads config.json (mapped by `hf_config`), the safetensors (one file or shards with
 model.safetensors.index.json) and tokenizer.json. Every moesaic tensor is stacked over layers
 (and experts); it is built from its per-layer Hugging Face pieces, written, and dropped before
-the next one (`checkpoint.save_streaming`, which also computes the fingerprint on the way), so memory
-holds one layer of one tensor at a time. Every key is checked (missing, or without a place in
+the next one (`checkpoint.save_streaming`, which also computes the fingerprint on the way), so
+memory holds one layer of one tensor at a time. Every key is checked (missing, or without a place in
 moesaic) before anything is written.
 
 Layout (HF nn.Linear weights are (out, in)):
@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from moesaic.data.tokenizer import load_tokenizer
 from moesaic.interop.hf_config import model_fields_from_hf
-from moesaic.model import checkpoint
+from moesaic.model import checkpoint, names
 from moesaic.model.config import ModelConfig
 
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -132,25 +132,25 @@ def _piece_rules(cfg: ModelConfig, reader: SafetensorsFolder
         return 0, lambda *_: (key, lambda: transform(reader.get(key)))
 
     return {
-        "embed": whole("model.embed_tokens.weight"),
-        "final_norm": whole("model.norm.weight"),
-        "lm_head": whole("lm_head.weight", lambda w: w.T),
-        "blocks/attn/q": layer("self_attn.q_proj.weight",
-                               lambda w: w.reshape(n, hd, d).transpose(2, 0, 1)),
-        "blocks/attn/k": layer("self_attn.k_proj.weight",
-                               lambda w: w.reshape(k, hd, d).transpose(2, 0, 1)),
-        "blocks/attn/v": layer("self_attn.v_proj.weight",
-                               lambda w: w.reshape(k, hd, d).transpose(2, 0, 1)),
-        "blocks/attn/o": layer("self_attn.o_proj.weight",
-                               lambda w: w.reshape(d, n, hd).transpose(1, 2, 0)),
-        "blocks/attn/q_norm": layer("self_attn.q_norm.weight", lambda w: w.reshape(n, hd)),
-        "blocks/attn/k_norm": layer("self_attn.k_norm.weight", lambda w: w.reshape(k, hd)),
-        "blocks/attn_norm": layer("post_attention_layernorm.weight"),
-        "blocks/ffn_norm": layer("post_feedforward_layernorm.weight"),
-        "blocks/ffn/w_gate": expert("gate_proj"),
-        "blocks/ffn/w_up": expert("up_proj"),
-        "blocks/ffn/w_down": expert("down_proj"),
-        "blocks/ffn/router": layer("mlp.gate.weight"),
+        names.EMBED: whole("model.embed_tokens.weight"),
+        names.FINAL_NORM: whole("model.norm.weight"),
+        names.LM_HEAD: whole("lm_head.weight", lambda w: w.T),
+        names.ATTN_Q: layer("self_attn.q_proj.weight",
+                            lambda w: w.reshape(n, hd, d).transpose(2, 0, 1)),
+        names.ATTN_K: layer("self_attn.k_proj.weight",
+                            lambda w: w.reshape(k, hd, d).transpose(2, 0, 1)),
+        names.ATTN_V: layer("self_attn.v_proj.weight",
+                            lambda w: w.reshape(k, hd, d).transpose(2, 0, 1)),
+        names.ATTN_O: layer("self_attn.o_proj.weight",
+                            lambda w: w.reshape(d, n, hd).transpose(1, 2, 0)),
+        names.ATTN_Q_NORM: layer("self_attn.q_norm.weight", lambda w: w.reshape(n, hd)),
+        names.ATTN_K_NORM: layer("self_attn.k_norm.weight", lambda w: w.reshape(k, hd)),
+        names.ATTN_NORM: layer("post_attention_layernorm.weight"),
+        names.FFN_NORM: layer("post_feedforward_layernorm.weight"),
+        names.W_GATE: expert("gate_proj"),
+        names.W_UP: expert("up_proj"),
+        names.W_DOWN: expert("down_proj"),
+        names.ROUTER: layer("mlp.gate.weight"),
     }
 
 
@@ -271,10 +271,10 @@ def import_hf(folder: str | pathlib.Path, out: str | pathlib.Path, *,
                              f"e.g. {unused[:3]}; the config does not describe these weights")
         meta = {"kind": "public", "model": cfg.to_dict(),
                 "hf": {"source": str(folder.resolve()), "config": hf}}
-        checkpoint.save_streaming(out, {name: checkpoint.TensorSource(t.shape, t.dtype, t.layer_blocks)
-                                for name, t in tensors.items()}, meta, overwrite=overwrite,
-                          files={"tokenizer.json": folder / "tokenizer.json"}
-                          if tokenizer is None else None)
+        sources = {name: checkpoint.TensorSource(t.shape, t.dtype, t.layer_blocks)
+                   for name, t in tensors.items()}
+        files = {"tokenizer.json": folder / "tokenizer.json"} if tokenizer is None else None
+        checkpoint.save_streaming(out, sources, meta, overwrite=overwrite, files=files)
     meta = checkpoint.read_meta(out)
     log(f"import-hf: wrote {out} ({len(tensors)} tensors, fingerprint {meta['fingerprint'][:12]})")
     return meta

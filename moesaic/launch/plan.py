@@ -1,4 +1,5 @@
-"""`moesaic plan`: compile a branch job's train step ahead of time, before a cluster is booked.
+"""What `moesaic plan` computes: a branch job's train step compiled ahead of time, before a
+cluster is booked (the command itself: `moesaic.cli.plan`).
 
     moesaic plan --config moesaic/configs/olmo2_7b.py:source=code --mesh data=1,fsdp=8 --hbm 80GB
 
@@ -9,9 +10,9 @@ outputs, aliased donations, temporaries), the same split counted by hand (traina
 frozen parameters, optimizer state, batch) and the sharding of every parameter. A plan whose
 per-device need exceeds --hbm is refused: exit code 3 and how much it needs.
 
-The job planned is the branch job of `moesaic branch` (config.branch.mode), compiled through
-the trainer's own `make_train_step` (same shardings, same donation): the model of the
-base upcycled by one expert, trainable = the owner's expert slice, router row and bias;
+The job planned is the branch job of `moesaic branch` (config.branch.mode), set up and
+compiled by the trainer's own `setup.set_up` (same layout, shardings and donation): the
+model of the base upcycled by one expert, trainable = the owner's expert slice, router row and bias;
 AdamW state only for those. The base is the model of --base (its meta.json), else the
 config's model section with --base-experts experts, by default chosen so that the model
 planned is the config's: an MoE config of n experts names the branch model (olmo2_7b's 2 =
@@ -20,8 +21,8 @@ public + own, flexolmo_7x7b's 7), so its base has n - 1; a dense config is the b
 trained as is.
 
 Fake devices need XLA_FLAGS=--xla_force_host_platform_device_count=N set before jax is
-imported: when jax is already imported in this process, the command re-runs itself in a
-fresh interpreter with the flag set.
+imported (`has_fake_devices`): this module imports no jax at its top, and when jax is already
+imported in this process, the command re-runs itself in a fresh interpreter with the flag set.
 
 On CPU XLA's `peak_memory` ignores temporaries; the need reported is argument + output -
 alias + temporaries (see jax-notes.md).
@@ -29,21 +30,16 @@ alias + temporaries (see jax-notes.md).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import re
-import subprocess
 import sys
-
-from moesaic.configs import loading  # no jax: XLA_FLAGS must be set before jax loads
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 EXIT_DOES_NOT_FIT = 3
-_REEXEC_MARK = "MOESAIC_PLAN_CHILD"
+REEXEC_MARK = "MOESAIC_PLAN_CHILD"  # set in the re-run in a fresh interpreter
 
 
 def parse_bytes(text: str) -> int:
@@ -70,65 +66,11 @@ def human(n_bytes: float) -> str:
     return f"{n_bytes / 1e9:.2f} GB"
 
 
-def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True,
-                        help="config file[:arg], e.g. moesaic/configs/olmo2_7b.py:source=code")
-    parser.add_argument("--mesh", default="",
-                        help="mesh sizes, e.g. data=1,fsdp=8 (default: config.mesh, which "
-                             "must then have no -1)")
-    parser.add_argument("--hbm", default="",
-                        help="memory per device, e.g. 80GB; a plan needing more is refused")
-    parser.add_argument("--base", default="",
-                        help="a base checkpoint: plan for its model (reads meta.json only)")
-    parser.add_argument("--base-experts", type=int, default=None,
-                        help="experts of the base when no --base is given (1: dense; "
-                             "default: config.model.n_experts - 1, or 1 for a dense config)")
-    parser.add_argument("--json", action="store_true", help="print the plan as one JSON line")
-
-
-def _error(err: Exception) -> int:
-    """An input error (a bad flag, config field or base) as one line on stderr: exit 2."""
-    print(f"moesaic plan: error: {loading.error_message(err)}", file=sys.stderr)
-    return 2
-
-
 def default_base_experts(config) -> int:
     """The base's experts that make the model planned the config's own (see the module
     docstring): n - 1 for an MoE config of n, 1 for a dense one; n in dense mode."""
     n = int(config.model.n_experts)
     return n if str(config.branch.mode) == "dense" else max(1, n - 1)
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        config = loading.resolve(args.config, getattr(args, "config_overrides", []))
-        mesh_shape = parse_mesh(args.mesh) if args.mesh else dict(config.mesh)
-        hbm = parse_bytes(args.hbm) if args.hbm else None
-        if any(int(v) < 1 for v in mesh_shape.values()):
-            raise ValueError(f"config.mesh {mesh_shape} has a -1 (fill the rest); give the "
-                             "sizes with --mesh, e.g. --mesh data=1,fsdp=8")
-    except loading.CONFIG_ERRORS as err:
-        return _error(err)
-    devices = math.prod(int(v) for v in mesh_shape.values())
-    if not _has_fake_devices(devices):
-        return _reexec(devices, _argv(args))
-    base_experts = (default_base_experts(config) if args.base_experts is None
-                    else args.base_experts)
-    try:
-        branch_layout(config, base=args.base, base_experts=base_experts)  # input errors first
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        return _error(err)
-    plan = make_plan(config, mesh_shape, base=args.base, base_experts=base_experts)
-    print(json.dumps(plan.to_dict()) if args.json else plan.report(hbm))
-    if hbm is not None and plan.needed > hbm:
-        hints = ["shard more (--mesh fsdp=...)", "lower --config.data.global_batch"]
-        if str(config.model.remat) != "full":
-            hints.append("set --config.model.remat=full")
-        print(f"moesaic plan: refused: the step needs {human(plan.needed)} per device, "
-              f"--hbm gives {human(hbm)} ({human(plan.needed - hbm)} short); "
-              + ", ".join(hints), file=sys.stderr)
-        return EXIT_DOES_NOT_FIT
-    return 0
 
 
 # ---- fake devices ----------------------------------------------------------------------
@@ -139,9 +81,10 @@ def fake_device_flags(flags: str, count: int) -> str:
     return f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
-def _has_fake_devices(count: int) -> bool:
+def has_fake_devices(count: int) -> bool:
     """True when jax can give `count` CPU devices here (setting the flag if jax is not
-    imported yet); False when this process must re-run itself."""
+    imported yet); False when this process must re-run itself (`REEXEC_MARK` set in the
+    re-run, where too few devices is an error)."""
     if "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = fake_device_flags(os.environ.get("XLA_FLAGS", ""), count)
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -153,27 +96,9 @@ def _has_fake_devices(count: int) -> bool:
         cpus = []
     if len(cpus) >= count:
         return True
-    if os.environ.get(_REEXEC_MARK):
+    if os.environ.get(REEXEC_MARK):
         raise SystemExit(f"moesaic plan: asked for {count} fake CPU devices, got {len(cpus)}")
     return False
-
-
-def _argv(args: argparse.Namespace) -> list[str]:
-    """The command line of `args` again, for the fresh interpreter."""
-    argv = ["--config", args.config]
-    if args.base_experts is not None:
-        argv += ["--base-experts", str(args.base_experts)]
-    for flag, value in (("--mesh", args.mesh), ("--hbm", args.hbm), ("--base", args.base)):
-        argv += [flag, value] if value else []
-    argv += ["--json"] if args.json else []
-    return argv + [f"--config.{o}" for o in getattr(args, "config_overrides", [])]
-
-
-def _reexec(count: int, argv: list[str]) -> int:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **{_REEXEC_MARK: "1"})
-    env["XLA_FLAGS"] = fake_device_flags(env.get("XLA_FLAGS", ""), count)
-    return subprocess.call([sys.executable, "-m", "moesaic.launch.cli", "plan", *argv],
-                           env=env)
 
 
 # ---- the plan --------------------------------------------------------------------------
@@ -226,30 +151,38 @@ def _per_device_bytes(shape: tuple[int, ...], dtype, sharding) -> int:
         np.dtype(dtype).itemsize
 
 
-def branch_layout(config, *, base: str = "", base_experts: int = 1):
-    """The `upcycle.ParamLayout` of the branch job `moesaic branch` would run."""
-    from moesaic.branch_train import base_model, upcycle
+def _base_config(config, base: str, base_experts: int):
+    """The model config of the base planned: --base's (run the job's way), else the config's
+    model section with `base_experts` experts."""
+    from moesaic.branch_train import base_model
     from moesaic.model import checkpoint
     from moesaic.model.config import ModelConfig
 
     if base:
-        base_cfg = base_model.job_model_config(checkpoint.model_config(checkpoint.read_meta(base)), config)
-    else:
-        if base_experts < 1:
-            raise ValueError(f"--base-experts={base_experts}: must be at least 1 (1: dense)")
-        model_cfg = ModelConfig.from_config(config.model)
-        base_cfg = model_cfg.replace(n_experts=base_experts,
-                                     top_k=min(model_cfg.top_k, base_experts))
+        return base_model.job_model_config(
+            checkpoint.model_config(checkpoint.read_meta(base)), config)
+    if base_experts < 1:
+        raise ValueError(f"--base-experts={base_experts}: must be at least 1 (1: dense)")
+    model_cfg = ModelConfig.from_config(config.model)
+    return model_cfg.replace(n_experts=base_experts, top_k=min(model_cfg.top_k, base_experts))
+
+
+def _branch_kind(config) -> str:
+    """The job kind `moesaic branch` runs for config.branch.mode."""
+    from moesaic.branch_train import kinds
+
     mode = str(config.branch.mode)
-    if mode == "dense":
-        return upcycle.make_layout(base_cfg)
-    if mode == "ffn":
-        return upcycle.ffn_layout(base_cfg, tuple(config.branch.frozen))
-    if mode != "coordinated":
-        raise ValueError(f"config.branch.mode={mode!r}: one of ['coordinated', 'dense', 'ffn']")
-    branch_cfg = upcycle.branch_config(base_cfg, int(config.branch.train_top_k))
-    return upcycle.make_layout(branch_cfg, frozen_patterns=tuple(config.branch.frozen),
-                               base_experts=base_cfg.n_experts)
+    if mode not in kinds.BRANCH_MODES:
+        raise ValueError(f"config.branch.mode={mode!r}: one of {sorted(kinds.BRANCH_MODES)}")
+    return kinds.BRANCH_MODES[mode]
+
+
+def branch_layout(config, *, base: str = "", base_experts: int = 1):
+    """The `upcycle.ParamLayout` of the branch job `moesaic branch` would run."""
+    from moesaic.branch_train import kinds
+
+    base_cfg = _base_config(config, base, base_experts)
+    return kinds.kind_of(_branch_kind(config)).layout(config, base_cfg)
 
 
 def make_plan(config, mesh_shape: dict[str, int], *, base: str = "",
@@ -259,43 +192,26 @@ def make_plan(config, mesh_shape: dict[str, int], *, base: str = "",
 
     import jax
     import jax.numpy as jnp
-    import optax
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from moesaic.branch_train.optimizer import make_optimizer, schedule
-    from moesaic.branch_train.trainer import make_train_step
-    from moesaic.model.sharding import logical_to_spec, make_mesh
+    from moesaic.branch_train import setup
+    from moesaic.model.sharding import make_mesh
 
-    layout = branch_layout(config, base=base, base_experts=base_experts)
+    base_cfg = _base_config(config, base, base_experts)
     devices = math.prod(mesh_shape.values())
     mesh = make_mesh(dict(mesh_shape), devices=jax.devices("cpu")[:devices])
-    rules = tuple(tuple(r) for r in config.rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    trainable_shapes, frozen_shapes = layout.trainable_shapes(), layout.frozen_shapes()
-    trainable_shardings = layout.shardings(trainable_shapes, mesh, rules)
-    frozen_shardings = layout.shardings(frozen_shapes, mesh, rules)
-    tx, lr_at = make_optimizer(config.train), schedule(config.train)
-    opt_shapes = jax.eval_shape(tx.init, trainable_shapes)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, trainable_shardings,
-                                          transform_non_params=lambda _: replicated)
-    seq_len, global_batch = int(config.data.seq_len), int(config.data.global_batch)
-    batch_shape = (global_batch, seq_len + 1)
-    batch_sharding = NamedSharding(
-        mesh, logical_to_spec(("batch", "length"), rules, mesh, batch_shape))
-
     # The step `moesaic branch` runs, with its shardings and donation.
-    step_fn = make_train_step(layout, tx, lr_at, mesh, rules, trainable_shardings,
-                              opt_shardings, frozen_shardings, batch_sharding)
+    sc, step_fn = setup.set_up(config, _branch_kind(config), mesh, base_cfg)
+    layout = sc.layout
 
     def abstract(shapes, shardings):
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, shardings)
 
-    args = (abstract(trainable_shapes, trainable_shardings), abstract(opt_shapes, opt_shardings),
-            abstract(frozen_shapes, frozen_shardings),
-            jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sharding),
-            jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
+    args = (abstract(sc.trainable_shapes, sc.trainable_shardings),
+            abstract(sc.opt_shapes, sc.opt_shardings),
+            abstract(sc.frozen_shapes, sc.frozen_shardings),
+            jax.ShapeDtypeStruct(sc.batch_shape, jnp.int32, sharding=sc.batch_sharding),
+            jax.ShapeDtypeStruct((), jnp.int32, sharding=sc.replicated))
     start = time.perf_counter()
     memory = step_fn.lower(*args).compile().memory_analysis()
     seconds = time.perf_counter() - start

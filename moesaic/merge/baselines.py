@@ -24,9 +24,10 @@ import numpy as np
 
 from moesaic.branch_train.artifact import DENSE_KIND
 from moesaic.merge import sources as src
-from moesaic.merge.sources import FFN_EXPERT, STAT_NAMES, MergeRefused, View
+from moesaic.merge.sources import MergeRefused, View
 from moesaic.merge.verify import check_unique, scan
 from moesaic.model import checkpoint
+from moesaic.model.names import BIAS, FFN_EXPERT, ROUTER, STAT_NAMES, STATS, stat_name
 from moesaic.model.transformer import lm_loss
 from moesaic.routing import registry, report
 
@@ -62,8 +63,8 @@ def open_dense(paths) -> list[DenseBranch]:
         fp, fp0 = b.meta.get("base_fingerprint"), first.meta.get("base_fingerprint")
         if fp != fp0:
             raise MergeRefused(f"{label}: started from another base than {first.source!r}")
-        params = {n for n in b.tensors if not n.startswith("stats/")}
-        want = {n for n in first.tensors if not n.startswith("stats/")}
+        params = {n for n in b.tensors if not n.startswith(STATS)}
+        want = {n for n in first.tensors if not n.startswith(STATS)}
         if params != want:
             raise MergeRefused(f"{label}: tensors {sorted(params ^ want)} differ from "
                                f"{first.source!r}'s")
@@ -128,7 +129,7 @@ def soup(branch_paths, out: str | pathlib.Path, *, sample_bt1: np.ndarray | None
         losses = [sample_loss(b.path, sample_bt1) for b in branches]
         weights, how = soup_weights(losses, weighting), weighting
     tensors = {n: _mean_source([b.tensors[n] for b in branches], weights)
-               for n in branches[0].tensors if not n.startswith("stats/")}
+               for n in branches[0].tensors if not n.startswith(STATS)}
     meta = {"kind": "soup", "model": branches[0].cfg.to_dict(),
             "sources": [b.source for b in branches], "weights": [float(w) for w in weights],
             "weighting": how, "losses": losses,
@@ -160,7 +161,7 @@ def btx(branch_paths, out: str | pathlib.Path, *, router: str, top_k: int,
     needs_stats = router in ("centroid", "ridge")
     if needs_stats:
         missing = [b.source for b in branches
-                   if any(f"stats/{s}" not in b.tensors for s in STAT_NAMES)]
+                   if any(stat_name(s) not in b.tensors for s in STAT_NAMES)]
         if missing:
             raise MergeRefused(f"btx --router {router}: dense branches {missing} carry no "
                                "stats/ tensors (written before dense jobs kept them, or with "
@@ -170,7 +171,7 @@ def btx(branch_paths, out: str | pathlib.Path, *, router: str, top_k: int,
         n_layers=cfg.n_layers, d_model=cfg.d_model, sources=[b.source for b in branches],
         base_experts=0, base_rows=None, base_bias=None,
         party_rows=lambda i: None, party_bias=lambda i: None,
-        party_stat=lambda i, s, layer: branches[i].tensors[f"stats/{s}"].rows(layer, layer + 1)[0],
+        party_stat=lambda i, s, layer: branches[i].tensors[stat_name(s)].rows(layer, layer + 1)[0],
         party_tokens=[int(b.meta.get("stats_tokens", 0)) for b in branches],
         public_stat=None, public_tokens=0, options=dict(options or {}))
     try:
@@ -184,16 +185,16 @@ def btx(branch_paths, out: str | pathlib.Path, *, router: str, top_k: int,
     uniform = np.full(n, 1 / n)
     tensors = {}
     for name in branches[0].tensors:
-        if name.startswith("stats/") or name in FFN_EXPERT:
+        if name.startswith(STATS) or name in FFN_EXPERT:
             continue
         tensors[name] = _mean_source([b.tensors[name] for b in branches], uniform)
     for name in FFN_EXPERT:
         tensors[name] = src.stack_experts([b.tensors[name] for b in branches])
     dtype = branches[0].tensors[FFN_EXPERT[0]].dtype
-    tensors[src.ROUTER] = checkpoint.TensorSource(built.rows.shape, dtype,
-                                          lambda: [built.rows.astype(dtype)])
-    tensors[src.BIAS] = checkpoint.TensorSource(built.bias.shape, dtype,
-                                        lambda: [built.bias.astype(dtype)])
+    tensors[ROUTER] = checkpoint.TensorSource(built.rows.shape, dtype,
+                                              lambda: [built.rows.astype(dtype)])
+    tensors[BIAS] = checkpoint.TensorSource(built.bias.shape, dtype,
+                                            lambda: [built.bias.astype(dtype)])
     merged_cfg = cfg.replace(n_experts=n, top_k=top_k, router_bias=True, router_trainable=False)
     meta = {"kind": "btx", "model": merged_cfg.to_dict(),
             "experts": [{"source": b.source, "fingerprint": b.meta.get("fingerprint")}

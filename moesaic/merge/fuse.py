@@ -28,20 +28,18 @@ from collections.abc import Callable
 import numpy as np
 
 from moesaic.merge import sources as src
-from moesaic.merge.sources import (
+from moesaic.merge.sources import PUBLIC, Base, MergeRefused, Party, PublicStats
+from moesaic.merge.verify import router_dtype, router_input, verify
+from moesaic.model import checkpoint
+from moesaic.model.names import (
     BIAS,
     EXPERT_TENSORS,
     FFN_EXPERT,
-    PUBLIC,
     ROUTER,
     STAT_NAMES,
-    Base,
-    MergeRefused,
-    Party,
-    PublicStats,
+    rows_name,
+    stat_name,
 )
-from moesaic.merge.verify import router_dtype, router_input, verify
-from moesaic.model import checkpoint
 from moesaic.routing import registry, report
 
 
@@ -116,17 +114,16 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
     tensors[ROUTER] = _in_memory(built.rows.astype(row_dtype))
     tensors[BIAS] = _in_memory(built.bias.astype(row_dtype))
     for name in (ROUTER, BIAS):
-        leaf = name.rsplit("/", 1)[1]
         if name in base.tensors:
-            tensors[f"rows/{PUBLIC}/{leaf}"] = base.tensors[name].source()
+            tensors[rows_name(PUBLIC, name)] = base.tensors[name].source()
         for p in parties:
-            tensors[f"rows/{p.source}/{leaf}"] = p.own[name].source()
+            tensors[rows_name(p.source, name)] = p.own[name].source()
     for p in parties:
         for stat in STAT_NAMES:
-            tensors[f"stats/{p.source}/{stat}"] = p.stats[stat].source()
+            tensors[stat_name(stat, p.source)] = p.stats[stat].source()
     if public is not None:
         for stat in STAT_NAMES:
-            tensors[f"stats/{PUBLIC}/{stat}"] = public.stats[stat].source()
+            tensors[stat_name(stat, PUBLIC)] = public.stats[stat].source()
 
     cfg = base.cfg.replace(n_experts=n_experts, top_k=top_k, router_trainable=False,
                            router_bias=True, router_input=router_input(base, parties, public))
@@ -192,4 +189,13 @@ def remove(merged_path, source: str, *, out, **kw) -> dict:
 def add(merged_path, branch_paths, *, out, **kw) -> dict:
     """The merged model with more parties: exactly a merge of all of them at once."""
     new = [src.open_branch(p) for p in branch_paths]
-    return _again(merged_path, lambda parties: parties + new, out=out, **kw)
+
+    def joined(parties: list[Party]) -> list[Party]:
+        present = {p.source for p in parties}
+        for branch in new:
+            if branch.source in present:
+                raise MergeRefused(f"{branch.path}: source {branch.source!r} is already a party "
+                                   f"of {merged_path}; to replace its expert, `merge remove` "
+                                   f"it first, then add the new branch")
+        return parties + new
+    return _again(merged_path, joined, out=out, **kw)

@@ -23,11 +23,16 @@ import numpy as np
 from moesaic.branch_train import artifact
 from moesaic.model import checkpoint
 from moesaic.model.config import ModelConfig
+from moesaic.model.names import (
+    BIAS,
+    EXPERT_TENSORS,
+    FFN_EXPERT,
+    ROUTER,
+    STAT_NAMES,
+    rows_name,
+    stat_name,
+)
 
-FFN_EXPERT = ("blocks/ffn/w_gate", "blocks/ffn/w_up", "blocks/ffn/w_down")
-ROUTER, BIAS = "blocks/ffn/router", "blocks/ffn/bias"
-EXPERT_TENSORS = (*FFN_EXPERT, ROUTER, BIAS)
-STAT_NAMES = ("x_sum", "xtx", "mean_hidden")
 PUBLIC = "public"
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PIECE_BYTES = 64 << 20  # rows read per block of a tensor without a layer axis
@@ -170,8 +175,8 @@ def uncommitted_reason(path: pathlib.Path) -> str | None:
         hint = checkpoint.inner_checkpoint_hint(path)
         if hint:  # a finished job's workdir, one level above its output
             return f"{path} is not a checkpoint but holds one{hint}"
-        return f"{path} is not a committed checkpoint (no {checkpoint.META} or {checkpoint.PARAMS}/): " \
-               f"the job that wrote it did not finish"
+        return f"{path} is not a committed checkpoint (no {checkpoint.META} or " \
+               f"{checkpoint.PARAMS}/): the job that wrote it did not finish"
     return None
 
 
@@ -193,9 +198,9 @@ def open_base(path: str | pathlib.Path) -> Base:
                            f"its base and drop its parties {merged_parties(meta)}. To add a "
                            f"party: moesaic merge add {path} --branch B --out OUT; to merge "
                            f"afresh, pass the public base its parties started from")
-    names = checkpoint.tensor_metadata(path)
+    stored = checkpoint.tensor_metadata(path)
     return Base(path, checkpoint.model_config(meta), meta["fingerprint"],
-                {n: View(path, n) for n in names}, "checkpoint")
+                {n: View(path, n) for n in stored}, "checkpoint")
 
 
 def open_branch(path: str | pathlib.Path) -> Party:
@@ -214,7 +219,7 @@ def open_branch(path: str | pathlib.Path) -> Party:
         raise MergeRefused(f"branch {path}: source name {source!r} is not usable (letters, "
                            f"digits, _ . -; not starting with {PUBLIC!r})")
     own = {n: View(path, n) for n in EXPERT_TENSORS}
-    stats = {s: View(path, f"stats/{s}") for s in STAT_NAMES}
+    stats = {s: View(path, stat_name(s)) for s in STAT_NAMES}
     return Party(source, path, meta, own, stats)
 
 
@@ -225,14 +230,14 @@ def open_public_stats(path: str | pathlib.Path) -> PublicStats:
     path = pathlib.Path(path)
     meta = committed_meta(path, "public stats")
     stored = checkpoint.tensor_metadata(path)
-    missing = [f"stats/{s}" for s in STAT_NAMES if f"stats/{s}" not in stored]
+    missing = [stat_name(s) for s in STAT_NAMES if stat_name(s) not in stored]
     if missing:
         raise MergeRefused(f"public stats {path}: missing {missing}")
-    only_stats = set(stored) == {f"stats/{s}" for s in STAT_NAMES}
+    only_stats = set(stored) == {stat_name(s) for s in STAT_NAMES}
     # `moesaic merge --public-data` records the router input at the top; a branch artifact
     # in its model config; a stats checkpoint that records neither is of the token itself.
     kind = meta.get("router_input") or (meta.get("model") or {}).get("router_input", "token")
-    return PublicStats(path, {s: View(path, f"stats/{s}") for s in STAT_NAMES},
+    return PublicStats(path, {s: View(path, stat_name(s)) for s in STAT_NAMES},
                        int(meta.get("stats_tokens", 0)), str(kind),
                        meta.get("fingerprint") if only_stats else None,
                        meta.get("base_fingerprint"))
@@ -249,14 +254,14 @@ def base_of_merged(path: pathlib.Path, meta: dict) -> Base:
     and (for an MoE base) the base router rows kept under rows/public/."""
     merge = meta["merge"]
     cfg = ModelConfig.from_config(merge["base_model"])
-    names = checkpoint.tensor_metadata(path)
+    stored = checkpoint.tensor_metadata(path)
     tensors = {}
     for name in merge["base_tensors"]:
         if name in FFN_EXPERT:
             tensors[name] = View(path, name, (0, cfg.n_experts))
         elif name in (ROUTER, BIAS):
-            tensors[name] = View(path, f"rows/{PUBLIC}/{name.rsplit('/', 1)[1]}")
-        elif name in names:
+            tensors[name] = View(path, rows_name(PUBLIC, name))
+        elif name in stored:
             tensors[name] = View(path, name)
         else:
             raise MergeRefused(f"merged checkpoint {path}: base tensor {name!r} missing")
@@ -276,9 +281,9 @@ def parties_of_merged(path: str | pathlib.Path) -> tuple[Base, list[Party], dict
             continue
         source = expert["source"]
         own = {n: View(path, n, (slot, slot + 1)) for n in FFN_EXPERT}
-        own[ROUTER] = View(path, f"rows/{source}/router")
-        own[BIAS] = View(path, f"rows/{source}/bias")
-        stats = {s: View(path, f"stats/{source}/{s}") for s in STAT_NAMES}
+        own[ROUTER] = View(path, rows_name(source, ROUTER))
+        own[BIAS] = View(path, rows_name(source, BIAS))
+        stats = {s: View(path, stat_name(s, source)) for s in STAT_NAMES}
         parties.append(Party(source, path, expert["branch_meta"], own, stats))
     return base, parties, meta
 
@@ -287,7 +292,7 @@ def public_stats_of_merged(path: str | pathlib.Path, meta: dict) -> PublicStats 
     if not meta["merge"].get("public_stats"):
         return None
     return PublicStats(pathlib.Path(path),
-                       {s: View(path, f"stats/{PUBLIC}/{s}") for s in STAT_NAMES},
+                       {s: View(path, stat_name(s, PUBLIC)) for s in STAT_NAMES},
                        int(meta["merge"]["public_stats_tokens"]),
                        str(meta["model"].get("router_input", "token")),
                        meta["merge"].get("public_stats_fingerprint"))

@@ -19,10 +19,11 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from moesaic.branch_train.upcycle import build_model
 from moesaic.data.loader import TokenBatches
-from moesaic.merge.sources import ROUTER, MergeRefused, View
+from moesaic.merge.sources import MergeRefused, View
 from moesaic.model import checkpoint
+from moesaic.model.names import ROUTER
+from moesaic.model.params import build_model
 from moesaic.model.transformer import lm_loss
 from moesaic.routing import report
 
@@ -43,7 +44,8 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
     cfg = checkpoint.model_config(meta)
     names = list(checkpoint.flatten(jax.tree.map(lambda v: v, _abstract_params(cfg))))
     stored = checkpoint.tensor_metadata(merged)  # {name: (shape, dtype)} as written, read once
-    params = {n: jnp.asarray(a) for n, a in checkpoint.load_tensors(merged, names, stored=stored).items()}
+    params = {n: jnp.asarray(a)
+              for n, a in checkpoint.load_tensors(merged, names, stored=stored).items()}
     rows = params.pop(ROUTER)
     optimizer = optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=0.0)
     opt_state = optimizer.init(rows)
@@ -71,7 +73,8 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
     tensors = {}
     for name in stored:
         if name == ROUTER:
-            tensors[name] = checkpoint.TensorSource(new_rows.shape, new_rows.dtype, lambda: [new_rows])
+            tensors[name] = checkpoint.TensorSource(new_rows.shape, new_rows.dtype,
+                                                    lambda: [new_rows])
         else:
             tensors[name] = View(merged, name).source()
     router = dict(meta["router"], tuned={"steps": steps, "lr": lr, "data": data or {},

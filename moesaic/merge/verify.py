@@ -20,18 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from moesaic.merge.sources import (
-    BIAS,
-    EXPERT_TENSORS,
-    FFN_EXPERT,
-    ROUTER,
-    STAT_NAMES,
-    Base,
-    MergeRefused,
-    Party,
-    PublicStats,
-)
+from moesaic.merge.sources import Base, MergeRefused, Party, PublicStats
 from moesaic.model import checkpoint
+from moesaic.model.names import BIAS, EXPERT_TENSORS, FFN_EXPERT, ROUTER, STAT_NAMES, stat_name
 
 
 def base_hashes(base: Base) -> dict[str, str]:
@@ -65,7 +56,8 @@ def check_unique(sources: list[str]) -> None:
 
 
 def scan(label: str, view) -> str:
-    """`checkpoint.tensor_hash` of a stored view, refusing NaN or Inf on the way (one read for both)."""
+    """`checkpoint.tensor_hash` of a stored view, refusing NaN or Inf on the way (one read for
+    both)."""
     floating = np.issubdtype(view.dtype, np.floating) or view.dtype.kind == "V"
     digest = checkpoint.tensor_digest(view.dtype, view.shape)
     for start, piece in _pieces_with_rows(view):
@@ -132,10 +124,10 @@ def check_party(base: Base, hashes: dict[str, str], party: Party, row_dtype) -> 
     _check_shape(label, BIAS, party.own[BIAS], (lyr, 1), row_dtype)
     stat_shapes = {"x_sum": (lyr, d), "xtx": (lyr, d, d), "mean_hidden": (lyr, d)}
     for stat in STAT_NAMES:
-        _check_shape(label, f"stats/{stat}", party.stats[stat], stat_shapes[stat])
+        _check_shape(label, stat_name(stat), party.stats[stat], stat_shapes[stat])
     # the artifact's fingerprint is over exactly these tensors (moesaic.branch_train.artifact)
     own = {name: scan(label, party.own[name]) for name in EXPERT_TENSORS}
-    own.update({f"stats/{stat}": scan(label, party.stats[stat]) for stat in STAT_NAMES})
+    own.update({stat_name(stat): scan(label, party.stats[stat]) for stat in STAT_NAMES})
     recorded = meta.get("fingerprint")
     if checkpoint.fingerprint_of_hashes(own) != recorded:
         raise MergeRefused(f"{label}: its expert, router row, bias and statistics do not match "
@@ -147,7 +139,7 @@ def check_party(base: Base, hashes: dict[str, str], party: Party, row_dtype) -> 
 def public_fingerprint(public: PublicStats) -> str:
     """The public statistics' fingerprint: that of a checkpoint holding only them."""
     label = f"public stats {public.path}"
-    return checkpoint.fingerprint_of_hashes({f"stats/{stat}": scan(label, public.stats[stat])
+    return checkpoint.fingerprint_of_hashes({stat_name(stat): scan(label, public.stats[stat])
                                      for stat in STAT_NAMES})
 
 
@@ -197,7 +189,7 @@ def verify(base: Base, parties: list[Party], public: PublicStats | None = None
         shapes = {"x_sum": (cfg.n_layers, cfg.d_model), "mean_hidden": (cfg.n_layers, cfg.d_model),
                   "xtx": (cfg.n_layers, cfg.d_model, cfg.d_model)}
         for stat in STAT_NAMES:
-            _check_shape(f"public stats {public.path}", f"stats/{stat}", public.stats[stat],
+            _check_shape(f"public stats {public.path}", stat_name(stat), public.stats[stat],
                          shapes[stat], why="they were computed under a model of another shape")
         found = public_fingerprint(public)
         if public.fingerprint is not None and found != public.fingerprint:

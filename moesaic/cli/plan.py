@@ -1,0 +1,96 @@
+"""`moesaic plan`: compile a branch job's train step ahead of time, before a cluster is booked.
+
+    moesaic plan --config moesaic/configs/olmo2_7b.py:source=code --mesh data=1,fsdp=8 --hbm 80GB
+
+Prints the per-device memory XLA plans, the same split counted by hand and the sharding of
+every parameter (what is planned and how: `moesaic.launch.plan`). A plan whose per-device
+need exceeds --hbm is refused: exit code 3 and how much it needs. An input error (a bad flag,
+config field or base) is one line on stderr and exit code 2.
+
+The step is compiled on fake CPU devices, which XLA_FLAGS must ask for before jax is
+imported: nothing this module imports at its top loads jax, and when jax is already imported
+with too few devices the command re-runs itself in a fresh interpreter with the flag set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+from moesaic.configs import loading  # no jax: XLA_FLAGS must be set before jax loads
+from moesaic.launch import plan
+
+
+def register(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--config", required=True,
+                        help="config file[:arg], e.g. moesaic/configs/olmo2_7b.py:source=code")
+    parser.add_argument("--mesh", default="",
+                        help="mesh sizes, e.g. data=1,fsdp=8 (default: config.mesh, which "
+                             "must then have no -1)")
+    parser.add_argument("--hbm", default="",
+                        help="memory per device, e.g. 80GB; a plan needing more is refused")
+    parser.add_argument("--base", default="",
+                        help="a base checkpoint: plan for its model (reads meta.json only)")
+    parser.add_argument("--base-experts", type=int, default=None,
+                        help="experts of the base when no --base is given (1: dense; "
+                             "default: config.model.n_experts - 1, or 1 for a dense config)")
+    parser.add_argument("--json", action="store_true", help="print the plan as one JSON line")
+
+
+def _error(err: Exception) -> int:
+    """An input error (a bad flag, config field or base) as one line on stderr: exit 2."""
+    print(f"moesaic plan: error: {loading.error_message(err)}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = loading.resolve(args.config, getattr(args, "config_overrides", []))
+        mesh_shape = plan.parse_mesh(args.mesh) if args.mesh else dict(config.mesh)
+        hbm = plan.parse_bytes(args.hbm) if args.hbm else None
+        if any(int(v) < 1 for v in mesh_shape.values()):
+            raise ValueError(f"config.mesh {mesh_shape} has a -1 (fill the rest); give the "
+                             "sizes with --mesh, e.g. --mesh data=1,fsdp=8")
+    except loading.CONFIG_ERRORS as err:
+        return _error(err)
+    devices = math.prod(int(v) for v in mesh_shape.values())
+    if not plan.has_fake_devices(devices):
+        return _reexec(devices, _argv(args))
+    base_experts = (plan.default_base_experts(config) if args.base_experts is None
+                    else args.base_experts)
+    try:  # input errors first
+        plan.branch_layout(config, base=args.base, base_experts=base_experts)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        return _error(err)
+    result = plan.make_plan(config, mesh_shape, base=args.base, base_experts=base_experts)
+    print(json.dumps(result.to_dict()) if args.json else result.report(hbm))
+    if hbm is not None and result.needed > hbm:
+        hints = ["shard more (--mesh fsdp=...)", "lower --config.data.global_batch"]
+        if str(config.model.remat) != "full":
+            hints.append("set --config.model.remat=full")
+        print(f"moesaic plan: refused: the step needs {plan.human(result.needed)} per device, "
+              f"--hbm gives {plan.human(hbm)} ({plan.human(result.needed - hbm)} short); "
+              + ", ".join(hints), file=sys.stderr)
+        return plan.EXIT_DOES_NOT_FIT
+    return 0
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command line of `args` again, for the fresh interpreter."""
+    argv = ["--config", args.config]
+    if args.base_experts is not None:
+        argv += ["--base-experts", str(args.base_experts)]
+    for flag, value in (("--mesh", args.mesh), ("--hbm", args.hbm), ("--base", args.base)):
+        argv += [flag, value] if value else []
+    argv += ["--json"] if args.json else []
+    return argv + [f"--config.{o}" for o in getattr(args, "config_overrides", [])]
+
+
+def _reexec(count: int, argv: list[str]) -> int:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **{plan.REEXEC_MARK: "1"})
+    env["XLA_FLAGS"] = plan.fake_device_flags(env.get("XLA_FLAGS", ""), count)
+    return subprocess.call([sys.executable, "-m", "moesaic.cli.main", "plan", *argv], env=env)
