@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 from moesaic.branch_train import artifact
-from moesaic.merge import fuse, sources
+from moesaic.merge import fuse
 from moesaic.merge.sources import MergeRefused
-from moesaic.model import Decoder, ModelConfig, checkpoint
+from moesaic.model import Decoder, ModelConfig, checkpoint, names
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=48,
                   eos_id=62, pad_id=63)
@@ -44,13 +44,13 @@ def make_branch(base_path, path, source, seed, *, tamper=None, noise=0.01):
     rng = np.random.default_rng(seed)
     lyr, d, eb = cfg.n_layers, cfg.d_model, cfg.n_experts
     own = {n: (base[n][:, :1] + noise * rng.standard_normal(base[n][:, :1].shape)
-               ).astype(base[n].dtype) for n in sources.FFN_EXPERT}
-    own[sources.ROUTER] = (0.1 * rng.standard_normal((lyr, 1, d))).astype(np.float32)
-    own[sources.BIAS] = (-np.abs(0.1 * rng.standard_normal((lyr, 1)))).astype(np.float32)
+               ).astype(base[n].dtype) for n in names.FFN_EXPERT}
+    own[names.ROUTER] = (0.1 * rng.standard_normal((lyr, 1, d))).astype(np.float32)
+    own[names.BIAS] = (-np.abs(0.1 * rng.standard_normal((lyr, 1)))).astype(np.float32)
     hashes = {n: checkpoint.tensor_hash(v) for n, v in base.items()}
     if eb == 1:
-        hashes[sources.ROUTER] = checkpoint.tensor_hash(np.zeros((lyr, 1, d), np.float32))
-        hashes[sources.BIAS] = checkpoint.tensor_hash(np.zeros((lyr, 1), np.float32))
+        hashes[names.ROUTER] = checkpoint.tensor_hash(np.zeros((lyr, 1, d), np.float32))
+        hashes[names.BIAS] = checkpoint.tensor_hash(np.zeros((lyr, 1), np.float32))
     stats, n_tokens = synthetic_stats(cfg, seed + 1000)
     branch_meta = {"source": source, "base_fingerprint": meta["fingerprint"],
                    "frozen_hashes": hashes, "base_experts": eb,

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from moesaic.merge import baselines, fuse, sources
+from moesaic.merge import baselines, fuse
 from moesaic.merge.sources import MergeRefused
 from moesaic.merge.tune import tune_router
-from moesaic.model import checkpoint
+from moesaic.model import checkpoint, names
 from tests.conftest import last_json_line, run_python
 from tests.merge_helpers import CFG, make_base, make_branch, synthetic_stats
 
@@ -72,13 +72,13 @@ def test_btx_stacks_ffns_and_averages_the_rest(dense, tmp_path):
     assert meta["model"]["n_experts"] == 2 and [e["source"] for e in meta["experts"]] == \
         ["code", "math"]
     x = _params(tmp_path / "x")
-    for name in sources.FFN_EXPERT:
+    for name in names.FFN_EXPERT:
         np.testing.assert_array_equal(x[name], np.concatenate([pa[name], pb[name]], axis=1))
     np.testing.assert_allclose(x["blocks/attn/q"], (pa["blocks/attn/q"] + pb["blocks/attn/q"]) / 2,
                                rtol=1e-6, atol=1e-7)
     centroid = pa["stats/mean_hidden"] / np.linalg.norm(pa["stats/mean_hidden"], axis=-1,
                                                         keepdims=True)
-    np.testing.assert_allclose(x[sources.ROUTER][:, 0], centroid, rtol=1e-5)
+    np.testing.assert_allclose(x[names.ROUTER][:, 0], centroid, rtol=1e-5)
     model, _ = checkpoint.load(tmp_path / "x")
     assert np.isfinite(np.asarray(model(np.zeros((1, 8), np.int32))[0])).all()
     with pytest.raises(MergeRefused, match="no router rows"):
@@ -135,14 +135,14 @@ def test_tune_router_trains_rows_only(tmp_path):
     tuned = meta["router"]["tuned"]
     assert tuned["steps"] == 4 and tuned["loss_last"] < tuned["loss_first"]
     before, after = _params(tmp_path / "m"), _params(tmp_path / "t")
-    assert not np.array_equal(before[sources.ROUTER], after[sources.ROUTER])
+    assert not np.array_equal(before[names.ROUTER], after[names.ROUTER])
     for name in before:
-        if name != sources.ROUTER:
+        if name != names.ROUTER:
             np.testing.assert_array_equal(before[name], after[name], err_msg=name)
     assert meta["fingerprint"] == checkpoint.fingerprint(after)
     from moesaic.routing import report
 
-    want, _ = report.routing_report(after[sources.ROUTER], ["public", "code", "law"])
+    want, _ = report.routing_report(after[names.ROUTER], ["public", "code", "law"])
     want = json.loads(json.dumps(want))  # as meta.json holds it
     assert meta["routing_report"] == want != checkpoint.read_meta(tmp_path / "m")["routing_report"]
 
