@@ -125,7 +125,8 @@ def test_export_loads_in_transformers_and_imports_back_identically(tmp_path, n_e
                                atol=1e-4, rtol=0)
 
     import_hf(tmp_path / "hf", tmp_path / "back", log=lambda _: None)
-    original = checkpoint.load_tensors(tmp_path / "merged", checkpoint.tensor_metadata(tmp_path / "merged"))
+    merged = tmp_path / "merged"
+    original = checkpoint.load_tensors(merged, checkpoint.tensor_metadata(merged))
     back = checkpoint.load_tensors(tmp_path / "back", checkpoint.tensor_metadata(tmp_path / "back"))
     if n_experts > 1:  # the all-zero bias has no place in FlexOlmo; the import has none
         assert not original.pop("blocks/ffn/bias").any()

@@ -54,7 +54,8 @@ def test_merged_layout_values_and_loads(world, tmp_path):
     np.testing.assert_array_equal(router[:, 1:2], code[sources.ROUTER])
     np.testing.assert_array_equal(merged[sources.BIAS][:, 2:3], math[sources.BIAS])
     np.testing.assert_array_equal(merged["stats/math/xtx"], math["stats/xtx"])
-    assert meta["fingerprint"] == checkpoint.fingerprint(merged)  # streamed fingerprint is the real one
+    # the streamed fingerprint is the real one
+    assert meta["fingerprint"] == checkpoint.fingerprint(merged)
 
     model, _ = checkpoint.load(out)
     assert model.cfg.n_experts == 3 and not model.cfg.router_trainable
@@ -131,6 +132,9 @@ def test_remove_unknown_source_and_add_verifies(world, tmp_path):
     with pytest.raises(MergeRefused, match="another base"):
         fuse.add(tmp_path / "m", [stray], out=tmp_path / "a", log=lambda s: None)
     assert not (tmp_path / "r").exists() and not (tmp_path / "a").exists()
+    with pytest.raises(MergeRefused, match="'code' is already a party of .*merge remove"):
+        fuse.add(tmp_path / "m", [b["code"]], out=tmp_path / "a", log=lambda s: None)
+    assert not (tmp_path / "a").exists()
 
 
 def test_streaming_write_equals_whole_write(tmp_path):
@@ -141,24 +145,26 @@ def test_streaming_write_equals_whole_write(tmp_path):
 
     def pieces(v):
         return (lambda: [v]) if v.ndim == 0 else (lambda: [v[i:i + 2] for i in range(0, len(v), 2)])
-    hashes = checkpoint.save_streaming(tmp_path / "stream", {
-        k: checkpoint.TensorSource(v.shape, v.dtype, pieces(v)) for k, v in flat.items()}, {"kind": "x"})
+    sources = {k: checkpoint.TensorSource(v.shape, v.dtype, pieces(v)) for k, v in flat.items()}
+    hashes = checkpoint.save_streaming(tmp_path / "stream", sources, {"kind": "x"})
     assert hashes == {k: checkpoint.tensor_hash(v) for k, v in flat.items()}
     assert checkpoint.read_meta(tmp_path / "stream")["fingerprint"] == \
         checkpoint.read_meta(tmp_path / "whole")["fingerprint"]
-    read = (pathlib.Path(tmp_path) / p / checkpoint.PARAMS / "_METADATA" for p in ("whole", "stream"))
+    read = (pathlib.Path(tmp_path) / p / checkpoint.PARAMS / "_METADATA"
+            for p in ("whole", "stream"))
     assert len({r.read_text() for r in read}) == 1  # same tree metadata on disk
     got = checkpoint.load_tensors(tmp_path / "stream", flat)
     for k in flat:
         np.testing.assert_array_equal(got[k], flat[k])
-    assert checkpoint.TensorReader(tmp_path / "whole", "a/w").hash() == checkpoint.tensor_hash(flat["a/w"])
+    whole_hash = checkpoint.TensorReader(tmp_path / "whole", "a/w").hash()
+    assert whole_hash == checkpoint.tensor_hash(flat["a/w"])
 
     def broken():
         yield flat["a/w"][:2]
         raise RuntimeError("source failed")
     with pytest.raises(RuntimeError, match="source failed"):
-        checkpoint.save_streaming(tmp_path / "broken", {"a/w": checkpoint.TensorSource((5, 3, 4), np.float32,
-                                                                        broken)}, {})
+        source = checkpoint.TensorSource((5, 3, 4), np.float32, broken)
+        checkpoint.save_streaming(tmp_path / "broken", {"a/w": source}, {})
     assert not (tmp_path / "broken").exists() and not (tmp_path / "broken.partial").exists()
 
 

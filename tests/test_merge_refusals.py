@@ -112,7 +112,8 @@ def test_cli_merge_remove_add_and_refusal(world, tmp_path, capsys):
     assert checkpoint.read_meta(out)["router"]["inputs"]["public"].startswith("normalised mean")
     assert main(["merge", "remove", str(out), "--source", "math", "--out",
                  str(tmp_path / "r")]) == 0
-    assert [e["source"] for e in checkpoint.read_meta(tmp_path / "r")["experts"]] == ["public", "code"]
+    experts = checkpoint.read_meta(tmp_path / "r")["experts"]
+    assert [e["source"] for e in experts] == ["public", "code"]
     assert main(["merge", "add", str(tmp_path / "r"), "--branch", str(b["law"]), "--out",
                  str(tmp_path / "a")]) == 0
     assert checkpoint.read_meta(tmp_path / "a")["model"]["n_experts"] == 3
@@ -166,7 +167,8 @@ def test_public_stats_and_a_base_are_checked_like_any_input(world, tmp_path):
     flat = all_tensors(world["base"])
     flat["blocks/attn/q"] = flat["blocks/attn/q"].copy()
     flat["blocks/attn/q"][1, 2] = np.nan
-    checkpoint.save(tmp_path / "nan_base", flat, checkpoint.read_meta(world["base"]) | {"fingerprint": None})
+    checkpoint.save(tmp_path / "nan_base", flat,
+                    checkpoint.read_meta(world["base"]) | {"fingerprint": None})
     meta = json.loads((tmp_path / "nan_base" / checkpoint.META).read_text())
     meta["fingerprint"] = checkpoint.fingerprint(flat)
     (tmp_path / "nan_base" / checkpoint.META).write_text(json.dumps(meta))

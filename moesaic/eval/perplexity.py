@@ -60,7 +60,8 @@ def load_model(model_or_path: Decoder | str | os.PathLike, *, mesh: jax.sharding
     path = pathlib.Path(model_or_path)
     if not checkpoint.is_complete(path):
         raise FileNotFoundError(f"{flag or f'--model {str(path)!r}'}: not a moesaic checkpoint "
-                                f"(want a folder with {checkpoint.META} and {checkpoint.PARAMS}/, e.g. a "
+                                f"(want a folder with {checkpoint.META} and "
+                                f"{checkpoint.PARAMS}/, e.g. a "
                                 "pretrain, branch `model` or merge output)"
                                 f"{checkpoint.inner_checkpoint_hint(path)}")
     meta = checkpoint.read_meta(path)
