@@ -1,29 +1,19 @@
-"""Helpers of the training tests (test_pretrain*.py, test_branch*.py): a tiny config, a tiny
-prepared data folder, the `moesaic` command run as a subprocess, and a persistent JAX
-compilation cache (the tests compile the same small programs many times; with the cache a
-subprocess starts training in seconds)."""
+"""Helpers of the training tests (tests/branch_train/ and the tests that train a model): a tiny
+config, a tiny prepared data folder, and the `moesaic` command run as a subprocess (with the
+session's compilation cache, which tests/conftest.py puts in the environment)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import random
 import subprocess
 import sys
 
-import jax
-from jax.experimental.compilation_cache import compilation_cache as jax_cache
-
 from moesaic.configs import tiny
 from moesaic.data.prepare import write_source
 from moesaic.data.tokenizer import BYTES
-from tests.conftest import xla_flags
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-COMPILATION_CACHE = ROOT / ".pytest_cache" / "moesaic-jax-compilation"
-_CACHE_OPTIONS = {"jax_compilation_cache_dir": str(COMPILATION_CACHE),
-                  "jax_persistent_cache_min_compile_time_secs": 0.0}
+from tests.support.processes import ROOT, xla_flags
 
 # The shapes every training test uses: small enough to compile and run in seconds.
 TINY = {
@@ -71,8 +61,7 @@ def moesaic_command(args: list[str], *, devices: int = 1, env: dict | None = Non
     """(argv, env) to run `moesaic ARGS` in a subprocess with `devices` fake CPU devices."""
     full_env = dict(os.environ)
     full_env.update(XLA_FLAGS=xla_flags(devices),
-                    JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(COMPILATION_CACHE),
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PLATFORMS="cpu",
                     PYTHONPATH=str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", ""))
     full_env.update(env or {})
     return [sys.executable, "-m", "moesaic.cli.main", *args], full_env
@@ -87,18 +76,3 @@ def run_moesaic(args: list[str], *, devices: int = 1, timeout: int = 240,
         raise AssertionError(f"moesaic {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
     return proc
-
-
-@contextlib.contextmanager
-def compilation_cache():
-    """The persistent compilation cache switched on in this process, restored afterwards."""
-    before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-    for name, value in _CACHE_OPTIONS.items():
-        jax.config.update(name, value)
-    jax_cache.reset_cache()  # the cache is looked up once per process unless reset
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            jax.config.update(name, value)
-        jax_cache.reset_cache()

@@ -1,6 +1,6 @@
 """The merge: layout and values of the merged model, opt-out and join bit for bit,
 streaming writes identical to whole writes (the refusals and the command line are in
-test_merge_refusals.py)."""
+test_refusals.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from moesaic.merge import fuse, sources
 from moesaic.merge.sources import MergeRefused
 from moesaic.model import Decoder, checkpoint
 from moesaic.routing import registry
-from tests.merge_helpers import (
+from tests.support.merging import (
     CFG,
     all_tensors,
     assert_same,

@@ -13,7 +13,7 @@ from moesaic.branch_train import artifact
 from moesaic.branch_train.trainer import Job, train
 from moesaic.cli.main import main
 from moesaic.model import checkpoint
-from tests.train_helpers import make_data, tiny_config
+from tests.support.training import make_data, tiny_config
 
 
 def _job(kind, workdir, data, base=None) -> Job:

@@ -11,7 +11,7 @@ from flax import nnx
 
 from moesaic.model import Decoder, ModelConfig, dispatch, lm_loss, moe
 from moesaic.model.reference import capacity_keep, moe_reference
-from tests.conftest import last_json_line, run_python
+from tests.support.processes import last_json_line, run_python
 
 D, F, T = 16, 24, 40
 

@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from train_helpers import compilation_cache, make_data, tiny_config
 
 from moesaic.branch_train import artifact, base_model, kinds, trainer
 from moesaic.branch_train.trainer import Job, train
@@ -19,17 +18,12 @@ from moesaic.model import checkpoint, names
 from moesaic.model.config import ModelConfig
 from moesaic.model.transformer import Decoder
 from moesaic.routing.stats import RouterStats
+from tests.support.training import make_data, tiny_config
 
 
 def _job(kind, workdir, data, base=None, **kw) -> Job:
     return Job(kind, pathlib.Path(workdir), pathlib.Path(data), base=base, show_progress=False,
                **kw)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache():
-    with compilation_cache():
-        yield
 
 
 @pytest.fixture(scope="module")

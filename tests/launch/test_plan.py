@@ -17,7 +17,7 @@ import pytest
 from moesaic.cli import plan as plan_command
 from moesaic.launch import plan
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_parse_sizes_and_meshes():

@@ -17,7 +17,7 @@ from moesaic.cli import main as cli
 from moesaic.configs import loading
 from moesaic.launch import manifest, plan
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -12,8 +12,8 @@ import pytest
 from moesaic.data.loader import heldout_sequences
 from moesaic.eval import ensembles, perplexity
 from moesaic.model import checkpoint
-from tests.eval_helpers import SEQ, tiny, uniform_model
-from tests.train_helpers import make_data
+from tests.support.evaluation import SEQ, tiny, uniform_model
+from tests.support.training import make_data
 
 
 @pytest.fixture(scope="module")

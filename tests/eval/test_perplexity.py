@@ -1,5 +1,5 @@
 """Evaluation: perplexity and bits per byte against hand computations, routing shares,
-the report files and `moesaic eval` (the ensembles are in test_eval_ensembles.py)."""
+the report files and `moesaic eval` (the ensembles are in test_ensembles.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from moesaic.data.loader import heldout_sequences
 from moesaic.eval import perplexity, report
 from moesaic.model import checkpoint
 from moesaic.model.transformer import token_nll
-from tests.conftest import last_json_line, run_python
-from tests.eval_helpers import MOE, SEQ, tiny, uniform_model
-from tests.train_helpers import make_data
+from tests.support.evaluation import MOE, SEQ, tiny, uniform_model
+from tests.support.processes import last_json_line, run_python
+from tests.support.training import make_data
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from moesaic.merge import baselines, fuse
 from moesaic.merge.sources import MergeRefused
 from moesaic.merge.tune import tune_router
 from moesaic.model import checkpoint, names
-from tests.conftest import last_json_line, run_python
-from tests.merge_helpers import CFG, make_base, make_branch, synthetic_stats
+from tests.support.merging import CFG, make_base, make_branch, synthetic_stats
+from tests.support.processes import last_json_line, run_python
 
 
 def make_dense(base_path, path, source, seed, scale=0.01):

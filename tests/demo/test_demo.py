@@ -20,7 +20,7 @@ from moesaic.configs import demo as settings
 from moesaic.configs import loading
 from moesaic.demo import findings, pipeline, systems
 from moesaic.demo.workdir import claim_workdir
-from tests.conftest import last_json_line, run_python
+from tests.support.processes import last_json_line, run_python
 
 CONFIG = "moesaic/configs/demo.py"
 # What the demo before its config file wrote to W/preset.json for `--preset smoke`.
@@ -189,7 +189,7 @@ def test_the_demo_command_compiles_each_program_once_into_its_workdir(tmp_path):
 
 
 def test_the_makefile_runs_the_demo_with_a_preset_of_the_config_file():
-    makefile = (pathlib.Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    makefile = (pathlib.Path(__file__).resolve().parents[2] / "Makefile").read_text()
     assert ("moesaic demo --workdir $(WORKDIR) --config moesaic/configs/demo.py:preset=$(PRESET)"
             in makefile)
 

@@ -18,7 +18,7 @@ from moesaic.cli import main as cli
 from moesaic.configs import loading
 from moesaic.launch import jobs, manifest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLE = str(ROOT / "moesaic/configs/manifest_example.py")
 
 

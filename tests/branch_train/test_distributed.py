@@ -9,26 +9,19 @@ import subprocess
 
 import numpy as np
 import pytest
-from train_helpers import (
+
+from moesaic.branch_train import artifact
+from moesaic.branch_train.progress import read_metrics
+from moesaic.branch_train.trainer import Job, train
+from moesaic.model import checkpoint
+from tests.support.training import (
     ROOT,
-    compilation_cache,
     make_data,
     moesaic_command,
     overrides_argv,
     run_moesaic,
     tiny_config,
 )
-
-from moesaic.branch_train import artifact
-from moesaic.branch_train.progress import read_metrics
-from moesaic.branch_train.trainer import Job, train
-from moesaic.model import checkpoint
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache():
-    with compilation_cache():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from moesaic.merge import fuse
 from moesaic.merge.sources import MergeRefused
 from moesaic.model import checkpoint
-from tests.merge_helpers import (
+from tests.support.merging import (
     CFG,
     all_tensors,
     expect_refusal,

@@ -8,7 +8,7 @@ import platform
 import pytest
 
 from moesaic.launch import host_memory
-from tests.conftest import last_json_line, run_python
+from tests.support.processes import last_json_line, run_python
 
 ALLOCATE = """
 import json, os, resource, threading
