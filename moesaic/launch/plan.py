@@ -25,7 +25,7 @@ imported (`has_fake_devices`): this module imports no jax at its top, and when j
 imported in this process, the command re-runs itself in a fresh interpreter with the flag set.
 
 On CPU XLA's `peak_memory` ignores temporaries; the need reported is argument + output -
-alias + temporaries (see jax-notes.md).
+alias + temporaries (docs/launch.md, "Planning memory ahead of time").
 """
 
 from __future__ import annotations

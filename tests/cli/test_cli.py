@@ -119,7 +119,38 @@ def test_config_docstring_commands_parse(where, command, monkeypatch):
     resolves; before, tiny.py's `moesaic train` had no --workdir and small.py passed the
     bench a --config it does not take."""
     monkeypatch.chdir(ROOT)
-    argv = shlex.split(command)
+    _check_command(where, shlex.split(command))
+
+
+def _docs_commands(path: pathlib.Path) -> list[str]:
+    """The `moesaic ...` lines of a markdown file's code blocks (continuations joined, comments
+    cut), but for usage lines that show alternatives (`A|B`) or optional parts (`[...]`)."""
+    found = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", path.read_text(), re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("moesaic ") and not re.search(r"[|\[]", line):
+                found.append(" ".join(line.split()))
+    return found
+
+
+DOCS_COMMANDS = [(str(p.relative_to(ROOT)), c)
+                 for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+                 for c in _docs_commands(p)]
+
+
+def test_docs_show_commands():
+    assert {where for where, _ in DOCS_COMMANDS} >= {"README.md", "docs/demo.md"}
+
+
+@pytest.mark.parametrize("where, command", DOCS_COMMANDS)
+def test_docs_commands_parse(where, command, monkeypatch):
+    """Every command the README and docs/ show in a code block parses, with its config."""
+    monkeypatch.chdir(ROOT)
+    _check_command(where, shlex.split(command))
+
+
+def _check_command(where: str, argv: list[str]) -> None:
     if argv[0] == "python":
         script = (ROOT / argv[1]).read_text()
         for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
@@ -128,10 +159,12 @@ def test_config_docstring_commands_parse(where, command, monkeypatch):
     name, (rest, overrides) = argv[1], cli_args.split_config_args(argv[2:])
     assert not overrides or name in cli.TAKES_OVERRIDES, where
     args = _parser(name).parse_args(rest)  # a missing or unknown flag exits here
-    if name == "launch":
-        manifest.load(args.manifest, overrides)
+    if name == "launch":  # a manifest the docs name only as an example is not loaded
+        if (ROOT / args.manifest.partition(":")[0]).is_file():
+            manifest.load(args.manifest, overrides)
         return
-    loading.resolve(args.config, overrides)
+    if getattr(args, "config", None):  # merge, eval and the like read no config
+        loading.resolve(args.config, overrides)
     if name == "plan":
         plan.parse_mesh(args.mesh), plan.parse_bytes(args.hbm)
 
