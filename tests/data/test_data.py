@@ -91,7 +91,7 @@ def test_process_slices_are_disjoint_and_form_the_global_batch(embedded):
 
 def test_rows_are_documents_joined_by_eos(embedded):
     docs = {d.tobytes() for d in documents(embedded, "prose", "train")}
-    batch = TokenBatches(embedded, "prose", seq_len=2048, global_batch=4, seed=0).get(0)
+    batch = TokenBatches(embedded, "prose", seq_len=16384, global_batch=2, seed=0).get(0)
     inner = 0
     for row in batch:
         cuts = np.flatnonzero(row == EOS)
