@@ -21,14 +21,8 @@ from tests.support.merging import (
     expect_refusal,
     make_base,
     make_branch,
-    make_world,
     prefix_branch,
 )
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("merge"))
 
 
 def test_merged_layout_values_and_loads(world, tmp_path):

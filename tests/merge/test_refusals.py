@@ -18,15 +18,9 @@ from tests.support.merging import (
     expect_refusal,
     make_base,
     make_branch,
-    make_world,
     rewrite,
     synthetic_stats,
 )
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("merge"))
 
 
 def test_refuses_branch_of_another_base(world, tmp_path):
