@@ -99,5 +99,6 @@ def findings(results: dict, preset_name: str) -> list[str]:
 def corpus_note(hashes: dict[str, str]) -> str:
     """Which corpora the numbers come from: source -> its content hash (12 digits)."""
     return ("- corpora (content hashes): " + ", ".join(f"{s} {h}" for s, h in hashes.items())
-            + "; prose and law are read from the installed packages, so other numbers with "
-            "other hashes are expected.")
+            + "; prose and law are read from the packages moesaic depends on, at the versions "
+            "requirements/demo.lock pins: other hashes (another environment or Python) give "
+            "other numbers.")
