@@ -1,7 +1,7 @@
 """`moesaic demo`: the whole flow on the embedded corpora, with a report a person reads
 (moesaic.demo; the settings are moesaic/configs/demo.py).
 
-    moesaic demo --workdir runs/demo                  # 2-core CPU, about 20 minutes
+    moesaic demo --workdir runs/demo                  # 2-core CPU, 13 to 25 minutes
     moesaic demo --workdir runs/smoke --config moesaic/configs/demo.py:preset=smoke  # CI, 2 min
     moesaic demo --workdir runs/token --config.router_input=token --config.branch_lr=7e-4
     moesaic demo --workdir runs/unc --config.uncoordinated=true  # + uncoordinated experts

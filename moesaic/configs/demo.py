@@ -13,7 +13,7 @@ prepare --source NEWPARTY=PATH --out runs/demo/data), which the job finds from -
 a folder named by --data. The one before it is how the demo trains its public model.
 
 Arguments (demo.py:preset=smoke,job=branch,source=code):
-  preset       default (a 2-core CPU, about 20 minutes) or smoke (CI, about 2 minutes)
+  preset       default (a 2-core CPU, about 13 to 25 minutes) or smoke (CI, about 2 minutes)
   job          none: the demo's settings, what the demo command reads. pretrain, branch,
                dense, ffn or moe-all: the whole training config of that job of the demo, as
                the demo builds it (pretrain runs as moesaic pretrain, the others as moesaic
