@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from moesaic.model.names import STAT_NAMES, stat_name
 from moesaic.model.sharding import Rules, activate, logical_to_spec
 from moesaic.model.transformer import Decoder
 
@@ -40,9 +41,7 @@ class RouterStats:
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The artifact's stats/* tensors, float32."""
-        return {"stats/x_sum": self.x_sum.astype(np.float32),
-                "stats/xtx": self.xtx.astype(np.float32),
-                "stats/mean_hidden": self.mean_hidden.astype(np.float32)}
+        return {stat_name(stat): getattr(self, stat).astype(np.float32) for stat in STAT_NAMES}
 
 
 def stats_sequences(data_dir: str | os.PathLike, source: str, *, seq_len: int,
