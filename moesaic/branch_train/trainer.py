@@ -33,6 +33,7 @@ from flax import nnx
 from moesaic.branch_train import base_model, kinds, outputs, setup, upcycle
 from moesaic.branch_train.checkpointing import JobCheckpoints, StopSignal, abstract_like, nested
 from moesaic.branch_train.progress import MetricsLog, parameter_overview
+from moesaic.configs import validate
 from moesaic.data.loader import TokenBatches, load_manifest, parse_mixture
 from moesaic.data.tokenizer import check_tokenizer
 from moesaic.model import checkpoint
@@ -106,16 +107,6 @@ def resume_mismatches(saved: dict, config: ml_collections.ConfigDict, kind: str,
     return diffs
 
 
-def check_sizes(config: ml_collections.ConfigDict) -> None:
-    """The counts a job divides or loops by, refused with the field's name before anything
-    runs (a 0 would otherwise surface as a ZeroDivisionError deep in the loader)."""
-    for key, low in (("data.seq_len", 1), ("data.global_batch", 1), ("train.steps", 1),
-                     ("train.warmup_steps", 0)):
-        value = _config_value(config.to_dict(), key)
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"config.{key}={value!r}: must be a whole number >= {low}")
-
-
 def check_finite(step: int, metrics: dict, last_checkpoint: int | None) -> None:
     """Stops a diverged run before its state is saved or handed on: a non-finite loss or
     gradient norm at `step` (the update of that step used that gradient)."""
@@ -131,7 +122,7 @@ def check_finite(step: int, metrics: dict, last_checkpoint: int | None) -> None:
 
 def train(config: ml_collections.ConfigDict, job: Job) -> Result:
     kind = kinds.kind_of(job.kind)
-    check_sizes(config)
+    validate.check(config)  # every numeric field in its range, before anything runs
     if kind.from_base and job.base is None:
         raise ValueError(f"a {job.kind} job needs --base (the public checkpoint)")
     workdir = pathlib.Path(job.workdir)
