@@ -33,6 +33,7 @@ from flax import nnx
 from moesaic.branch_train import base_model, kinds, outputs, setup, upcycle
 from moesaic.branch_train.checkpointing import JobCheckpoints, StopSignal, abstract_like, nested
 from moesaic.branch_train.progress import MetricsLog, parameter_overview
+from moesaic.branch_train.workdir_lock import WorkdirLock
 from moesaic.configs import validate
 from moesaic.data.loader import TokenBatches, load_manifest, parse_mixture
 from moesaic.data.tokenizer import check_tokenizer
@@ -121,6 +122,16 @@ def check_finite(step: int, metrics: dict, last_checkpoint: int | None) -> None:
 
 
 def train(config: ml_collections.ConfigDict, job: Job) -> Result:
+    """Runs `job`; one job at a time per workdir (`WorkdirLock`, taken before the job first
+    writes there and given back however it ends)."""
+    lock = WorkdirLock(job.workdir)
+    try:
+        return _train(config, job, lock)
+    finally:
+        lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Result:
     kind = kinds.kind_of(job.kind)
     validate.check(config)  # every numeric field in its range, before anything runs
     if kind.from_base and job.base is None:
@@ -156,6 +167,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
     else:
         make_trainable, frozen, stats, handover = _start_fresh(sc, seed)
 
+    lock.acquire()  # before the first write to the workdir
     checkpoints = JobCheckpoints(workdir, every=int(config.train.ckpt_every),
                                  keep=int(config.train.keep))
     start = checkpoints.latest_step()
