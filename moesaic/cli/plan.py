@@ -64,12 +64,14 @@ def run(args: argparse.Namespace) -> int:
                     else args.base_experts)
     try:  # input errors first
         plan.branch_layout(config, base=args.base, base_experts=base_experts)
+        plan.check_microbatches(config, mesh_shape)
     except (ValueError, KeyError, FileNotFoundError) as err:
         return _error(err)
     result = plan.make_plan(config, mesh_shape, base=args.base, base_experts=base_experts)
     print(json.dumps(result.to_dict()) if args.json else result.report(hbm))
     if hbm is not None and result.needed > hbm:
-        hints = ["shard more (--mesh fsdp=...)", "lower --config.data.global_batch"]
+        hints = ["shard more (--mesh fsdp=...)", "split the batch into more microbatches "
+                 "(--config.train.microbatches=...)", "lower --config.data.global_batch"]
         if str(config.model.remat) != "full":
             hints.append("set --config.model.remat=full")
         print(f"moesaic plan: refused: the step needs {plan.human(result.needed)} per device, "

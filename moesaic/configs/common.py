@@ -5,7 +5,7 @@ A config file picks the shapes and calls `build(...)`. Sections:
   mesh    device mesh sizes; -1 fills the remaining devices
   rules   logical axis -> mesh axes (None = replicated)
   data    where the prepared sources live and how batches are cut
-  train   optimizer, schedule, steps, checkpoints
+  train   optimizer, schedule, steps, checkpoints, microbatches (gradient accumulation)
   branch  the branch job: which source, how the own router row starts, what is frozen
 """
 
@@ -75,6 +75,7 @@ def build(*, model: dict, seq_len: int, global_batch: int, steps: int, lr: float
         steps=steps, lr=lr, warmup_steps=max(1, steps // 20), min_lr_ratio=0.1,
         b1=0.9, b2=0.95, weight_decay=0.0, clip=1.0,
         log_every=10, ckpt_every=max(1, steps // 4), keep=2,
+        microbatches=1,  # the batch split into this many, one update (docs/training.md)
     ))
     c.branch = ml_collections.ConfigDict(dict(
         source=source, mode="coordinated", router_init="contrast", router_margin=2.0,

@@ -185,6 +185,16 @@ def branch_layout(config, *, base: str = "", base_experts: int = 1):
     return kinds.kind_of(_branch_kind(config)).layout(config, base_cfg)
 
 
+def check_microbatches(config, mesh_shape: dict[str, int]) -> None:
+    """config.train.microbatches against the batch and `mesh_shape`, as `setup.set_up` checks
+    it (a one-line input error, before the fake devices compile anything)."""
+    from moesaic.branch_train import setup
+
+    setup.check_microbatches(config.train.get("microbatches", 1),
+                             int(config.data.global_batch), mesh_shape,
+                             tuple(tuple(r) for r in config.rules))
+
+
 def make_plan(config, mesh_shape: dict[str, int], *, base: str = "",
               base_experts: int = 1) -> Plan:
     """Lowers and compiles the branch train step for abstract sharded arguments."""

@@ -32,7 +32,7 @@ BAD = [("train.lr", -0.001), ("train.lr", 0.0), ("train.lr", float("nan")),
        ("train.steps", 0), ("train.warmup_steps", -3), ("train.min_lr_ratio", 1.5),
        ("train.b2", 1.0), ("train.weight_decay", -0.1), ("train.clip", -1.0),
        ("data.seq_len", 0), ("data.global_batch", 0), ("branch.public_mix", 1.0),
-       ("branch.router_noise", -0.5), ("branch.stats_batches", -1)]
+       ("branch.router_noise", -0.5), ("branch.stats_batches", -1), ("train.microbatches", 0)]
 # (a value of the wrong type never gets this far: ConfigDict and the command line refuse it)
 
 
