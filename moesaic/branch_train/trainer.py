@@ -54,6 +54,7 @@ class Job:
     base: pathlib.Path | None = None
     show_progress: bool = True
     write_output: bool = True
+    verify_base: bool = True  # read the whole base once against its fingerprint first
 
 
 @dataclasses.dataclass
@@ -149,6 +150,8 @@ def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Re
     base_meta = base_cfg = None
     if kind.from_base:
         base_meta = base_model.read_base(job.base, config)
+        if job.verify_base:
+            checkpoint.verify(job.base, "base")
         base_cfg = base_model.job_model_config(checkpoint.model_config(base_meta), config)
 
     # ---- shardings and step ------------------------------------------------------------

@@ -58,6 +58,8 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
                              "every source evaluated, public included)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip reading each model whole against its fingerprint first")
 
 
 def _seq_len_of(path: str) -> int:
@@ -156,6 +158,10 @@ def run(args: argparse.Namespace) -> int:
                                      f"{', '.join(prepared)}")
             checked = [*sources, *(s for s in experts
                                    if args.ensemble == "cbtm" and s not in sources)]
+            if not args.no_verify:  # a path that is no checkpoint is named when it loads
+                for name, path in experts.items():
+                    if checkpoint.is_complete(path):
+                        checkpoint.verify(path, f"--expert {name}")
             models = ensembles.load_experts(experts, data_dir=args.data, sources=checked)
             top_k = args.top_k or 1
             if args.ensemble == "btm":
@@ -179,6 +185,11 @@ def run(args: argparse.Namespace) -> int:
             if ignored:
                 raise ValueError(f"{', '.join(ignored)} set an ensemble (--ensemble); an MoE "
                                  "--model routes with the top_k it was merged with")
+            if not args.no_verify:
+                from moesaic.model import checkpoint
+
+                if checkpoint.is_complete(args.model):  # else named when it loads
+                    checkpoint.verify(args.model, "--model")
             seq_len = args.seq_len or _seq_len_of(args.model)
             label = args.model
             results = perplexity.evaluate(

@@ -66,6 +66,8 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
         cli_args.add_job_arguments(parser)
         parser.add_argument("--base", required=True,
                             help="the public checkpoint (WORKDIR/public)")
+        parser.add_argument("--no-verify", action="store_true",
+                            help="skip reading the whole base against its fingerprint")
         parser.epilog = ("config.branch.mode: coordinated (default; writes WORKDIR/artifact), "
                          "dense (a whole dense model, for soup / btx / BTM) or ffn (the "
                          "uncoordinated expert; also writes WORKDIR/model)")
@@ -111,7 +113,7 @@ def _branch_job(args: argparse.Namespace, config):
         return 2
     return Job(kind=MODES[mode], workdir=pathlib.Path(args.workdir), base=base,
                data_dir=cli_args.data_dir(args, config, base),
-               show_progress=not args.no_progress)
+               show_progress=not args.no_progress, verify_base=not args.no_verify)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -363,6 +363,37 @@ class TensorReader:
         return digest.hexdigest()
 
 
+def verify(path: str | pathlib.Path, label: str = "checkpoint") -> None:
+    """Reads every stored tensor once, a row at a time, and refuses (ValueError) a checkpoint
+    that holds NaN or Inf (naming the tensor and the first index) or whose tensors are not the
+    ones the fingerprint in its meta.json records: a flipped bit, a damaged or swapped file.
+    What a command that loads a checkpoint calls first (its `--no-verify` skips it)."""
+    path = pathlib.Path(path)
+    recorded = read_meta(path).get("fingerprint")
+    hashes = {}
+    for name, (shape, dtype) in sorted(tensor_metadata(path).items()):
+        reader = TensorReader(path, name)
+        floating = np.issubdtype(dtype, np.floating) or dtype.kind == "V"  # V: bfloat16
+        digest = tensor_digest(reader.dtype, reader.shape)
+        pieces = [(0, reader.read())] if not shape else (
+            (row, reader[row:row + 1]) for row in range(shape[0]))
+        for row, piece in pieces:
+            digest.update(byte_view(piece))
+            bad = ~np.isfinite(np.asarray(piece, np.float32)) if floating else None
+            if bad is not None and bad.any():
+                where = tuple(int(i) for i in np.argwhere(bad)[0]) if shape else ()
+                where = (where[0] + row, *where[1:]) if where else where
+                raise ValueError(f"{label} {str(path)!r}: tensor {name!r} holds NaN or Inf "
+                                 f"(first at index {where}); a model with non-finite weights "
+                                 "cannot be trained from or evaluated")
+        hashes[name] = digest.hexdigest()
+    if recorded is not None and fingerprint_of_hashes(hashes) != recorded:
+        raise ValueError(f"{label} {str(path)!r} is damaged: its tensors do not match the "
+                         f"fingerprint its {META} records (a changed byte, or a file of another "
+                         "checkpoint); copy it again from its source (--no-verify skips this "
+                         "check)")
+
+
 def tensor_metadata(path: str | pathlib.Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Name -> (shape, dtype) of every stored tensor, without reading any."""
     read_meta(path)
