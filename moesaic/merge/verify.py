@@ -58,27 +58,11 @@ def check_unique(sources: list[str]) -> None:
 def scan(label: str, view) -> str:
     """`checkpoint.tensor_hash` of a stored view, refusing NaN or Inf on the way (one read for
     both)."""
-    floating = np.issubdtype(view.dtype, np.floating) or view.dtype.kind == "V"
-    digest = checkpoint.tensor_digest(view.dtype, view.shape)
-    for start, piece in _pieces_with_rows(view):
-        digest.update(checkpoint.byte_view(piece))
-        if not floating:
-            continue
-        bad = ~np.isfinite(np.asarray(piece, np.float32))
-        if bad.any():
-            where = np.argwhere(bad)[0]
-            where[0] += start
-            raise MergeRefused(f"{label}: tensor {view.name!r} holds NaN or Inf (first at "
-                               f"index {tuple(int(i) for i in where)}); the job that wrote it "
-                               f"diverged")
-    return digest.hexdigest()
-
-
-def _pieces_with_rows(view):
-    start = 0
-    for piece in view.pieces():
-        yield start, piece
-        start += piece.shape[0] if piece.ndim else 1
+    digest, bad = checkpoint.scan(view.dtype, view.shape, view.pieces())
+    if bad is not None:
+        raise MergeRefused(f"{label}: tensor {view.name!r} holds NaN or Inf (first at index "
+                           f"{bad}); the job that wrote it diverged")
+    return digest
 
 
 def _check_shape(label: str, name: str, got, want_shape, want_dtype=None,

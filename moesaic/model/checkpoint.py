@@ -353,6 +353,16 @@ class TensorReader:
     def read(self) -> np.ndarray:
         return np.asarray(self._store.read().result())
 
+    def pieces(self):
+        """The tensor in row blocks of one stored chunk each, in order (each chunk decoded
+        once); a scalar as one piece."""
+        if not self.shape:
+            yield self.read()
+            return
+        step = max(self.rows_per_chunk, 1)
+        for row in range(0, self.shape[0], step):
+            yield self[row:row + step]
+
     def hash(self, rows_per_piece: int = 1) -> str:
         """`tensor_hash` of the stored tensor, read `rows_per_piece` rows at a time."""
         digest = tensor_digest(self.dtype, self.shape)
@@ -363,30 +373,39 @@ class TensorReader:
         return digest.hexdigest()
 
 
+def scan(dtype, shape, pieces) -> tuple[str, tuple[int, ...] | None]:
+    """(`tensor_hash`, index of the first NaN or Inf, else None) of a tensor given as its row
+    blocks in order (one read for both); stops at the first non-finite value."""
+    dtype = np.dtype(dtype)
+    floating = np.issubdtype(dtype, np.floating) or dtype.kind == "V"  # V: bfloat16
+    digest, start = tensor_digest(dtype, shape), 0
+    for piece in pieces:
+        digest.update(byte_view(piece))
+        if floating:
+            bad = ~np.isfinite(np.asarray(piece, np.float32))
+            if bad.any():
+                where = tuple(int(i) for i in np.argwhere(bad)[0])
+                return digest.hexdigest(), (where[0] + start, *where[1:]) if where else ()
+        start += piece.shape[0] if np.ndim(piece) else 1
+    return digest.hexdigest(), None
+
+
 def verify(path: str | pathlib.Path, label: str = "checkpoint") -> None:
-    """Reads every stored tensor once, a row at a time, and refuses (ValueError) a checkpoint
-    that holds NaN or Inf (naming the tensor and the first index) or whose tensors are not the
-    ones the fingerprint in its meta.json records: a flipped bit, a damaged or swapped file.
-    What a command that loads a checkpoint calls first (its `--no-verify` skips it)."""
+    """Reads every stored tensor once, a chunk at a time, and refuses (ValueError) a
+    checkpoint that holds NaN or Inf (naming the tensor and the first index) or whose tensors
+    are not the ones the fingerprint in its meta.json records: a flipped bit, a damaged or
+    swapped file. What a command that loads a checkpoint calls first (its `--no-verify`
+    skips it)."""
     path = pathlib.Path(path)
     recorded = read_meta(path).get("fingerprint")
     hashes = {}
-    for name, (shape, dtype) in sorted(tensor_metadata(path).items()):
+    for name in sorted(tensor_metadata(path)):
         reader = TensorReader(path, name)
-        floating = np.issubdtype(dtype, np.floating) or dtype.kind == "V"  # V: bfloat16
-        digest = tensor_digest(reader.dtype, reader.shape)
-        pieces = [(0, reader.read())] if not shape else (
-            (row, reader[row:row + 1]) for row in range(shape[0]))
-        for row, piece in pieces:
-            digest.update(byte_view(piece))
-            bad = ~np.isfinite(np.asarray(piece, np.float32)) if floating else None
-            if bad is not None and bad.any():
-                where = tuple(int(i) for i in np.argwhere(bad)[0]) if shape else ()
-                where = (where[0] + row, *where[1:]) if where else where
-                raise ValueError(f"{label} {str(path)!r}: tensor {name!r} holds NaN or Inf "
-                                 f"(first at index {where}); a model with non-finite weights "
-                                 "cannot be trained from or evaluated")
-        hashes[name] = digest.hexdigest()
+        hashes[name], bad = scan(reader.dtype, reader.shape, reader.pieces())
+        if bad is not None:
+            raise ValueError(f"{label} {str(path)!r}: tensor {name!r} holds NaN or Inf "
+                             f"(first at index {bad}); a model with non-finite weights "
+                             "cannot be trained from or evaluated")
     if recorded is not None and fingerprint_of_hashes(hashes) != recorded:
         raise ValueError(f"{label} {str(path)!r} is damaged: its tensors do not match the "
                          f"fingerprint its {META} records (a changed byte, or a file of another "
