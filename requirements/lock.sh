@@ -11,5 +11,5 @@ target=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate
 uv pip compile pyproject.toml "${target[@]}" -o requirements/demo.lock
 cuda=$(uv pip compile pyproject.toml --extra hf -c requirements/demo.lock "${target[@]}" \
        --no-annotate | grep -oE '^(nvidia-[a-z0-9-]+|cuda-[a-z-]+|triton)==' | tr -d '=')
-uv pip compile pyproject.toml --extra test --extra hf -c requirements/demo.lock "${target[@]}" \
+uv pip compile pyproject.toml --extra test --extra hf --extra eval -c requirements/demo.lock "${target[@]}" \
   --no-emit-package torch $(printf -- '--no-emit-package %s ' $cuda) -o requirements/test.lock
