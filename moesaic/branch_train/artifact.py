@@ -17,6 +17,9 @@ base_experts (n experts in the base), model (the branch model's ModelConfig, n_e
 base_experts + 1), config (the resolved job config), tokens_seen, stats_tokens,
 stats_documents, steps. No text and no per-document values.
 
+A low-rank branch (`moesaic.branch_train.lora`) holds blocks/lora/<target>_{a,b} (L, 1, ...)
+in place of the FFN tensors (`own_tensor_names`).
+
 A `dense` branch (BTX/BTM baselines) is a whole model checkpoint with kind="dense_branch".
 """
 
@@ -27,7 +30,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from moesaic.model import checkpoint, names
+from moesaic.model import checkpoint, lora, names
 
 KIND = "branch"
 DENSE_KIND = "dense_branch"
@@ -42,12 +45,23 @@ def own_slices(flat: Mapping[str, object], index: int) -> dict[str, np.ndarray]:
     return {name: np.asarray(flat[name])[:, index:index + 1] for name in OWN_TENSORS}
 
 
+def own_tensor_names(meta: Mapping) -> tuple[str, ...]:
+    """The owner's tensors of an artifact with this meta: a low-rank expert's A and B
+    (`moesaic.model.lora`, when its model has lora_experts) with its row and bias, else the
+    FFN expert with its row and bias."""
+    model = meta.get("model") or {}
+    if model.get("lora_experts"):
+        return (*lora.tensor_names(model["lora_targets"]), names.ROUTER, names.BIAS)
+    return OWN_TENSORS
+
+
 def save(path: str | pathlib.Path, own: Mapping, stats: Mapping, meta: dict, **kw) -> None:
-    missing = [n for n in OWN_TENSORS if n not in own] + [n for n in STATS if n not in stats]
+    own_names = own_tensor_names(meta)
+    missing = [n for n in own_names if n not in own] + [n for n in STATS if n not in stats]
     missing += [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"branch artifact {path}: missing {missing}")
-    extra = sorted(set(own) - set(OWN_TENSORS)) + sorted(set(stats) - set(STATS))
+    extra = sorted(set(own) - set(own_names)) + sorted(set(stats) - set(STATS))
     if extra:
         raise ValueError(f"branch artifact {path}: unexpected tensors {extra}")
     checkpoint.save(path, {**own, **stats}, {**meta, "kind": KIND}, **kw)

@@ -6,6 +6,8 @@ a base and what it writes. The trainer reads a job's record; it does not branch 
     branch    the owner's expert, row and bias     the source (+ replay) the base, upcycled
     dense     every parameter of the base          the source            the base
     ffn       the base's one FFN, in place         the source            the base
+    lora      the owner's low-rank expert, row     the source (+ replay) the base, plus a
+              and bias (`moesaic.branch_train.lora`)                     fresh low-rank expert
 
 `moesaic branch` picks branch, dense or ffn by config.branch.mode (`BRANCH_MODES`). A
 branch and an ffn job set the owner's router row (config.branch.router_init) and need their
@@ -21,7 +23,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from moesaic.branch_train import outputs, upcycle
+from moesaic.branch_train import lora, outputs, upcycle
 from moesaic.model.config import ModelConfig
 
 # The config keys a resume must not change, by job kind: what decides the batches (data
@@ -100,8 +102,12 @@ KINDS = {k.name: k for k in (
     JobKind("ffn", _ffn_layout, data="source", from_base=True, start="base",
             router_row=True, stats="required", hands_over=True, write=outputs.write_ffn,
             resume_keys=(*_COMMON_KEYS, *_HANDOVER_KEYS)),  # no replay
+    JobKind("lora", lora.lora_layout, data="source+replay", from_base=True, start="low_rank",
+            router_row=True, stats="required", hands_over=False, write=lora.write_lora,
+            resume_keys=(*_COMMON_KEYS, *_HANDOVER_KEYS, "branch.public_mix", "branch.lora")),
 )}
-BRANCH_MODES = {"coordinated": "branch", "dense": "dense", "ffn": "ffn"}  # branch.mode -> kind
+BRANCH_MODES = {"coordinated": "branch", "dense": "dense", "ffn": "ffn",
+                "lora": "lora"}  # branch.mode -> kind
 
 
 def kind_of(name: str) -> JobKind:

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from moesaic.branch_train import base_model, kinds, outputs, setup, upcycle
+from moesaic.branch_train import base_model, kinds, lora, outputs, setup, upcycle
 from moesaic.branch_train.checkpointing import JobCheckpoints, StopSignal, abstract_like, nested
 from moesaic.branch_train.progress import MetricsLog, parameter_overview
 from moesaic.branch_train.workdir_lock import WorkdirLock
@@ -308,6 +308,9 @@ def _start_from_base(config: ml_collections.ConfigDict, job: Job, kind: kinds.Jo
             own_bias = None  # held at 0 (the layout's projection keeps it there)
     if kind.start == "upcycle":
         trainable0, frozen = upcycle.upcycle(layout, base.flat, base.cfg, own_row, own_bias)
+    elif kind.start == "low_rank":
+        trainable0, frozen = lora.start(layout, base.flat, base.cfg, own_row, own_bias,
+                                        int(config.seed))
     else:
         trainable0, frozen = upcycle.split_full(layout, base.flat)
     if kind.hands_over:  # what it hands to the merge beside the FFNs it trains

@@ -39,6 +39,10 @@ DEFAULT_FROZEN = (
 )
 
 
+# What a low-rank branch adapts by default: every projection of the block.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """`"source=code,preset=smoke"` -> ConfigDict, typed by the defaults."""
     out = ml_collections.ConfigDict(defaults)
@@ -82,6 +86,8 @@ def build(*, model: dict, seq_len: int, global_batch: int, steps: int, lr: float
         public_source="public", public_mix=0.0, router_noise=0.02,
         router_vector="", negative_bias=True, train_top_k=0, frozen=DEFAULT_FROZEN,
         stats_batches=8,
+        # mode=lora: the low-rank expert (moesaic.branch_train.lora, docs/low-rank.md)
+        lora=ml_collections.ConfigDict(dict(rank=8, alpha=0.0, targets=LORA_TARGETS)),
     ))
     return c
 

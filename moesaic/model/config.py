@@ -42,8 +42,15 @@ class ModelConfig:
     eos_id: int = 256
     pad_id: int = 257
     tokenizer: str = "bytes"
+    # low-rank experts (moesaic.model.lora): the last lora_experts of n_experts adapt the
+    # public model's lora_targets by rank-lora_rank updates scaled by lora_alpha / lora_rank
+    lora_experts: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0: the rank (scale 1)
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives a list
         def bad(field, why):
             raise ValueError(f"model.{field}={getattr(self, field)!r}: {why}")
 
@@ -79,6 +86,8 @@ class ModelConfig:
                 bad(field, "not a dtype name")
             if not floating:
                 bad(field, "must be a floating dtype (float32, bfloat16, ...)")
+        from moesaic.model import lora  # lora imports this module
+        lora.check(self)
         if self.pad_id == self.eos_id != -1:
             bad("pad_id", "equals eos_id: every end-of-document target would be masked out of "
                           "the loss; use -1 (moesaic packs documents and never pads)")

@@ -77,16 +77,19 @@ class Attention(nnx.Module):
         self.q_norm = stacked_param(None, cfg, (n, h), ("heads", "head_dim"), init="ones")
         self.k_norm = stacked_param(None, cfg, (k, h), ("kv_heads", "head_dim"), init="ones")
 
-    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, delta=None) -> jax.Array:
+        """`delta(name, x, y)`: a projection's output y of input x, adjusted (low-rank experts,
+        `moesaic.model.lora.attention_delta`); None: the projections as they are."""
         cfg = self.cfg
         dt = cfg.compute_dtype
-        q = dense(x_btd, self.q[...].astype(dt))
-        k = dense(x_btd, self.k[...].astype(dt))
-        v = dense(x_btd, self.v[...].astype(dt))
+        delta = delta or (lambda name, x, y: y)
+        q = delta("q", x_btd, dense(x_btd, self.q[...].astype(dt)))
+        k = delta("k", x_btd, dense(x_btd, self.k[...].astype(dt)))
+        v = delta("v", x_btd, dense(x_btd, self.v[...].astype(dt)))
         q = rope(rms_norm(q, self.q_norm[...], cfg.norm_eps, 2), positions_bt, cfg.rope_theta)
         k = rope(rms_norm(k, self.k_norm[...], cfg.norm_eps, 2), positions_bt, cfg.rope_theta)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return dense(out, self.o[...].astype(dt), n_in=2)
+        return delta("o", out, dense(out, self.o[...].astype(dt), n_in=2))

@@ -100,15 +100,16 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) 
 class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
+        e, d, f = cfg.n_experts - cfg.lora_experts, cfg.d_model, cfg.d_ff  # FFN experts
         self.w_gate = stacked_param(rngs, cfg, (e, d, f), ("expert", "embed", "mlp"))
         self.w_up = stacked_param(rngs, cfg, (e, d, f), ("expert", "embed", "mlp"))
         self.w_down = stacked_param(rngs, cfg, (e, f, d), ("expert", "mlp", "embed"))
         if cfg.is_moe:
             kind = nnx.Param if cfg.router_trainable else RouterState
-            self.router = stacked_param(rngs, cfg, (e, d), ("expert", "embed"), kind=kind)
+            n = cfg.n_experts  # the router scores the low-rank experts too
+            self.router = stacked_param(rngs, cfg, (n, d), ("expert", "embed"), kind=kind)
             if cfg.router_bias:
-                self.bias = stacked_param(None, cfg, (e,), ("expert",), init="zeros", kind=kind)
+                self.bias = stacked_param(None, cfg, (n,), ("expert",), init="zeros", kind=kind)
 
     def routing(self, x_td: jax.Array) -> Routing:
         bias = self.bias[...] if self.cfg.router_bias else None

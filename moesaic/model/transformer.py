@@ -10,6 +10,7 @@ the decoder scans one block over them (one compiled block whatever the depth), o
 Parameter paths (what freeze patterns, merges and exports name):
     embed (V, D) | blocks/attn/{q,k,v,o,q_norm,k_norm} | blocks/attn_norm (L, D)
     blocks/ffn/{w_gate,w_up,w_down,router,bias} | blocks/ffn_norm (L, D) | final_norm | lm_head
+    blocks/lora/<target>_{a,b} (low-rank experts: moesaic.model.lora)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moesaic.model import lora
 from moesaic.model.config import ModelConfig
 from moesaic.model.layers import Attention, dense, rms_norm, stacked_param
 from moesaic.model.moe import MoE, router_inputs
@@ -37,12 +39,16 @@ class Block(nnx.Module):
         self.attn_norm = stacked_param(None, cfg, (cfg.d_model,), ("embed",), init="ones")
         self.ffn = MoE(cfg, rngs=rngs)
         self.ffn_norm = stacked_param(None, cfg, (cfg.d_model,), ("embed",), init="ones")
+        if cfg.lora_experts:
+            self.lora = lora.LowRank(cfg, rngs=rngs)
 
     def __call__(self, x_btd, positions_bt, collect_stats: bool = False):
         eps = self.cfg.norm_eps
-        h = x_btd + rms_norm(self.attn(x_btd, positions_bt), self.attn_norm[...], eps)
+        low_rank = self.cfg.lora_experts > 0
+        delta = lora.attention_delta(self.ffn, self.lora, x_btd) if low_rank else None
+        h = x_btd + rms_norm(self.attn(x_btd, positions_bt, delta), self.attn_norm[...], eps)
         h = constrain(h, ("batch", "length", "embed"))
-        y, aux = self.ffn(h)
+        y, aux = lora.mixed_ffn(self.ffn, self.lora, h) if low_rank else self.ffn(h)
         if collect_stats:  # sums of the router inputs, no per-token data
             h32 = router_inputs(h, self.cfg.router_input).reshape(-1, h.shape[-1])
             aux["x_sum"] = jnp.sum(h32, axis=0)
