@@ -8,21 +8,28 @@ an abstract target that carries the current mesh's shardings (contract 8). Only 
 trainable tree is saved: frozen tensors come back from the base, never from here.
 
 `StopSignal` turns SIGTERM (preemption, `scancel`) into a flag the loop checks between steps,
-so the job saves and exits 0 instead of dying mid-write.
+so the job saves and exits 0 instead of dying mid-write. Outside the loop (start-up, writing
+the output) SIGTERM raises `Terminated` instead: what was being written is removed as on any
+error, and the command says so (exit code 143).
+
+A step that cannot be restored (a file of it missing or damaged) or, unless told not to check,
+whose restored state holds NaN or Inf, is refused naming the step's folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import signal
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from moesaic.model import checkpoint
+from moesaic.model import checkpoint, damage
 
 
 class JobCheckpoints:
@@ -37,16 +44,41 @@ class JobCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, step: int, abstract_state) -> tuple[dict, dict]:
-        """(state, meta) of `step`, restored onto the shardings carried by `abstract_state`."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    def restore(self, step: int, abstract_state, *, check_finite: bool = False
+                ) -> tuple[dict, dict]:
+        """(state, meta) of `step`, restored onto the shardings carried by `abstract_state`;
+        with `check_finite`, a state holding NaN or Inf is refused (ValueError)."""
+        with self._refusing_damage(step):
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        if check_finite:
+            for name, leaf in checkpoint.flatten(_plain(restored["state"])).items():
+                if jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(
+                        jnp.isfinite(leaf).all()):
+                    raise ValueError(f"{self.directory / str(step)}: restored tensor {name!r} "
+                                     "holds NaN or Inf; move this step's folder away to "
+                                     "resume from the one before, or use a fresh --workdir "
+                                     "(--no-verify skips this check)")
         return restored["state"], restored["meta"]
 
     def read_meta(self, step: int) -> dict:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))
+        with self._refusing_damage(step):
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))
         return restored["meta"]
+
+    @contextlib.contextmanager
+    def _refusing_damage(self, step: int):
+        """Orbax's error for a step it cannot read, as a refusal naming the step."""
+        try:
+            yield
+        except Exception as err:
+            if not (damage.is_read_error(err) or isinstance(err, (ValueError, OSError))):
+                raise
+            first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            raise ValueError(f"{self.directory / str(step)}: this workdir's checkpoint of step "
+                             f"{step} cannot be restored ({first}); move its folder away to "
+                             "resume from the one before, or use a fresh --workdir") from err
 
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
         """Starts an async save when `step` is due (or `force`); returns whether it did."""
@@ -60,6 +92,13 @@ class JobCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _plain(tree) -> dict:
+    """Orbax's restored tree as nested dicts of arrays (optimizer states are named tuples)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+            for path, leaf in leaves}
 
 
 def abstract_like(tree, shardings) -> object:
@@ -95,3 +134,27 @@ class StopSignal:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class Terminated(Exception):
+    """SIGTERM outside the training loop: the job stops where it is; what it was writing is
+    removed like on any error (checkpoint.save, save_streaming), its saved steps are kept."""
+
+    EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+
+    @staticmethod
+    @contextlib.contextmanager
+    def on_sigterm():
+        """SIGTERM raises `Terminated` inside the block (the loop's `StopSignal` takes it over
+        while it runs); the previous handler is back afterwards."""
+        def handle(signum, frame):
+            raise Terminated("stopped by SIGTERM")
+        try:
+            previous = signal.signal(signal.SIGTERM, handle)
+        except ValueError:  # not the main thread: signals cannot be handled here
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)

@@ -31,7 +31,13 @@ import numpy as np
 from flax import nnx
 
 from moesaic.branch_train import base_model, kinds, lora, outputs, setup, upcycle
-from moesaic.branch_train.checkpointing import JobCheckpoints, StopSignal, abstract_like, nested
+from moesaic.branch_train.checkpointing import (
+    JobCheckpoints,
+    StopSignal,
+    Terminated,
+    abstract_like,
+    nested,
+)
 from moesaic.branch_train.progress import MetricsLog, parameter_overview
 from moesaic.branch_train.workdir_lock import WorkdirLock
 from moesaic.configs import validate
@@ -54,7 +60,8 @@ class Job:
     base: pathlib.Path | None = None
     show_progress: bool = True
     write_output: bool = True
-    verify_base: bool = True  # read the whole base once against its fingerprint first
+    # read the whole base once against its fingerprint first, and a resumed state for NaN/Inf
+    verify: bool = True
 
 
 @dataclasses.dataclass
@@ -124,10 +131,12 @@ def check_finite(step: int, metrics: dict, last_checkpoint: int | None) -> None:
 
 def train(config: ml_collections.ConfigDict, job: Job) -> Result:
     """Runs `job`; one job at a time per workdir (`WorkdirLock`, taken before the job first
-    writes there and given back however it ends)."""
+    writes there and given back however it ends). SIGTERM outside the training loop (which
+    saves and stops) raises `Terminated`: nothing half-written is left."""
     lock = WorkdirLock(job.workdir)
     try:
-        return _train(config, job, lock)
+        with Terminated.on_sigterm():
+            return _train(config, job, lock)
     finally:
         lock.release()
 
@@ -150,7 +159,7 @@ def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Re
     base_meta = base_cfg = None
     if kind.from_base:
         base_meta = base_model.read_base(job.base, config)
-        if job.verify_base:
+        if job.verify:
             checkpoint.verify(job.base, "base")
         base_cfg = base_model.job_model_config(checkpoint.model_config(base_meta), config)
 
@@ -189,8 +198,11 @@ def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Re
                              "with its settings, or use a fresh --workdir")
         target = {"params": nested(abstract_like(sc.trainable_shapes, sc.trainable_shardings)),
                   "opt": abstract_like(sc.opt_shapes, sc.opt_shardings)}
-        state, _ = checkpoints.restore(start, target)
+        state, _ = checkpoints.restore(start, target, check_finite=job.verify)
         trainable, opt_state = checkpoint.flatten(state["params"]), state["opt"]
+        if jax.process_index() == 0:
+            print(f"resumed from step {start} ({checkpoints.directory / str(start)})",
+                  flush=True)
     else:
         start = 0
         trainable = make_trainable()

@@ -5,8 +5,9 @@
 
 import-hf converts an Olmo2 / FlexOlmo folder into a moesaic checkpoint (the mapping:
 moesaic/interop/hf_import.py); export-hf writes a moesaic checkpoint as a
-FlexOlmoForCausalLM folder (moesaic/interop/hf_export.py). An input error is one line on
-stderr and exit code 2.
+FlexOlmoForCausalLM folder (moesaic/interop/hf_export.py), after reading the model whole
+against its fingerprint (--no-verify skips it). An input error, a damaged model or a full disk
+is one line on stderr and exit code 2, and --out is left as it was.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--drop-router-bias", action="store_true",
                             help="export a model whose router biases are non-zero without them "
                                  "(FlexOlmoForCausalLM has none); routing then changes")
+        parser.add_argument("--no-verify", action="store_true",
+                            help="skip reading the model whole against its fingerprint first")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def run(args: argparse.Namespace) -> int:
+    from moesaic.cli import refusals
+
     try:
         if args.command == "import-hf":
             from moesaic.interop.hf_import import import_hf
@@ -47,10 +52,17 @@ def run(args: argparse.Namespace) -> int:
                       tokenizer=args.tokenizer, overwrite=args.overwrite)
         else:
             from moesaic.interop.hf_export import export_hf, parse_size
+            from moesaic.model import checkpoint
 
+            if not args.no_verify and checkpoint.is_complete(args.model):  # else named below
+                checkpoint.verify(args.model, "model")
             export_hf(args.model, args.out, max_shard_bytes=parse_size(args.max_shard_size),
                       drop_router_bias=args.drop_router_bias, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # FileNotFoundError and FileExistsError are OSErrors
+        if refusals.disk_full(e):
+            e = refusals.disk_full_message(e, f"--out {args.out}")
+        elif not isinstance(e, (ValueError, FileNotFoundError, FileExistsError)):
+            raise
         print(f"moesaic {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

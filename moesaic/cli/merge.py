@@ -14,7 +14,11 @@ exits 2. The base must be the public model the branches started from, never a me
     moesaic tune-router M --data DIR --source S [--source S2] --steps N --out M2
 
 tune-router trains the router rows only, everything else frozen, on data the caller provides
-(moesaic.merge.tune).
+(moesaic.merge.tune), after reading the merged model whole against its fingerprint
+(--no-verify skips it). merge, remove and add always verify every input (the base's and each
+party's tensors against the fingerprints recorded for them, NaN and Inf refused): that check
+is what makes a merge exact, so it has no --no-verify. A damaged input or a full disk is a
+refusal too.
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ def _tune_router_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=whole_number(1), default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip reading the merged model whole against its fingerprint")
 
 
 def register(parser: argparse.ArgumentParser, command: str) -> None:
@@ -225,6 +231,8 @@ def _btx(args, options: dict) -> None:
 def _tune_router(args) -> None:
     from moesaic.merge.tune import tune_router_on_data
 
+    if not args.no_verify and checkpoint.is_complete(args.merged):  # else named when read
+        checkpoint.verify(args.merged, "merged model")
     seq_len = (args.seq_len
                or checkpoint.trained_seq_len([checkpoint.read_meta(args.merged)]) or 128)
     tune_router_on_data(args.merged, args.out, args.data, ",".join(args.source),
@@ -238,7 +246,14 @@ def run(args) -> int:
             _tune_router(args)
         else:
             _run(args)
-    except (MergeRefused, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (MergeRefused, ValueError, OSError) as err:
+        from moesaic.cli import refusals
+
+        if refusals.disk_full(err):
+            err = refusals.disk_full_message(err, f"--out {args.out}")
+        elif not isinstance(err, (MergeRefused, ValueError, FileExistsError,
+                                  FileNotFoundError)):
+            raise
         print(f"moesaic {args.command}: refused: {err}", file=sys.stderr)
         return 2
     return 0

@@ -20,8 +20,12 @@ a dense copy whose FFN alone trains, in place, with no public expert or router b
 writes a branch artifact (that FFN as the expert, the router row and bias a coordinated
 branch would start from) and the dense model it trained (WORKDIR/model).
 
-An input error (a bad config, a missing or mismatched base, mismatched data) is one line on
-stderr and exit code 2. A job stopped by SIGTERM saves a checkpoint; the same command resumes.
+An input error (a bad config, a missing, damaged or mismatched base, mismatched data) or a
+full disk is one line on stderr and exit code 2. A job stopped by SIGTERM while it trains saves
+a checkpoint; the same command resumes (and says "resumed from step N"). SIGTERM before the
+training loop or while the output is written stops it with a line on stderr and exit code 143,
+nothing half-written left. --no-verify skips reading the base against its fingerprint and
+checking a resumed state for NaN or Inf.
 """
 
 from __future__ import annotations
@@ -75,6 +79,8 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
     how = PRETRAIN_COMMANDS[command]
     cli_args.add_job_arguments(parser, default_config=how.default_config,
                                embedded_size=how.embedded_size)
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip checking a resumed state for NaN or Inf")
     parser.epilog = how.summary
 
 
@@ -82,11 +88,17 @@ def run_job(config, job, output_name: str):
     """Runs the job; an input error (missing base, mismatched config or data) is printed as
     one line and gives exit code 2. Returns (exit code, result or None)."""
     from moesaic.branch_train.trainer import train
+    from moesaic.cli import refusals
 
     try:
         result = train(config, job)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        if refusals.disk_full(err):
+            print(f"error: {refusals.disk_full_message(err, output_name)}", file=sys.stderr)
+        elif isinstance(err, (ValueError, FileNotFoundError)):
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            raise
         return 2, None
     if result.stopped:
         print(f"stopped at step {result.step}; checkpoint saved in {job.workdir}/ckpt, "
@@ -113,10 +125,24 @@ def _branch_job(args: argparse.Namespace, config):
         return 2
     return Job(kind=MODES[mode], workdir=pathlib.Path(args.workdir), base=base,
                data_dir=cli_args.data_dir(args, config, base),
-               show_progress=not args.no_progress, verify_base=not args.no_verify)
+               show_progress=not args.no_progress, verify=not args.no_verify)
 
 
 def run(args: argparse.Namespace) -> int:
+    from moesaic.branch_train.checkpointing import Terminated
+
+    with Terminated.on_sigterm():
+        try:
+            return _run(args)
+        except Terminated:
+            print(f"moesaic {args.command}: stopped by SIGTERM before training or while "
+                  f"writing its output: nothing half-written is left in {args.workdir} (its "
+                  "saved checkpoints are kept); run the same command again to go on",
+                  file=sys.stderr)
+            return Terminated.EXIT_CODE
+
+
+def _run(args: argparse.Namespace) -> int:
     from moesaic.branch_train import distributed
     from moesaic.branch_train.trainer import Job
 
@@ -133,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     how = PRETRAIN_COMMANDS[args.command]
     job = Job(kind="pretrain", workdir=pathlib.Path(args.workdir),
               data_dir=cli_args.data_dir(args, config), show_progress=not args.no_progress,
-              write_output=how.write_output)
+              write_output=how.write_output, verify=not args.no_verify)
     code, result = run_job(config, job, "public model")
     if result is None or how.write_output:
         return code

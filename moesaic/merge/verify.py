@@ -27,9 +27,13 @@ from moesaic.model.names import BIAS, EXPERT_TENSORS, FFN_EXPERT, ROUTER, STAT_N
 
 def base_hashes(base: Base) -> dict[str, str]:
     """Per-tensor hashes of the base, checked against its recorded fingerprint."""
-    hashes = {name: scan(f"base {base.path}", view) for name, view in sorted(base.tensors.items())}
+    label = f"base {base.path}" + (" (the base inside this merged model)"
+                                   if base.origin == "merged" else "")
+    hashes = {name: scan(label, view, cause="a model with non-finite weights cannot be merged "
+                                            "from")
+              for name, view in sorted(base.tensors.items())}
     if checkpoint.fingerprint_of_hashes(hashes) != base.fingerprint:
-        raise MergeRefused(f"base {base.path}: its tensors do not match its recorded "
+        raise MergeRefused(f"{label}: its tensors do not match its recorded "
                            f"fingerprint {base.fingerprint[:12]}...; the checkpoint was "
                            f"modified after it was written")
     return hashes
@@ -55,13 +59,13 @@ def check_unique(sources: list[str]) -> None:
         seen.add(source)
 
 
-def scan(label: str, view) -> str:
+def scan(label: str, view, cause: str = "the job that wrote it diverged") -> str:
     """`checkpoint.tensor_hash` of a stored view, refusing NaN or Inf on the way (one read for
     both)."""
     digest, bad = checkpoint.scan(view.dtype, view.shape, view.pieces())
     if bad is not None:
         raise MergeRefused(f"{label}: tensor {view.name!r} holds NaN or Inf (first at index "
-                           f"{bad}); the job that wrote it diverged")
+                           f"{bad}); {cause}")
     return digest
 
 

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
+from moesaic.model import damage
 from moesaic.model.config import ModelConfig
 from moesaic.model.names import LAYER_STACKED
 from moesaic.model.sharding import Rules, make_mesh, state_shardings
@@ -205,12 +206,18 @@ def save(path: str | pathlib.Path, flat: Mapping[str, jax.Array], meta: dict, *,
     multihost_utils.sync_global_devices(f"moesaic-save-start:{path}")
     meta = dict(meta)
     meta.setdefault("fingerprint", fingerprint(flat))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(partial / PARAMS, unflatten(flat),
-                          save_args=unflatten({n: _layer_chunks(n, a) for n, a in flat.items()}))
-        checkpointer.wait_until_finished()
+    try:  # an error (a full disk) or a signal: PATH.partial removed, PATH as it was
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(partial / PARAMS, unflatten(flat), save_args=unflatten(
+                {n: _layer_chunks(n, a) for n, a in flat.items()}))
+            checkpointer.wait_until_finished()
+        if jax.process_index() == 0:
+            (partial / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    except BaseException:
+        if jax.process_index() == 0:
+            discard(partial)
+        raise
     if jax.process_index() == 0:
-        (partial / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
         commit(partial, path)
     multihost_utils.sync_global_devices(f"moesaic-save-done:{path}")
 
@@ -332,7 +339,10 @@ class TensorReader:
 
     def __init__(self, path: str | pathlib.Path, name: str):
         params = pathlib.Path(path).absolute() / PARAMS
-        tree_meta = json.loads((params / "_METADATA").read_text())
+        try:
+            tree_meta = json.loads((params / "_METADATA").read_text())
+        except (OSError, ValueError):
+            raise damage.damaged(path) from None
         spec = ts_utils.ArrayReadSpec(
             directory=params.as_posix(), relative_array_filename=name.replace("/", "."),
             use_zarr3=bool(tree_meta.get("use_zarr3", False)),
@@ -341,17 +351,23 @@ class TensorReader:
             self._store = ts.open(ts.Spec(spec.json), open=True,
                                   context=ts_utils.get_ts_context(use_ocdbt=True)).result()
         except ValueError as err:
+            if damage.index_problem(path):
+                raise damage.damaged(path) from err
             raise KeyError(f"{path} has no tensor {name!r}") from err
+        self.path = path
         self.name, self.shape = name, tuple(self._store.shape)
         self.dtype = np.dtype(self._store.dtype.numpy_dtype)
         chunk = tuple(self._store.chunk_layout.read_chunk.shape or self.shape)
         self.rows_per_chunk = int(chunk[0]) if self.shape else 0
 
     def __getitem__(self, index) -> np.ndarray:
-        return np.asarray(self._store[index].read().result())
+        try:
+            return np.asarray(self._store[index].read().result())
+        except ValueError as err:  # a tensorstore status: a data file missing or cut short
+            raise damage.damaged(self.path, tensor=self.name, error=err) from err
 
     def read(self) -> np.ndarray:
-        return np.asarray(self._store.read().result())
+        return self[...]
 
     def pieces(self):
         """The tensor in row blocks of one stored chunk each, in order (each chunk decoded
@@ -399,13 +415,16 @@ def verify(path: str | pathlib.Path, label: str = "checkpoint") -> None:
     path = pathlib.Path(path)
     recorded = read_meta(path).get("fingerprint")
     hashes = {}
-    for name in sorted(tensor_metadata(path)):
-        reader = TensorReader(path, name)
-        hashes[name], bad = scan(reader.dtype, reader.shape, reader.pieces())
-        if bad is not None:
-            raise ValueError(f"{label} {str(path)!r}: tensor {name!r} holds NaN or Inf "
-                             f"(first at index {bad}); a model with non-finite weights "
-                             "cannot be trained from or evaluated")
+    try:
+        for name in sorted(tensor_metadata(path)):
+            reader = TensorReader(path, name)
+            hashes[name], bad = scan(reader.dtype, reader.shape, reader.pieces())
+            if bad is not None:
+                raise ValueError(f"{label} {str(path)!r}: tensor {name!r} holds NaN or Inf "
+                                 f"(first at index {bad}); a model with non-finite weights "
+                                 "cannot be trained from or evaluated")
+    except damage.CheckpointDamaged as err:  # a file missing or cut short: named, by role
+        raise err.relabel(label) from None
     if recorded is not None and fingerprint_of_hashes(hashes) != recorded:
         raise ValueError(f"{label} {str(path)!r} is damaged: its tensors do not match the "
                          f"fingerprint its {META} records (a changed byte, or a file of another "
@@ -417,7 +436,10 @@ def tensor_metadata(path: str | pathlib.Path) -> dict[str, tuple[tuple[int, ...]
     """Name -> (shape, dtype) of every stored tensor, without reading any."""
     read_meta(path)
     with ocp.StandardCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(pathlib.Path(path).absolute() / PARAMS).item_metadata.tree
+        item = checkpointer.metadata(pathlib.Path(path).absolute() / PARAMS).item_metadata
+    if item is None:  # Orbax logs a warning and returns None for a damaged index
+        raise damage.damaged(path)
+    tree = item.tree
     return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in flatten(tree).items()}
 
 
@@ -435,11 +457,16 @@ def load_tensors(path: str | pathlib.Path, names: Iterable[str],
     restore_args = unflatten({
         n: (ocp.ArrayRestoreArgs(sharding=shardings[n]) if shardings and n in shardings
             else ocp.RestoreArgs(restore_type=np.ndarray)) for n in names})
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.restore(
-            pathlib.Path(path).absolute() / PARAMS,  # orbax needs absolute paths
-            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                        partial_restore=True))
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            tree = checkpointer.restore(
+                pathlib.Path(path).absolute() / PARAMS,  # orbax needs absolute paths
+                args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                            partial_restore=True))
+    except Exception as err:  # a tensorstore status names a file missing or cut short
+        if not damage.is_read_error(err):
+            raise
+        raise damage.damaged(path, error=err) from err
     return flatten(tree)
 
 

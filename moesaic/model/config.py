@@ -8,7 +8,7 @@ import math
 import jax.numpy as jnp
 import ml_collections
 
-DISPATCHES = ("dropless", "dropless_ragged", "dropless_gather", "capacity")
+DISPATCHES = ("dropless", "dropless_ragged", "dropless_gather", "capacity", "all_to_all")
 REMATS = ("none", "full", "dots")
 ROUTER_INPUTS = ("token", "prefix_mean")
 
@@ -23,6 +23,9 @@ class ModelConfig:
     head_dim: int = 0  # 0: d_model // n_heads
     d_ff: int = 512
     n_experts: int = 1
+    # stacked expert slots beyond n_experts that no token is ever routed to, so that the
+    # stacked experts divide an expert axis (model/expert_parallel.py); 0 in every checkpoint
+    expert_padding: int = 0
     top_k: int = 1
     norm_topk_prob: bool = False
     router_bias: bool = True
@@ -70,6 +73,8 @@ class ModelConfig:
             bad("router_input", f"unknown router input; one of {ROUTER_INPUTS}")
         if self.remat not in REMATS:
             bad("remat", f"unknown remat policy; one of {REMATS}")
+        if self.expert_padding < 0:
+            bad("expert_padding", "must be 0 or positive")
         if self.head_dim < 0:
             bad("head_dim", "must be 0 (d_model // n_heads) or positive")
         if self.head_size % 2:
@@ -110,6 +115,11 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def stacked_experts(self) -> int:
+        """The expert slots stacked in the FFN's tensors: n_experts plus the padding."""
+        return self.n_experts + self.expert_padding
 
     @property
     def is_moe(self) -> bool:

@@ -24,7 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moesaic.model import dispatch
+from moesaic.model import (
+    all_to_all,  # noqa: F401  (registers the "all_to_all" dispatch)
+    dispatch,
+)
 from moesaic.model.config import ModelConfig
 from moesaic.model.layers import dense, stacked_param
 from moesaic.model.sharding import constrain
@@ -100,20 +103,26 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) 
 class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        e, d, f = cfg.n_experts - cfg.lora_experts, cfg.d_model, cfg.d_ff  # FFN experts
+        # FFN experts, and the never-routed padding of an expert-parallel copy
+        e = cfg.n_experts - cfg.lora_experts + cfg.expert_padding
+        d, f = cfg.d_model, cfg.d_ff
         self.w_gate = stacked_param(rngs, cfg, (e, d, f), ("expert", "embed", "mlp"))
         self.w_up = stacked_param(rngs, cfg, (e, d, f), ("expert", "embed", "mlp"))
         self.w_down = stacked_param(rngs, cfg, (e, f, d), ("expert", "mlp", "embed"))
         if cfg.is_moe:
             kind = nnx.Param if cfg.router_trainable else RouterState
-            n = cfg.n_experts  # the router scores the low-rank experts too
+            n = cfg.stacked_experts  # the router scores the low-rank experts too
             self.router = stacked_param(rngs, cfg, (n, d), ("expert", "embed"), kind=kind)
             if cfg.router_bias:
                 self.bias = stacked_param(None, cfg, (n,), ("expert",), init="zeros", kind=kind)
 
     def routing(self, x_td: jax.Array) -> Routing:
-        bias = self.bias[...] if self.cfg.router_bias else None
-        return route(x_td, self.router[...], bias, self.cfg.top_k, self.cfg.norm_topk_prob)
+        """Routing over the n_experts real experts: padding rows (`expert_padding`) are not
+        scored, so no token reaches them and they get no gradient."""
+        n = self.cfg.n_experts
+        bias = self.bias[..., :n] if self.cfg.router_bias else None
+        return route(x_td, self.router[..., :n, :], bias, self.cfg.top_k,
+                     self.cfg.norm_topk_prob)
 
     def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
@@ -129,8 +138,10 @@ class MoE(nnx.Module):
         x_td = x_btd.reshape(b * t, d)
         r = self.routing(router_inputs(x_btd, cfg.router_input).reshape(b * t, d))
         fn = dispatch.get(cfg.dispatch)
+        # padding slots hold no tokens: the capacity per expert stays that of n_experts
+        factor = cfg.capacity_factor * cfg.stacked_experts / cfg.n_experts
         y_td, dropped = fn(x_td, r.weights_tk, r.experts_tk, w_gate, w_up, w_down,
-                           capacity_factor=cfg.capacity_factor)
+                           capacity_factor=factor)
         aux = routing_losses(r, cfg.n_experts)
         aux["dropped"] = dropped.astype(jnp.float32) / r.experts_tk.size
         y = constrain(y_td.reshape(b, t, d), ("batch", "length", "embed"))

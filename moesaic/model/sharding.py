@@ -84,6 +84,11 @@ def activate(mesh: Mesh, rules: Rules):
         _active.update(previous)
 
 
+def active() -> tuple[Mesh, tuple] | None:
+    """The (mesh, rules) of the enclosing `activate`, or None outside one."""
+    return (_active["mesh"], _active["rules"]) if _active else None
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Sharding hint for an activation by logical axes; a no-op outside `activate`."""
     if not _active:
