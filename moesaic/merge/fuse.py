@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from moesaic.merge import low_rank
 from moesaic.merge import sources as src
 from moesaic.merge.sources import PUBLIC, Base, MergeRefused, Party, PublicStats
 from moesaic.merge.verify import router_dtype, router_input, verify
@@ -76,6 +77,7 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
     """Verifies, builds the router, writes the merged checkpoint at `out`; returns its meta.
     Raises MergeRefused (nothing written) when an input fails verification."""
     out = pathlib.Path(out)
+    parties = low_rank.ordered(parties)  # slots: the FFN parties, then the low-rank ones
     inputs_paths = {base.path.resolve(), *(p.path.resolve() for p in parties)}
     if out.resolve() in inputs_paths:
         raise MergeRefused(f"output {out} is one of the inputs; write to a new path")
@@ -110,7 +112,9 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
         if name not in EXPERT_TENSORS:
             tensors[name] = view.source()
     for name in FFN_EXPERT:
-        tensors[name] = src.stack_experts([base.tensors[name], *(p.own[name] for p in parties)])
+        tensors[name] = src.stack_experts([base.tensors[name],
+                                           *(p.own[name] for p in parties if not p.low_rank)])
+    tensors.update(low_rank.stacked(parties))
     tensors[ROUTER] = _in_memory(built.rows.astype(row_dtype))
     tensors[BIAS] = _in_memory(built.bias.astype(row_dtype))
     for name in (ROUTER, BIAS):
@@ -127,6 +131,7 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
 
     cfg = base.cfg.replace(n_experts=n_experts, top_k=top_k, router_trainable=False,
                            router_bias=True, router_input=router_input(base, parties, public))
+    cfg = low_rank.merged_config(cfg, parties)
     experts = [{"source": s, "fingerprint": base.fingerprint} for s in base.expert_names()]
     experts += [{"source": p.source, "fingerprint": p.meta["fingerprint"],
                  "branch_meta": p.meta} for p in parties]

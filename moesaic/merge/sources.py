@@ -21,11 +21,10 @@ import re
 import numpy as np
 
 from moesaic.branch_train import artifact
-from moesaic.model import checkpoint
+from moesaic.model import checkpoint, lora
 from moesaic.model.config import ModelConfig
 from moesaic.model.names import (
     BIAS,
-    EXPERT_TENSORS,
     FFN_EXPERT,
     ROUTER,
     STAT_NAMES,
@@ -126,12 +125,18 @@ class Party:
     source: str
     path: pathlib.Path
     meta: dict  # the branch artifact's meta (kept in the merged checkpoint's meta)
-    own: dict[str, View]  # EXPERT_TENSORS, expert axis of size 1
+    own: dict[str, View]  # EXPERT_TENSORS (low-rank: A, B, row, bias), expert axis of size 1
     stats: dict[str, View]  # STAT_NAMES -> (L, D) / (L, D, D)
 
     @property
     def stats_tokens(self) -> int:
         return int(self.meta.get("stats_tokens", 0))
+
+    @property
+    def low_rank(self) -> bool:
+        """A low-rank expert (`moesaic.model.lora`): its own tensors are A and B of each
+        target, not an FFN."""
+        return bool((self.meta.get("model") or {}).get("lora_experts"))
 
     @property
     def router_input(self) -> str:
@@ -211,14 +216,15 @@ def open_branch(path: str | pathlib.Path) -> Party:
                            f"artifact (kind {artifact.KIND!r})")
     missing = [k for k in artifact.REQUIRED_META if k not in meta]
     stored = checkpoint.tensor_metadata(path)
-    missing += [n for n in (*artifact.OWN_TENSORS, *artifact.STATS) if n not in stored]
+    own_names = artifact.own_tensor_names(meta)
+    missing += [n for n in (*own_names, *artifact.STATS) if n not in stored]
     if missing:
         raise MergeRefused(f"branch {path}: incomplete artifact, missing {missing}")
     source = str(meta["source"])
     if not SOURCE_NAME.match(source) or source.startswith(PUBLIC):
         raise MergeRefused(f"branch {path}: source name {source!r} is not usable (letters, "
                            f"digits, _ . -; not starting with {PUBLIC!r})")
-    own = {n: View(path, n) for n in EXPERT_TENSORS}
+    own = {n: View(path, n) for n in own_names}
     stats = {s: View(path, stat_name(s)) for s in STAT_NAMES}
     return Party(source, path, meta, own, stats)
 
@@ -276,11 +282,17 @@ def parties_of_merged(path: str | pathlib.Path) -> tuple[Base, list[Party], dict
         raise MergeRefused(f"{path}: a {meta.get('kind')!r} checkpoint, not a merged one")
     base = base_of_merged(path, meta)
     parties = []
+    ffn_slots = meta["model"]["n_experts"] - meta["model"].get("lora_experts", 0)
     for slot, expert in enumerate(meta["experts"]):
         if expert["source"].startswith(PUBLIC):
             continue
         source = expert["source"]
-        own = {n: View(path, n, (slot, slot + 1)) for n in FFN_EXPERT}
+        if slot >= ffn_slots:  # a low-rank expert: its A and B at slot - ffn_slots
+            lr = slot - ffn_slots
+            targets = expert["branch_meta"]["model"]["lora_targets"]
+            own = {n: View(path, n, (lr, lr + 1)) for n in lora.tensor_names(targets)}
+        else:
+            own = {n: View(path, n, (slot, slot + 1)) for n in FFN_EXPERT}
         own[ROUTER] = View(path, rows_name(source, ROUTER))
         own[BIAS] = View(path, rows_name(source, BIAS))
         stats = {s: View(path, stat_name(s, source)) for s in STAT_NAMES}

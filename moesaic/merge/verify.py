@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from moesaic.merge import low_rank
 from moesaic.merge.sources import Base, MergeRefused, Party, PublicStats
 from moesaic.model import checkpoint
-from moesaic.model.names import BIAS, EXPERT_TENSORS, FFN_EXPERT, ROUTER, STAT_NAMES, stat_name
+from moesaic.model.names import BIAS, FFN_EXPERT, ROUTER, STAT_NAMES, stat_name
 
 
 def base_hashes(base: Base) -> dict[str, str]:
@@ -104,7 +105,9 @@ def check_party(base: Base, hashes: dict[str, str], party: Party, row_dtype) -> 
                            f"the branch trained them, so its expert does not fit the base")
     cfg = base.cfg
     lyr, d = cfg.n_layers, cfg.d_model
-    for name in FFN_EXPERT:
+    if party.low_rank:
+        low_rank.check_shapes(base, party, label)
+    for name in () if party.low_rank else FFN_EXPERT:
         want = list(base.tensors[name].shape)
         want[1] = 1
         _check_shape(label, name, party.own[name], want, base.tensors[name].dtype)
@@ -114,7 +117,7 @@ def check_party(base: Base, hashes: dict[str, str], party: Party, row_dtype) -> 
     for stat in STAT_NAMES:
         _check_shape(label, stat_name(stat), party.stats[stat], stat_shapes[stat])
     # the artifact's fingerprint is over exactly these tensors (moesaic.branch_train.artifact)
-    own = {name: scan(label, party.own[name]) for name in EXPERT_TENSORS}
+    own = {name: scan(label, party.own[name]) for name in sorted(party.own)}
     own.update({stat_name(stat): scan(label, party.stats[stat]) for stat in STAT_NAMES})
     recorded = meta.get("fingerprint")
     if checkpoint.fingerprint_of_hashes(own) != recorded:

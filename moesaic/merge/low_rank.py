@@ -1,0 +1,74 @@
+"""Low-rank experts in a merge (`moesaic.model.lora`, docs/low-rank.md).
+
+A merge may hold FFN parties and low-rank parties together. The merged model's slots are the
+base's experts, then the FFN parties, then the low-rank parties, each group in the order
+given (`ordered`): the FFN tensors stack the base's experts and the FFN parties, the low-rank
+tensors blocks/lora/<target>_{a,b} stack the low-rank parties on their own expert axis
+(`stacked`), and the router has a row for every slot. So each adapted projection is the base
+projection plus the router-weighted sum of the low-rank parties' updates, with the FFN
+experts' per-layer routing. Every low-rank party of one merge must share the rank, alpha and
+targets (`merged_config`): one stacked tensor per target holds them all.
+
+A merged model keeps each low-rank party's A and B in its slot of the stacked tensors, so
+`merge remove` and `merge add` read them back and run the same merge (contract 10).
+"""
+
+from __future__ import annotations
+
+from moesaic.merge import sources as src
+from moesaic.merge.sources import Base, MergeRefused, Party
+from moesaic.model import checkpoint, lora
+from moesaic.model.config import ModelConfig
+
+SETTINGS = ("lora_rank", "lora_alpha", "lora_targets")
+
+
+def ordered(parties: list[Party]) -> list[Party]:
+    """The parties in slot order: the FFN parties first, then the low-rank ones."""
+    return [p for p in parties if not p.low_rank] + [p for p in parties if p.low_rank]
+
+
+def settings(party: Party) -> dict:
+    model = party.meta.get("model") or {}
+    return {k: (tuple(model.get(k, ())) if k == "lora_targets" else model.get(k))
+            for k in SETTINGS}
+
+
+def merged_config(cfg: ModelConfig, parties: list[Party]) -> ModelConfig:
+    """`cfg` (the merged model's) with the low-rank parties' settings; refuses parties that
+    disagree on them, naming both."""
+    low = [p for p in parties if p.low_rank]
+    if not low:
+        return cfg
+    first = settings(low[0])
+    for p in low[1:]:
+        if settings(p) != first:
+            raise MergeRefused(f"branch {p.source!r} ({p.path}): low-rank settings "
+                               f"{settings(p)} differ from branch {low[0].source!r}'s {first}; "
+                               "the low-rank experts of one merge share rank, alpha and targets")
+    return cfg.replace(lora_experts=len(low), **first)
+
+
+def check_shapes(base: Base, party: Party, label: str) -> None:
+    """A low-rank party's A and B fit the base (one expert of its rank and targets)."""
+    settings_ = settings(party)
+    try:
+        cfg = base.cfg.replace(n_experts=base.n_experts + 1, lora_experts=1, **settings_)
+    except ValueError as err:
+        raise MergeRefused(f"{label}: {err}") from None
+    for name, shape in lora.shapes(cfg).items():
+        got = party.own.get(name)
+        if got is None:
+            raise MergeRefused(f"{label}: low-rank tensor {name!r} missing")
+        if tuple(got.shape) != shape:
+            raise MergeRefused(f"{label}: tensor {name!r} has shape {tuple(got.shape)}, its "
+                               f"rank and the base need {shape}")
+
+
+def stacked(parties: list[Party]) -> dict[str, checkpoint.TensorSource]:
+    """The low-rank parties' A and B, stacked on the expert axis in slot order."""
+    low = [p for p in parties if p.low_rank]
+    if not low:
+        return {}
+    return {name: src.stack_experts([p.own[name] for p in low])
+            for name in lora.tensor_names(settings(low[0])["lora_targets"])}
