@@ -2,8 +2,12 @@
 
     moesaic data prepare --source code=PATH --source law=FILE.jsonl --out DIR \
         [--tokenizer path/tokenizer.json] [--glob "**/*.py"] [--text-field text] \
-        [--heldout-fraction 0.05]
+        [--heldout-fraction 0.05] [--overwrite]
     moesaic data embedded --out DIR [--size smoke]
+
+prepare checks every source before it writes the first and writes all or none of them; a
+source already in DIR is refused unless --overwrite. An input error or a full disk is one line
+on stderr and exit code 2, with DIR as it was.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
     prep.add_argument("--heldout-fraction", type=float, default=0.05)
     prep.add_argument("--max-doc-bytes", type=int, default=sources.MAX_DOC_BYTES,
                       help="longer documents are cut into pieces at line ends")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="replace sources already prepared in --out")
     emb = sub.add_parser("embedded", help="build code, prose, law, math and public offline")
     emb.add_argument("--out", required=True, help="DATA_DIR")
     emb.add_argument("--size", choices=("default", "smoke"), default="default")
@@ -43,6 +49,8 @@ def _report(manifests: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moesaic.cli import refusals
+
     try:
         if args.data_command == "embedded":
             from moesaic.data.corpora import build_embedded
@@ -53,8 +61,12 @@ def run(args: argparse.Namespace) -> int:
 
         _report(prepare(args.source, args.out, tokenizer=args.tokenizer, glob=args.glob,
                         text_field=args.text_field, heldout_fraction=args.heldout_fraction,
-                        max_doc_bytes=args.max_doc_bytes))
+                        max_doc_bytes=args.max_doc_bytes, overwrite=args.overwrite))
         return 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # FileNotFoundError and FileExistsError are OSErrors
+        if refusals.disk_full(e):
+            e = refusals.disk_full_message(e, f"--out {args.out}")
+        elif not isinstance(e, (ValueError, FileNotFoundError, FileExistsError)):
+            raise
         print(f"moesaic data: error: {e}", file=sys.stderr)
         return 2

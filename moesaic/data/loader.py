@@ -69,9 +69,23 @@ def _docs_dataset(data_dir: str | os.PathLike, source: str, split: str):
         raise ValueError(f"split {split!r}: one of {SPLITS}")
     manifest = load_manifest(data_dir, source)
     folder = Path(data_dir) / source
-    builder = tfds.builder_from_directory(str(folder / manifest["tfds_dir"]))
-    lengths = np.load(folder / f"index-{split}.npy")
-    return manifest, builder.as_data_source(split), lengths
+    try:  # a TFDS folder deleted or cut short is named here, not deep inside a read
+        builder = tfds.builder_from_directory(str(folder / manifest["tfds_dir"]))
+        lengths = np.load(folder / f"index-{split}.npy")
+        docs = builder.as_data_source(split)
+        if len(docs) != len(lengths):
+            raise ValueError(f"{len(docs)} records, its index lists {len(lengths)}")
+        for i in sorted({0, len(docs) - 1}) if len(docs) else ():  # a file cut short fails
+            shape = np.shape(docs[i]["tokens"])  # here, or reads records of other lengths
+            if shape != (int(lengths[i, 0]),):
+                raise ValueError(f"record {i} holds {shape} tokens, its index lists "
+                                 f"{int(lengths[i, 0])}")
+    except Exception as err:
+        what = str(err).splitlines()[0][:200] if str(err) else ""
+        raise ValueError(f"prepared source {source!r} in {str(data_dir)!r} is damaged: its "
+                         f"{split!r} split cannot be read ({type(err).__name__}: {what}); "
+                         "prepare it again (`moesaic data prepare ... --overwrite`)") from err
+    return manifest, docs, lengths
 
 
 def row_spans(starts: np.ndarray, ends: np.ndarray, start: int, width: int

@@ -8,7 +8,12 @@ Layout of DATA_DIR/<source>/ :
                                 document {"tokens": int32[n]} in the order written (no shuffle)
 
 Everything is written into DATA_DIR/.<source>.tmp-<pid> and renamed into place at the end;
-a failure removes the temporary folder, so a half-written dataset never exists.
+a failure removes the temporary folder, so a half-written dataset never exists. A temporary
+folder of a run that was killed (its process gone) is removed by the next run on DATA_DIR.
+
+`prepare` is all or nothing over its sources: every source is checked (name, path, that it
+has documents, that DATA_DIR/<source> does not exist unless `overwrite`) before the first is
+written, all are written to their temporary folders, and only then are they renamed into place.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -131,16 +137,50 @@ def _contained_tempdir(parent: Path):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_leftovers(out_dir: Path) -> list[str]:
+    """Removes the temporary folders (`.NAME.tmp-PID`, `.NAME.old-PID`) of runs on `out_dir`
+    whose process is gone (killed mid-write); returns their names."""
+    removed = []
+    for path in sorted(out_dir.glob(".*")) if out_dir.is_dir() else []:
+        match = re.fullmatch(r"\.(.+)\.(tmp|old)-(\d+)", path.name)
+        if match and path.is_dir() and not _pid_alive(int(match.group(3))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
 def write_source(out_dir: str | os.PathLike, name: str,
                  splits: dict[str, Callable[[], Iterable[str]]], *,
                  tokenizer: Tokenizer, origin: dict, log: sources_lib.ReadLog | None = None
                  ) -> dict:
-    """Write DATA_DIR/<name>/ from text iterators per split; return the manifest.
+    """Write DATA_DIR/<name>/ from text iterators per split (replacing one that exists);
+    return the manifest.
 
     Each split is a zero-argument callable giving document texts in the order to store them.
     Exact duplicate documents within a split are dropped (counted). Raises ValueError (and
     leaves nothing behind) when a split ends up empty.
     """
+    tmp, manifest = _write_tmp(out_dir, name, splits, tokenizer=tokenizer, origin=origin, log=log)
+    _swap_into_place(tmp, Path(out_dir) / name)
+    return manifest
+
+
+def _write_tmp(out_dir: str | os.PathLike, name: str,
+               splits: dict[str, Callable[[], Iterable[str]]], *,
+               tokenizer: Tokenizer, origin: dict, log: sources_lib.ReadLog | None = None
+               ) -> tuple[Path, dict]:
+    """`write_source` up to the rename: (the temporary folder holding the source, its
+    manifest). On any error the folder is removed."""
     if not sources_lib.SOURCE_NAME.match(name):
         raise ValueError(f"source name {name!r}: letters, digits, '_', '.', '-' only")
     out_dir = Path(out_dir)
@@ -175,18 +215,16 @@ def write_source(out_dir: str | os.PathLike, name: str,
         }
         shutil.rmtree(tmp / "downloads", ignore_errors=True)  # TFDS makes it; nothing is in it
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        _swap_into_place(tmp, out_dir / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
+    return tmp, manifest
 
 
-def prepare_source(spec: sources_lib.SourceSpec, out_dir: str | os.PathLike, *,
-                   tokenizer: Tokenizer, glob: str = "**/*", text_field: str = "text",
-                   heldout_fraction: float = 0.05,
-                   max_doc_bytes: int = sources_lib.MAX_DOC_BYTES) -> dict:
-    """Read one source (folder, .jsonl or text file), split by document hash, write it."""
+def _source_splits(spec: sources_lib.SourceSpec, *, glob: str, text_field: str,
+                   heldout_fraction: float, max_doc_bytes: int):
+    """(splits, origin, log) of one source (folder, .jsonl or text file), split by document
+    hash; refuses a source without documents before anything is written."""
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"--heldout-fraction {heldout_fraction}: must be in (0, 1)")
     sources_lib.check_max_doc_bytes(max_doc_bytes, "--max-doc-bytes")
@@ -215,18 +253,51 @@ def prepare_source(spec: sources_lib.SourceSpec, out_dir: str | os.PathLike, *,
     origin = {"kind": "jsonl" if spec.path.suffix == ".jsonl" else "files",
               "path": spec.path.name, "glob": glob, "text_field": text_field,
               "heldout_fraction": heldout_fraction, "max_doc_bytes": max_doc_bytes}
-    return write_source(out_dir, spec.name,
-                        {"train": split_docs(False), "heldout": split_docs(True)},
-                        tokenizer=tokenizer, origin=origin, log=log)
+    return {"train": split_docs(False), "heldout": split_docs(True)}, origin, log
+
+
+def prepare_source(spec: sources_lib.SourceSpec, out_dir: str | os.PathLike, *,
+                   tokenizer: Tokenizer, glob: str = "**/*", text_field: str = "text",
+                   heldout_fraction: float = 0.05,
+                   max_doc_bytes: int = sources_lib.MAX_DOC_BYTES) -> dict:
+    """Read one source (folder, .jsonl or text file), split by document hash, write it
+    (replacing DATA_DIR/<name> if it exists)."""
+    splits, origin, log = _source_splits(spec, glob=glob, text_field=text_field,
+                                         heldout_fraction=heldout_fraction,
+                                         max_doc_bytes=max_doc_bytes)
+    return write_source(out_dir, spec.name, splits, tokenizer=tokenizer, origin=origin, log=log)
 
 
 def prepare(sources: list[str], out_dir: str | os.PathLike, *, tokenizer: str | None = "bytes",
             glob: str = "**/*", text_field: str = "text", heldout_fraction: float = 0.05,
-            max_doc_bytes: int = sources_lib.MAX_DOC_BYTES) -> list[dict]:
-    """`moesaic data prepare`: each "NAME=PATH" becomes DATA_DIR/NAME/. Returns the manifests."""
+            max_doc_bytes: int = sources_lib.MAX_DOC_BYTES, overwrite: bool = False,
+            log: Callable[[str], None] = print) -> list[dict]:
+    """`moesaic data prepare`: each "NAME=PATH" becomes DATA_DIR/NAME/, all or none (see the
+    module docstring); an existing DATA_DIR/NAME is refused unless `overwrite`. Returns the
+    manifests."""
     sources_lib.check_max_doc_bytes(max_doc_bytes, "--max-doc-bytes")  # before any reading
     specs = sources_lib.parse_sources(sources)
+    out_dir = Path(out_dir)
+    existing = [s.name for s in specs if (out_dir / s.name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir}: source(s) {', '.join(existing)} already prepared "
+                              "there; pass --overwrite to replace them (nothing was written)")
     tok = load_tokenizer(tokenizer)
-    return [prepare_source(spec, out_dir, tokenizer=tok, glob=glob, text_field=text_field,
-                           heldout_fraction=heldout_fraction, max_doc_bytes=max_doc_bytes)
-            for spec in tqdm(specs, desc="prepare", unit="source", disable=len(specs) < 2)]
+    plans = [_source_splits(spec, glob=glob, text_field=text_field,
+                            heldout_fraction=heldout_fraction, max_doc_bytes=max_doc_bytes)
+             for spec in specs]  # every source checked before the first is written
+    for name in remove_leftovers(out_dir):
+        log(f"removed {out_dir / name}: left by a run that was killed")
+    written: list[tuple[Path, dict]] = []
+    try:
+        for spec, (splits, origin, read_log) in tqdm(list(zip(specs, plans)), desc="prepare",
+                                                     unit="source", disable=len(specs) < 2):
+            written.append(_write_tmp(out_dir, spec.name, splits, tokenizer=tok,
+                                      origin=origin, log=read_log))
+    except BaseException:
+        for tmp, _ in written:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for spec, (tmp, _) in zip(specs, written):
+        _swap_into_place(tmp, out_dir / spec.name)
+    return [manifest for _, manifest in written]

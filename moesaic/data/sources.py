@@ -224,7 +224,7 @@ def read_jsonl(path: Path, text_field: str, log: ReadLog, *, max_doc_bytes: int 
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as e:
-                log.skip(where, f"invalid JSON ({e.msg})")
+                log.skip(where, f"invalid JSON: {e.msg}: column {e.colno} (char {e.pos})")
                 continue
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str) or not text.strip():

@@ -257,7 +257,7 @@ def test_failed_prepare_leaves_nothing_and_keeps_the_old_dataset(tmp_path):
     score = sources.heldout_score("a single document\n")
     with pytest.raises(ValueError, match="split '(heldout|train)' has no documents"):
         prepare.prepare([f"a={one}"], tmp_path / "out", heldout_fraction=min(0.99, score + 0.01)
-                        if score < 0.98 else 0.01)
+                        if score < 0.98 else 0.01, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a"]
     kept = json.loads((tmp_path / "out" / "a" / "manifest.json").read_text())
     assert kept["content_hash"] == good["content_hash"]
