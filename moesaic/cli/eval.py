@@ -1,7 +1,7 @@
 """`moesaic eval`: held-out perplexity, bits per byte and routing statistics per domain.
 
     moesaic eval --model CKPT --data DATA_DIR [--sources code,math] [--max-sequences N] \
-        [--seq-len 128] [--batch-size 8] [--json out.json]
+        [--seq-len 128] [--batch-size 8] [--json out.json] [--mesh data=1,expert=4]
     moesaic eval --ensemble btm|cbtm --expert code=CKPT --expert math=CKPT --data DATA_DIR \
         [--top-k 1] [--stride 16]
 
@@ -27,6 +27,7 @@ import sys
 
 import numpy as np
 
+from moesaic.cli import mesh as mesh_flags
 from moesaic.cli.args import whole_number
 
 DEFAULT_SEQ_LEN = 128
@@ -60,6 +61,7 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip reading each model whole against its fingerprint first")
+    mesh_flags.add_arguments(parser)
 
 
 def _seq_len_of(path: str) -> int:
@@ -134,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
             args.data)
         over = _average_over(args.average_over, sources)
         if args.ensemble:
+            if args.mesh or args.dispatch != "dropless":
+                raise ValueError("--mesh and --dispatch run one --model expert-parallel, "
+                                 "not an ensemble")
             if args.model:
                 raise ValueError("give --model or --ensemble with --expert, not both")
             experts = _experts(args.expert)
@@ -185,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
             if ignored:
                 raise ValueError(f"{', '.join(ignored)} set an ensemble (--ensemble); an MoE "
                                  "--model routes with the top_k it was merged with")
+            mesh = mesh_flags.build(args.mesh, mesh_flags.experts_of(args.model))
             if not args.no_verify:
                 from moesaic.model import checkpoint
 
@@ -195,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
             results = perplexity.evaluate(
                 args.model, args.data, sources, seq_len=seq_len,
                 max_sequences=args.max_sequences, batch_size=args.batch_size,
-                progress=not args.no_progress)
+                progress=not args.no_progress, mesh=mesh, dispatch=args.dispatch)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"moesaic eval: error: {e}", file=sys.stderr)
         return 2

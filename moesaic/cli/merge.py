@@ -27,6 +27,7 @@ import argparse
 import shutil
 import sys
 
+from moesaic.cli import mesh as mesh_flags
 from moesaic.cli.args import whole_number
 from moesaic.merge.sources import MergeRefused
 from moesaic.model import checkpoint
@@ -80,6 +81,7 @@ def _tune_router_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=whole_number(1), default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
+    mesh_flags.add_arguments(parser)
     parser.add_argument("--no-verify", action="store_true",
                         help="skip reading the merged model whole against its fingerprint")
 
@@ -231,13 +233,14 @@ def _btx(args, options: dict) -> None:
 def _tune_router(args) -> None:
     from moesaic.merge.tune import tune_router_on_data
 
+    mesh = mesh_flags.build(args.mesh, mesh_flags.experts_of(args.merged))
     if not args.no_verify and checkpoint.is_complete(args.merged):  # else named when read
         checkpoint.verify(args.merged, "merged model")
     seq_len = (args.seq_len
                or checkpoint.trained_seq_len([checkpoint.read_meta(args.merged)]) or 128)
     tune_router_on_data(args.merged, args.out, args.data, ",".join(args.source),
                         seq_len=seq_len, batch=args.batch, seed=args.seed,
-                        steps=args.steps, lr=args.lr)
+                        steps=args.steps, lr=args.lr, mesh=mesh, dispatch=args.dispatch)
 
 
 def run(args) -> int:

@@ -34,7 +34,8 @@ from tqdm import tqdm
 from moesaic.configs.common import DEFAULT_RULES
 from moesaic.data.loader import heldout_sequences, load_manifest
 from moesaic.data.tokenizer import check_tokenizer
-from moesaic.model import checkpoint
+from moesaic.model import checkpoint, expert_parallel
+from moesaic.model.params import build_model
 from moesaic.model.sharding import Rules, activate, logical_to_spec, make_mesh
 from moesaic.model.transformer import Decoder
 
@@ -47,16 +48,22 @@ def local_mesh() -> jax.sharding.Mesh:
 
 
 def load_model(model_or_path: Decoder | str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-               rules: Rules = DEFAULT_RULES, flag: str = "") -> tuple[Decoder, dict]:
+               rules: Rules = DEFAULT_RULES, flag: str = "",
+               dispatch: str = "dropless") -> tuple[Decoder, dict]:
     """A Decoder as is (meta {}), or a moesaic checkpoint restored onto `mesh` (default: the
     local devices), run with `dropless` dispatch whatever it trained with: under `capacity`
     a token's output could depend on later tokens and on the other rows of the batch, which
     a perplexity must not see; and with its layers scanned (`model.scan_layers`), since an
     unrolled loop only pays in a training step and costs compile time here (the demo's eval:
     87 s unrolled, 71 s scanned). `flag` is how the user gave the path, for the error
-    (default: --model)."""
+    (default: --model). On a mesh with an expert axis the model is expert-parallel, padded to
+    a multiple of it (`expert_parallel.shard_merged_model`); `dispatch` may then be
+    "all_to_all" (tokens sent explicitly), which is dropless too."""
+    if dispatch not in ("dropless", "all_to_all"):
+        raise ValueError(f"dispatch {dispatch!r}: evaluation runs dropless or all_to_all")
+    mesh = mesh or local_mesh()
     if isinstance(model_or_path, Decoder):
-        return model_or_path, {}
+        return _expert_parallel(model_or_path, mesh, rules, dispatch), {}
     path = pathlib.Path(model_or_path)
     if not checkpoint.is_complete(path):
         raise FileNotFoundError(f"{flag or f'--model {str(path)!r}'}: not a moesaic checkpoint "
@@ -70,8 +77,20 @@ def load_model(model_or_path: Decoder | str | os.PathLike, *, mesh: jax.sharding
                          "the party's expert and router row, not a model; merge it over its "
                          "base to evaluate it (`moesaic merge --base B --branch "
                          f"{path} --router learned-rows --out M`)")
-    cfg = checkpoint.model_config(meta).replace(dispatch="dropless", scan_layers=True)
-    return checkpoint.load(path, mesh=mesh or local_mesh(), rules=rules, cfg=cfg, meta=meta)
+    cfg = checkpoint.model_config(meta).replace(dispatch=dispatch, scan_layers=True)
+    expert_parallel.check_expert_axis(cfg.n_experts, mesh.shape["expert"], "the mesh")
+    model, meta = checkpoint.load(path, mesh=mesh, rules=rules, cfg=cfg, meta=meta)
+    return _expert_parallel(model, mesh, rules, dispatch), meta
+
+
+def _expert_parallel(model: Decoder, mesh, rules: Rules, dispatch: str) -> Decoder:
+    """`model` with `dispatch`, its experts split over the mesh's expert axis (if any)."""
+    if dispatch == "all_to_all" != model.cfg.dispatch:  # a Decoder keeps its own otherwise
+        model = build_model(model.cfg.replace(dispatch=dispatch),
+                            checkpoint.flatten(nnx.state(model)))
+    if mesh.shape["expert"] == 1:
+        return model
+    return expert_parallel.shard_merged_model(model, mesh, rules)
 
 
 def expert_names(model: Decoder, meta: Mapping) -> list[str]:
@@ -196,12 +215,14 @@ def evaluate(model_or_path: Decoder | str | os.PathLike, data_dir: str | os.Path
              sources: Iterable[str] | None = None, *, seq_len: int,
              max_sequences: int | None = None, batch_size: int = 8,
              mesh: jax.sharding.Mesh | None = None, rules: Rules = DEFAULT_RULES,
-             progress: bool = True, name: str = "") -> dict[str, dict]:
+             progress: bool = True, name: str = "", dispatch: str = "dropless"
+             ) -> dict[str, dict]:
     """Per-domain held-out metrics of one model (a Decoder or a checkpoint path); see
     `evaluate_scorer`. For an MoE model each domain has "routing": {"token_share": [[share
     per expert] per layer], "weight_share": same, "experts": [names]}."""
     mesh = mesh or local_mesh()
-    model, meta = load_model(model_or_path, mesh=mesh, rules=rules)
+    rules = expert_parallel.runtime_rules(rules, mesh)  # the batch over the expert axis too
+    model, meta = load_model(model_or_path, mesh=mesh, rules=rules, dispatch=dispatch)
     sources = list(sources) if sources is not None else prepared_sources(data_dir)
     for source in sources:
         load_manifest(data_dir, source)
