@@ -9,7 +9,9 @@
               WORKDIR/artifact  a branch artifact whose expert is that FFN
 
 Each writer reads a `Trained`: the job's parameters at its last step and what it fixed at the
-start (its statistics, its base's meta, an ffn job's `FfnHandover`).
+start (its statistics, its base's meta, an ffn job's `FfnHandover`). The parameters are written
+as the job holds them, sharded: each process writes its own shards and no tensor is gathered
+whole onto a host (`checkpoint.save`), so a job larger than one host's memory finishes.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ import pathlib
 
 import jax
 import ml_collections
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from moesaic.branch_train import artifact, upcycle
 from moesaic.model import checkpoint
@@ -43,7 +43,7 @@ def ffn_handover(layout: upcycle.ParamLayout, own_row, own_bias,
     """The handover of an ffn job that starts from `base_flat` with this router row and bias."""
     return FfnHandover(
         router=upcycle.own_router_slices(own_row, own_bias, layout.dtypes[W_GATE]),
-        public_hashes={n: checkpoint.tensor_hash(host_array(base_flat[n])) for n in FFN_EXPERT})
+        public_hashes={n: checkpoint.tensor_hash(base_flat[n]) for n in FFN_EXPERT})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,24 +72,9 @@ class Trained:
                 "base_fingerprint": self.base_meta["fingerprint"]}
 
     def full(self) -> dict:
-        """The full parameters, savable (`_savable`)."""
-        return _savable(self.layout.assemble(self.trainable, self.frozen))
-
-
-def host_array(array) -> np.ndarray:
-    """A (possibly sharded, possibly multi-process) array as one numpy array on every host."""
-    if isinstance(array, jax.Array) and not array.is_fully_replicated:
-        full = NamedSharding(array.sharding.mesh, PartitionSpec())
-        array = jax.jit(lambda x: x, out_shardings=full)(array)
-    return np.asarray(array)
-
-
-def _savable(flat: dict) -> dict:
-    """Arrays checkpoint.save can hash: as they are in one process, host copies across
-    processes."""
-    if jax.process_count() == 1:
-        return flat
-    return {n: host_array(a) for n, a in flat.items()}
+        """The full parameters, sharded as the job holds them (`checkpoint.save` writes each
+        process's shards and hashes a slab at a time)."""
+        return self.layout.assemble(self.trainable, self.frozen)
 
 
 def write_public(t: Trained) -> pathlib.Path:
@@ -114,14 +99,14 @@ def write_ffn(t: Trained) -> pathlib.Path:
     """The dense model it trained, then the trained FFN as the expert beside the base's (kept
     whole)."""
     checkpoint.save(t.workdir / "model", t.full(), t.dense_meta(), overwrite=True)
-    own = {n: host_array(t.trainable[n]) for n in FFN_EXPERT}
-    own.update({n: host_array(a) for n, a in t.handover.router.items()})
+    own = {n: t.trainable[n] for n in FFN_EXPERT}
+    own.update(t.handover.router)
     model = upcycle.branch_config(t.layout.cfg, int(t.config.branch.train_top_k))
     return _write_artifact(t, own, t.handover.public_hashes, model, t.layout.cfg.n_experts)
 
 
 def write_branch(t: Trained) -> pathlib.Path:
-    own = {n: host_array(t.trainable[n]) for n in EXPERT_TENSORS}
+    own = {n: t.trainable[n] for n in EXPERT_TENSORS}
     return _write_artifact(t, own, {}, t.layout.cfg, t.layout.base_experts)
 
 
@@ -129,7 +114,7 @@ def _write_artifact(t: Trained, own: dict, public_hashes: dict, model, base_expe
                     ) -> pathlib.Path:
     path = t.workdir / "artifact"
     base_names = set(t.base_meta["tensors"])
-    frozen_hashes = {n: checkpoint.tensor_hash(host_array(a)) for n, a in t.frozen.items()
+    frozen_hashes = {n: checkpoint.tensor_hash(a) for n, a in t.frozen.items()
                      if n in base_names}
     frozen_hashes.update(public_hashes)
     artifact.save(path, own, t.stats.tensors(), {

@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from moesaic.model import damage
+from moesaic.model import damage, host_pieces
 from moesaic.model.config import ModelConfig
 from moesaic.model.names import LAYER_STACKED
 from moesaic.model.sharding import Rules, make_mesh, state_shardings
@@ -84,10 +84,13 @@ def byte_view(array) -> np.ndarray:
 
 
 def tensor_hash(array) -> str:
-    """sha256 of one tensor's dtype, shape and bytes."""
-    array = np.asarray(jax.device_get(array))
+    """sha256 of one tensor's dtype, shape and bytes. A sharded jax.Array is read a bounded
+    slab at a time (`host_pieces`), never gathered whole; every process must call this then."""
+    if not isinstance(array, jax.Array):
+        array = np.asarray(array)
     digest = tensor_digest(array.dtype, array.shape)
-    digest.update(byte_view(array))
+    for piece in host_pieces.pieces(array):
+        digest.update(byte_view(piece))
     return digest.hexdigest()
 
 
@@ -198,7 +201,10 @@ def output_path(path: str | pathlib.Path, overwrite: bool = False) -> pathlib.Pa
 def save(path: str | pathlib.Path, flat: Mapping[str, jax.Array], meta: dict, *,
          overwrite: bool = False) -> None:
     """Writes a checkpoint atomically. `meta` gets the parameter fingerprint added unless it
-    has one. All processes call this; process 0 renames."""
+    has one. All processes call this; process 0 renames. A sharded jax.Array is written shard
+    by shard, each by the process that holds it (Orbax), and hashed a slab at a time
+    (`tensor_hash`): no tensor is gathered whole onto a host, and the checkpoint and its
+    fingerprint are the same whatever the mesh."""
     path = output_path(path, overwrite)
     partial = path.with_name(path.name + PARTIAL)
     if jax.process_index() == 0 and partial.exists():
