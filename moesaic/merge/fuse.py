@@ -63,7 +63,8 @@ def router_inputs(base: Base, parties: list[Party], public: PublicStats | None,
         party_tokens=[p.stats_tokens for p in parties],
         public_stat=public_stat if public is not None else None,
         public_tokens=public.tokens if public is not None else 0,
-        options=dict(options))
+        options=dict(options),
+        party_update=lambda i, layer: low_rank.update_blocks(base, parties[i], layer))
 
 
 def _in_memory(array: np.ndarray) -> checkpoint.TensorSource:

@@ -15,10 +15,13 @@ A merged model keeps each low-rank party's A and B in its slot of the stacked te
 
 from __future__ import annotations
 
+import numpy as np
+
 from moesaic.merge import sources as src
 from moesaic.merge.sources import Base, MergeRefused, Party
 from moesaic.model import checkpoint, lora
 from moesaic.model.config import ModelConfig
+from moesaic.model.names import W_GATE, W_UP
 
 SETTINGS = ("lora_rank", "lora_alpha", "lora_targets")
 
@@ -72,3 +75,27 @@ def stacked(parties: list[Party]) -> dict[str, checkpoint.TensorSource]:
         return {}
     return {name: src.stack_experts([p.own[name] for p in low])
             for name in lora.tensor_names(settings(low[0])["lora_targets"])}
+
+
+def update_blocks(base: Base, party: Party, layer: int) -> list[np.ndarray]:
+    """A party's update, at `layer`, of the projections that read the router input, as (in,
+    out) blocks: an FFN party's gate and up minus the public expert's; a low-rank party's
+    s A B of gate and up, or of q, k, v when it adapts neither (the arrow router)."""
+    if not party.low_rank:
+        return [party.own[n].rows(layer, layer + 1)[0, 0].astype(np.float64)
+                - base.tensors[n].rows(layer, layer + 1)[0, 0].astype(np.float64)
+                for n in (W_GATE, W_UP)]
+    st = settings(party)
+    targets = ([t for t in ("gate", "up") if t in st["lora_targets"]]
+               or [t for t in ("q", "k", "v") if t in st["lora_targets"]])
+    if not targets:
+        raise MergeRefused(f"branch {party.source!r} ({party.path}): adapts none of the "
+                           f"projections that read the router input (gate, up, q, k, v): "
+                           f"its targets are {list(st['lora_targets'])}")
+    s = (st["lora_alpha"] or st["lora_rank"]) / st["lora_rank"]
+    out = []
+    for t in targets:
+        a = party.own[lora.tensor_name(t, "a")].rows(layer, layer + 1)[0, 0]
+        b = party.own[lora.tensor_name(t, "b")].rows(layer, layer + 1)[0, 0]
+        out.append(s * (a.astype(np.float64) @ b.astype(np.float64)))
+    return out

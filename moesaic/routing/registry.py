@@ -7,6 +7,8 @@
     random        frozen random rows, seeded (the control)
     contrast      per layer, each party's mean router input minus the public data's, as a
                   nearest-centroid boundary against the public expert
+    arrow         per layer, the top right singular vector of each party's weight update
+                  (training-free, from the weights alone; low-rank and FFN parties)
 
 A router's rows only ever depend on its inputs in slot order, so removing or adding a party
 and building again gives the router a merge made at once would have. With an MoE base, the
@@ -28,6 +30,7 @@ KINDS = {
     "ridge": "moesaic.routing.ridge",
     "random": "moesaic.routing.random",
     "contrast": "moesaic.routing.contrast",
+    "arrow": "moesaic.routing.arrow",
 }
 
 # The options each kind reads (`RouterInputs.options`); any other is refused, never ignored.
@@ -37,6 +40,7 @@ OPTIONS = {
     "ridge": ("ridge_lambda", "scale"),
     "random": ("seed", "std"),
     "contrast": ("margin", "selectivity"),
+    "arrow": ("scale",),
 }
 
 
@@ -65,6 +69,9 @@ class RouterInputs:
     public_stat: Callable[[str, int], np.ndarray] | None  # (stat, layer), or None
     public_tokens: int
     options: dict  # kind options (ridge_lambda, seed, ...)
+    # (party, layer) -> the party's update of the projections reading the router input, as
+    # (in, out) blocks (arrow); None where the merge does not give them
+    party_update: Callable[[int, int], list[np.ndarray]] | None = None
 
     @property
     def n_parties(self) -> int:
@@ -85,7 +92,7 @@ class Router:
 # kinds whose base-expert rows come from `base_rows_within`: their base slots get the base's
 # biases back (`keep_base_bias`). learned-rows keeps the base's rows and biases itself;
 # random draws fresh rows for every slot.
-KEEP_BASE_CHOICE = ("centroid", "ridge", "contrast")
+KEEP_BASE_CHOICE = ("centroid", "ridge", "contrast", "arrow")
 
 
 def get(kind: str) -> Callable[[RouterInputs], Router]:

@@ -84,7 +84,7 @@ def test_one_hot_router_gives_the_partys_adapted_model(world, low, tmp_path, mon
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("router", ["learned-rows", "random"])
+@pytest.mark.parametrize("router", ["learned-rows", "random", "arrow"])
 def test_remove_and_add_are_exact_beside_ffn_parties(world, low, tmp_path, router):
     code, math_ = world["branches"]["code"], world["branches"]["math"]
     full = tmp_path / "full"
@@ -114,3 +114,23 @@ def test_low_rank_inputs_that_do_not_fit_are_named(world, low, tmp_path):
         own[lora.tensor_name("q", "b")] = own[lora.tensor_name("q", "b")][..., :16]
     bad = make_lora_branch(world["base"], tmp_path / "bad", "bad", 4, tamper=shape)
     expect_refusal(world, tmp_path, [bad], "blocks/lora/q_b")
+
+
+def test_arrow_rows_are_the_top_singular_vectors_of_the_updates(world, low, tmp_path):
+    out = tmp_path / "arrow"
+    code = world["branches"]["code"]
+    _merge(world, [low["prose"], code, low["law2"]], out, router="arrow")
+    rows = checkpoint.load_tensors(out, [names.ROUTER])[names.ROUTER]
+    base = checkpoint.load_tensors(world["base"], [names.W_GATE, names.W_UP])
+    np.testing.assert_array_equal(rows[:, 0], 0)  # the public expert
+    for slot, path in ((1, code), (2, low["prose"]), (3, low["law2"])):
+        own = checkpoint.load_tensors(path, checkpoint.tensor_metadata(path))
+        for layer in range(rows.shape[0]):
+            if lora.tensor_name("gate", "a") in own:  # s = 1 (alpha 0)
+                blocks = [own[lora.tensor_name(t, "a")][layer, 0] @ own[lora.tensor_name(t, "b")]
+                          [layer, 0] for t in ("gate", "up")]
+            else:
+                blocks = [own[n][layer, 0] - base[n][layer, 0] for n in (names.W_GATE, names.W_UP)]
+            u = np.linalg.svd(np.hstack(blocks).astype(np.float64))[0][:, 0]
+            u = u if u @ own["stats/mean_hidden"][layer] >= 0 else -u
+            np.testing.assert_allclose(rows[layer, slot], u, atol=1e-5)
