@@ -107,6 +107,9 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--weighting", choices=("softmax", "inverse"), default=None,
                         help="soup: exp(-loss) softmax (default) or inverse-loss weights")
     _router_args(parser, required=False)
+    parser.add_argument("--low-rank", type=whole_number(1), default=None, metavar="R",
+                        help="every FFN party as a rank-R low-rank expert: the truncated SVD "
+                             "of its difference from the public FFN (docs/low-rank.md)")
 
 
 def _options(args) -> dict:
@@ -125,7 +128,7 @@ ROUTER_FLAGS = {"router": "--router", "public_stats": "--public-stats",
                 "router_scale": "--router-scale", "seed": "--seed",
                 "router_option": "--router-option"}
 FLAGS = {"merged": "M", "base": "--base", "branch": "--branch", "source": "--source",
-         "top_k": "--top-k", "weights_data": "--weights-data",
+         "top_k": "--top-k", "low_rank": "--low-rank", "weights_data": "--weights-data",
          "weights_source": "--weights-source", "weighting": "--weighting", **ROUTER_FLAGS}
 # What each action reads; a flag it does not read is refused, never ignored.
 USES = {"merge": {"base", "branch", "top_k", *ROUTER_FLAGS},
@@ -134,6 +137,7 @@ USES = {"merge": {"base", "branch", "top_k", *ROUTER_FLAGS},
         "soup": {"branch", "weights_data", "weights_source", "weighting"},
         "btx": {"branch", "top_k", "router", "ridge_lambda", "router_scale", "seed",
                 "router_option"}}
+USES["merge"].add("low_rank")  # remove and add keep the merged model's --low-rank
 WHY = {"remove": "it rebuilds the router with the kind, options and statistics the model was "
                  "merged with",
        "add": "it rebuilds the router with the kind, options and statistics the model was "
@@ -191,6 +195,7 @@ def _run(args) -> None:
         try:
             fuse.merge_paths(args.base, args.branch, router=args.router,
                              top_k=args.top_k or 1, out=args.out, public_stats=public,
+                             low_rank_to=args.low_rank,
                              options=_options(args))
         finally:
             if scratch is not None:

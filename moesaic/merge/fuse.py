@@ -73,7 +73,7 @@ def _in_memory(array: np.ndarray) -> checkpoint.TensorSource:
 
 def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
           out: str | pathlib.Path, public: PublicStats | None = None,
-          options: dict | None = None, overwrite: bool = False,
+          options: dict | None = None, overwrite: bool = False, low_rank_to: int | None = None,
           log: Callable[[str], None] = print) -> dict:
     """Verifies, builds the router, writes the merged checkpoint at `out`; returns its meta.
     Raises MergeRefused (nothing written) when an input fails verification."""
@@ -97,6 +97,7 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
         raise MergeRefused(f"--top-k {top_k}: the merged model has {n_experts} experts "
                            f"({base.n_experts} base + {len(parties)} parties)")
     public_fingerprint = verify(base, parties, public)
+    parties = low_rank.converted(base, parties, low_rank_to)  # --low-rank R (FlexMoRE)
     try:
         built = build(router_inputs(base, parties, public, options))
     except ValueError as err:
@@ -146,7 +147,8 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
         "merge": {"base_model": base.cfg.to_dict(), "base_tensors": sorted(base.tensors),
                   "public_stats": public is not None,
                   "public_stats_tokens": public.tokens if public is not None else 0,
-                  "public_stats_fingerprint": public_fingerprint},
+                  "public_stats_fingerprint": public_fingerprint,
+                  **({"low_rank": low_rank_to} if low_rank_to else {})},
         "routing_report": [{k: v for k, v in r.items()} for r in reports],
         "routing_warnings": warnings,
         **src.seq_len_record([p.meta for p in parties]),
@@ -178,6 +180,7 @@ def _again(merged_path, parties_change, *, out, top_k=None, overwrite=False, log
     return merge(base, parties, router=router["kind"],
                  top_k=router["top_k"] if top_k is None else top_k,
                  out=out, public=public, options=router["options"], overwrite=overwrite,
+                 low_rank_to=meta["merge"].get("low_rank"),
                  log=log)
 
 

@@ -15,13 +15,15 @@ A merged model keeps each low-rank party's A and B in its slot of the stacked te
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from moesaic.merge import sources as src
 from moesaic.merge.sources import Base, MergeRefused, Party
 from moesaic.model import checkpoint, lora
 from moesaic.model.config import ModelConfig
-from moesaic.model.names import W_GATE, W_UP
+from moesaic.model.names import BIAS, ROUTER, W_DOWN, W_GATE, W_UP, stat_name
 
 SETTINGS = ("lora_rank", "lora_alpha", "lora_targets")
 
@@ -99,3 +101,78 @@ def update_blocks(base: Base, party: Party, layer: int) -> list[np.ndarray]:
         b = party.own[lora.tensor_name(t, "b")].rows(layer, layer + 1)[0, 0]
         out.append(s * (a.astype(np.float64) @ b.astype(np.float64)))
     return out
+
+
+# ---- FlexMoRE: full FFN experts as low-rank ones ------------------------------------------
+
+FFN_TARGETS = {"gate": W_GATE, "up": W_UP, "down": W_DOWN}
+
+
+class ArrayView:
+    """An array held in memory, read like a stored `sources.View`."""
+
+    def __init__(self, name: str, array: np.ndarray):
+        self.name, self.array = name, array
+        self.shape, self.dtype = tuple(array.shape), array.dtype
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self.array[start:stop]
+
+    def read(self) -> np.ndarray:
+        return self.array
+
+    def pieces(self):
+        for layer in range(self.shape[0]):
+            yield self.array[layer:layer + 1]
+
+    def source(self) -> checkpoint.TensorSource:
+        return checkpoint.TensorSource(self.shape, self.dtype, self.pieces, rows_per_chunk=1)
+
+
+def factor(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A (in, r), B (r, out)) with A B the best rank-r approximation of `delta` (in, out):
+    the truncated SVD, its singular values split evenly between the factors."""
+    u, s, vt = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
+    root = np.sqrt(s[:rank])
+    return u[:, :rank] * root, root[:, None] * vt[:rank]
+
+
+def convert(base: Base, party: Party, rank: int) -> Party:
+    """An FFN party as a low-rank one (FlexMoRE, arXiv 2602.08818): each of gate, up, down
+    becomes the rank-`rank` truncated SVD of its difference from the public FFN (expert 0),
+    with alpha = rank (scale 1). The row, bias and statistics stay; the meta records the FFN
+    artifact's fingerprint and gets the fingerprint of what it holds now."""
+    label = f"branch {party.source!r} ({party.path})"
+    out = {}
+    for target, name in FFN_TARGETS.items():
+        lyr, _, i, o = party.own[name].shape
+        if not 1 <= rank <= min(i, o):
+            raise MergeRefused(f"--low-rank {rank}: tensor {name!r} of {label} is {i} x {o} "
+                               f"per layer, so the rank must be in [1, {min(i, o)}]")
+        dtype = party.own[name].dtype
+        a = np.zeros((lyr, 1, i, rank), dtype)
+        b = np.zeros((lyr, 1, rank, o), dtype)
+        for layer in range(lyr):
+            delta = (party.own[name].rows(layer, layer + 1)[0, 0].astype(np.float64)
+                     - base.tensors[name].rows(layer, layer + 1)[0, 0].astype(np.float64))
+            a[layer, 0], b[layer, 0] = factor(delta, rank)
+        out[lora.tensor_name(target, "a")] = ArrayView(lora.tensor_name(target, "a"), a)
+        out[lora.tensor_name(target, "b")] = ArrayView(lora.tensor_name(target, "b"), b)
+    for name in (ROUTER, BIAS):
+        out[name] = party.own[name]
+    hashes = {n: checkpoint.tensor_hash(v.read()) for n, v in out.items()}
+    hashes.update({stat_name(s): checkpoint.tensor_hash(v.read())
+                   for s, v in party.stats.items()})
+    meta = {**party.meta,
+            "model": {**party.meta["model"], "lora_experts": 1, "lora_rank": rank,
+                      "lora_alpha": 0.0, "lora_targets": list(FFN_TARGETS)},
+            "low_rank_from": {"rank": rank, "ffn_fingerprint": party.meta["fingerprint"]},
+            "fingerprint": checkpoint.fingerprint_of_hashes(hashes)}
+    return dataclasses.replace(party, meta=meta, own=out)
+
+
+def converted(base: Base, parties: list[Party], rank: int | None) -> list[Party]:
+    """The parties with every FFN party converted to rank `rank` (None: as they are)."""
+    if rank is None:
+        return parties
+    return ordered([p if p.low_rank else convert(base, p, rank) for p in parties])

@@ -134,3 +134,38 @@ def test_arrow_rows_are_the_top_singular_vectors_of_the_updates(world, low, tmp_
             u = np.linalg.svd(np.hstack(blocks).astype(np.float64))[0][:, 0]
             u = u if u @ own["stats/mean_hidden"][layer] >= 0 else -u
             np.testing.assert_allclose(rows[layer, slot], u, atol=1e-5)
+
+
+def test_low_rank_conversion_of_ffn_experts(world, tmp_path):
+    """FlexMoRE: at full rank the converted merge computes the FFN merge; at rank 2 each
+    update is the truncated SVD of the expert's difference from the public FFN; opting out
+    stays exact; a rank above a projection's is named."""
+    code, math_ = world["branches"]["code"], world["branches"]["math"]
+    ffn, full, low2 = tmp_path / "ffn", tmp_path / "full", tmp_path / "low2"
+    fuse.merge_paths(world["base"], [code, math_], router="learned-rows", top_k=2, out=ffn,
+                     log=lambda s: None)
+    fuse.merge_paths(world["base"], [code, math_], router="learned-rows", top_k=2, out=full,
+                     log=lambda s: None, low_rank_to=32)  # d_model 32 < d_ff 48
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 60, (2, 12)))
+    logits = [build_model(checkpoint.model_config(checkpoint.read_meta(p)),
+                          checkpoint.load_tensors(p, checkpoint.tensor_metadata(p)))(tokens)[0]
+              for p in (ffn, full)]
+    np.testing.assert_allclose(np.asarray(logits[1]), np.asarray(logits[0]), atol=1e-4)
+
+    meta = fuse.merge_paths(world["base"], [code, math_], router="learned-rows", top_k=2,
+                            out=low2, log=lambda s: None, low_rank_to=2)
+    assert checkpoint.model_config(meta).lora_experts == 2
+    merged = checkpoint.load_tensors(low2, checkpoint.tensor_metadata(low2))
+    base = checkpoint.load_tensors(world["base"], [names.W_UP])[names.W_UP]
+    own = checkpoint.load_tensors(math_, [names.W_UP])[names.W_UP]
+    u, s, vt = np.linalg.svd((own[1, 0] - base[1, 0]).astype(np.float64))
+    best = (u[:, :2] * s[:2]) @ vt[:2]
+    got = merged[lora.tensor_name("up", "a")][1, 1] @ merged[lora.tensor_name("up", "b")][1, 1]
+    np.testing.assert_allclose(got, best, atol=1e-5)
+
+    removed, never = tmp_path / "removed", tmp_path / "never"
+    fuse.remove(low2, "code", out=removed, log=lambda s: None)
+    fuse.merge_paths(world["base"], [math_], router="learned-rows", top_k=2, out=never,
+                     log=lambda s: None, low_rank_to=2)
+    assert_same(removed, never)
+    expect_refusal(world, tmp_path, [code], "blocks/ffn/w_gate", low_rank_to=33)
