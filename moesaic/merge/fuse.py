@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from moesaic.merge import low_rank
+from moesaic.merge import calibrate, low_rank
 from moesaic.merge import sources as src
 from moesaic.merge.sources import PUBLIC, Base, MergeRefused, Party, PublicStats
 from moesaic.merge.verify import router_dtype, router_input, verify
@@ -74,9 +74,11 @@ def _in_memory(array: np.ndarray) -> checkpoint.TensorSource:
 def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
           out: str | pathlib.Path, public: PublicStats | None = None,
           options: dict | None = None, overwrite: bool = False, low_rank_to: int | None = None,
-          log: Callable[[str], None] = print) -> dict:
+          log: Callable[[str], None] = print,
+          calibration: calibrate.Request | None = None) -> dict:
     """Verifies, builds the router, writes the merged checkpoint at `out`; returns its meta.
-    Raises MergeRefused (nothing written) when an input fails verification."""
+    Raises MergeRefused (nothing written) when an input fails verification. `calibration`:
+    fit the router's temperatures and biases on proxy rows (moesaic.merge.calibrate)."""
     out = pathlib.Path(out)
     parties = low_rank.ordered(parties)  # slots: the FFN parties, then the low-rank ones
     inputs_paths = {base.path.resolve(), *(p.path.resolve() for p in parties)}
@@ -134,6 +136,8 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
     cfg = base.cfg.replace(n_experts=n_experts, top_k=top_k, router_trainable=False,
                            router_bias=True, router_input=router_input(base, parties, public))
     cfg = low_rank.merged_config(cfg, parties)
+    calibrated = (calibrate.into(tensors, cfg, base.n_experts, calibration, log)
+                  if calibration is not None else None)
     experts = [{"source": s, "fingerprint": base.fingerprint} for s in base.expert_names()]
     experts += [{"source": p.source, "fingerprint": p.meta["fingerprint"],
                  "branch_meta": p.meta} for p in parties]
@@ -152,6 +156,7 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
         "routing_report": [{k: v for k, v in r.items()} for r in reports],
         "routing_warnings": warnings,
         **src.seq_len_record([p.meta for p in parties]),
+        **({"calibration": calibrated} if calibrated is not None else {}),
     }
     checkpoint.save_streaming(out, tensors, meta, overwrite=overwrite)
     log(f"merged {n_experts} experts ({', '.join(names)}) with router {router!r}, top-{top_k} "
@@ -181,7 +186,7 @@ def _again(merged_path, parties_change, *, out, top_k=None, overwrite=False, log
                  top_k=router["top_k"] if top_k is None else top_k,
                  out=out, public=public, options=router["options"], overwrite=overwrite,
                  low_rank_to=meta["merge"].get("low_rank"),
-                 log=log)
+                 log=log, calibration=calibrate.request_of_merged(merged_path, meta))
 
 
 def remove(merged_path, source: str, *, out, **kw) -> dict:
