@@ -110,6 +110,12 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--low-rank", type=whole_number(1), default=None, metavar="R",
                         help="every FFN party as a rank-R low-rank expert: the truncated SVD "
                              "of its difference from the public FFN (docs/low-rank.md)")
+    parser.add_argument("--calibrate", default=None, metavar="DATA",
+                        help="prepared data folder: fit a temperature and a bias per party "
+                             "expert and layer on its 'public' source (moesaic.merge.calibrate)"
+                             "; kept in the model and refitted by remove/add")
+    parser.add_argument("--calibrate-option", action="append", default=None, metavar="NAME=X",
+                        type=_router_option, help="a calibration setting, e.g. steps=200")
 
 
 def _options(args) -> dict:
@@ -129,9 +135,10 @@ ROUTER_FLAGS = {"router": "--router", "public_stats": "--public-stats",
                 "router_option": "--router-option"}
 FLAGS = {"merged": "M", "base": "--base", "branch": "--branch", "source": "--source",
          "top_k": "--top-k", "low_rank": "--low-rank", "weights_data": "--weights-data",
-         "weights_source": "--weights-source", "weighting": "--weighting", **ROUTER_FLAGS}
+         "weights_source": "--weights-source", "weighting": "--weighting",
+         "calibrate": "--calibrate", "calibrate_option": "--calibrate-option", **ROUTER_FLAGS}
 # What each action reads; a flag it does not read is refused, never ignored.
-USES = {"merge": {"base", "branch", "top_k", *ROUTER_FLAGS},
+USES = {"merge": {"base", "branch", "top_k", "calibrate", "calibrate_option", *ROUTER_FLAGS},
         "remove": {"merged", "source", "top_k"},
         "add": {"merged", "branch", "top_k"},
         "soup": {"branch", "weights_data", "weights_source", "weighting"},
@@ -179,6 +186,22 @@ def _public_stats(args, base_path):
     return args.public_stats, None
 
 
+def _calibration(args):
+    """The calibration request of `merge --calibrate DATA`, or None."""
+    if args.calibrate_option and not args.calibrate:
+        raise MergeRefused("--calibrate-option without --calibrate DATA")
+    if not args.calibrate:
+        return None
+    from moesaic.merge import calibrate
+    from moesaic.merge.sources import open_branch
+
+    metas = [open_branch(b).meta for b in args.branch]
+    seq_len = checkpoint.trained_seq_len(metas) or 128
+    base_cfg = checkpoint.model_config(checkpoint.read_meta(args.base))
+    return calibrate.request_from_data(args.calibrate, base_cfg, seq_len=seq_len,
+                                       options=dict(args.calibrate_option or []))
+
+
 def _run(args) -> None:
     from moesaic.merge import fuse
 
@@ -191,12 +214,13 @@ def _run(args) -> None:
                                "--router: a kind, --branch: each party's artifact)")
         from moesaic.merge.sources import open_base
         open_base(args.base)  # refuse a merged base before computing public statistics
+        calibration = _calibration(args)
         public, scratch = _public_stats(args, args.base)
         try:
             fuse.merge_paths(args.base, args.branch, router=args.router,
                              top_k=args.top_k or 1, out=args.out, public_stats=public,
                              low_rank_to=args.low_rank,
-                             options=_options(args))
+                             options=_options(args), calibration=calibration)
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
