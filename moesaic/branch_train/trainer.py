@@ -185,7 +185,8 @@ def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Re
     start = checkpoints.latest_step()
     if start is not None:
         meta = checkpoints.read_meta(start)
-        if meta.get("kind") != job.kind or meta.get("model") != model_cfg.to_dict():
+        as_saved = json.loads(json.dumps(model_cfg.to_dict()))  # tuples as JSON lists
+        if meta.get("kind") != job.kind or meta.get("model") != as_saved:
             raise ValueError(f"{checkpoints.directory} holds a {meta.get('kind')!r} job of "
                              "another model; use a fresh --workdir for this job")
         if base_meta and meta.get("base_fingerprint") != base_meta["fingerprint"]:
