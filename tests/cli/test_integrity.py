@@ -8,6 +8,7 @@ the refusal."""
 
 from __future__ import annotations
 
+import errno
 import json
 import pathlib
 import shutil
@@ -142,3 +143,23 @@ def test_the_intact_inputs_pass_the_same_checks(inputs, tmp_path):
     assert main(["merge", "remove", str(inputs["merged"]), "--source", "math", "--out",
                  str(tmp_path / "r")]) == 0
     assert TINY["model.d_ff"] == checkpoint.read_meta(inputs["base"])["model"]["d_ff"]
+
+
+def test_a_full_disk_in_export_hf_is_refused_and_keeps_the_previous_output(inputs, tmp_path,
+                                                                           capsys, monkeypatch):
+    from moesaic.interop import hf_export
+
+    out = tmp_path / "hf"
+    argv = ["export-hf", str(inputs["merged"]), "--out", str(out), "--drop-router-bias"]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+    monkeypatch.setattr(hf_export, "save_file", full)
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"no space left on the disk while writing --out {out}" in err and "Errno" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no hf.partial
