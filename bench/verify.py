@@ -26,15 +26,6 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def measure(path: pathlib.Path, repeat: int) -> dict:
     import jax
 
@@ -53,10 +44,13 @@ def measure(path: pathlib.Path, repeat: int) -> dict:
         checkpoint.verify(path)
 
     load(), verify()  # warm: page cache, thread pools, the model's abstract init
-    load_s = verify_s = float("inf")
+    best = {load: float("inf"), verify: float("inf")}
     for _ in range(repeat):  # alternated, so a slow moment of the machine hits both
-        load_s = min(load_s, _best(load, 1))
-        verify_s = min(verify_s, _best(verify, 1))
+        for fn in best:
+            start = time.perf_counter()
+            fn()
+            best[fn] = min(best[fn], time.perf_counter() - start)
+    load_s, verify_s = best[load], best[verify]
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return {"path": str(path), "kind": meta.get("kind"), "mb": size / 2**20,
             "load_s": load_s, "verify_s": verify_s, "ratio": verify_s / load_s}
