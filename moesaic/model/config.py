@@ -110,7 +110,9 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as JSON holds them (lora_targets a list), so a dict read back from a
+        checkpoint's meta compares equal."""
+        return {**dataclasses.asdict(self), "lora_targets": list(self.lora_targets)}
 
     @property
     def head_size(self) -> int:
