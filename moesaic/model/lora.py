@@ -26,7 +26,7 @@ its gate/up/down updates (the nonlinearity is per expert; the down projection of
 sum of hidden states is computed once). With a router that gives expert j all the weight,
 the block is exactly the public model with W + s A_j B_j in place of every target W
 (`adapted`). Every low-rank expert is computed for every token (weight 0 where not chosen):
-the updates are small, and the FFN experts keep their dispatch.
+the updates are small, and the FFN experts keep their dispatch (`_ffn_experts`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from flax import nnx
 from moesaic.model import dispatch
 from moesaic.model.config import ModelConfig
 from moesaic.model.layers import stacked_param
-from moesaic.model.moe import Routing, router_inputs, routing_losses
+from moesaic.model.moe import Routing, router_inputs, routing_losses, swiglu
 from moesaic.model.names import (
     ATTN_K,
     ATTN_O,
@@ -180,10 +180,36 @@ def attention_delta(moe, lora: LowRank, x_btd: jax.Array):
     return delta
 
 
+def _ffn_experts(cfg: ModelConfig, x_td, r: Routing, w_gate, w_up, w_down):
+    """(y, dropped) of the FFN experts alone. One FFN expert (a dense base): the public FFN on
+    every token, times its weight. Several: the configured dispatch, with every top-k entry
+    on a low-rank slot sent, at weight 0, to an appended zero expert whose overflow is not
+    counted (the real experts keep their capacity)."""
+    e = cfg.n_experts - cfg.lora_experts
+    t, k = r.experts_tk.shape
+    if e == 1:
+        w0 = jnp.sum(jnp.where(r.experts_tk == 0, r.weights_tk, 0.0), axis=-1)
+        return (swiglu(x_td, w_gate[0], w_up[0], w_down[0]) * w0[:, None].astype(x_td.dtype),
+                jnp.zeros((), jnp.int32))
+    n = w_gate.shape[0]  # the FFN experts (and any padding): the zero expert is slot n
+    on_ffn = r.experts_tk < e
+    factor = cfg.capacity_factor * (n + 1) / e
+
+    def pad(w):
+        return jnp.concatenate([w, jnp.zeros_like(w[:1])])
+
+    y_td, dropped = dispatch.get(cfg.dispatch)(
+        x_td, jnp.where(on_ffn, r.weights_tk, 0.0), jnp.where(on_ffn, r.experts_tk, n),
+        pad(w_gate), pad(w_up), pad(w_down), capacity_factor=factor)
+    if cfg.dispatch != "capacity":  # dropless: only the zero expert can overflow
+        return y_td, jnp.zeros((), jnp.int32)
+    spare = jnp.sum(~on_ffn) - dispatch.capacity_of(t, k, n + 1, factor)
+    return y_td, jnp.maximum(dropped - jnp.maximum(spare, 0), 0)
+
+
 def mixed_ffn(moe, lora: LowRank, x_btd: jax.Array) -> tuple[jax.Array, dict]:
-    """The FFN of a block with low-rank experts: the FFN experts through the configured
-    dispatch (a top-k entry on a low-rank slot given weight 0), plus the low-rank experts,
-    each the public FFN with its updates."""
+    """The FFN of a block with low-rank experts: the FFN experts (`_ffn_experts`) plus the
+    low-rank experts, each the public FFN with its updates."""
     cfg = moe.cfg
     dt = cfg.compute_dtype
     b, t, d = x_btd.shape
@@ -191,11 +217,7 @@ def mixed_ffn(moe, lora: LowRank, x_btd: jax.Array) -> tuple[jax.Array, dict]:
     w_gate, w_up, w_down = (w[...].astype(dt) for w in (moe.w_gate, moe.w_up, moe.w_down))
     x_td = x_btd.reshape(b * t, d)
     r = moe.routing(router_inputs(x_btd, cfg.router_input).reshape(b * t, d))
-    on_ffn = r.experts_tk < e
-    fn = dispatch.get(cfg.dispatch)
-    y_td, dropped = fn(x_td, jnp.where(on_ffn, r.weights_tk, 0.0),
-                       jnp.where(on_ffn, r.experts_tk, 0), w_gate, w_up, w_down,
-                       capacity_factor=cfg.capacity_factor)
+    y_td, dropped = _ffn_experts(cfg, x_td, r, w_gate, w_up, w_down)
     w_tm = low_rank_weights(r, e, m).astype(dt)
     gate = x_td @ w_gate[0]
     up = x_td @ w_up[0]
