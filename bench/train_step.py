@@ -8,6 +8,9 @@ All figures are ratios to rates measured in this same run, so they hold on any m
   MFU      model FLOPs per step / step time / the jnp.dot rate (float32 2048^3, best of 5)
   vs HF    our step time / transformers' FlexOlmoForCausalLM forward+backward on the same
            shapes (torch, CPU; needs the `hf` extra). Ours also applies the AdamW update.
+  data     the share of the trainer's loop spent waiting for batches of the smoke corpora
+           read ahead by data.prefetch threads (`data_wait` in bench/data.py; aim < 5%);
+           --data-steps 0 skips it.
 Like the `moesaic` command, it keeps freed host memory for reuse (moesaic.launch.host_memory)
 unless --system-malloc; --unroll runs the layers as a loop (model.scan_layers=False).
 Model FLOPs per token: 6 * (attention + top_k experts + router + lm_head parameters)
@@ -23,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from data import data_wait, smoke_data_dir  # bench/data.py, beside this script
 from flax import nnx
 
 from moesaic.branch_train import setup, upcycle
@@ -113,6 +117,7 @@ def main() -> None:
     parser.add_argument("--system-malloc", action="store_true",
                         help="glibc's default allocator settings (see host_memory)")
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--data-steps", type=int, default=20, help="data-wait loop steps")
     args = parser.parse_args()
 
     if not args.system_malloc:
@@ -139,6 +144,11 @@ def main() -> None:
         if hf is not None:
             line += f"  step time vs HF FlexOlmo fwd+bwd {ours / hf:.2f}x ({hf * 1e3:.1f} ms)"
         print(line, flush=True)
+        if args.data_steps:
+            share, _ = data_wait(config, smoke_data_dir(), "public", args.data_steps,
+                                 int(config.data.prefetch))
+            print(f"      data wait {share:.1%} of the step ({config.data.prefetch} threads "
+                  f"reading ahead, {args.data_steps} steps)", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from moesaic.branch_train.progress import MetricsLog, parameter_overview
 from moesaic.branch_train.workdir_lock import WorkdirLock
 from moesaic.configs import validate
 from moesaic.data.loader import TokenBatches, load_manifest, parse_mixture
+from moesaic.data.prefetch import ReadAhead
 from moesaic.data.tokenizer import check_tokenizer
 from moesaic.model import checkpoint
 from moesaic.model.config import ModelConfig
@@ -224,17 +225,20 @@ def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Re
     stop = StopSignal()
     losses, step, stopped = {}, start, False
     log_every = max(1, int(config.train.log_every))
+    reader = ReadAhead(batches, start=start, stop=steps,
+                       threads=config.data.get("prefetch", 0))  # batches.get(step), read ahead
     try:
         while step < steps:
             batch = jax.make_array_from_process_local_data(
-                sc.batch_sharding, batches.get(step), sc.batch_shape)
+                sc.batch_sharding, reader.next(), sc.batch_shape)
             trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
                                                     jnp.asarray(step, jnp.int32))
             step += 1
             stopped = stop.agreed()
             logged = step % log_every == 0 or step == steps
             if logged:
-                record = log.log(step, jax.device_get(metrics))
+                record = log.log(step, {**jax.device_get(metrics),
+                                        "data_wait": reader.wait_share()})
                 losses[step] = record["loss"]
             if logged or stopped or step % checkpoints.every == 0:  # before anything is saved
                 check_finite(step, jax.device_get(metrics), checkpoints.latest_step())
@@ -243,6 +247,7 @@ def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Re
             if stopped:
                 break
     finally:
+        reader.close()
         stop.restore()
         log.close()
         checkpoints.close()

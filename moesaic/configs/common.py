@@ -74,6 +74,7 @@ def build(*, model: dict, seq_len: int, global_batch: int, steps: int, lr: float
     c.data = ml_collections.ConfigDict(dict(
         dir=data_dir, mixture="public", seq_len=seq_len, global_batch=global_batch,
         eval_batches=8,
+        prefetch=2,  # threads reading batches ahead of the step, 0: in the loop (docs/data.md)
     ))
     c.train = ml_collections.ConfigDict(dict(
         steps=steps, lr=lr, warmup_steps=max(1, steps // 20), min_lr_ratio=0.1,

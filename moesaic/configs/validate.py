@@ -18,6 +18,7 @@ RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "data.seq_len": (lambda v: v >= 1, "a whole number >= 1"),
     "data.global_batch": (lambda v: v >= 1, "a whole number >= 1"),
     "data.eval_batches": (lambda v: v >= 0, "a whole number >= 0"),
+    "data.prefetch": (lambda v: v >= 0, "a whole number >= 0"),
     "train.steps": (lambda v: v >= 1, "a whole number >= 1"),
     "train.warmup_steps": (lambda v: v >= 0, "a whole number >= 0"),
     "train.log_every": (lambda v: v >= 1, "a whole number >= 1"),

@@ -62,6 +62,7 @@ def test_pretrain_writes_the_public_model_metrics_and_resumes_a_finished_run(dat
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in records] == [result.losses[s] for s in range(1, 7)]
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in records)
+    assert all(0 <= r["data_wait"] <= 1 for r in records)  # share of the time waiting for data
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert JobCheckpoints(tmp_path, every=2, keep=2).latest_step() == 6
 
