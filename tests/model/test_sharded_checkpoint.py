@@ -1,10 +1,19 @@
 """Checkpoints of sharded arrays on 8 fake devices: written shard by shard and hashed a bounded
 slab at a time (no tensor gathered whole), the same bytes and fingerprint as from one device,
-and restored onto 4 devices split another way; a job's own checkpoint alike."""
+and restored onto 4 devices split another way; a job's own checkpoint alike. And tensors
+split over two processes, which neither holds whole, written by both."""
 
 from __future__ import annotations
 
-from tests.support.processes import last_json_line, run_python
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from moesaic.model import checkpoint
+from tests.support.processes import ROOT, last_json_line, run_python, xla_flags
 
 CODE = """
 import json, pathlib
@@ -84,3 +93,53 @@ def test_sharded_checkpoints_write_per_shard_and_restore_onto_another_mesh(tmp_p
     assert out["restored"] == {"{'fsdp': 4}": True, "{'expert': 4}": True,
                                "{'fsdp': 2, 'tensor': 2}": True}, out
     assert out["resaved_equal"] and out["job_restored"], out
+
+
+TWO_PROCESSES = """
+import json, pathlib
+import jax, numpy as np
+jax.distributed.initialize(coordinator_address={address!r}, num_processes=2, process_id={rank})
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from moesaic.model import checkpoint, host_pieces
+
+rng = np.random.default_rng(0)
+host = {{"blocks/ffn/w_gate": rng.standard_normal((2, 3, 8, 6)).astype(np.float32),
+         "embed": rng.standard_normal((16, 8)).astype(np.float32)}}
+mesh = Mesh(np.asarray(jax.devices()), ("fsdp",))  # one device in each process
+specs = {{"blocks/ffn/w_gate": P(None, None, "fsdp"), "embed": P("fsdp")}}
+sharded = {{n: jax.make_array_from_callback(a.shape, NamedSharding(mesh, specs[n]),
+                                           lambda index, a=a: a[index]) for n, a in host.items()}}
+assert not any(a.is_fully_addressable for a in sharded.values())
+host_pieces.MAX_BYTES = 256  # slabs of 64 floats: every tensor is hashed in several
+checkpoint.save(pathlib.Path({root!r}) / "two", sharded, dict(kind="model"))
+print(json.dumps(dict(fingerprint=checkpoint.fingerprint(host))))
+"""
+
+
+def test_two_processes_write_their_own_shards_and_agree_on_the_fingerprint(tmp_path):
+    """Each tensor split over two processes (one device each): neither holds a whole tensor,
+    the checkpoint holds the host copy's values and fingerprint, and it verifies."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", TWO_PROCESSES.format(address=address, rank=rank,
+                                                     root=str(tmp_path))],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in range(2)]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
+        outs.append(last_json_line(out))
+    meta = checkpoint.read_meta(tmp_path / "two")
+    assert outs[0] == outs[1] == {"fingerprint": meta["fingerprint"]}
+    checkpoint.verify(tmp_path / "two")
+    stored = checkpoint.load_tensors(tmp_path / "two", ["blocks/ffn/w_gate", "embed"])
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(stored["blocks/ffn/w_gate"],
+                                  rng.standard_normal((2, 3, 8, 6)).astype(np.float32))
+    np.testing.assert_array_equal(stored["embed"],
+                                  rng.standard_normal((16, 8)).astype(np.float32))
