@@ -103,16 +103,8 @@ def has_fake_devices(count: int) -> bool:
 
 # ---- the plan --------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Plan:
-    mesh: dict[str, int]
-    experts: int  # of the branch model
-    base_experts: int  # of the base it upcycles (= experts in dense mode)
-    counts: dict[str, int]  # trainable / frozen parameter counts
-    by_hand: dict[str, int]  # per-device bytes: trainable, frozen, optimizer, batch
-    xla: dict[str, int]  # per-device bytes: argument, output, alias, temp
-    parameters: list[dict]  # name, kind, shape, dtype, spec, bytes per device
-    compile_seconds: float
+class MemoryReport:
+    """What every plan reports, for a dataclass with `by_hand`, `xla` and `collectives`."""
 
     @property
     def needed(self) -> int:
@@ -121,6 +113,42 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "needed": self.needed}
+
+    def memory_lines(self, hbm: int | None) -> list[str]:
+        """Per-device memory by hand and by XLA, the collectives, and the verdict."""
+        from moesaic.launch.collectives import report_lines
+
+        lines = ["per device, counted from the shardings:"]
+        lines += [f"  {k:10s} {human(v):>10s}" for k, v in self.by_hand.items()]
+        lines += ["per device, planned by XLA:"]
+        lines += [f"  {k:10s} {human(v):>10s}" for k, v in self.xla.items()]
+        lines += report_lines(self.collectives)
+        verdict = f"needs {human(self.needed)} per device (argument + output - alias + temp)"
+        if hbm is not None:
+            verdict += (f"; fits {human(hbm)}" if self.needed <= hbm
+                        else f"; does NOT fit {human(hbm)}")
+        return [*lines, verdict]
+
+
+def xla_memory(compiled) -> dict[str, int]:
+    """The per-device bytes XLA plans for a compiled program."""
+    memory = compiled.memory_analysis()
+    return {"argument": int(memory.argument_size_in_bytes),
+            "output": int(memory.output_size_in_bytes),
+            "alias": int(memory.alias_size_in_bytes), "temp": int(memory.temp_size_in_bytes)}
+
+
+@dataclasses.dataclass
+class Plan(MemoryReport):
+    mesh: dict[str, int]
+    experts: int  # of the branch model
+    base_experts: int  # of the base it upcycles (= experts in dense mode)
+    counts: dict[str, int]  # trainable / frozen parameter counts
+    by_hand: dict[str, int]  # per-device bytes: trainable, frozen, optimizer, batch
+    xla: dict[str, int]  # per-device bytes: argument, output, alias, temp
+    parameters: list[dict]  # name, kind, shape, dtype, spec, bytes per device
+    compile_seconds: float
+    collectives: dict = dataclasses.field(default_factory=dict)  # launch.collectives
 
     def report(self, hbm: int | None) -> str:
         base = (f" (a base of {self.base_experts} plus the own)"
@@ -133,18 +161,10 @@ class Plan:
             lines.append(f"  {p['kind']:6s} {p['name']:22s} {str(tuple(p['shape'])):24s} "
                          f"{p['dtype']:8s} {str(tuple(p['spec'])):30s} "
                          f"{human(p['bytes_per_device']):>10s}/device")
-        lines += ["", "per device, counted from the shardings:"]
-        lines += [f"  {k:10s} {human(v):>10s}" for k, v in self.by_hand.items()]
-        lines += ["per device, planned by XLA:"]
-        lines += [f"  {k:10s} {human(v):>10s}" for k, v in self.xla.items()]
-        verdict = f"needs {human(self.needed)} per device (argument + output - alias + temp)"
-        if hbm is not None:
-            verdict += (f"; fits {human(hbm)}" if self.needed <= hbm
-                        else f"; does NOT fit {human(hbm)}")
-        return "\n".join([*lines, verdict])
+        return "\n".join([*lines, "", *self.memory_lines(hbm)])
 
 
-def _per_device_bytes(shape: tuple[int, ...], dtype, sharding) -> int:
+def per_device_bytes(shape: tuple[int, ...], dtype, sharding) -> int:
     import numpy as np
 
     return int(np.prod(sharding.shard_shape(tuple(shape)), dtype=np.int64)) * \
@@ -185,6 +205,14 @@ def branch_layout(config, *, base: str = "", base_experts: int = 1):
     return kinds.kind_of(_branch_kind(config)).layout(config, base_cfg)
 
 
+def check_expert_axis(n_experts: int, mesh_shape: dict[str, int]) -> None:
+    """An expert axis the model's experts cannot fill (a one-line input error, before the
+    fake devices compile anything; `expert_parallel.check_expert_axis`)."""
+    from moesaic.configs.expert_axis import check_expert_axis as check
+
+    check(n_experts, int(mesh_shape.get("expert", 1)), "--mesh")
+
+
 def check_microbatches(config, mesh_shape: dict[str, int]) -> None:
     """config.train.microbatches against the batch and `mesh_shape`, as `setup.set_up` checks
     it (a one-line input error, before the fake devices compile anything)."""
@@ -223,23 +251,23 @@ def make_plan(config, mesh_shape: dict[str, int], *, base: str = "",
             jax.ShapeDtypeStruct(sc.batch_shape, jnp.int32, sharding=sc.batch_sharding),
             jax.ShapeDtypeStruct((), jnp.int32, sharding=sc.replicated))
     start = time.perf_counter()
-    memory = step_fn.lower(*args).compile().memory_analysis()
+    compiled = step_fn.lower(*args).compile()
     seconds = time.perf_counter() - start
 
     def total(tree) -> int:
-        return sum(_per_device_bytes(a.shape, a.dtype, a.sharding) for a in jax.tree.leaves(tree))
+        return sum(per_device_bytes(a.shape, a.dtype, a.sharding) for a in jax.tree.leaves(tree))
 
     by_hand = {"trainable": total(args[0]), "frozen": total(args[2]),
                "optimizer": total(args[1]), "batch": total(args[3]) + total(args[4])}
-    xla = {"argument": int(memory.argument_size_in_bytes),
-           "output": int(memory.output_size_in_bytes),
-           "alias": int(memory.alias_size_in_bytes), "temp": int(memory.temp_size_in_bytes)}
+    xla = xla_memory(compiled)
     parameters = [
         {"name": name, "kind": kind, "shape": list(a.shape), "dtype": str(a.dtype),
          "spec": [s if s is None or isinstance(s, str) else list(s) for s in a.sharding.spec],
-         "bytes_per_device": _per_device_bytes(a.shape, a.dtype, a.sharding)}
+         "bytes_per_device": per_device_bytes(a.shape, a.dtype, a.sharding)}
         for kind, tree in (("train", args[0]), ("frozen", args[2]))
         for name, a in tree.items()]
+    from moesaic.launch.collectives import collective_bytes
+
     return Plan(dict(mesh_shape), layout.cfg.n_experts,
                 layout.base_experts or layout.cfg.n_experts, layout.counts(), by_hand, xla,
-                parameters, seconds)
+                parameters, seconds, collective_bytes(compiled.as_text()))

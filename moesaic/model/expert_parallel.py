@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moesaic.configs.common import DEFAULT_RULES
+from moesaic.configs.expert_axis import check_expert_axis
 from moesaic.model import checkpoint, names
 from moesaic.model.config import ModelConfig
 from moesaic.model.params import build_model
@@ -36,22 +37,8 @@ from moesaic.model.sharding import Rules, state_shardings
 from moesaic.model.transformer import Decoder
 
 AXIS = "expert"
-
-
-def check_expert_axis(n_experts: int, expert_axis: int, where: str = "--mesh") -> None:
-    """Refuses an expert axis that cannot usefully split `n_experts`: a dense model (one
-    expert) on an expert axis, or an axis at least twice the experts (half of its devices or
-    more would hold only padding that is never routed)."""
-    if expert_axis <= 1:
-        return
-    if n_experts <= 1:
-        raise ValueError(f"{where}: expert={expert_axis} on a dense model (one expert); "
-                         "it has no experts to split, use expert=1")
-    if expert_axis >= 2 * n_experts:
-        raise ValueError(f"{where}: expert={expert_axis} is larger than the model's "
-                         f"{n_experts} experts (at most {2 * n_experts - 1}: an expert axis "
-                         "may exceed the experts only by padding fewer slots than there are "
-                         "experts)")
+__all__ = ["check_expert_axis", "padding_for", "runtime_rules", "shard_merged_model",
+           "shard_merged_params", "unpadded", "padded_config"]
 
 
 def padding_for(n_experts: int, expert_axis: int) -> int:
