@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from moesaic.model import checkpoint
+from moesaic.model import checkpoint, damage
 from moesaic.model.config import ModelConfig
 from moesaic.model.names import ROUTER
 from moesaic.model.sharding import Rules
@@ -66,7 +66,10 @@ def read_base(path: str | pathlib.Path, config: ml_collections.ConfigDict) -> di
     if diffs:
         raise ValueError(f"the job config does not match the base {str(path)!r}: "
                          + "; ".join(diffs) + ". Use the config the base was trained with.")
-    stored = checkpoint.tensor_metadata(path)
+    try:
+        stored = checkpoint.tensor_metadata(path)
+    except damage.CheckpointDamaged as err:  # named as the base, like verify names it
+        raise err.relabel("base") from None
     abstract = checkpoint.flatten(nnx.state(checkpoint.abstract_model(base_cfg)))
     for name, value in abstract.items():
         if name not in stored or stored[name][0] != tuple(value.shape):
