@@ -22,6 +22,7 @@ resumes where it stopped:
   ffn/D       with uncoordinated=true: FlexOlmo's uncoordinated expert per domain (the FFN
               trained in place, no public expert beside it, no replay), merged with its
               initial router rows and with ridge rows (uncoordinated/R)
+  tasks       downstream tasks from the held-out split for the headline systems (demo/tasks.py)
   eval        every system on every domain's held-out split -> report.md, report.json, plots
 
 The training stages run the jobs of moesaic/configs/demo.py (`demo.py:job=branch,source=D`),
@@ -45,6 +46,7 @@ from moesaic.configs import demo as settings
 from moesaic.data.corpora import build_embedded
 from moesaic.data.loader import TokenBatches, load_manifest
 from moesaic.demo import findings, runner, workdir
+from moesaic.demo import tasks as demo_tasks
 from moesaic.demo.runner import Stage
 from moesaic.demo.systems import (
     BTX,
@@ -92,6 +94,7 @@ class Demo:
             p.update({f"ffn/{d}": w / "ffn" / d / "artifact" for d in DOMAINS})
             p.update({f"uncoordinated/{r}": w / "merged" / f"uncoordinated-{r}"
                       for r in UNCOORDINATED})
+        p["tasks"] = w / "tasks.json"
         p["eval"] = w / "results.json"
 
     def stages(self) -> list[Stage]:
@@ -110,6 +113,8 @@ class Demo:
             "optout": lambda: fuse.remove(p["merge/learned-rows"], OPT_OUT, out=p["optout"],
                                           log=tqdm.write),
             "tune": lambda: self.tune(p["merge/learned-rows"], p["tune"]),
+            "tasks": lambda: demo_tasks.run_tasks(p, self.w, self.data, preset.seq_len,
+                                                  p["tasks"]),
             "eval": self.evaluate_all,
         }
         for d in DOMAINS:
@@ -240,8 +245,11 @@ def run_demo(w: str | pathlib.Path, preset: ml_collections.ConfigDict) -> dict:
     results = findings.with_dense_own(json.loads(demo.paths["eval"].read_text()))
     hashes = {s: load_manifest(demo.data, s)["content_hash"][:12] for s in results["domains"]}
     notes = findings.findings(results, preset.preset) + [findings.corpus_note(hashes)]
+    task_record = json.loads(demo.paths["tasks"].read_text())
     report.write_report(w, results, title="moesaic demo: merged experts vs baselines",
-                        notes=notes, average_over=DOMAINS, bar_systems=HEADLINE)
+                        notes=notes, average_over=DOMAINS, bar_systems=HEADLINE,
+                        sections=[demo_tasks.task_table(task_record)],
+                        extra={"tasks": task_record})
     print("\n".join(notes))
     print(f"report: {w / 'report.md'}")
     return results

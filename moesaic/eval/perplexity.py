@@ -104,12 +104,14 @@ def expert_names(model: Decoder, meta: Mapping) -> list[str]:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _target_logprobs(graphdef, state, tokens_bt1):
-    """Compiled once per (model structure, batch shape): models of one config share it."""
+    """Compiled once per (model structure, batch shape): models of one config share it. Also
+    the greedy token after each input (the downstream tasks' exact match, eval/tasks.py)."""
     model = nnx.merge(graphdef, state)
     logits, aux = model(tokens_bt1[:, :-1])
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     target_logp = jnp.take_along_axis(logp, tokens_bt1[:, 1:, None], axis=-1)[..., 0]
-    return target_logp, aux["expert_token_share"], aux["expert_weight_per_token"]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return target_logp, aux["expert_token_share"], aux["expert_weight_per_token"], greedy
 
 
 class ModelScorer:
@@ -125,15 +127,22 @@ class ModelScorer:
         self._graphdef, self._state = nnx.split(model)
 
     def __call__(self, tokens_bt1: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        logp, stats, _ = self.with_greedy(tokens_bt1)
+        return logp, stats
+
+    def with_greedy(self, tokens_bt1: np.ndarray
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """(target log-probs, stats, the argmax token after each input (B, T))."""
         tokens = np.asarray(tokens_bt1, np.int32)
         spec = logical_to_spec(("batch", "length"), self.rules, self.mesh, tokens.shape)
         with activate(self.mesh, self.rules):
             tokens = jax.device_put(tokens, NamedSharding(self.mesh, spec))
-            logp, token_share, weight = _target_logprobs(self._graphdef, self._state, tokens)
+            logp, token_share, weight, greedy = _target_logprobs(self._graphdef, self._state,
+                                                                 tokens)
         stats = {}
         if self.cfg.is_moe:
             stats = {"token_share": np.asarray(token_share), "weight_share": np.asarray(weight)}
-        return np.asarray(logp), stats
+        return np.asarray(logp), stats, np.asarray(greedy)
 
     @staticmethod
     def pooled(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

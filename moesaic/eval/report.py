@@ -210,10 +210,12 @@ def plot_routing(system: str, per_domain: Mapping[str, Mapping], path: pathlib.P
 
 def write_report(workdir: str | os.PathLike, results: Mapping, *, title: str = "moesaic report",
                  notes: Sequence[str] | str = (), average_over: Sequence[str] | None = None,
-                 bar_systems: Sequence[str] | None = None) -> dict:
+                 bar_systems: Sequence[str] | None = None,
+                 sections: Sequence[Sequence[str]] = (), extra: Mapping | None = None) -> dict:
     """Writes report.md, report.json and the plots into `workdir`; returns report.json's dict.
     `average_over`: the domains "avg" means (default: all); `bar_systems`: the systems of
-    bpb_by_domain.png (default: all)."""
+    bpb_by_domain.png (default: all); `sections`: more markdown sections (lists of lines,
+    each starting with its heading), before the plots; `extra`: more keys of report.json."""
     summary = summarize(results, average_over)
     unknown = [s for s in bar_systems or () if s not in summary["systems"]]
     if unknown:
@@ -231,7 +233,7 @@ def write_report(workdir: str | os.PathLike, results: Mapping, *, title: str = "
             name = f"routing_{_slug(system)}.png"
             plot_routing(system, with_shares, workdir / name)
             plots.append(name)
-    report = {"title": title, "notes": notes, **summary, "plots": plots}
+    report = {"title": title, "notes": notes, **summary, "plots": plots, **(extra or {})}
     (workdir / "report.json").write_text(json.dumps(report, indent=1))
     lines = [f"# {title}", ""]
     if notes:
@@ -239,7 +241,10 @@ def write_report(workdir: str | os.PathLike, results: Mapping, *, title: str = "
     lines += ["## Bits per byte (held out; lower is better; best in bold)", "",
               *_table(summary, "bpb", 4), "",
               "## Perplexity (per token)", "", *_table(summary, "ppl", 3), "",
-              _avg_footnote(summary), "", "## Plots", ""]
+              _avg_footnote(summary), ""]
+    for section in sections:
+        lines += [*section, ""]
+    lines += ["## Plots", ""]
     lines += [f"![{p}]({p})" for p in plots]
     (workdir / "report.md").write_text("\n".join(lines) + "\n")
     return report

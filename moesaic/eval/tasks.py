@@ -15,23 +15,20 @@ Every item is a row of a fixed width (the model's context plus one), the prompt 
 right, the continuation after it and padding after that: the model is causal, so the padding
 changes nothing the continuation's scores see, and one compiled forward of one shape serves
 every item: with W = the context + 1 and batches of 8, the evaluator's own (`perplexity`).
-A `RowScorer` gives log-probabilities and, for a model, greedy tokens; an ensemble of
-`moesaic.eval.ensembles` gives no greedy tokens, so its exact-match cell is left empty.
+A `RowScorer` gives log-probabilities and, for a model, greedy tokens (the same compiled
+call); an ensemble of `moesaic.eval.ensembles` gives no greedy tokens, so its exact-match
+cell is left empty.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from moesaic.data.loader import documents, load_manifest
 from moesaic.data.tokenizer import BYTES
@@ -80,11 +77,12 @@ def math_items(data_dir: str | os.PathLike, *, n: int, source: str = "math") -> 
 def cloze_items(data_dir: str | os.PathLike, source: str, *, n: int, choices: int,
                 cont_len: int, prompt_len: int, seed: int = 0) -> list[Item]:
     """`n` items from the held-out documents of `source` (see the module docstring); a
-    document gives several items when the split has few. Seeded: the same items each run."""
+    document gives several items, and several wrong continuations (at other places), when
+    the split has few. Seeded: the same items each run."""
     docs = [d for d in documents(data_dir, source, "heldout") if len(d) >= 2 * cont_len]
-    if len(docs) < choices:
+    if len(docs) < 2:
         raise ValueError(f"tasks: source {source!r} has {len(docs)} held-out documents of at "
-                         f"least {2 * cont_len} tokens; a {choices}-way cloze needs {choices}")
+                         f"least {2 * cont_len} tokens; a cloze needs 2")
     rng = random.Random(f"{seed}:{source}")
     items = []
     for j in range(n):
@@ -92,7 +90,9 @@ def cloze_items(data_dir: str | os.PathLike, source: str, *, n: int, choices: in
         doc = docs[i]
         cut = rng.randint(cont_len, len(doc) - cont_len)
         true = doc[cut:cut + cont_len]
-        others = rng.sample([k for k in range(len(docs)) if k != i], choices - 1)
+        rest = [k for k in range(len(docs)) if k != i]  # a split of few documents gives
+        others = (rng.sample(rest, choices - 1) if len(rest) >= choices - 1  # several
+                  else [rng.choice(rest) for _ in range(choices - 1)])  # from one of them
         wrong = []
         for k in others:
             start = rng.randint(0, len(docs[k]) - cont_len)
@@ -142,31 +142,27 @@ def exact_match(greedy_row: np.ndarray, row: np.ndarray, start: int, length: int
             and int(picks[length]) in set(stop_ids))
 
 
-def _batched(fn: Callable[[np.ndarray], np.ndarray], rows: np.ndarray, batch: int
-             ) -> np.ndarray:
-    """fn over rows in batches of `batch`, the last one filled with copies (one shape, one
-    compile)."""
-    out = []
-    for lo in range(0, len(rows), batch):
-        chunk = rows[lo:lo + batch]
-        filled = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
-        out.append(np.asarray(fn(filled))[:len(chunk)])
-    return np.concatenate(out)
-
-
 def score_items(scorer: RowScorer, items: Sequence[Item], *, width: int, batch: int = 8
                 ) -> dict[str, float | int | None]:
     """{"accuracy", "items"}: exact match for items with stop tokens (None when the scorer
-    gives no greedy tokens), else multiple choice by summed log-likelihood."""
+    gives no greedy tokens), else multiple choice by summed log-likelihood. Rows go through
+    the scorer in batches of `batch`, the last one filled with copies (one shape, one
+    compile)."""
     rows, where = rows_of(items, width)
+    logps, greedy = [], []
+    for lo in range(0, len(rows), batch):
+        chunk = rows[lo:lo + batch]
+        lp, gr = scorer(np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)]))
+        logps.append(np.asarray(lp)[:len(chunk)])
+        greedy.append(None if gr is None else np.asarray(gr)[:len(chunk)])
     if any(item.stop_ids for item in items):
-        if scorer.greedy is None:
+        if any(g is None for g in greedy):
             return {"accuracy": None, "items": len(items)}
-        greedy = _batched(scorer.greedy, rows, batch)
-        hits = [exact_match(greedy[r], rows[r], s, n, items[i].stop_ids)
+        greedy_rows = np.concatenate(greedy)
+        hits = [exact_match(greedy_rows[r], rows[r], s, n, items[i].stop_ids)
                 for r, (i, _, s, n) in enumerate(where)]
         return {"accuracy": float(np.mean(hits)), "items": len(items)}
-    logp = _batched(scorer.logp, rows, batch)
+    logp = np.concatenate(logps)
     totals = np.zeros((len(items), max(len(it.choices) for it in items)), np.float64)
     for r, (i, c, s, n) in enumerate(where):
         totals[i, c] = logp[r, s - 1:s - 1 + n].sum()
@@ -174,34 +170,26 @@ def score_items(scorer: RowScorer, items: Sequence[Item], *, width: int, batch: 
             "items": len(items)}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _greedy(graphdef, state, rows):
-    logits, _ = nnx.merge(graphdef, state)(rows[:, :-1])
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+# rows (N, W) -> (the log-probability of each target (N, W - 1), the argmax token after each
+# input position (N, W - 1) or None where the scorer cannot say: an ensemble)
+RowScorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
-@dataclasses.dataclass(frozen=True)
-class RowScorer:
-    """logp(rows (N, W)) -> the log-probability of each target (N, W - 1); greedy(rows) ->
-    the argmax token after each input position (N, W - 1), or None where the scorer cannot
-    say (an ensemble: exact match is then left out)."""
+def model_scorer(model: Decoder) -> RowScorer:
+    """Through the evaluator's compiled forward: rows of its shape reuse its compilation."""
+    scorer = ModelScorer(model)
 
-    logp: Callable[[np.ndarray], np.ndarray]
-    greedy: Callable[[np.ndarray], np.ndarray] | None = None
+    def score(rows):
+        logp, _, greedy = scorer.with_greedy(rows)
+        return logp, greedy
 
-    @classmethod
-    def of_model(cls, model: Decoder) -> RowScorer:
-        """Log-probabilities through the evaluator's compiled forward (rows of its shape
-        reuse its compilation), greedy tokens through one more."""
-        graphdef, state = nnx.split(model)
-        scorer = ModelScorer(model)
-        return cls(lambda rows: scorer(rows)[0],
-                   lambda rows: _greedy(graphdef, state, jnp.asarray(rows, jnp.int32)))
+    return score
 
-    @classmethod
-    def of_scorer(cls, scorer) -> RowScorer:
-        """Over a perplexity scorer (`scorer(tokens) -> (logp, stats)`, e.g. an ensemble)."""
-        return cls(lambda rows: scorer(rows)[0])
+
+def ensemble_scorer(scorer) -> RowScorer:
+    """Over a perplexity scorer (`scorer(tokens) -> (logp, stats)`, e.g. an ensemble): no
+    greedy tokens, so exact match is left out."""
+    return lambda rows: (scorer(rows)[0], None)
 
 
 @dataclasses.dataclass(frozen=True)

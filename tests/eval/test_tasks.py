@@ -53,8 +53,10 @@ def test_cloze_items_hold_the_true_continuation_and_others_from_other_documents(
     again = tasks.cloze_items(data_dir, "words", n=7, choices=3, cont_len=6, prompt_len=10)
     assert all(a.prompt.tolist() == b.prompt.tolist() and a.answer == b.answer
                for a, b in zip(items, again))
-    with pytest.raises(ValueError, match="needs 6"):
-        tasks.cloze_items(data_dir, "words", n=2, choices=6, cont_len=4, prompt_len=4)
+    six = tasks.cloze_items(data_dir, "words", n=2, choices=6, cont_len=4, prompt_len=4)
+    assert all(len(it.choices) == 6 for it in six)  # 5 documents: one gives two wrong ones
+    with pytest.raises(ValueError, match="a cloze needs 2"):
+        tasks.cloze_items(data_dir, "math", n=2, choices=2, cont_len=40, prompt_len=4)
 
 
 def test_choice_accuracy_counts_strict_wins_only():
@@ -75,16 +77,18 @@ def test_exact_match_reads_the_greedy_token_after_each_position():
 
 def test_score_items_multiple_choice_and_exact_match_on_hand_made_scorers():
     # a scorer whose log-probability of a target is minus its id: low ids win
-    lowest = tasks.RowScorer(logp=lambda rows: -rows[:, 1:].astype(float))
+    def lowest(rows, greedy=None):
+        return -rows[:, 1:].astype(float), greedy
+
     items = [tasks.Item(np.array([5, 5]), (np.array([9, 9]), np.array([1, 1])), answer=1),
              tasks.Item(np.array([5]), (np.array([2]), np.array([3])), answer=1)]
     assert tasks.score_items(lowest, items, width=6, batch=4) == {"accuracy": 0.5, "items": 2}
     # an oracle whose greedy token is the row's next one: every answer matches, stop included
     exact = [tasks.Item(np.array([5, 6]), (np.array([1, 2]),), 0, (0,)),
              tasks.Item(np.array([5]), (np.array([3]),), 0, (0,))]
-    oracle = tasks.RowScorer(logp=lowest.logp, greedy=lambda rows: rows[:, 1:])
+    oracle = lambda rows: lowest(rows, rows[:, 1:])  # noqa: E731
     assert tasks.score_items(oracle, exact, width=6, batch=8)["accuracy"] == 1.0
-    shifted = tasks.RowScorer(logp=lowest.logp, greedy=lambda rows: rows[:, :-1])
+    shifted = lambda rows: lowest(rows, rows[:, :-1])  # noqa: E731
     assert tasks.score_items(shifted, exact, width=6, batch=8)["accuracy"] == 0.0
     assert tasks.score_items(lowest, exact, width=6)["accuracy"] is None  # no greedy tokens
 
@@ -96,7 +100,7 @@ def test_teacher_forced_exact_match_is_greedy_generation():
     prompt = np.array([3, 1, 4, 1, 5])
     out = generate(model, [prompt], max_new_tokens=4).tokens[0]
     answer, stop = out[:3], int(out[3])
-    scorer = tasks.RowScorer.of_model(model)
+    scorer = tasks.model_scorer(model)
     right = tasks.Item(prompt, (answer,), 0, (stop,))
     wrong = tasks.Item(prompt, (np.array([*answer[:2], (answer[2] + 1) % 31]),), 0, (stop,))
     other_stop = tasks.Item(prompt, (answer,), 0, ((stop + 1) % 32,))
