@@ -38,7 +38,8 @@ import sys
 from moesaic import configs
 from moesaic.cli import args as cli_args
 
-MODES = {"coordinated": "branch", "dense": "dense", "ffn": "ffn"}  # branch.mode -> job kind
+MODES = {"coordinated": "branch", "dense": "dense", "ffn": "ffn",
+         "lora": "lora"}  # branch.mode -> job kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +74,9 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--no-verify", action="store_true",
                             help="skip reading the whole base against its fingerprint")
         parser.epilog = ("config.branch.mode: coordinated (default; writes WORKDIR/artifact), "
-                         "dense (a whole dense model, for soup / btx / BTM) or ffn (the "
-                         "uncoordinated expert; also writes WORKDIR/model)")
+                         "dense (a whole dense model, for soup / btx / BTM), ffn (the "
+                         "uncoordinated expert; also writes WORKDIR/model) or lora (a "
+                         "low-rank expert, config.branch.lora; docs/low-rank.md)")
         return
     how = PRETRAIN_COMMANDS[command]
     cli_args.add_job_arguments(parser, default_config=how.default_config,
