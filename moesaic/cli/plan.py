@@ -1,7 +1,8 @@
 """`moesaic plan`: compile a branch job's train step ahead of time, before a cluster is booked.
 
     moesaic plan --config moesaic/configs/olmo2_7b.py:source=code --mesh data=1,fsdp=8 --hbm 80GB
-    moesaic plan --config moesaic/configs/flexolmo_7x7b.py --job eval --mesh data=1,expert=8
+    moesaic plan --config moesaic/configs/flexolmo_7x7b.py --job eval --mesh data=1,expert=8 \
+        --hbm 80GB
 
 --job branch (the default) plans a branch job's train step (`moesaic.launch.plan`); eval,
 tune-router and decode plan a step of the merged model of the config, expert-parallel

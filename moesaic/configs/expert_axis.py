@@ -1,5 +1,5 @@
-"""How large a mesh's `expert` axis may be for a model of n experts (jax-free, so that
-`moesaic plan` checks it before jax starts with its fake devices).
+"""How large a mesh's `expert` axis may be for a model of n experts (jax-free, so that the
+plan command checks it before jax starts with its fake devices).
 
 A merged model runs expert-parallel on any expert axis by padding its experts to a multiple of
 it with slots that are never routed (`moesaic.model.expert_parallel`). An axis at least twice

@@ -11,8 +11,10 @@ sequence per device each) needs 75.78 GB per device with the frozen base in bflo
 The merged model of the seven runs expert-parallel, one expert per device of an expert axis
 of 8 (padded with one slot that is never routed):
 
-    moesaic plan --config moesaic/configs/flexolmo_7x7b.py --job eval --mesh data=1,expert=8
-    moesaic plan --config moesaic/configs/flexolmo_7x7b.py --job decode --mesh data=1,expert=8
+    moesaic plan --config moesaic/configs/flexolmo_7x7b.py --job eval --mesh data=1,expert=8 \
+        --hbm 80GB
+    moesaic plan --config moesaic/configs/flexolmo_7x7b.py --job decode --mesh data=1,expert=8 \
+        --hbm 80GB
 
 8 sequences of 4096 tokens: eval 44.83 GB per device (37.01 GB with --dispatch all_to_all),
 one decoding step against a 4096-slot cache 48.09 GB.
