@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune-router": ("moesaic.cli.merge", "tune router rows only, on data you provide"),
     "eval": ("moesaic.cli.eval", "per-domain perplexity, bits per byte, routing statistics"),
     "generate": ("moesaic.cli.generate", "text from a model: batched decoding with a KV cache"),
+    "audit": ("moesaic.cli.audit", "what a model reproduces of a party's training text"),
     "demo": ("moesaic.cli.demo", "the whole flow on the embedded corpora, with a report"),
     "import-hf": ("moesaic.cli.hf", "convert an OLMo-2 / FlexOlmo HF folder"),
     "export-hf": ("moesaic.cli.hf", "write a FlexOlmoForCausalLM folder"),
