@@ -1,5 +1,6 @@
 """What a training job shows and records: the parameter overview at start, a progress bar
-with loss and tokens/s, WORKDIR/metrics.jsonl (one JSON object per logged step) and
+with loss and tokens/s, WORKDIR/metrics.jsonl (one JSON object per logged step, with the
+model FLOP utilisation `mfu` where the device's peak is known: `profiling`) and
 TensorBoard event files in WORKDIR/tb (tensorboardX, no TensorFlow). Process 0 writes;
 the others stay quiet.
 
@@ -56,9 +57,12 @@ def _summary_writer() -> type:
 
 class MetricsLog:
     def __init__(self, workdir: str | pathlib.Path, *, start_step: int, total_steps: int,
-                 tokens_per_step: int, show_progress: bool = True):
+                 tokens_per_step: int, show_progress: bool = True,
+                 flops_per_token: float = 0.0, peak_flops: float | None = None):
         self.enabled = jax.process_index() == 0
         self.tokens_per_step = tokens_per_step
+        # model FLOPs per token, and the peak FLOP/s of all the job's devices (None: no MFU)
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.total_steps = total_steps
         self.show_progress = show_progress  # without the bar, each record is printed as a line
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
@@ -85,6 +89,8 @@ class MetricsLog:
         rate = (step - last_step) * self.tokens_per_step / max(now - last_time, 1e-9)
         record = {"step": step, **{k: float(v) for k, v in metrics.items()},
                   "tokens_per_s": rate}
+        if self.peak_flops:
+            record["mfu"] = rate * self.flops_per_token / self.peak_flops
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -94,8 +100,9 @@ class MetricsLog:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:,.0f}")
             if not self.show_progress:
+                mfu = f"  MFU {record['mfu']:.1%}" if "mfu" in record else ""
                 print(f"step {step}/{self.total_steps}  loss {record['loss']:.4f}  "
-                      f"tokens/s {rate:,.0f}", flush=True)
+                      f"tokens/s {rate:,.0f}{mfu}", flush=True)
         return record
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moesaic.branch_train import kinds
 from moesaic.branch_train.optimizer import make_optimizer, schedule
+from moesaic.branch_train.precision import Precision
 from moesaic.branch_train.upcycle import ParamLayout
 from moesaic.model.config import ModelConfig
 from moesaic.model.sharding import Rules, activate, logical_to_spec
@@ -44,6 +45,7 @@ class StepConfig:
     rules: Rules
     batch_shape: tuple[int, int]  # (global batch, seq_len + 1)
     microbatches: int = 1  # equal row splits of the batch, one update from their mean gradient
+    precision: Precision | None = None  # the dtypes arrays are held in; None: as the layout's
 
     @functools.cached_property
     def replicated(self) -> NamedSharding:
@@ -51,11 +53,13 @@ class StepConfig:
 
     @functools.cached_property
     def trainable_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
-        return self.layout.trainable_shapes()
+        shapes = self.layout.trainable_shapes()
+        return self.precision.trainable_shapes(shapes) if self.precision else shapes
 
     @functools.cached_property
     def frozen_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
-        return self.layout.frozen_shapes()
+        shapes = self.layout.frozen_shapes()
+        return self.precision.frozen_shapes(shapes) if self.precision else shapes
 
     @functools.cached_property
     def opt_shapes(self):
@@ -119,13 +123,15 @@ def make_train_step(sc: StepConfig):
     """jit(step)(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics):
     the full parameters assembled from both trees, the model run functionally, gradients
     and updates for the trainable tree only, a trained router bias projected back onto <= 0
-    (or onto 0: `ParamLayout.project`); trainable and optimizer state donated."""
+    (or onto 0: `ParamLayout.project`); trainable and optimizer state donated. The model runs
+    on `compute_view` of the trainable tree (`moesaic.branch_train.precision`)."""
     layout, tx, lr_at, mesh, rules = sc.layout, sc.optimizer, sc.schedule, sc.mesh, sc.rules
+    view = sc.precision.compute_view if sc.precision else dict
 
     def train_step(trainable, opt_state, frozen, batch, step):
         def loss_fn(params):
             with activate(mesh, rules):
-                return lm_loss(layout.model(params, frozen), batch)
+                return lm_loss(layout.model(view(params), frozen), batch)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -152,11 +158,12 @@ def accumulating_step(sc: StepConfig):
     (packed rows; not the load-balancing loss, which is nonlinear in the batch)."""
     layout, tx, lr_at, mesh, rules = sc.layout, sc.optimizer, sc.schedule, sc.mesh, sc.rules
     m, (batch_rows, length) = sc.microbatches, sc.batch_shape
+    view = sc.precision.compute_view if sc.precision else dict
 
     def train_step(trainable, opt_state, frozen, batch, step):
         def loss_fn(params, rows):
             with activate(mesh, rules):
-                return lm_loss(layout.model(params, frozen), rows)
+                return lm_loss(layout.model(view(params), frozen), rows)
 
         micro = jax.lax.with_sharding_constraint(
             batch.reshape(batch_rows // m, m, length).swapaxes(0, 1), sc.microbatch_sharding)
@@ -189,12 +196,14 @@ def set_up(config: ml_collections.ConfigDict, kind: str, mesh: Mesh,
            base_cfg: ModelConfig | None = None):
     """(StepConfig, jitted step) of a `kind` job (`kinds.KINDS`) of `config` on `mesh`;
     `base_cfg`: the model config of the base a branch, dense or ffn job starts from.
-    A bad `config.train.microbatches` is refused here, before anything is compiled."""
+    A bad `config.train.microbatches`, `master_dtype` or `frozen_dtype` is refused here,
+    before anything is compiled."""
     batch_shape = (int(config.data.global_batch), int(config.data.seq_len) + 1)
     rules = tuple(tuple(r) for r in config.rules)
     microbatches = config.train.get("microbatches", 1)
     check_microbatches(microbatches, batch_shape[0], dict(mesh.shape), rules)
     layout = kinds.kind_of(kind).layout(config, base_cfg)
+    precision = Precision.from_config(config.train, layout.cfg, base_cfg is not None)
     sc = StepConfig(layout, make_optimizer(config.train), schedule(config.train), mesh,
-                    rules, batch_shape, microbatches)
+                    rules, batch_shape, microbatches, precision)
     return sc, make_train_step(sc)

@@ -38,6 +38,7 @@ from moesaic.branch_train.checkpointing import (
     abstract_like,
     nested,
 )
+from moesaic.branch_train.profiling import StepProfiler, mfu_terms
 from moesaic.branch_train.progress import MetricsLog, parameter_overview
 from moesaic.branch_train.workdir_lock import WorkdirLock
 from moesaic.configs import validate
@@ -145,6 +146,7 @@ def train(config: ml_collections.ConfigDict, job: Job) -> Result:
 def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Result:
     kind = kinds.kind_of(job.kind)
     validate.check(config)  # every numeric field in its range, before anything runs
+    profiler = StepProfiler(job.workdir, config.train.get("profile_steps", ""))
     if kind.from_base and job.base is None:
         raise ValueError(f"a {job.kind} job needs --base (the public checkpoint)")
     workdir = pathlib.Path(job.workdir)
@@ -221,7 +223,9 @@ def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Re
                 "config": config.to_dict(), "data": data_hashes}
 
     log = MetricsLog(workdir, start_step=start, total_steps=steps,
-                     tokens_per_step=tokens_per_step, show_progress=job.show_progress)
+                     tokens_per_step=tokens_per_step, show_progress=job.show_progress,
+                     **mfu_terms(layout, int(config.data.seq_len), sc.mesh,
+                                 float(config.train.get("peak_tflops", 0.0))))
     stop = StopSignal()
     losses, step, stopped = {}, start, False
     log_every = max(1, int(config.train.log_every))
@@ -231,9 +235,11 @@ def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Re
         while step < steps:
             batch = jax.make_array_from_process_local_data(
                 sc.batch_sharding, reader.next(), sc.batch_shape)
+            profiler.before(step + 1)
             trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
                                                     jnp.asarray(step, jnp.int32))
             step += 1
+            profiler.after(step, metrics)
             stopped = stop.agreed()
             logged = step % log_every == 0 or step == steps
             if logged:
@@ -247,6 +253,7 @@ def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Re
             if stopped:
                 break
     finally:
+        profiler.close()
         reader.close()
         stop.restore()
         log.close()
@@ -255,8 +262,11 @@ def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Re
     # ---- outputs -----------------------------------------------------------------------
     output = None
     if job.write_output and not stopped:
+        # in the stored dtypes: the master copy cast back, frozen tensors held in the
+        # compute dtype read again from the base (`moesaic.branch_train.precision`)
         output = kind.write(outputs.Trained(
-            workdir, config, kinds.job_mixture(config, job.kind), layout, trainable, frozen,
+            workdir, config, kinds.job_mixture(config, job.kind), layout,
+            sc.precision.stored(trainable, layout.dtypes), _stored_frozen(job, sc, frozen),
             stats, job_meta(step), base_meta, handover))
     return Result(step, losses, stopped, output, layout, trainable, frozen, opt_state)
 
@@ -290,9 +300,13 @@ def _job_data(config: ml_collections.ConfigDict, job: Job, kind: kinds.JobKind
 def _start_fresh(sc: setup.StepConfig, seed: int):
     """(make_trainable, frozen, stats, handover) of a fresh model (pretraining)."""
     layout = sc.layout
-    fresh = jax.jit(lambda: upcycle.split_full(layout, checkpoint.flatten(nnx.state(
-        Decoder(layout.cfg, rngs=nnx.Rngs(seed))))),
-        out_shardings=(sc.trainable_shardings, sc.frozen_shardings))
+
+    def init():
+        trainable, frozen = upcycle.split_full(layout, checkpoint.flatten(nnx.state(
+            Decoder(layout.cfg, rngs=nnx.Rngs(seed)))))
+        return sc.precision.hold_trainable(trainable), sc.precision.hold_frozen(frozen)
+
+    fresh = jax.jit(init, out_shardings=(sc.trainable_shardings, sc.frozen_shardings))
     frozen = fresh()[1] if layout.frozen else {}  # e.g. rows that are not nnx.Param
     return (lambda: fresh()[0]), frozen, None, None
 
@@ -333,14 +347,23 @@ def _start_from_base(config: ml_collections.ConfigDict, job: Job, kind: kinds.Jo
         trainable0, frozen = upcycle.split_full(layout, base.flat)
     if kind.hands_over:  # what it hands to the merge beside the FFNs it trains
         handover = outputs.ffn_handover(layout, own_row, own_bias, base.flat)
-    frozen = jax.device_put(frozen, sc.frozen_shardings)
-    # Own copies: the step donates the trainable buffers, and an own expert sliced from a
-    # dense base can share its buffer with the frozen public expert.
+    frozen = jax.device_put(sc.precision.hold_frozen(frozen), sc.frozen_shardings)
+    # Own copies in the master dtype: the step donates the trainable buffers, and an own
+    # expert sliced from a dense base can share its buffer with the frozen public expert.
     held = [trainable0]  # handed over once, then dropped: no second copy for the run
     del trainable0, base
 
     def make_trainable():
-        return jax.device_put(jax.tree.map(lambda a: jnp.array(a, copy=True), held.pop()),
-                              sc.trainable_shardings)
+        return jax.device_put(sc.precision.hold_trainable(held.pop()), sc.trainable_shardings)
 
     return make_trainable, frozen, stats, handover
+
+
+def _stored_frozen(job: Job, sc: setup.StepConfig, frozen: dict) -> dict:
+    """`frozen` as the base stores it: the tensors held in the compute dtype for the step
+    (`Precision.held_in_compute`) read again from --base, which they are by construction."""
+    names = sc.precision.held_in_compute(sc.layout.frozen_shapes())
+    if not names:
+        return frozen
+    return {**frozen, **checkpoint.load_tensors(
+        job.base, names, {n: sc.frozen_shardings[n] for n in names})}

@@ -5,7 +5,9 @@ A config file picks the shapes and calls `build(...)`. Sections:
   mesh    device mesh sizes; -1 fills the remaining devices
   rules   logical axis -> mesh axes (None = replicated)
   data    where the prepared sources live and how batches are cut
-  train   optimizer, schedule, steps, checkpoints, microbatches (gradient accumulation)
+  train   optimizer, schedule, steps, checkpoints, microbatches (gradient accumulation),
+          precision (master and frozen dtypes: moesaic.branch_train.precision), profiling
+          and MFU (moesaic.branch_train.profiling)
   branch  the branch job: which source, how the own router row starts, what is frozen
 """
 
@@ -81,6 +83,11 @@ def build(*, model: dict, seq_len: int, global_batch: int, steps: int, lr: float
         b1=0.9, b2=0.95, weight_decay=0.0, clip=1.0,
         log_every=10, ckpt_every=max(1, steps // 4), keep=2,
         microbatches=1,  # the batch split into this many, one update (docs/training.md)
+        # trainable parameters and optimizer state in master_dtype; frozen matmul weights in
+        # model.dtype ("compute") or as stored ("stored"); model.dtype computes (docs/scale.md)
+        master_dtype="float32", frozen_dtype="compute",
+        profile_steps="",  # "FIRST,LAST": a jax.profiler trace of those steps in WORKDIR/profile
+        peak_tflops=0.0,  # one device's peak for the logged MFU; 0: by its device kind
     ))
     c.branch = ml_collections.ConfigDict(dict(
         source=source, mode="coordinated", router_init="contrast", router_margin=2.0,
@@ -93,9 +100,10 @@ def build(*, model: dict, seq_len: int, global_batch: int, steps: int, lr: float
     return c
 
 
-def olmo2(arg: str | None, *, d_model: int, n_layers: int, n_heads: int, d_ff: int
-          ) -> ml_collections.ConfigDict:
-    """An OLMo-2 shape (dolma2 tokenizer, RoPE theta 5e5, bf16, full remat, fsdp 8).
+def olmo2(arg: str | None, *, d_model: int, n_layers: int, n_heads: int, d_ff: int,
+          microbatches: int = 1) -> ml_collections.ConfigDict:
+    """An OLMo-2 shape (dolma2 tokenizer, RoPE theta 5e5, bf16 compute over float32 master
+    parameters, full remat, fsdp 8), its batch of 512 in `microbatches` accumulated steps.
     Arguments: `source=S,experts=n` (the branch of n experts over this base by default 2)."""
     args = parse_arg(arg, source="", experts=2)
     config = build(
@@ -106,4 +114,5 @@ def olmo2(arg: str | None, *, d_model: int, n_layers: int, n_heads: int, d_ff: i
         seq_len=4096, global_batch=512, steps=10_000, lr=9e-4, source=args.source,
     )
     config.mesh.update(data=-1, fsdp=8)
+    config.train.microbatches = microbatches
     return config

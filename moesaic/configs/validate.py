@@ -31,6 +31,7 @@ RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "train.weight_decay": (lambda v: v >= 0, "a number >= 0"),
     "train.clip": (lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
     "train.microbatches": (lambda v: v >= 1, "a whole number >= 1 (1: no accumulation)"),
+    "train.peak_tflops": (lambda v: v >= 0, "a number >= 0 (0: the device kind's peak)"),
     "branch.public_mix": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "branch.router_noise": (lambda v: v >= 0, "a number >= 0"),
     "branch.train_top_k": (lambda v: v >= 0, "a whole number >= 0 (0: the model's top_k)"),

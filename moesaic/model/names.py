@@ -27,6 +27,10 @@ ROUTER, BIAS = "blocks/ffn/router", "blocks/ffn/bias"
 FFN_EXPERT = (W_GATE, W_UP, W_DOWN)  # one expert's FFN
 EXPERT_TENSORS = (*FFN_EXPERT, ROUTER, BIAS)  # everything with an expert axis
 EXPERT_AXIS = 1  # (layers, expert, ...)
+# What the model reads only as model.dtype (each cast to it before any use): held in that
+# dtype, such a tensor gives the same results bit for bit. Norms, router rows and biases are
+# read in float32 (moesaic.branch_train.precision).
+COMPUTE_READ = (EMBED, LM_HEAD, ATTN_Q, ATTN_K, ATTN_V, ATTN_O, *FFN_EXPERT)
 
 STATS = "stats/"  # router statistics: stats/<stat>, stats/<source>/<stat> in a merge (`stat_name`)
 STAT_NAMES = ("x_sum", "xtx", "mean_hidden")

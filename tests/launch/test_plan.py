@@ -40,7 +40,8 @@ def test_7b_branch_plan_on_8_devices_matches_the_arithmetic():
     proc = subprocess.run(
         [sys.executable, "-m", "moesaic.cli.main", "plan", "--config",
          "moesaic/configs/olmo2_7b.py:source=code", "--mesh", "data=1,fsdp=8", "--hbm", "5GB",
-         "--json", "--config.data.global_batch=8", "--config.data.seq_len=512"],
+         "--json", "--config.data.global_batch=8", "--config.data.seq_len=512",
+         "--config.train.microbatches=1"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     seconds = time.perf_counter() - start
     assert proc.returncode == plan.EXIT_DOES_NOT_FIT, proc.stderr
@@ -58,11 +59,13 @@ def test_7b_branch_plan_on_8_devices_matches_the_arithmetic():
 
     # Per device: everything with a d_model axis is split 8 ways over fsdp; the biases and
     # QK-norm scales (no d_model axis) are replicated. AdamW keeps mu and nu for the
-    # trainable parameters only, plus int32 step counts.
+    # trainable parameters only, plus int32 step counts. The trainable master copy is float32;
+    # the frozen matrices (embeddings, attention, the public expert) are held in bf16, the
+    # compute dtype (train.frozen_dtype), the norms, router row and bias as stored (float32).
     trainable_dev = f32 * ((expert + layers * d) // shards + layers)
-    frozen_dev = f32 * ((2 * vocab * d + 4 * layers * d * heads * head_dim + 2 * layers * d + d
-                         + expert + layers * d) // shards + 2 * layers * heads * head_dim
-                        + layers)
+    frozen_dev = (2 * ((2 * vocab * d + 4 * layers * d * heads * head_dim + expert) // shards)
+                  + f32 * ((2 * layers * d + d + layers * d) // shards
+                           + 2 * layers * heads * head_dim + layers))
     by_hand = result["by_hand"]
     assert by_hand["trainable"] == trainable_dev
     assert by_hand["frozen"] == frozen_dev
