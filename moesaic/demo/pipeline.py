@@ -23,6 +23,7 @@ resumes where it stopped:
               trained in place, no public expert beside it, no replay), merged with its
               initial router rows and with ridge rows (uncoordinated/R)
   tasks       downstream tasks from the held-out split for the headline systems (demo/tasks.py)
+  audit       the extraction audit of each party's training text (demo/audit.py)
   eval        every system on every domain's held-out split -> report.md, report.json, plots
 
 The training stages run the jobs of moesaic/configs/demo.py (`demo.py:job=branch,source=D`),
@@ -45,6 +46,7 @@ from moesaic.branch_train.trainer import Job, train
 from moesaic.configs import demo as settings
 from moesaic.data.corpora import build_embedded
 from moesaic.data.loader import TokenBatches, load_manifest
+from moesaic.demo import audit as demo_audit
 from moesaic.demo import findings, runner, workdir
 from moesaic.demo import tasks as demo_tasks
 from moesaic.demo.runner import Stage
@@ -95,6 +97,7 @@ class Demo:
             p.update({f"uncoordinated/{r}": w / "merged" / f"uncoordinated-{r}"
                       for r in UNCOORDINATED})
         p["tasks"] = w / "tasks.json"
+        p["audit"] = w / "audit.json"
         p["eval"] = w / "results.json"
 
     def stages(self) -> list[Stage]:
@@ -115,6 +118,7 @@ class Demo:
             "tune": lambda: self.tune(p["merge/learned-rows"], p["tune"]),
             "tasks": lambda: demo_tasks.run_tasks(p, self.w, self.data, preset.seq_len,
                                                   p["tasks"]),
+            "audit": lambda: demo_audit.run_audit(p, self.data, preset.seq_len, p["audit"]),
             "eval": self.evaluate_all,
         }
         for d in DOMAINS:
@@ -246,10 +250,12 @@ def run_demo(w: str | pathlib.Path, preset: ml_collections.ConfigDict) -> dict:
     hashes = {s: load_manifest(demo.data, s)["content_hash"][:12] for s in results["domains"]}
     notes = findings.findings(results, preset.preset) + [findings.corpus_note(hashes)]
     task_record = json.loads(demo.paths["tasks"].read_text())
+    audit_record = json.loads(demo.paths["audit"].read_text())
     report.write_report(w, results, title="moesaic demo: merged experts vs baselines",
                         notes=notes, average_over=DOMAINS, bar_systems=HEADLINE,
-                        sections=[demo_tasks.task_table(task_record)],
-                        extra={"tasks": task_record})
+                        sections=[demo_tasks.task_table(task_record),
+                                  demo_audit.audit_table(audit_record)],
+                        extra={"tasks": task_record, "audit": audit_record})
     print("\n".join(notes))
     print(f"report: {w / 'report.md'}")
     return results

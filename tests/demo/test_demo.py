@@ -220,6 +220,8 @@ def test_report_structure(smoke):
     text = (workdir / "report.md").read_text()
     assert "| system |" in text and "merged MoE (learned-rows)" in text
     assert "## Downstream tasks" in text and "math exact match" in report["tasks"]["tasks"]
+    assert "## Extraction audit" in text and set(report["audit"]["parties"]) == set(
+        systems.DOMAINS)
     assert "Preset `smoke`." in text
     code = json.loads((workdir / "data" / "code" / "manifest.json").read_text())
     code_hash = code["content_hash"]
