@@ -2,7 +2,8 @@
 
     moesaic generate --model CKPT --prompt "def add(a, b):" --max-new-tokens 64
     moesaic generate --model CKPT --prompts prompts.txt --max-new-tokens 64 \
-        [--temperature 0.8 --top-p 0.95 --seed 0] [--batch-size 16] [--json out.json]
+        [--temperature 0.8 --top-p 0.95 --seed 0] [--batch-size 16] [--json out.json] \
+        [--mesh data=1,expert=4]
 
 --prompts reads one prompt a line (blank lines skipped; `\\n` in a line is a newline). Greedy
 by default (--temperature 0). Decoding stops at the model's end-of-document token or after
@@ -17,6 +18,7 @@ import json
 import pathlib
 import sys
 
+from moesaic.cli import mesh as mesh_flags
 from moesaic.cli.args import whole_number
 
 
@@ -36,6 +38,7 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip reading the model whole against its fingerprint first")
+    mesh_flags.add_arguments(parser, dispatch=False)
 
 
 def read_prompts(prompt_args: list[str], path: str | None) -> list[str]:
@@ -70,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
         from moesaic.eval import generate, perplexity
         from moesaic.model import checkpoint
 
+        mesh = mesh_flags.build(args.mesh, mesh_flags.experts_of(args.model))
         if not args.no_verify and checkpoint.is_complete(args.model):
             checkpoint.verify(args.model, "--model")
-        model, meta = perplexity.load_model(args.model)
+        model, meta = perplexity.load_model(args.model, mesh=mesh)
         context = args.context or checkpoint.trained_seq_len([meta])
         tokenizer = load_tokenizer(model.cfg.tokenizer)
         ids = [tokenizer.encode(p) for p in prompts]

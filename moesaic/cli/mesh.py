@@ -1,5 +1,6 @@
 """The `--mesh` and `--dispatch` of the commands that run a merged model (`eval`,
-`tune-router`): the model expert-parallel over the mesh's `expert` axis whatever its expert
+`tune-router`, and `--mesh` of `generate`, whose decoding runs `dropless`): the model
+expert-parallel over the mesh's `expert` axis whatever its expert
 count (`moesaic.model.expert_parallel`).
 
     moesaic eval --model M --data D --mesh data=1,expert=4 [--dispatch all_to_all]
@@ -19,12 +20,15 @@ from moesaic.launch.plan import parse_mesh
 DISPATCHES = ("dropless", "all_to_all")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, *, dispatch: bool = True) -> None:
+    """--mesh, and --dispatch unless `dispatch` is False."""
     parser.add_argument("--mesh", default="",
                         help="device mesh as axis=size pairs over data, fsdp, expert, tensor, "
                              "e.g. data=1,expert=4 (the experts split over the expert axis, "
                              "padded to a multiple of it); default: data-parallel over the "
                              "local devices")
+    if not dispatch:
+        return
     parser.add_argument("--dispatch", choices=DISPATCHES, default="dropless",
                         help="how tokens reach their experts: left to the compiler (dropless, "
                              "the default) or sent explicitly by all-to-all over the expert "

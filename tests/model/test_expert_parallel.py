@@ -19,7 +19,7 @@ from moesaic.model.checkpoint import flatten
 from moesaic.model.expert_parallel import runtime_rules, shard_merged_model, unpadded
 from moesaic.model.params import build_model
 from moesaic.model.sharding import activate
-from moesaic.model.transformer import Decoder, lm_loss
+from moesaic.model.transformer import Decoder, token_nll
 from moesaic.configs.common import DEFAULT_RULES
 
 tokens = jax.random.randint(jax.random.key(1), (8, 13), 0, 40)
@@ -64,10 +64,15 @@ flat = flatten(nnx.state(base))
 
 def loss_and_grad(dispatch):
     cfg = base.cfg.replace(dispatch=dispatch)
-    fn = jax.jit(jax.value_and_grad(lambda p: lm_loss(build_model(cfg, p), tokens)[0]))
+
+    def loss(p):  # the logits ride along as the auxiliary output: one program a dispatch
+        logits, aux = build_model(cfg, p)(tokens[:, :-1])
+        nll = jnp.mean(token_nll(logits, tokens[:, 1:]))
+        return nll + cfg.z_loss_weight * aux["z_loss"], logits
+
     with activate(mesh, rules):
-        logits = jax.jit(lambda p: build_model(cfg, p)(tokens[:, :-1])[0])(flat)
-        return logits, fn(flat)
+        (value, logits), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(flat)
+    return logits, (value, grad)
 
 ref_logits, (ref_loss, ref_grad) = loss_and_grad("dropless")
 for dispatch in ("all_to_all", "dropless_ragged"):
