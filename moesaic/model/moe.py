@@ -139,7 +139,9 @@ class MoE(nnx.Module):
         r = self.routing(router_inputs(x_btd, cfg.router_input).reshape(b * t, d))
         fn = dispatch.get(cfg.dispatch)
         # padding slots hold no tokens: the capacity per expert stays that of n_experts
-        factor = cfg.capacity_factor * cfg.stacked_experts / cfg.n_experts
+        factor = cfg.capacity_factor
+        if cfg.expert_padding:
+            factor *= cfg.stacked_experts / cfg.n_experts
         y_td, dropped = fn(x_td, r.weights_tk, r.experts_tk, w_gate, w_up, w_down,
                            capacity_factor=factor)
         aux = routing_losses(r, cfg.n_experts)
