@@ -15,11 +15,11 @@ a folder named by --data. The one before it is how the demo trains its public mo
 Arguments (demo.py:preset=smoke,job=branch,source=code):
   preset       default (a 2-core CPU, about 13 to 25 minutes) or smoke (CI, about 2 minutes)
   job          none: the demo's settings, what the demo command reads. pretrain, branch,
-               dense, ffn or moe-all: the whole training config of that job of the demo, as
+               dense, ffn, lora or moe-all: the whole training config of that job of the demo, as
                the demo builds it (pretrain runs as moesaic pretrain, the others as moesaic
                branch, whose config.branch.mode this sets; moe-all's base is the public model
                upcycled to one expert per source)
-  source       the party's data, for branch, dense and ffn
+  source       the party's data, for branch, dense, ffn and lora
   FIELD=VALUE  any demo setting (branch_steps=600, model.d_model=64 for smoke): the jobs of a
                demo run with --config.FIELD=VALUE
 """
@@ -39,13 +39,15 @@ PRESETS = {
                     pretrain_steps=500, branch_steps=150, dense_steps=150, moe_steps=300,
                     lr=3e-3, branch_lr=2e-3, public_mix=0.3, router_input="prefix_mean",
                     top_k=4, tune_steps=150, eval_sequences=48, uncoordinated=False,
-                    negative_bias=False, btx_top_k=2),
+                    negative_bias=False, btx_top_k=2, low_rank=16, lora_branches=False,
+                    lora_rank=16),
     "smoke": dict(data_size="smoke", model=dict(d_model=32, n_layers=2, n_heads=2,
                                                 n_kv_heads=2, d_ff=64),
                   seq_len=32, batch=8, pretrain_steps=300, branch_steps=40, dense_steps=40,
                   moe_steps=60, lr=3e-3, branch_lr=2e-3, public_mix=0.3,
                   router_input="prefix_mean", top_k=4, tune_steps=20, eval_sequences=6,
-                  uncoordinated=False, negative_bias=False, btx_top_k=2),
+                  uncoordinated=False, negative_bias=False, btx_top_k=2, low_rank=16,
+                  lora_branches=False, lora_rank=16),
 }
 # What the settings mean (every preset has all of them):
 #   data_size       the embedded corpora's size (moesaic.data.corpora)
@@ -61,6 +63,8 @@ PRESETS = {
 #   uncoordinated   also FlexOlmo's uncoordinated experts (ffn jobs) and their merges
 #   negative_bias   branch.negative_bias; False holds each owner's bias at 0
 #   btx_top_k       experts per token of the BTX baseline (BTX's recipe is 2)
+#   low_rank        the branches also merged as rank-R low-rank experts (FlexMoRE), 0: not
+#   lora_branches   also a low-rank branch per party (moesaic.demo.low_rank), of lora_rank
 
 
 class JobSpec(NamedTuple):
@@ -76,8 +80,9 @@ JOBS = {
     "dense": JobSpec("dense_steps", "branch_lr", "dense", "dense"),
     "ffn": JobSpec("branch_steps", "branch_lr", "ffn", "ffn"),
     "moe-all": JobSpec("moe_steps", "branch_lr", "dense", "dense"),
+    "lora": JobSpec("branch_steps", "branch_lr", "lora", "lora"),
 }
-PARTY_JOBS = ("branch", "dense", "ffn")  # the jobs that take source=
+PARTY_JOBS = ("branch", "dense", "ffn", "lora")  # the jobs that take source=
 # The unrestricted MoE: every source, one expert each (the public model upcycled).
 ALL_SOURCES = (*DOMAINS, "public")
 _ARGUMENTS = ("preset", "job", "source")
@@ -123,6 +128,8 @@ def job_config(preset: ml_collections.ConfigDict, job: str, source: str = ""
         config.branch.stats_batches = 0  # no router statistics: the demo's BTX starts random
     if job == "moe-all":
         config.model.update(n_experts=len(ALL_SOURCES), top_k=preset.top_k)
+    if job == "lora":
+        config.branch.lora.rank = int(preset.lora_rank)
     return config
 
 

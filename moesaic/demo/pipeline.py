@@ -19,6 +19,9 @@ resumes where it stopped:
   optout      the learned-rows merge with one party removed
   tune        the learned-rows merge with FlexOlmo's optional router tuning: only the router
               rows train, on public data (Table 1 has the merged model with and without it)
+  lowrank/R   the branches merged as low-rank experts (rank `low_rank`, FlexMoRE), with
+              learned rows and Arrow; lora/D and lora-merge/R with lora_branches=true: one
+              low-rank branch per domain and their merges (moesaic/demo/low_rank.py)
   ffn/D       with uncoordinated=true: FlexOlmo's uncoordinated expert per domain (the FFN
               trained in place, no public expert beside it, no replay), merged with its
               initial router rows and with ridge rows (uncoordinated/R)
@@ -47,7 +50,7 @@ from moesaic.configs import demo as settings
 from moesaic.data.corpora import build_embedded
 from moesaic.data.loader import TokenBatches, load_manifest
 from moesaic.demo import audit as demo_audit
-from moesaic.demo import findings, runner, workdir
+from moesaic.demo import findings, low_rank, runner, workdir
 from moesaic.demo import tasks as demo_tasks
 from moesaic.demo.runner import Stage
 from moesaic.demo.systems import (
@@ -96,6 +99,7 @@ class Demo:
             p.update({f"ffn/{d}": w / "ffn" / d / "artifact" for d in DOMAINS})
             p.update({f"uncoordinated/{r}": w / "merged" / f"uncoordinated-{r}"
                       for r in UNCOORDINATED})
+        p.update(low_rank.paths(w, preset))
         p["tasks"] = w / "tasks.json"
         p["audit"] = w / "audit.json"
         p["eval"] = w / "results.json"
@@ -134,6 +138,7 @@ class Demo:
         for r in UNCOORDINATED:
             work[f"uncoordinated/{r}"] = lambda r=r: self.merge(
                 [p[f"ffn/{d}"] for d in DOMAINS], r, p[f"uncoordinated/{r}"])
+        work.update(low_rank.work(self))
         return [Stage(name, output, work[name]) for name, output in p.items()]
 
     # ---- training --------------------------------------------------------------------
@@ -164,10 +169,11 @@ class Demo:
         made.rename(self.paths["public-stats"])
         shutil.rmtree(made.parent)  # the now empty temporary folder
 
-    def merge(self, branches: list[pathlib.Path], router: str, out: pathlib.Path) -> None:
+    def merge(self, branches: list[pathlib.Path], router: str, out: pathlib.Path,
+              **kw) -> None:
         fuse.merge_paths(self.paths["public"], branches, router=router, top_k=self.preset.top_k,
                          out=out, public_stats=self.paths["public-stats"],
-                         options=ROUTER_OPTIONS.get(router), log=tqdm.write)
+                         options=ROUTER_OPTIONS.get(router), log=tqdm.write, **kw)
 
     def make_soups(self) -> None:  # five soups, one stage: a re-run keeps those already written
         soups = self.w / "soups"
@@ -228,6 +234,7 @@ class Demo:
             systems[FFN_ALONE] = each_own({d: w / "ffn" / d / "model" for d in DOMAINS}, "ffn")
             for r, name in UNCOORDINATED.items():
                 systems[name] = ev(p[f"uncoordinated/{r}"], f"uncoordinated-{r}")
+        systems.update(low_rank.systems(self, ev))
         results_path = p["eval"]
         partial = results_path.with_name(results_path.name + ".partial")
         partial.write_text(json.dumps({"domains": domains, "systems": systems}))
@@ -249,6 +256,7 @@ def run_demo(w: str | pathlib.Path, preset: ml_collections.ConfigDict) -> dict:
     results = findings.with_dense_own(json.loads(demo.paths["eval"].read_text()))
     hashes = {s: load_manifest(demo.data, s)["content_hash"][:12] for s in results["domains"]}
     notes = findings.findings(results, preset.preset) + [findings.corpus_note(hashes)]
+    notes += [n for n in [low_rank.note(preset)] if n]
     task_record = json.loads(demo.paths["tasks"].read_text())
     audit_record = json.loads(demo.paths["audit"].read_text())
     report.write_report(w, results, title="moesaic demo: merged experts vs baselines",

@@ -14,7 +14,10 @@ import jax
 import ml_collections
 
 # Settings added after workdirs recorded theirs, with the value every earlier run had.
-BEFORE_RECORDED = {"uncoordinated": False, "negative_bias": True, "btx_top_k": 4}
+BEFORE_RECORDED = {"uncoordinated": False, "negative_bias": True, "btx_top_k": 4,
+                   # the low-rank systems only add stages and change no other stage's output,
+                   # so an earlier workdir is taken at today's values and gains them
+                   "low_rank": 16, "lora_branches": False, "lora_rank": 16}
 
 
 def recorded_settings(config: ml_collections.ConfigDict) -> dict:

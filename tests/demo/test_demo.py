@@ -19,7 +19,7 @@ from moesaic.cli import train as cli_train
 from moesaic.configs import demo as settings
 from moesaic.configs import loading
 from moesaic.demo import findings, pipeline, systems
-from moesaic.demo.workdir import claim_workdir
+from moesaic.demo.workdir import BEFORE_RECORDED, claim_workdir
 from tests.support.processes import last_json_line, run_python
 
 CONFIG = "moesaic/configs/demo.py"
@@ -135,8 +135,9 @@ def test_a_workdir_of_the_demo_before_its_config_file_is_accepted_or_refused_as_
         claim_workdir(tmp_path / "old", smoke_settings("branch_steps=600"))
     (tmp_path / "new").mkdir()
     claim_workdir(tmp_path / "new", smoke_settings())
-    assert ((tmp_path / "new" / "preset.json").read_text()
-            == (tmp_path / "old" / "preset.json").read_text())
+    added = {k: BEFORE_RECORDED[k] for k in ("low_rank", "lora_branches", "lora_rank")}
+    assert (json.loads((tmp_path / "new" / "preset.json").read_text())
+            == {**OLD_SMOKE, **added})  # the settings added since, at the values taken there
     older = {k: v for k, v in OLD_SMOKE.items() if k not in ("negative_bias", "btx_top_k")}
     (tmp_path / "older").mkdir()
     (tmp_path / "older" / "preset.json").write_text(json.dumps(older))
