@@ -28,12 +28,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("moesaic.cli.merge", "fuse branches into one MoE; remove or add an expert; "
                                    "soup / btx baselines"),
     "tune-router": ("moesaic.cli.merge", "tune router rows only, on data you provide"),
+    "screen": ("moesaic.cli.screen", "trust score of each expert of a merged model, on "
+                                     "public proxy data"),
     "eval": ("moesaic.cli.eval", "per-domain perplexity, bits per byte, routing statistics"),
     "generate": ("moesaic.cli.generate", "text from a model: batched decoding with a KV cache"),
     "audit": ("moesaic.cli.audit", "what a model reproduces of a party's training text"),
     "demo": ("moesaic.cli.demo", "the whole flow on the embedded corpora, with a report"),
     "import-hf": ("moesaic.cli.hf", "convert an OLMo-2 / FlexOlmo HF folder"),
     "export-hf": ("moesaic.cli.hf", "write a FlexOlmoForCausalLM folder"),
+    "import-peft": ("moesaic.cli.peft", "a PEFT LoRA adapter as a low-rank branch artifact"),
+    "export-peft": ("moesaic.cli.peft", "a low-rank branch artifact as a PEFT LoRA adapter"),
     "launch": ("moesaic.cli.launch", "render or run one job per party from a manifest"),
     "plan": ("moesaic.cli.plan", "compile the branch step ahead of time; memory per device"),
 }

@@ -116,6 +116,14 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
                              "; kept in the model and refitted by remove/add")
     parser.add_argument("--calibrate-option", action="append", default=None, metavar="NAME=X",
                         type=_router_option, help="a calibration setting, e.g. steps=200")
+    parser.add_argument("--screen", default=None, metavar="DATA",
+                        help="prepared data folder: screen every expert on its 'public' source "
+                             "(moesaic.merge.screen); report beside --out")
+    parser.add_argument("--policy", choices=("warn", "down-weight", "refuse"), default=None,
+                        help="--screen: what happens to a party below --refuse-below (default "
+                             "warn)")
+    parser.add_argument("--refuse-below", type=float, default=None, metavar="T",
+                        help="--screen: trust threshold in [0, 1] (default 0.5)")
 
 
 def _options(args) -> dict:
@@ -136,9 +144,12 @@ ROUTER_FLAGS = {"router": "--router", "public_stats": "--public-stats",
 FLAGS = {"merged": "M", "base": "--base", "branch": "--branch", "source": "--source",
          "top_k": "--top-k", "low_rank": "--low-rank", "weights_data": "--weights-data",
          "weights_source": "--weights-source", "weighting": "--weighting",
-         "calibrate": "--calibrate", "calibrate_option": "--calibrate-option", **ROUTER_FLAGS}
+         "calibrate": "--calibrate", "calibrate_option": "--calibrate-option",
+         "screen": "--screen", "policy": "--policy", "refuse_below": "--refuse-below",
+         **ROUTER_FLAGS}
 # What each action reads; a flag it does not read is refused, never ignored.
-USES = {"merge": {"base", "branch", "top_k", "calibrate", "calibrate_option", *ROUTER_FLAGS},
+USES = {"merge": {"base", "branch", "top_k", "calibrate", "calibrate_option", "screen",
+                  "policy", "refuse_below", *ROUTER_FLAGS},
         "remove": {"merged", "source", "top_k"},
         "add": {"merged", "branch", "top_k"},
         "soup": {"branch", "weights_data", "weights_source", "weighting"},
@@ -202,6 +213,27 @@ def _calibration(args):
                                        options=dict(args.calibrate_option or []))
 
 
+def _screening(args):
+    """`merge --screen DATA`: a merge function that screens (moesaic.merge.screen), or None."""
+    if not args.screen:
+        if args.policy or args.refuse_below is not None:
+            raise MergeRefused("--policy and --refuse-below act on --screen DATA, not given")
+        return None
+    import functools
+
+    from moesaic.merge import calibrate, screen
+    from moesaic.merge.sources import open_branch
+
+    threshold = screen.check_threshold(screen.DEFAULT_THRESHOLD if args.refuse_below is None
+                                       else args.refuse_below)
+    metas = [open_branch(b).meta for b in args.branch]
+    seq_len = checkpoint.trained_seq_len(metas) or 128
+    base_cfg = checkpoint.model_config(checkpoint.read_meta(args.base))
+    tokens = calibrate.proxy_tokens(args.screen, base_cfg, seq_len=seq_len)
+    return functools.partial(screen.screened_merge, tokens=tokens,
+                             policy=args.policy or "warn", threshold=threshold)
+
+
 def _run(args) -> None:
     from moesaic.merge import fuse
 
@@ -215,12 +247,13 @@ def _run(args) -> None:
         from moesaic.merge.sources import open_base
         open_base(args.base)  # refuse a merged base before computing public statistics
         calibration = _calibration(args)
+        screening = _screening(args)
         public, scratch = _public_stats(args, args.base)
         try:
-            fuse.merge_paths(args.base, args.branch, router=args.router,
-                             top_k=args.top_k or 1, out=args.out, public_stats=public,
-                             low_rank_to=args.low_rank,
-                             options=_options(args), calibration=calibration)
+            merge = fuse.merge_paths if screening is None else screening
+            merge(args.base, args.branch, router=args.router, top_k=args.top_k or 1,
+                  out=args.out, public_stats=public, low_rank_to=args.low_rank,
+                  options=_options(args), calibration=calibration)
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)

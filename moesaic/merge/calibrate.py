@@ -45,9 +45,10 @@ from moesaic.model.names import BIAS, ROUTER
 from moesaic.model.params import build_model
 from moesaic.model.transformer import token_nll
 
-TOKENS, SCALE, SHIFT = "calib/tokens", "calib/scale", "calib/bias"
+TOKENS, SCALE, SHIFT, DELTA = "calib/tokens", "calib/scale", "calib/bias", "calib/rows"
 MASKED = -1e9  # a masked party's bias: its weight underflows to exactly 0
-DEFAULTS = {"target_temperature": 0.05, "prior": 1e-3, "steps": 200}
+DEFAULTS = {"target_temperature": 0.05, "prior": 1e-3, "steps": 200, "balance": 1.0,
+            "rows": 0.0}
 PROXY_SOURCE = "public"
 
 
@@ -55,6 +56,7 @@ PROXY_SOURCE = "public"
 class Fit:
     scale: np.ndarray  # (L, E) float32: multiplies each expert's row
     bias: np.ndarray  # (L, E) float32: each expert's bias (base experts: as merged)
+    rows: np.ndarray  # (L, E, D) float32: added to each scaled row (0 unless option rows)
     record: dict  # what meta.json keeps under "calibration"
 
 
@@ -119,8 +121,10 @@ def _gains_to_weights(nll_public, nll_alone, keep, prefix: bool, temperature: fl
     return pi.reshape(pi.shape[0], -1).T
 
 
-def _layer_fit(x_nd, rows_ed, bias_e, pi_nk, keep_n, base: int, prior: float, steps: int):
-    """(log scale, bias) of the parties in one layer: softmax(a s + c) fitted to the target."""
+def _layer_fit(x_nd, rows_ed, bias_e, pi_nk, keep_n, base: int, prior: float, steps: int,
+               with_rows: bool, rows_prior: float):
+    """(scale, bias, row correction) of the parties in one layer: softmax(a s + c + x.v)
+    fitted to the target (v = 0 unless `with_rows`), and the fit loss before and after."""
     scores = x_nd @ rows_ed.T  # (N, E) raw scores
     eff = effective_bias(bias_e)
     n_exp = rows_ed.shape[0]
@@ -132,20 +136,26 @@ def _layer_fit(x_nd, rows_ed, bias_e, pi_nk, keep_n, base: int, prior: float, st
     weight = keep_n / jnp.maximum(jnp.sum(keep_n), 1.0)
     c0 = jnp.minimum(bias_e[base:], 0.0)
 
+    n_par, d = n_exp - base, x_nd.shape[1]
+
     def unpack(theta):
-        log_a, c = theta[: n_exp - base], theta[n_exp - base:]
-        return log_a, -jax.nn.softplus(c)
+        log_a, c = theta[:n_par], theta[n_par:2 * n_par]
+        v = theta[2 * n_par:].reshape(n_par, d) if with_rows else jnp.zeros((n_par, d))
+        return log_a, -jax.nn.softplus(c), v
 
     def loss(theta):
-        log_a, c = unpack(theta)
-        logits = jnp.concatenate([scores[:, :base] + eff[:base],
-                                  jnp.exp(log_a) * scores[:, base:] + c], axis=1)
+        log_a, c, v = unpack(theta)
+        party = jnp.exp(log_a) * scores[:, base:] + c
+        if with_rows:
+            party = party + x_nd @ v.T
+        logits = jnp.concatenate([scores[:, :base] + eff[:base], party], axis=1)
         ce = -jnp.sum(weight * jnp.sum(target * jax.nn.log_softmax(logits, -1), -1))
-        return ce + prior * (jnp.sum(log_a ** 2) + jnp.sum((c - c0) ** 2))
+        return (ce + prior * (jnp.sum(log_a ** 2) + jnp.sum((c - c0) ** 2))
+                + rows_prior * jnp.sum(v ** 2))
 
     # softplus^-1 of -c0, kept finite for c0 = 0
-    start = jnp.concatenate([jnp.zeros(n_exp - base),
-                             jnp.log(jnp.expm1(jnp.maximum(-c0, 1e-3)))])
+    start = jnp.concatenate([jnp.zeros(n_par), jnp.log(jnp.expm1(jnp.maximum(-c0, 1e-3))),
+                             jnp.zeros(n_par * d if with_rows else 0)])
     grad = jax.grad(loss)
 
     def step(carry, _):  # Adam, fixed steps: deterministic, no line search
@@ -157,11 +167,11 @@ def _layer_fit(x_nd, rows_ed, bias_e, pi_nk, keep_n, base: int, prior: float, st
 
     zeros = jnp.zeros_like(start)
     (theta, _, _, _), _ = jax.lax.scan(step, (start, zeros, zeros, 0.0), None, length=steps)
-    log_a, c = unpack(theta)
-    return jnp.exp(log_a), c, loss(start), loss(theta)
+    log_a, c, v = unpack(theta)
+    return jnp.exp(log_a), c, v, loss(start), loss(theta)
 
 
-_fit_layer = jax.jit(_layer_fit, static_argnums=(5, 7))
+_fit_layer = jax.jit(_layer_fit, static_argnums=(5, 7, 8))
 
 
 @functools.lru_cache(maxsize=8)
@@ -172,13 +182,17 @@ def _compiled(cfg: ModelConfig):
 
 
 def fit(cfg: ModelConfig, flat: dict[str, np.ndarray], tokens: np.ndarray, *, base_experts: int,
-        options: dict | None = None, batch_rows: int = 16) -> Fit:
-    """The calibration of the merged model `flat` (config `cfg`) on proxy rows `tokens`."""
+        options: dict | None = None, batch_rows: int = 16,
+        distrusted: list[int] | tuple[int, ...] = ()) -> Fit:
+    """The calibration of the merged model `flat` (config `cfg`) on proxy rows `tokens`.
+    `distrusted` parties (positions among the parties) are never a target: the fit gives
+    them as little weight as its bounds allow."""
     opts = {**DEFAULTS, **(options or {})}
     unknown = sorted(set(opts) - set(DEFAULTS))
     if unknown:
         raise MergeRefused(f"calibration options {unknown}: known {sorted(DEFAULTS)}")
-    if not opts["target_temperature"] > 0 or opts["prior"] < 0 or int(opts["steps"]) < 1:
+    if (not opts["target_temperature"] > 0 or opts["prior"] < 0 or int(opts["steps"]) < 1
+            or opts["rows"] < 0):
         raise MergeRefused(f"calibration options {opts}: target_temperature > 0, prior >= 0, "
                            f"steps >= 1")
     n_exp, n_par = cfg.n_experts, cfg.n_experts - base_experts
@@ -207,28 +221,39 @@ def fit(cfg: ModelConfig, flat: dict[str, np.ndarray], tokens: np.ndarray, *, ba
         alone.append(run(one)[0])
     pi = _gains_to_weights(nll_public, jnp.stack(alone), keep,
                            cfg.router_input == "prefix_mean", float(opts["target_temperature"]))
+    if len(distrusted):
+        columns = 1 + np.asarray(distrusted)  # their share goes to the public expert alone
+        pi = pi.at[:, 0].add(jnp.sum(pi[:, columns], axis=1)).at[:, columns].set(0.0)
     keep_n = keep.reshape(-1).astype(jnp.float32)
+    if opts["balance"]:  # each target (public only, each party) weighs the same in the fit
+        best = jax.nn.one_hot(jnp.argmax(pi, axis=1), pi.shape[1]) * keep_n[:, None]
+        counts = jnp.sum(best, axis=0)
+        keep_n = keep_n * (best @ jnp.where(counts > 0, 1.0 / jnp.maximum(counts, 1.0), 0.0))
     scale = np.ones((cfg.n_layers, n_exp), np.float32)
+    delta = np.zeros_like(rows0)
     bias = bias0.copy()
     losses = []
     for layer in range(cfg.n_layers):
-        seen = jnp.concatenate(batches(seen_fn, bias, rows0 * scale[:, :, None]), axis=1)
-        a, c, before, after = _fit_layer(seen[layer], jnp.asarray(rows0[layer]),
-                                        jnp.asarray(bias0[layer]), pi, keep_n, base_experts,
-                                        float(opts["prior"]), int(opts["steps"]))
+        seen = jnp.concatenate(batches(seen_fn, bias, rows0 * scale[:, :, None] + delta),
+                               axis=1)
+        a, c, v, before, after = _fit_layer(
+            seen[layer], jnp.asarray(rows0[layer]), jnp.asarray(bias0[layer]), pi, keep_n,
+            base_experts, float(opts["prior"]), int(opts["steps"]), bool(opts["rows"] > 0),
+            float(opts["rows"]))
         scale[layer, base_experts:] = np.asarray(a)
         bias[layer, base_experts:] = np.asarray(c)
+        delta[layer, base_experts:] = np.asarray(v)
         losses.append([round(float(before), 6), round(float(after), 6)])
     gains = (nll_public[None] - jnp.stack(alone)) * keep[None]
     record = {"proxy_rows": int(tokens.shape[0]), "seq_len": int(tokens.shape[1] - 1),
               "options": opts, "fit_loss": losses,
               "party_gain_nats": [round(float(jnp.sum(g) / jnp.sum(keep)), 6) for g in gains]}
-    return Fit(scale, bias, record)
+    return Fit(scale, bias, delta, record)
 
 
 def apply(rows: np.ndarray, fitted: Fit) -> tuple[np.ndarray, np.ndarray]:
     """(rows, bias) of the calibrated router: each row times its scale, the fitted biases."""
-    return rows * fitted.scale[:, :, None], fitted.bias
+    return rows * fitted.scale[:, :, None] + fitted.rows, fitted.bias
 
 
 @dataclasses.dataclass
@@ -239,6 +264,8 @@ class Request:
     tokens: np.ndarray
     options: dict = dataclasses.field(default_factory=dict)
     data: dict = dataclasses.field(default_factory=dict)
+    down_weight: tuple[str, ...] = ()  # parties the fit is told never help (screening)
+    carried: bool = False  # from a merged checkpoint: a down-weighted party may be gone
 
 
 def request_from_data(data_dir: str | pathlib.Path, base_cfg: ModelConfig, *, seq_len: int,
@@ -257,11 +284,12 @@ def request_of_merged(path: str | pathlib.Path, meta: dict) -> Request | None:
         return None
     tokens = checkpoint.load_tensors(path, [TOKENS])[TOKENS]
     return Request(np.asarray(tokens, np.int32), dict(record["options"]),
-                   dict(record.get("data", {})))
+                   dict(record.get("data", {})), tuple(record.get("down_weighted", ())),
+                   carried=True)
 
 
-def into(tensors: dict, cfg: ModelConfig, base_experts: int, request: Request,
-         log=print) -> dict:
+def into(tensors: dict, cfg: ModelConfig, names: list[str], base_experts: int,
+         request: Request, log=print) -> dict:
     """Calibrates the merged model whose tensors `tensors` (name -> checkpoint.TensorSource)
     are about to be written: replaces its router and bias with the calibrated ones, adds the
     calib/ tensors, and returns the record for meta.json."""
@@ -269,12 +297,20 @@ def into(tensors: dict, cfg: ModelConfig, base_experts: int, request: Request,
     from moesaic.model.params import variables
 
     flat = {name: _materialise(tensors[name]) for name in variables(cfg)}
-    fitted = fit(cfg, flat, request.tokens, base_experts=base_experts, options=request.options)
+    down_weight = [s for s in request.down_weight
+                   if s in names[base_experts:] or not request.carried]
+    unknown = sorted(set(down_weight) - set(names[base_experts:]))
+    if unknown:
+        raise MergeRefused(f"calibration: down-weighted parties {unknown} are not among the "
+                           f"parties {names[base_experts:]}")
+    distrusted = [names.index(s) - base_experts for s in down_weight]
+    fitted = fit(cfg, flat, request.tokens, base_experts=base_experts, options=request.options,
+                 distrusted=distrusted)
     rows, bias = apply(np.asarray(flat[ROUTER], np.float32), fitted)
     dtype = tensors[ROUTER].dtype
     for name, value in ((ROUTER, rows.astype(dtype)), (BIAS, bias.astype(dtype)),
                         (TOKENS, request.tokens.astype(np.int32)),
-                        (SCALE, fitted.scale), (SHIFT, fitted.bias)):
+                        (SCALE, fitted.scale), (SHIFT, fitted.bias), (DELTA, fitted.rows)):
         tensors[name] = checkpoint.TensorSource(value.shape, value.dtype,
                                                 lambda v=value: [v])
     for layer, (before, after) in enumerate(fitted.record["fit_loss"]):
@@ -282,7 +318,8 @@ def into(tensors: dict, cfg: ModelConfig, base_experts: int, request: Request,
         biases = ", ".join(f"{v:.2f}" for v in fitted.bias[layer, base_experts:])
         log(f"calibration layer {layer}: fit loss {before:.4f} -> {after:.4f}; party scales "
             f"{scales}; biases {biases}")
-    return {**fitted.record, "data": request.data}
+    down = {"down_weighted": sorted(down_weight)} if down_weight else {}
+    return {**fitted.record, "data": request.data, **down}
 
 
 def _materialise(source) -> np.ndarray:

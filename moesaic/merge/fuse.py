@@ -136,7 +136,7 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
     cfg = base.cfg.replace(n_experts=n_experts, top_k=top_k, router_trainable=False,
                            router_bias=True, router_input=router_input(base, parties, public))
     cfg = low_rank.merged_config(cfg, parties)
-    calibrated = (calibrate.into(tensors, cfg, base.n_experts, calibration, log)
+    calibrated = (calibrate.into(tensors, cfg, names, base.n_experts, calibration, log)
                   if calibration is not None else None)
     experts = [{"source": s, "fingerprint": base.fingerprint} for s in base.expert_names()]
     experts += [{"source": p.source, "fingerprint": p.meta["fingerprint"],

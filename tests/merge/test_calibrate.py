@@ -12,12 +12,12 @@ import pytest
 from moesaic.cli.main import main
 from moesaic.merge import calibrate, fuse
 from moesaic.merge.sources import MergeRefused
-from moesaic.model import ModelConfig, checkpoint
+from moesaic.model import checkpoint
 from moesaic.model.names import BIAS, ROUTER
 from tests.support.merging import all_tensors, assert_same, make_base, make_branch
+from tests.support.planted import BYTE_CFG
 from tests.support.training import make_data
 
-BYTE_CFG = ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=48)
 QUIET = {"log": lambda s: None}
 
 
