@@ -142,30 +142,48 @@ def exact_match(greedy_row: np.ndarray, row: np.ndarray, start: int, length: int
             and int(picks[length]) in set(stop_ids))
 
 
-def score_items(scorer: RowScorer, items: Sequence[Item], *, width: int, batch: int = 8
-                ) -> dict[str, float | int | None]:
-    """{"accuracy", "items"}: exact match for items with stop tokens (None when the scorer
-    gives no greedy tokens), else multiple choice by summed log-likelihood. Rows go through
-    the scorer in batches of `batch`, the last one filled with copies (one shape, one
-    compile)."""
-    rows, where = rows_of(items, width)
+def _scored_rows(scorer: RowScorer, rows: np.ndarray, batch: int
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The scorer over rows in batches of `batch`, the last one filled with copies (one
+    shape, one compile): (log-probs (R, W - 1), greedy tokens (R, W - 1) or None)."""
     logps, greedy = [], []
     for lo in range(0, len(rows), batch):
         chunk = rows[lo:lo + batch]
         lp, gr = scorer(np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)]))
         logps.append(np.asarray(lp)[:len(chunk)])
         greedy.append(None if gr is None else np.asarray(gr)[:len(chunk)])
+    return (np.concatenate(logps),
+            None if any(g is None for g in greedy) else np.concatenate(greedy))
+
+
+def continuation_scores(scorer: RowScorer, items: Sequence[Item], *, width: int,
+                        batch: int = 8) -> list[list[tuple[float, bool | None]]]:
+    """For each item and choice: (summed log-probability of the continuation after the
+    prompt, whether greedy decoding yields it; None without greedy tokens)."""
+    rows, where = rows_of(items, width)
+    logp, greedy = _scored_rows(scorer, rows, batch)
+    out: list[list] = [[None] * len(it.choices) for it in items]
+    for r, (i, c, s, n) in enumerate(where):
+        hit = None if greedy is None else bool(
+            np.all(greedy[r, s - 1:s - 1 + n] == rows[r, s:s + n]))
+        out[i][c] = (float(logp[r, s - 1:s - 1 + n].sum()), hit)
+    return out
+
+
+def score_items(scorer: RowScorer, items: Sequence[Item], *, width: int, batch: int = 8
+                ) -> dict[str, float | int | None]:
+    """{"accuracy", "items"}: exact match for items with stop tokens (None when the scorer
+    gives no greedy tokens), else multiple choice by summed log-likelihood."""
     if any(item.stop_ids for item in items):
-        if any(g is None for g in greedy):
+        rows, where = rows_of(items, width)
+        _, greedy = _scored_rows(scorer, rows, batch)
+        if greedy is None:
             return {"accuracy": None, "items": len(items)}
-        greedy_rows = np.concatenate(greedy)
-        hits = [exact_match(greedy_rows[r], rows[r], s, n, items[i].stop_ids)
+        hits = [exact_match(greedy[r], rows[r], s, n, items[i].stop_ids)
                 for r, (i, _, s, n) in enumerate(where)]
         return {"accuracy": float(np.mean(hits)), "items": len(items)}
-    logp = np.concatenate(logps)
-    totals = np.zeros((len(items), max(len(it.choices) for it in items)), np.float64)
-    for r, (i, c, s, n) in enumerate(where):
-        totals[i, c] = logp[r, s - 1:s - 1 + n].sum()
+    scores = continuation_scores(scorer, items, width=width, batch=batch)
+    totals = np.array([[lp for lp, _ in row] for row in scores], np.float64)
     return {"accuracy": choice_accuracy(totals, [it.answer for it in items]),
             "items": len(items)}
 
