@@ -8,7 +8,8 @@ import math
 import jax.numpy as jnp
 import ml_collections
 
-DISPATCHES = ("dropless", "dropless_ragged", "dropless_gather", "capacity", "all_to_all")
+DISPATCHES = ("dropless", "dropless_ragged", "dropless_blocked", "dropless_gather", "capacity",
+              "all_to_all")
 REMATS = ("none", "full", "dots")
 ROUTER_INPUTS = ("token", "prefix_mean")
 

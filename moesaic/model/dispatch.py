@@ -3,13 +3,16 @@
     fn(x_td, weights_tk, experts_tk, w_gate_edf, w_up_edf, w_down_efd, *, capacity_factor)
         -> (y_td, dropped)   # dropped: how many (token, expert) assignments were not served
 
-  dropless  every token is served. Two implementations, picked per backend by measurement
+  dropless  every token is served. Implementations, picked per backend by measurement
             (bench/moe_layer.py):
             dropless_ragged  sort the T*k assignments by expert, grouped matmuls
                              (`jax.lax.ragged_dot`); GPU/TPU lower it to grouped kernels.
-            dropless_gather  the capacity path with C = T (no expert can overflow): XLA:CPU
-                             lowers ragged_dot to a dense dot over all experts plus slow
-                             scatters, and this is about 2.5x faster there.
+            dropless_blocked the CPU's: the sorted assignments in blocks of rows, a loop
+                             over each expert's blocks (moesaic.model.grouped); its cost and
+                             memory follow the T*k routed rows. XLA:CPU lowers ragged_dot
+                             to a dense dot over all experts plus slow scatters.
+            dropless_gather  the capacity path with C = T (no expert can overflow): every
+                             expert computes every token, E/k times the work.
   capacity  each expert takes at most C = ceil(T*k/E * capacity_factor) assignments, first
             choices before second ones, earlier tokens first; tokens are gathered into an
             (E, C, D) buffer, the experts run as one batched einsum, overflow is dropped and
@@ -29,6 +32,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from moesaic.model import grouped
 from moesaic.model.sharding import constrain
 
 _REGISTRY: dict[str, Callable] = {}
@@ -100,7 +104,10 @@ def dropless_gather(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, capac
                     capacity_factor=n_experts / experts_tk.shape[1])
 
 
+dropless_blocked = register("dropless_blocked")(grouped.dropless_blocked)
+
+
 @register("dropless")
 def dropless(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, capacity_factor=None):
-    fn = dropless_gather if jax.default_backend() == "cpu" else dropless_ragged
+    fn = dropless_blocked if jax.default_backend() == "cpu" else dropless_ragged
     return fn(x_td, weights_tk, experts_tk, w_gate, w_up, w_down)

@@ -54,7 +54,13 @@ def _over_blocks(start, count, block: int, weights, body, carry):
         return jax.lax.fori_loop(
             0, n_blocks, lambda i, c: body(e, start[e] + i * block, own, c), carry)
 
-    return jax.lax.fori_loop(0, start.shape[0], expert, carry)
+    def step(state):  # while, not fori_loop (a scan at static bounds): the layer scan stays
+        # the only scan of the program
+        e, c = state
+        return e + 1, expert(e, c)
+
+    n_experts = start.shape[0]
+    return jax.lax.while_loop(lambda s: s[0] < n_experts, step, (jnp.int32(0), carry))[1]
 
 
 def _forward(xs, w_gate, w_up, w_down, start, count, block):

@@ -22,7 +22,8 @@ def _weights(key, e):
             jax.random.normal(k3, (e, F, D)) * 0.3, jax.random.normal(k4, (e, D)))
 
 
-@pytest.mark.parametrize("path", ["dropless_ragged", "dropless_gather", "capacity"])
+@pytest.mark.parametrize("path", ["dropless_ragged", "dropless_blocked", "dropless_gather",
+                                  "capacity"])
 @pytest.mark.parametrize("e,k,capacity_factor", [(2, 1, 1.0), (4, 2, 0.5), (4, 2, 2.0),
                                                  (8, 3, 1.0), (3, 3, 0.75)])
 def test_dispatch_matches_loop_reference(path, e, k, capacity_factor):
