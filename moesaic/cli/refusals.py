@@ -32,3 +32,20 @@ def disk_full_message(err: BaseException, output: object) -> str:
     return (f"no space left on the disk while writing {output}{where}; nothing was written "
             f"there (what was being written is removed, a previous {output} is kept). Free "
             "space, or write elsewhere, and run the command again")
+
+
+def exit_code_of(command: str, output: object, work) -> int:
+    """Runs `work()`; an input error (ValueError, a missing or existing file) or a full disk is
+    one line on stderr naming the command and exit code 2, anything else is raised."""
+    import sys
+
+    try:
+        work()
+    except (ValueError, OSError) as e:  # FileNotFoundError and FileExistsError are OSErrors
+        if disk_full(e):
+            e = disk_full_message(e, output)
+        elif not isinstance(e, (ValueError, FileNotFoundError, FileExistsError)):
+            raise
+        print(f"moesaic {command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
