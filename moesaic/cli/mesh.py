@@ -58,10 +58,13 @@ def build(text: str, n_experts: int | None):
 
 
 def experts_of(path: str) -> int | None:
-    """The expert count of the checkpoint at `path` (None when it is no checkpoint: loading
-    it then says why)."""
+    """The expert count of the checkpoint at `path` (None when it is no model checkpoint:
+    loading it then says why)."""
     from moesaic.model import checkpoint
 
     if not path or not checkpoint.is_complete(path):
         return None
-    return int(checkpoint.model_config(checkpoint.read_meta(path)).n_experts)
+    model = checkpoint.read_meta(path).get("model")
+    if not isinstance(model, dict):  # a branch artifact or the like: loading names it
+        return None
+    return int(model.get("n_experts", 1))
