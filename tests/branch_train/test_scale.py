@@ -6,7 +6,6 @@ XLA's; a profiled job writes a trace and logs MFU; bad values refused naming the
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -100,42 +99,25 @@ def test_the_float32_master_keeps_updates_that_bf16_parameters_round_away():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> pathlib.Path:
-    return make_data(tmp_path_factory.mktemp("data"))
+def bf16_branch(tmp_path_factory):
+    """(base, result, workdir) of a bf16 branch job over a fresh float32 base (a model
+    checkpoint, no pretraining), which traced steps 1-2 and logged MFU against a stated peak
+    (a CPU has none in the table)."""
+    data = make_data(tmp_path_factory.mktemp("data"))
+    base = tmp_path_factory.mktemp("base") / "model"
+    checkpoint.save_model(base, Decoder(ModelConfig.from_config(tiny_config().model),
+                                        rngs=nnx.Rngs(0)))
+    workdir = tmp_path_factory.mktemp("branch")
+    config = tiny_config("source=code", train__steps=2, model__dtype="bfloat16",
+                         train__profile_steps="1,2", train__peak_tflops=0.001)
+    result = train(config, Job("branch", workdir, data, base, show_progress=False))
+    return base, result, workdir
 
 
-@pytest.fixture(scope="module")
-def profiled_base(data, tmp_path_factory) -> pathlib.Path:
-    """A float32 public model whose pretraining traced steps 2-3 and logged MFU against a
-    stated peak (a CPU has none in the table)."""
-    workdir = tmp_path_factory.mktemp("pretrain")
-    config = tiny_config(train__steps=3, train__profile_steps="2,3", train__peak_tflops=0.001)
-    train(config, Job("pretrain", workdir, data, show_progress=False))
-    return workdir
-
-
-def test_a_profiled_job_writes_a_trace_and_logs_mfu(profiled_base):
-    traces = list((profiled_base / "profile").rglob("*.xplane.pb"))
-    assert traces, sorted(p.name for p in (profiled_base / "profile").rglob("*"))
-    records = [json.loads(line) for line in (profiled_base / "metrics.jsonl").read_text()
-               .splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    for r in records:
-        assert r["mfu"] > 0
-        # MFU is the model FLOPs of the tokens per second against the stated peak
-        flops = profiling.model_flops_per_token(upcycle.make_layout(_tiny_model()), 16)
-        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 1e9, rel=1e-6)
-
-
-def _tiny_model() -> ModelConfig:
-    return ModelConfig.from_config(tiny_config().model)
-
-
-def test_a_bf16_branch_job_writes_the_bases_own_frozen_hashes(profiled_base, data, tmp_path):
-    base = profiled_base / "public"
-    config = tiny_config("source=code", train__steps=2, model__dtype="bfloat16")
-    result = train(config, Job("branch", tmp_path, data, base, show_progress=False))
+def test_a_bf16_branch_job_writes_the_bases_own_frozen_hashes(bf16_branch):
+    base, result, _ = bf16_branch
     assert result.frozen[names.ATTN_Q].dtype == jnp.bfloat16  # held in bf16 for the step
+    assert result.trainable[names.W_UP].dtype == np.float32  # the master copy
     meta = artifact.read_meta(result.output)
     stored = checkpoint.tensor_metadata(base)
     for name, digest in meta["frozen_hashes"].items():  # the base's, as stored (float32)
@@ -144,6 +126,19 @@ def test_a_bf16_branch_job_writes_the_bases_own_frozen_hashes(profiled_base, dat
     assert names.ATTN_Q in meta["frozen_hashes"]
     own = checkpoint.tensor_metadata(result.output)
     assert own[names.W_UP][1] == np.float32  # the master cast back to the stored dtype
+
+
+def test_a_profiled_job_writes_a_trace_and_logs_mfu(bf16_branch):
+    _, result, workdir = bf16_branch
+    traces = list((workdir / "profile").rglob("*.xplane.pb"))
+    assert traces, sorted(p.name for p in (workdir / "profile").rglob("*"))
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    flops = profiling.model_flops_per_token(result.layout, 16)
+    for r in records:  # the model FLOPs of the tokens per second against the stated peak
+        assert r["mfu"] > 0
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 1e9, rel=1e-6)
 
 
 def test_the_model_flop_count_is_xlas_and_counts_only_trained_weight_gradients():
