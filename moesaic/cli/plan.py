@@ -111,7 +111,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_experts(args: argparse.Namespace, config, mesh_shape: dict[str, int]) -> None:
     """The expert axis against the experts of the model planned, before jax starts (a
-    --base is checked once its meta is read)."""
+    --base is checked once its meta is read); the merged model's flags on a branch plan."""
+    if args.job == "branch":
+        ignored = [f"--{name.replace('_', '-')}" for name, default in _MERGED_DEFAULTS.items()
+                   if name != "job" and getattr(args, name) != default]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: set the merged model's step (--job eval, "
+                             "tune-router or decode); the branch step takes its batch from "
+                             "the config (--config.data.global_batch, --config.data.seq_len)")
     n = int(config.model.n_experts)
     if args.job == "branch":
         mode = str(config.branch.mode)

@@ -33,7 +33,7 @@ _HLO = """HloModule m
 
 %outer_body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
   %p = (s32[], f32[4,8]{1,0}) parameter(0)
-  %w = (s32[], f32[4,8]{1,0}) while(%p), condition=%inner_cond, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+  %w = (s32[], f32[4,8]{1,0}) while(%p), condition=%inner_cond, body=%inner_body, TRIPS_3
   %r = f32[16]{0} all-reduce(%v), channel_id=2, to_apply=%add
   ROOT %t = (s32[], f32[4,8]{1,0}) tuple(%i, %x)
 }
@@ -48,11 +48,13 @@ _HLO = """HloModule m
 ENTRY %main (a: f32[2,8]) -> f32[8,8] {
   %a = f32[2,8]{1,0} parameter(0)
   %g = f32[8,8]{1,0} all-gather(%a), dimensions={0}
-  %w = (s32[], f32[4,8]{1,0}) while(%t0), condition=%inner_cond, body=%outer_body, backend_config={"known_trip_count":{"n":"4"}}
+  %w = (s32[], f32[4,8]{1,0}) while(%t0), condition=%inner_cond, body=%outer_body, TRIPS_4
   %u = (s32[], f32[4,8]{1,0}) while(%t0), condition=%inner_cond, body=%unknown_body
   ROOT %o = f32[8,8]{1,0} copy(%g)
 }
 """
+for _n in (3, 4):
+    _HLO = _HLO.replace(f"TRIPS_{_n}", 'backend_config={"known_trip_count":{"n":"' + f'{_n}"}}}}')
 
 
 def test_collective_bytes_count_every_execution_of_a_step():
@@ -126,6 +128,7 @@ def test_tune_router_plan_sends_tokens_and_keeps_optimizer_state_for_the_rows_on
     (["--job", "eval", "--mesh", "data=1", "--base-experts", "2"],
      "--base-experts set the base of a branch job"),
     (["--mesh", "data=1,fsdp=2,expert=16"], "--mesh: expert=16 is larger than the model's 7"),
+    (["--mesh", "data=1", "--batch", "4"], "--batch: set the merged model's step"),
 ])
 def test_plan_refuses_an_expert_axis_the_experts_cannot_fill(args, message, capfd,
                                                              monkeypatch):
