@@ -84,7 +84,7 @@ def test_one_hot_router_gives_the_partys_adapted_model(world, low, tmp_path, mon
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("router", ["learned-rows", "random", "arrow"])
+@pytest.mark.parametrize("router", ["learned-rows", "arrow"])
 def test_remove_and_add_are_exact_beside_ffn_parties(world, low, tmp_path, router):
     code, math_ = world["branches"]["code"], world["branches"]["math"]
     full = tmp_path / "full"
@@ -169,3 +169,17 @@ def test_low_rank_conversion_of_ffn_experts(world, tmp_path):
                      log=lambda s: None, low_rank_to=2)
     assert_same(removed, never)
     expect_refusal(world, tmp_path, [code], "blocks/ffn/w_gate", low_rank_to=33)
+
+
+def test_arrow_with_public_stats_puts_the_boundary_between_the_means(world, low, tmp_path):
+    out = tmp_path / "arrow_public"
+    fuse.merge_paths(world["base"], [low["prose"]], router="arrow", top_k=2, out=out,
+                     public_stats=world["public"], log=lambda s: None)
+    got = checkpoint.load_tensors(out, [names.ROUTER, names.BIAS])
+    own = checkpoint.load_tensors(low["prose"], ["stats/mean_hidden"])["stats/mean_hidden"]
+    public = checkpoint.load_tensors(world["public"], ["stats/mean_hidden"])["stats/mean_hidden"]
+    for layer in range(own.shape[0]):
+        v = got[names.ROUTER][layer, 1]
+        assert v @ (own[layer] - public[layer]) >= 0
+        np.testing.assert_allclose(got[names.BIAS][layer, 1],
+                                   min(0.0, -v @ (own[layer] + public[layer]) / 2), rtol=1e-5)
