@@ -73,3 +73,18 @@ def test_bad_low_rank_settings_are_named(trained, tmp_path, field, value, named)
     with pytest.raises(ValueError, match=named):
         train(config, _job("lora", tmp_path / "w", data, base_path))
     assert not (tmp_path / "w" / "artifact").exists()
+
+
+def test_a_7b_low_rank_branch_trains_under_one_percent_of_an_ffn_branch():
+    """What `moesaic plan` plans for olmo2_7b (no compile here): rank 16 of every projection
+    and the row, against the coordinated branch's FFN expert, row and bias."""
+    from moesaic.configs import olmo2_7b
+    from moesaic.launch import plan
+
+    config = olmo2_7b.get_config("source=code")
+    ffn = plan.branch_layout(config, base_experts=1).counts()
+    config.branch.mode = "lora"
+    config.branch.lora.rank = 16
+    low = plan.branch_layout(config, base_experts=1).counts()
+    assert (ffn["trainable"], low["trainable"]) == (4_328_652_832, 40_108_064)
+    assert low["frozen"] == 7_298_748_448  # the whole 7B base, router row and bias slots
