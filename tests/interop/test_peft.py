@@ -166,3 +166,24 @@ def test_a_rank_above_the_projections_is_refused_naming_the_tensor(world, tmp_pa
                  "--data", str(world["data"]), "--out", str(tmp_path / "a")])
     err = capsys.readouterr().err
     assert code == 2 and "rank 40 exceeds" in err and ".lora_" in err, err
+
+
+def test_rslora_scale_and_left_out_layers(world, tmp_path):
+    """use_rslora's lora_alpha / sqrt(r) becomes moesaic's alpha / r; a layer the adapter
+    leaves out (layers_to_transform) is zero there and is left out again on export."""
+    from moesaic.interop import peft_format
+
+    weights = load_file(str(world["adapter"] / "adapter_model.safetensors"))
+    drop = {k: None for k in weights if ".layers.1." in k}
+    bad = _bad_adapter(world, tmp_path, tensors=drop,
+                       config={"use_rslora": True, "layers_to_transform": [0]})
+    cfg = checkpoint.model_config(checkpoint.read_meta(world["base"]))
+    adapter = peft_format.read_adapter(bad, cfg)
+    assert adapter.alpha == 6 * 2.0 and adapter.layers["q"] == [0]  # 12 / 4 = 6 / sqrt(4)
+    a = adapter.tensors["blocks/lora/q_a"]
+    assert not a[1].any() and np.array_equal(a[0, 0], weights[A_KEY].T)
+    (tmp_path / "out").mkdir()
+    peft_format.write_adapter(tmp_path / "out", adapter.tensors, rank=4, alpha=adapter.alpha,
+                              targets=adapter.targets, base_model=None)
+    assert sorted(load_file(str(tmp_path / "out" / "adapter_model.safetensors"))) == sorted(
+        k for k in weights if ".layers.0." in k)
