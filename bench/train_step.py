@@ -2,7 +2,7 @@
 FLOP utilisation, for the tiny and small configs.
 
     python bench/train_step.py [--configs tiny,small] [--batch 4 --seq-len 256] [--repeats 3]
-                               [--experts E --top-k K] [--unroll] [--system-malloc]
+                               [--experts E --top-k K] [--unroll] [--system-malloc] [--branch]
 
 All figures are ratios to rates measured in this same run, so they hold on any machine:
   MFU      model FLOPs per step / step time / the jnp.dot rate (float32 2048^3, best of 5)
@@ -11,6 +11,10 @@ All figures are ratios to rates measured in this same run, so they hold on any m
   data     the share of the trainer's loop spent waiting for batches of the smoke corpora
            read ahead by data.prefetch threads (`data_wait` in bench/data.py; aim < 5%);
            --data-steps 0 skips it.
+  --branch what freezing by construction saves: a coordinated branch's step (`moesaic branch`:
+           only the owner's expert, router row and bias train; a base of --experts experts,
+           default 1, plus the owner's) over pretraining every parameter of the same model
+           (base experts + 1, top-k all, router bias), same shapes, taking turns each round.
 Like the `moesaic` command, it keeps freed host memory for reuse (moesaic.launch.host_memory)
 unless --system-malloc; --unroll runs the layers as a loop (model.scan_layers=False).
 Model FLOPs per token: 6 * (attention + top_k experts + router + lm_head parameters)
@@ -64,11 +68,14 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * params + 12 * cfg.n_layers * seq_len * h * hd
 
 
-def our_step_time(config, repeats: int) -> float:
-    """The trainer's pretraining step (`setup.set_up`) on all devices, data parallel."""
-    sc, step = setup.set_up(config, "pretrain", make_mesh({"data": -1}))
+def step_runner(config, kind: str = "pretrain", base_cfg: ModelConfig | None = None):
+    """One call of the trainer's step (`setup.set_up`) of a `kind` job on all devices, data
+    parallel, as a function; the parameters of a fresh model split as the job splits them."""
+    sc, step = setup.set_up(config, kind, make_mesh({"data": -1}), base_cfg)
     model = Decoder(sc.layout.cfg, rngs=nnx.Rngs(0))
     params, frozen = upcycle.split_full(sc.layout, checkpoint.flatten(nnx.state(model)))
+    params = {n: v.astype(sc.trainable_shapes[n].dtype) for n, v in params.items()}
+    frozen = {n: v.astype(sc.frozen_shapes[n].dtype) for n, v in frozen.items()}
     opt = sc.optimizer.init(params)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, sc.batch_shape), jnp.int32)
     state = [params, opt]
@@ -77,7 +84,33 @@ def our_step_time(config, repeats: int) -> float:
         state[0], state[1], metrics = step(state[0], state[1], frozen, tokens, jnp.int32(0))
         jax.block_until_ready(metrics)
 
-    return best_of(run, repeats)
+    return run
+
+
+def our_step_time(config, repeats: int) -> float:
+    """The trainer's pretraining step."""
+    return best_of(step_runner(config), repeats)
+
+
+def branch_vs_full(config, repeats: int) -> tuple[float, float, ModelConfig]:
+    """(coordinated branch step, full-training step, the model both run): best of `repeats`
+    rounds, each running both once. The base is config.model; the model one expert more."""
+    base_cfg = ModelConfig.from_config(config.model)
+    runs = {"branch": step_runner(config, "branch", base_cfg)}
+    full = config.copy_and_resolve_references()
+    cfg = upcycle.branch_config(base_cfg, int(config.branch.train_top_k))
+    full.model.n_experts, full.model.top_k, full.model.router_bias = (
+        cfg.n_experts, cfg.top_k, True)
+    runs["full"] = step_runner(full)
+    best = {}
+    for run in runs.values():
+        run()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    return best["branch"], best["full"], cfg
 
 
 def hf_step_time(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) -> float | None:
@@ -118,6 +151,8 @@ def main() -> None:
                         help="glibc's default allocator settings (see host_memory)")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--data-steps", type=int, default=20, help="data-wait loop steps")
+    parser.add_argument("--branch", action="store_true",
+                        help="a coordinated branch's step against full training instead")
     args = parser.parse_args()
 
     if not args.system_malloc:
@@ -127,13 +162,19 @@ def main() -> None:
           f"{jax.device_count()} device(s))")
     for name in args.configs.split(","):
         config = CONFIGS[name].get_config()
-        config.model.n_experts = args.experts or config.model.n_experts
+        config.model.n_experts = args.experts or (1 if args.branch else config.model.n_experts)
         config.model.top_k = args.top_k or min(config.model.top_k, config.model.n_experts)
         config.model.scan_layers = not args.unroll
         config.data.global_batch = args.batch or int(config.data.global_batch)
         config.data.seq_len = args.seq_len or int(config.data.seq_len)
         cfg = ModelConfig.from_config(config.model)
         batch, seq_len = int(config.data.global_batch), int(config.data.seq_len)
+        if args.branch:
+            branch, full, cfg = branch_vs_full(config, args.repeats)
+            print(f"{name:5s} B={batch} T={seq_len} E={cfg.n_experts} k={cfg.top_k}: "
+                  f"coordinated branch step {branch * 1e3:8.1f} ms, full training "
+                  f"{full * 1e3:8.1f} ms: {branch / full:.2f}x", flush=True)
+            continue
         ours = our_step_time(config, args.repeats)
         tokens = batch * seq_len
         achieved = flops_per_token(cfg, seq_len) * tokens / ours
