@@ -79,6 +79,9 @@ def load_model(model_or_path: Decoder | str | os.PathLike, *, mesh: jax.sharding
                          f"{path} --router learned-rows --out M`)")
     cfg = checkpoint.model_config(meta).replace(dispatch=dispatch, scan_layers=True)
     expert_parallel.check_expert_axis(cfg.n_experts, mesh.shape["expert"], "the mesh")
+    if mesh.shape["expert"] > 1:  # read onto the expert axis, never whole on one device
+        cfg, flat = expert_parallel.load_merged(path, cfg, mesh, rules)
+        return build_model(cfg, flat), meta
     model, meta = checkpoint.load(path, mesh=mesh, rules=rules, cfg=cfg, meta=meta)
     return _expert_parallel(model, mesh, rules, dispatch), meta
 

@@ -55,9 +55,8 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
     rules = expert_parallel.runtime_rules(DEFAULT_RULES, mesh)
     names = list(checkpoint.flatten(jax.tree.map(lambda v: v, _abstract_params(cfg))))
     stored = checkpoint.tensor_metadata(merged)  # {name: (shape, dtype)} as written, read once
-    params = checkpoint.load_tensors(merged, names, stored=stored)
-    cfg, params = expert_parallel.shard_merged_params(
-        cfg.replace(dispatch=dispatch or cfg.dispatch), params, mesh, rules)
+    cfg, params = expert_parallel.load_merged(  # read onto the mesh, padded, split
+        merged, cfg.replace(dispatch=dispatch or cfg.dispatch), mesh, rules, tensors=names)
     rows = params.pop(ROUTER)
     optimizer = optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=0.0)
     opt_state = optimizer.init(rows)

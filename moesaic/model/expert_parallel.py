@@ -21,12 +21,12 @@ compiler (`model.dispatch="dropless"`) or sends tokens explicitly (`"all_to_all"
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moesaic.configs.common import DEFAULT_RULES
 from moesaic.configs.expert_axis import check_expert_axis
@@ -37,8 +37,9 @@ from moesaic.model.sharding import Rules, state_shardings
 from moesaic.model.transformer import Decoder
 
 AXIS = "expert"
+_EXPERT_TENSORS = frozenset(names.EXPERT_TENSORS)
 __all__ = ["check_expert_axis", "padding_for", "runtime_rules", "shard_merged_model",
-           "shard_merged_params", "unpadded", "padded_config"]
+           "shard_merged_params", "unpadded", "padded_config", "load_merged"]
 
 
 def padding_for(n_experts: int, expert_axis: int) -> int:
@@ -109,6 +110,39 @@ def shard_merged_params(cfg: ModelConfig, flat: Mapping[str, jax.Array], mesh: M
 
     placed = jax.jit(place, out_shardings={n: shardings[n] for n in flat})(dict(flat))
     return target, placed
+
+
+def load_merged(path, cfg: ModelConfig, mesh: Mesh, rules: Rules, *,
+                tensors: Iterable[str] | None = None) -> tuple[ModelConfig, dict[str, jax.Array]]:
+    """A merged checkpoint read straight onto `mesh` expert-parallel (`shard_merged_params`):
+    an expert tensor whose experts the expert axis does not divide is read split over that
+    axis along its layers instead, so that no device ever holds it whole; `tensors`: the
+    tensors to read (default: the model's)."""
+    expert_axis = mesh.shape.get(AXIS, 1)
+    check_expert_axis(cfg.n_experts, expert_axis)
+    state = nnx.state(checkpoint.abstract_model(cfg))
+    abstract = checkpoint.flatten(state)
+    shardings = checkpoint.flatten(state_shardings(state, mesh, rules))
+    tensors = list(abstract if tensors is None else tensors)
+    stored = checkpoint.tensor_metadata(path)
+    for name in tensors:
+        if name not in stored:
+            raise ValueError(f"{path}: tensor {name!r} missing; the checkpoint does not match "
+                             "its model config")
+        if stored[name][0] != tuple(abstract[name].shape):
+            raise ValueError(f"{path}: tensor {name!r} has shape {stored[name][0]}, the model "
+                             f"config needs {tuple(abstract[name].shape)}")
+        spec = list(shardings[name].spec) + [None] * (len(stored[name][0])
+                                                      - len(shardings[name].spec))
+        used = {a for entry in spec for a in ((entry,) if isinstance(entry, str)
+                                              else (entry or ()))}
+        if (name in _EXPERT_TENSORS and expert_axis > 1 and AXIS not in used
+                and spec[0] is None and cfg.n_layers % expert_axis == 0):
+            spec[0] = AXIS  # (layers, experts, ...): split the layers while reading
+            shardings[name] = NamedSharding(mesh, PartitionSpec(*spec))
+    flat = checkpoint.load_tensors(path, tensors, {n: shardings[n] for n in tensors},
+                                   stored=stored)
+    return shard_merged_params(cfg, flat, mesh, rules)
 
 
 def shard_merged_model(model: Decoder, mesh: Mesh, rules: Rules | None = None) -> Decoder:

@@ -19,7 +19,8 @@ from moesaic.cli.main import main
 from moesaic.model import Decoder, ModelConfig, checkpoint
 
 root = {root!r}
-cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, n_experts=5,
+# 4 layers: the expert tensors are read split over the expert axis along their layers
+cfg = ModelConfig(d_model=16, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=32, n_experts=5,
                   top_k=2, init_std=0.3, router_trainable=False)
 checkpoint.save_model(f"{{root}}/m", Decoder(cfg, rngs=nnx.Rngs(0)),
                       {{"kind": "merged", "router": {{"kind": "random"}}}})
