@@ -95,16 +95,17 @@ KINDS = {k.name: k for k in (
             resume_keys=(*_COMMON_KEYS, "data.mixture")),
     JobKind("branch", _branch_layout, data="source+replay", from_base=True, start="upcycle",
             router_row=True, stats="required", hands_over=False, write=outputs.write_branch,
-            resume_keys=(*_COMMON_KEYS, *_HANDOVER_KEYS, "branch.public_mix")),
+            resume_keys=(*_COMMON_KEYS, *_HANDOVER_KEYS, "branch.public_mix", "branch.dp")),
     JobKind("dense", _dense_layout, data="source", from_base=True, start="base",
             router_row=False, stats="one source", hands_over=False, write=outputs.write_dense,
-            resume_keys=(*_COMMON_KEYS, "branch.source", "branch.stats_batches")),
+            resume_keys=(*_COMMON_KEYS, "branch.source", "branch.stats_batches", "branch.dp")),
     JobKind("ffn", _ffn_layout, data="source", from_base=True, start="base",
             router_row=True, stats="required", hands_over=True, write=outputs.write_ffn,
-            resume_keys=(*_COMMON_KEYS, *_HANDOVER_KEYS)),  # no replay
+            resume_keys=(*_COMMON_KEYS, *_HANDOVER_KEYS, "branch.dp")),  # no replay
     JobKind("lora", lora.lora_layout, data="source+replay", from_base=True, start="low_rank",
             router_row=True, stats="required", hands_over=False, write=lora.write_lora,
-            resume_keys=(*_COMMON_KEYS, *_HANDOVER_KEYS, "branch.public_mix", "branch.lora")),
+            resume_keys=(*_COMMON_KEYS, *_HANDOVER_KEYS, "branch.public_mix", "branch.lora",
+                         "branch.dp")),
 )}
 BRANCH_MODES = {"coordinated": "branch", "dense": "dense", "ffn": "ffn",
                 "lora": "lora"}  # branch.mode -> kind

@@ -26,7 +26,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moesaic.branch_train import kinds
+from moesaic.branch_train import dp, kinds
 from moesaic.branch_train.optimizer import make_optimizer, schedule
 from moesaic.branch_train.precision import Precision
 from moesaic.branch_train.upcycle import ParamLayout
@@ -119,7 +119,7 @@ def check_microbatches(microbatches, global_batch: int, mesh_shape: Mapping[str,
                          f"global_batch / microbatches must be a multiple of {parallel}")
 
 
-def make_train_step(sc: StepConfig):
+def make_train_step(sc: StepConfig, custom=None):
     """jit(step)(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics):
     the full parameters assembled from both trees, the model run functionally, gradients
     and updates for the trainable tree only, a trained router bias projected back onto <= 0
@@ -140,7 +140,9 @@ def make_train_step(sc: StepConfig):
                        grad_norm=optax.tree.norm(grads), lr=lr_at(step))
         return trainable, opt_state, metrics
 
-    if sc.microbatches > 1:
+    if custom is not None:  # another unjitted step of the same signature (dp.private_step)
+        train_step = custom
+    elif sc.microbatches > 1:
         train_step = accumulating_step(sc)
     return jax.jit(
         train_step, donate_argnums=(0, 1),
@@ -206,4 +208,5 @@ def set_up(config: ml_collections.ConfigDict, kind: str, mesh: Mesh,
     precision = Precision.from_config(config.train, layout.cfg, base_cfg is not None)
     sc = StepConfig(layout, make_optimizer(config.train), schedule(config.train), mesh,
                     rules, batch_shape, microbatches, precision)
-    return sc, make_train_step(sc)
+    private = dp.DpSettings.of(config) if kind != "pretrain" else None
+    return sc, make_train_step(sc, private and dp.private_step(sc, private, int(config.seed)))

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from moesaic.branch_train import base_model, kinds, lora, outputs, setup, upcycle
+from moesaic.branch_train import base_model, dp, kinds, lora, outputs, setup, upcycle
 from moesaic.branch_train.checkpointing import (
     JobCheckpoints,
     StopSignal,
@@ -51,7 +51,8 @@ from moesaic.model.sharding import make_mesh
 from moesaic.model.transformer import Decoder
 
 # Keys added after checkpoints recorded their config, with the value every earlier run had.
-_BEFORE_RECORDED = {"branch.negative_bias": True}
+_BEFORE_RECORDED = {"branch.negative_bias": True,
+                    "branch.dp": {"clip_norm": 0.0, "noise_multiplier": 0.0, "delta": 1e-5}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +230,9 @@ def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Re
     stop = StopSignal()
     losses, step, stopped = {}, start, False
     log_every = max(1, int(config.train.log_every))
+    private = dp.DpSettings.of(config) if job.kind != "pretrain" else None
+    accountant = private and dp.Accountant.of(private, batches, str(config.branch.source),
+                                              int(config.data.global_batch))
     reader = ReadAhead(batches, start=start, stop=steps,
                        threads=config.data.get("prefetch", 0))  # batches.get(step), read ahead
     try:
@@ -244,7 +248,9 @@ def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Re
             logged = step % log_every == 0 or step == steps
             if logged:
                 record = log.log(step, {**jax.device_get(metrics),
-                                        "data_wait": reader.wait_share()})
+                                        "data_wait": reader.wait_share(),
+                                        **({"epsilon": accountant.epsilon(step)}
+                                           if accountant else {})})
                 losses[step] = record["loss"]
             if logged or stopped or step % checkpoints.every == 0:  # before anything is saved
                 check_finite(step, jax.device_get(metrics), checkpoints.latest_step())

@@ -96,6 +96,8 @@ def build(*, model: dict, seq_len: int, global_batch: int, steps: int, lr: float
         stats_batches=8,
         # mode=lora: the low-rank expert (moesaic.branch_train.lora, docs/low-rank.md)
         lora=ml_collections.ConfigDict(dict(rank=8, alpha=0.0, targets=LORA_TARGETS)),
+        # private training, DP-SGD (moesaic.branch_train.dp): clip_norm 0 is off
+        dp=ml_collections.ConfigDict(dict(clip_norm=0.0, noise_multiplier=0.0, delta=1e-5)),
     ))
     return c
 
