@@ -1,7 +1,7 @@
 """What moesaic does on a GPU or TPU: the training step's model FLOP utilisation and the MoE
 layer's kernels, in one run. On a machine with only CPUs it says so and exits 0.
 
-    python bench/accelerator.py                      # one H100: about 3 minutes
+    python bench/accelerator.py                      # one H100: a few minutes (expected)
     python bench/accelerator.py --batch 16 --microbatches 4 --repeats 10
 
 It prints
