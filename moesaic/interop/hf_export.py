@@ -182,6 +182,9 @@ def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
     except FileExistsError:
         raise FileExistsError(f"{out} exists; choose another output or pass --overwrite"
                               ) from None
+    if cfg.lora_experts:
+        raise ValueError(f"{model_path}: {cfg.lora_experts} low-rank experts (blocks/lora/...); "
+                         "FlexOlmoForCausalLM holds only full FFN experts (docs/low-rank.md)")
     tokenizer = _tokenizer_source(cfg)  # a missing or unusable one is refused before any weight
     if cfg.is_moe and cfg.router_input != "token":
         raise ValueError(f"{model_path}: model.router_input={cfg.router_input!r}; "

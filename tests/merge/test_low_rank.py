@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from moesaic.branch_train import artifact
+from moesaic.interop.hf_export import export_hf
 from moesaic.merge import fuse
 from moesaic.model import checkpoint, lora, moe, names
 from moesaic.model.params import build_model
@@ -61,6 +62,9 @@ def test_one_hot_router_gives_the_partys_adapted_model(world, low, tmp_path, mon
     cfg = checkpoint.model_config(meta)
     assert (cfg.n_experts, cfg.lora_experts) == (4, 2)
     assert [e["source"] for e in meta["experts"]] == ["public", "code", "prose", "law2"]
+    with pytest.raises(ValueError, match="2 low-rank experts"):
+        export_hf(out, tmp_path / "hf")  # FlexOlmoForCausalLM holds FFN experts only
+    assert not (tmp_path / "hf").exists()
     merged = checkpoint.load_tensors(out, checkpoint.tensor_metadata(out))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 60, (2, 12)))
     base = checkpoint.load_tensors(world["base"], checkpoint.tensor_metadata(world["base"]))
