@@ -48,7 +48,7 @@ from moesaic.model.transformer import token_nll
 TOKENS, SCALE, SHIFT, DELTA = "calib/tokens", "calib/scale", "calib/bias", "calib/rows"
 MASKED = -1e9  # a masked party's bias: its weight underflows to exactly 0
 DEFAULTS = {"target_temperature": 0.05, "prior": 1e-3, "steps": 200, "balance": 1.0,
-            "rows": 0.0}
+            "rows": 0.0, "lr": 0.1}
 PROXY_SOURCE = "public"
 
 
@@ -122,7 +122,7 @@ def _gains_to_weights(nll_public, nll_alone, keep, prefix: bool, temperature: fl
 
 
 def _layer_fit(x_nd, rows_ed, bias_e, pi_nk, keep_n, base: int, prior: float, steps: int,
-               with_rows: bool, rows_prior: float):
+               with_rows: bool, rows_prior: float, lr: float):
     """(scale, bias, row correction) of the parties in one layer: softmax(a s + c + x.v)
     fitted to the target (v = 0 unless `with_rows`), and the fit loss before and after."""
     scores = x_nd @ rows_ed.T  # (N, E) raw scores
@@ -137,6 +137,7 @@ def _layer_fit(x_nd, rows_ed, bias_e, pi_nk, keep_n, base: int, prior: float, st
     c0 = jnp.minimum(bias_e[base:], 0.0)
 
     n_par, d = n_exp - base, x_nd.shape[1]
+    rms = jnp.sqrt(jnp.mean(x_nd * x_nd)) + 1e-12  # the correction reads x / rms: unit scale
 
     def unpack(theta):
         log_a, c = theta[:n_par], theta[n_par:2 * n_par]
@@ -147,9 +148,11 @@ def _layer_fit(x_nd, rows_ed, bias_e, pi_nk, keep_n, base: int, prior: float, st
         log_a, c, v = unpack(theta)
         party = jnp.exp(log_a) * scores[:, base:] + c
         if with_rows:
-            party = party + x_nd @ v.T
+            party = party + (x_nd / rms) @ v.T
         logits = jnp.concatenate([scores[:, :base] + eff[:base], party], axis=1)
-        ce = -jnp.sum(weight * jnp.sum(target * jax.nn.log_softmax(logits, -1), -1))
+        # the cross-entropy less the target's entropy: the KL divergence, 0 at a perfect fit
+        ce = jnp.sum(weight * jnp.sum(jax.scipy.special.xlogy(target, target)
+                                      - target * jax.nn.log_softmax(logits, -1), -1))
         return (ce + prior * (jnp.sum(log_a ** 2) + jnp.sum((c - c0) ** 2))
                 + rows_prior * jnp.sum(v ** 2))
 
@@ -163,12 +166,12 @@ def _layer_fit(x_nd, rows_ed, bias_e, pi_nk, keep_n, base: int, prior: float, st
         g = grad(theta)
         m, v, t = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g, t + 1
         mhat, vhat = m / (1 - 0.9 ** t), v / (1 - 0.999 ** t)
-        return (theta - 0.05 * mhat / (jnp.sqrt(vhat) + 1e-8), m, v, t), None
+        return (theta - lr * mhat / (jnp.sqrt(vhat) + 1e-8), m, v, t), None
 
     zeros = jnp.zeros_like(start)
     (theta, _, _, _), _ = jax.lax.scan(step, (start, zeros, zeros, 0.0), None, length=steps)
     log_a, c, v = unpack(theta)
-    return jnp.exp(log_a), c, v, loss(start), loss(theta)
+    return jnp.exp(log_a), c, v / rms, loss(start), loss(theta)
 
 
 _fit_layer = jax.jit(_layer_fit, static_argnums=(5, 7, 8))
@@ -192,7 +195,7 @@ def fit(cfg: ModelConfig, flat: dict[str, np.ndarray], tokens: np.ndarray, *, ba
     if unknown:
         raise MergeRefused(f"calibration options {unknown}: known {sorted(DEFAULTS)}")
     if (not opts["target_temperature"] > 0 or opts["prior"] < 0 or int(opts["steps"]) < 1
-            or opts["rows"] < 0):
+            or opts["rows"] < 0 or not opts["lr"] > 0):
         raise MergeRefused(f"calibration options {opts}: target_temperature > 0, prior >= 0, "
                            f"steps >= 1")
     n_exp, n_par = cfg.n_experts, cfg.n_experts - base_experts
@@ -239,7 +242,7 @@ def fit(cfg: ModelConfig, flat: dict[str, np.ndarray], tokens: np.ndarray, *, ba
         a, c, v, before, after = _fit_layer(
             seen[layer], jnp.asarray(rows0[layer]), jnp.asarray(bias0[layer]), pi, keep_n,
             base_experts, float(opts["prior"]), int(opts["steps"]), bool(opts["rows"] > 0),
-            float(opts["rows"]))
+            float(opts["rows"]), float(opts["lr"]))
         scale[layer, base_experts:] = np.asarray(a)
         bias[layer, base_experts:] = np.asarray(c)
         delta[layer, base_experts:] = np.asarray(v)
