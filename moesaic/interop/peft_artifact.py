@@ -137,11 +137,14 @@ def _base_stats(base: pathlib.Path, base_meta: dict, data_dir, sources: list[str
     from moesaic.routing import stats as router_stats
 
     model, _ = checkpoint.load(base, meta=base_meta)
-    hashes = {n: checkpoint.tensor_hash(v)
-              for n, v in checkpoint.flatten(nnx.state(model)).items()}
+    flat = checkpoint.flatten(nnx.state(model))
+    recorded = checkpoint.hash_algorithm(base_meta)
+    hashes = {n: checkpoint.tensor_hash(v, recorded) for n, v in flat.items()}
     if checkpoint.fingerprint_of_hashes(hashes) != base_meta["fingerprint"]:
         raise ValueError(f"base {str(base)!r} is damaged: its tensors do not match the "
                          "fingerprint its meta.json records")
+    if recorded != checkpoint.HASH:  # the artifact's frozen_hashes are in its own algorithm
+        hashes = {n: checkpoint.tensor_hash(v) for n, v in flat.items()}
     out = {}
     for s in sources:
         batch = min(8, max_sequences)

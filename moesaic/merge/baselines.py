@@ -73,7 +73,9 @@ def open_dense(paths) -> list[DenseBranch]:
             if got.shape != ref.shape or got.dtype != ref.dtype:
                 raise MergeRefused(f"{label}: tensor {name!r} is {got.dtype}{got.shape}, "
                                    f"{first.source!r} has {ref.dtype}{ref.shape}")
-        hashes = {name: scan(label, view) for name, view in sorted(b.tensors.items())}
+        algorithm = checkpoint.hash_algorithm(b.meta)
+        hashes = {name: scan(label, view, algorithm=algorithm)
+                  for name, view in sorted(b.tensors.items())}
         if checkpoint.fingerprint_of_hashes(hashes) != b.meta.get("fingerprint"):
             raise MergeRefused(f"{label}: its tensors do not match its recorded fingerprint "
                                f"{str(b.meta.get('fingerprint'))[:12]}...; the checkpoint was "

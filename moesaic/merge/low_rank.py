@@ -160,8 +160,9 @@ def convert(base: Base, party: Party, rank: int) -> Party:
         out[lora.tensor_name(target, "b")] = ArrayView(lora.tensor_name(target, "b"), b)
     for name in (ROUTER, BIAS):
         out[name] = party.own[name]
-    hashes = {n: checkpoint.tensor_hash(v.read()) for n, v in out.items()}
-    hashes.update({stat_name(s): checkpoint.tensor_hash(v.read())
+    algorithm = checkpoint.hash_algorithm(party.meta)  # that of its frozen_hashes too
+    hashes = {n: checkpoint.tensor_hash(v.read(), algorithm) for n, v in out.items()}
+    hashes.update({stat_name(s): checkpoint.tensor_hash(v.read(), algorithm)
                    for s, v in party.stats.items()})
     meta = {**party.meta,
             "model": {**party.meta["model"], "lora_experts": 1, "lora_rank": rank,

@@ -106,6 +106,7 @@ class Base:
     fingerprint: str  # as recorded; verified against the tensors by `verify`
     tensors: dict[str, View]  # every base parameter
     origin: str  # "checkpoint" or "merged"
+    hash: str = checkpoint.LEGACY_HASH  # the tensor hash its fingerprint is over
 
     @property
     def n_experts(self) -> int:
@@ -154,6 +155,7 @@ class PublicStats:
     router_input: str = "token"  # the router input the sums are of (model.router_input)
     fingerprint: str | None = None  # as recorded, when it covers only these three tensors
     base_fingerprint: str | None = None  # the model they were computed under, when recorded
+    hash: str = checkpoint.LEGACY_HASH  # the tensor hash `fingerprint` is over
 
 
 # ---- from a base checkpoint and branch artifacts ------------------------------------------
@@ -205,7 +207,7 @@ def open_base(path: str | pathlib.Path) -> Base:
                            f"afresh, pass the public base its parties started from")
     stored = checkpoint.tensor_metadata(path)
     return Base(path, checkpoint.model_config(meta), meta["fingerprint"],
-                {n: View(path, n) for n in stored}, "checkpoint")
+                {n: View(path, n) for n in stored}, "checkpoint", checkpoint.hash_algorithm(meta))
 
 
 def open_branch(path: str | pathlib.Path) -> Party:
@@ -246,7 +248,7 @@ def open_public_stats(path: str | pathlib.Path) -> PublicStats:
     return PublicStats(path, {s: View(path, stat_name(s)) for s in STAT_NAMES},
                        int(meta.get("stats_tokens", 0)), str(kind),
                        meta.get("fingerprint") if only_stats else None,
-                       meta.get("base_fingerprint"))
+                       meta.get("base_fingerprint"), checkpoint.hash_algorithm(meta))
 
 
 # ---- from a merged checkpoint ---------------------------------------------------------------
@@ -271,7 +273,9 @@ def base_of_merged(path: pathlib.Path, meta: dict) -> Base:
             tensors[name] = View(path, name)
         else:
             raise MergeRefused(f"merged checkpoint {path}: base tensor {name!r} missing")
-    return Base(path, cfg, meta["base_fingerprint"], tensors, "merged")
+    return Base(path, cfg, meta["base_fingerprint"], tensors, "merged",
+                checkpoint.hash_algorithm({"hash": merge.get("base_hash",
+                                                             checkpoint.LEGACY_HASH)}))
 
 
 def parties_of_merged(path: str | pathlib.Path) -> tuple[Base, list[Party], dict]:
@@ -307,7 +311,10 @@ def public_stats_of_merged(path: str | pathlib.Path, meta: dict) -> PublicStats 
                        {s: View(path, stat_name(s, PUBLIC)) for s in STAT_NAMES},
                        int(meta["merge"]["public_stats_tokens"]),
                        str(meta["model"].get("router_input", "token")),
-                       meta["merge"].get("public_stats_fingerprint"))
+                       meta["merge"].get("public_stats_fingerprint"),
+                       hash=checkpoint.hash_algorithm(
+                           {"hash": meta["merge"].get("public_stats_hash",
+                                                      checkpoint.LEGACY_HASH)}))
 
 
 class MergeRefused(Exception):

@@ -31,7 +31,7 @@ def base_hashes(base: Base) -> dict[str, str]:
     label = f"base {base.path}" + (" (the base inside this merged model)"
                                    if base.origin == "merged" else "")
     hashes = {name: scan(label, view, cause="a model with non-finite weights cannot be merged "
-                                            "from")
+                                            "from", algorithm=base.hash)
               for name, view in sorted(base.tensors.items())}
     if checkpoint.fingerprint_of_hashes(hashes) != base.fingerprint:
         raise MergeRefused(f"{label}: its tensors do not match its recorded "
@@ -40,14 +40,15 @@ def base_hashes(base: Base) -> dict[str, str]:
     return hashes
 
 
-def _expected_frozen_hash(base: Base, hashes: dict[str, str], name: str, party: Party):
+def _expected_frozen_hash(base: Base, hashes: dict[str, str], name: str, party: Party,
+                          algorithm: str):
     if name in hashes:
         return hashes[name]
     if name in (ROUTER, BIAS) and name not in base.tensors:
         # a base without a router (dense) or without bias: the branch froze zeros there
         own = party.own[name]
         shape = (own.shape[0], base.n_experts, *own.shape[2:])
-        return checkpoint.tensor_hash(np.zeros(shape, own.dtype))
+        return checkpoint.tensor_hash(np.zeros(shape, own.dtype), algorithm)
     return None
 
 
@@ -60,10 +61,11 @@ def check_unique(sources: list[str]) -> None:
         seen.add(source)
 
 
-def scan(label: str, view, cause: str = "the job that wrote it diverged") -> str:
+def scan(label: str, view, cause: str = "the job that wrote it diverged",
+         algorithm: str = checkpoint.HASH) -> str:
     """`checkpoint.tensor_hash` of a stored view, refusing NaN or Inf on the way (one read for
     both)."""
-    digest, bad = checkpoint.scan(view.dtype, view.shape, view.pieces())
+    digest, bad = checkpoint.scan(view.dtype, view.shape, view.pieces(), algorithm)
     if bad is not None:
         raise MergeRefused(f"{label}: tensor {view.name!r} holds NaN or Inf (first at index "
                            f"{bad}); {cause}")
@@ -80,9 +82,27 @@ def _check_shape(label: str, name: str, got, want_shape, want_dtype=None,
                            f"{want_dtype}")
 
 
-def check_party(base: Base, hashes: dict[str, str], party: Party, row_dtype) -> None:
+def base_hashes_as(base: Base, hashes: dict[str, dict[str, str]], algorithm: str
+                   ) -> dict[str, str]:
+    """The base's per-tensor hashes in `algorithm` (a branch made from an older checkpoint
+    records sha256): `hashes` {algorithm: hashes} holds the verified ones, others are read
+    again once (the base's bytes were checked against its fingerprint already)."""
+    if algorithm not in hashes:
+        label = f"base {base.path}"
+        hashes[algorithm] = {name: scan(label, view, algorithm=algorithm)
+                             for name, view in sorted(base.tensors.items())}
+    return hashes[algorithm]
+
+
+def check_party(base: Base, verified: dict[str, dict[str, str]], party: Party,
+                row_dtype) -> None:
+    """`verified`: {algorithm: per-tensor hashes of the base} (`base_hashes_as`)."""
     label = f"branch {party.source!r} ({party.path})"
     meta = party.meta
+    try:
+        algorithm = checkpoint.hash_algorithm(meta)
+    except ValueError as err:
+        raise MergeRefused(f"{label}: {err}") from None
     if meta.get("base_fingerprint") != base.fingerprint:
         raise MergeRefused(f"{label}: trained from another base (base_fingerprint "
                            f"{str(meta.get('base_fingerprint'))[:12]}..., this base is "
@@ -91,8 +111,9 @@ def check_party(base: Base, hashes: dict[str, str], party: Party, row_dtype) -> 
         raise MergeRefused(f"{label}: built on a base with {meta.get('base_experts')} experts, "
                            f"this base has {base.n_experts}")
     frozen = dict(meta.get("frozen_hashes") or {})
+    hashes = base_hashes_as(base, verified, algorithm)
     for name in sorted(frozen):
-        expected = _expected_frozen_hash(base, hashes, name, party)
+        expected = _expected_frozen_hash(base, hashes, name, party, algorithm)
         if expected is None:
             raise MergeRefused(f"{label}: frozen tensor {name!r} is not a tensor of the base")
         if frozen[name] != expected:
@@ -117,8 +138,9 @@ def check_party(base: Base, hashes: dict[str, str], party: Party, row_dtype) -> 
     for stat in STAT_NAMES:
         _check_shape(label, stat_name(stat), party.stats[stat], stat_shapes[stat])
     # the artifact's fingerprint is over exactly these tensors (moesaic.branch_train.artifact)
-    own = {name: scan(label, party.own[name]) for name in sorted(party.own)}
-    own.update({stat_name(stat): scan(label, party.stats[stat]) for stat in STAT_NAMES})
+    own = {name: scan(label, party.own[name], algorithm=algorithm) for name in sorted(party.own)}
+    own.update({stat_name(stat): scan(label, party.stats[stat], algorithm=algorithm)
+                for stat in STAT_NAMES})
     recorded = meta.get("fingerprint")
     if checkpoint.fingerprint_of_hashes(own) != recorded:
         raise MergeRefused(f"{label}: its expert, router row, bias and statistics do not match "
@@ -130,8 +152,9 @@ def check_party(base: Base, hashes: dict[str, str], party: Party, row_dtype) -> 
 def public_fingerprint(public: PublicStats) -> str:
     """The public statistics' fingerprint: that of a checkpoint holding only them."""
     label = f"public stats {public.path}"
-    return checkpoint.fingerprint_of_hashes({stat_name(stat): scan(label, public.stats[stat])
-                                     for stat in STAT_NAMES})
+    return checkpoint.fingerprint_of_hashes({
+        stat_name(stat): scan(label, public.stats[stat], algorithm=public.hash)
+        for stat in STAT_NAMES})
 
 
 def router_dtype(base: Base, parties: list[Party]) -> np.dtype:
@@ -166,10 +189,10 @@ def verify(base: Base, parties: list[Party], public: PublicStats | None = None
     """Runs every check; returns the public statistics' fingerprint (None without them)."""
     check_unique([p.source for p in parties])
     router_input(base, parties, public)
-    hashes = base_hashes(base)
+    verified = {base.hash: base_hashes(base)}
     row_dtype = router_dtype(base, parties)
     for party in parties:
-        check_party(base, hashes, party, row_dtype)
+        check_party(base, verified, party, row_dtype)
     if public is not None:
         if public.base_fingerprint and public.base_fingerprint != base.fingerprint:
             raise MergeRefused(f"public stats {public.path}: computed under another model "

@@ -2,7 +2,14 @@
 not at all (docs/design.md, contract 8).
 
     PATH/params/      Orbax (OCDBT) tree, flat: {"blocks/ffn/w_gate": array, ...}
-    PATH/meta.json    {"kind": ..., "model": ModelConfig fields, "fingerprint": ..., ...}
+    PATH/meta.json    {"kind": ..., "model": ModelConfig fields, "fingerprint": ...,
+                       "hash": "blake3", ...}
+
+The fingerprint is a sha256 over every tensor's name and hash; a tensor's hash is the `HASH`
+algorithm (blake3, multi-threaded: about as fast as reading the bytes) over its dtype, shape
+and C-order bytes. meta.json's "hash" names the algorithm of every tensor hash it records (the
+fingerprint's, a branch's frozen_hashes); a meta without it is sha256 (`hash_algorithm`), so
+checkpoints written before blake3 still verify.
 
 Everything is written under `PATH.partial` and renamed to PATH when complete: a reader either
 sees a finished checkpoint or none; overwriting renames the old PATH aside first (`commit`),
@@ -23,6 +30,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+import blake3
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -40,6 +48,17 @@ from moesaic.model.transformer import Decoder
 
 META = "meta.json"
 PARAMS = "params"
+HASH = "blake3"  # the tensor hash new checkpoints record
+LEGACY_HASH = "sha256"  # a meta.json without "hash"
+HASHES = (HASH, LEGACY_HASH)
+
+
+def hash_algorithm(meta: Mapping) -> str:
+    """The tensor hash algorithm of the hashes a checkpoint's meta records."""
+    algorithm = meta.get("hash", LEGACY_HASH)
+    if algorithm not in HASHES:
+        raise ValueError(f"meta.json records tensor hash {algorithm!r}; known: {HASHES}")
+    return algorithm
 
 
 def flatten(state: nnx.State | Mapping) -> dict[str, jax.Array]:
@@ -69,12 +88,18 @@ def unflatten(flat: Mapping[str, object]) -> dict:
     return out
 
 
-def tensor_digest(dtype, shape):
-    """The running sha256 behind `tensor_hash`: feed it the tensor's C-order bytes, in order
+def tensor_digest(dtype, shape, algorithm: str = HASH):
+    """The running hash behind `tensor_hash`: feed it the tensor's C-order bytes, in order
     and in pieces of any size, and its hexdigest is the tensor's hash. For code that reads a
-    tensor piece by piece and hashes it on the way."""
+    tensor piece by piece and hashes it on the way. blake3 hashes each piece on all cores
+    (and releases the GIL while it does)."""
     shape = tuple(int(n) for n in shape)  # numpy ints would print otherwise
-    return hashlib.sha256(f"{np.dtype(dtype)}|{shape}|".encode())
+    header = f"{np.dtype(dtype)}|{shape}|".encode()
+    if algorithm == HASH:
+        return blake3.blake3(header, max_threads=blake3.blake3.AUTO)
+    if algorithm == LEGACY_HASH:
+        return hashlib.sha256(header)
+    raise ValueError(f"unknown tensor hash {algorithm!r}; known: {HASHES}")
 
 
 def byte_view(array) -> np.ndarray:
@@ -83,12 +108,13 @@ def byte_view(array) -> np.ndarray:
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
-def tensor_hash(array) -> str:
-    """sha256 of one tensor's dtype, shape and bytes. A sharded jax.Array is read a bounded
-    slab at a time (`host_pieces`), never gathered whole; every process must call this then."""
+def tensor_hash(array, algorithm: str = HASH) -> str:
+    """Hash (`HASH` unless `algorithm`) of one tensor's dtype, shape and bytes. A sharded
+    jax.Array is read a bounded slab at a time (`host_pieces`), never gathered whole; every
+    process must call this then."""
     if not isinstance(array, jax.Array):
         array = np.asarray(array)
-    digest = tensor_digest(array.dtype, array.shape)
+    digest = tensor_digest(array.dtype, array.shape, algorithm)
     for piece in host_pieces.pieces(array):
         digest.update(byte_view(piece))
     return digest.hexdigest()
@@ -100,9 +126,10 @@ def fingerprint_of_hashes(hashes: Mapping[str, str]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def fingerprint(flat: Mapping[str, object]) -> str:
-    """sha256 over every tensor's name and hash, in name order."""
-    return fingerprint_of_hashes({name: tensor_hash(value) for name, value in flat.items()})
+def fingerprint(flat: Mapping[str, object], algorithm: str = HASH) -> str:
+    """sha256 over every tensor's name and hash (`algorithm`), in name order."""
+    return fingerprint_of_hashes({name: tensor_hash(value, algorithm)
+                                  for name, value in flat.items()})
 
 
 PARTIAL, ASIDE = ".partial", ".replaced"
@@ -211,7 +238,8 @@ def save(path: str | pathlib.Path, flat: Mapping[str, jax.Array], meta: dict, *,
         shutil.rmtree(partial)
     multihost_utils.sync_global_devices(f"moesaic-save-start:{path}")
     meta = dict(meta)
-    meta.setdefault("fingerprint", fingerprint(flat))
+    meta.setdefault("hash", HASH)
+    meta.setdefault("fingerprint", fingerprint(flat, meta["hash"]))
     try:  # an error (a full disk) or a signal: PATH.partial removed, PATH as it was
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(partial / PARAMS, unflatten(flat), save_args=unflatten(
@@ -248,9 +276,10 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
     not the whole tensor), so the checkpoint reads like any other.
     Records each tensor's `tensor_hash` on the way."""
 
-    def __init__(self):
+    def __init__(self, algorithm: str = HASH):
         super().__init__(deepcopy_host_arrays=False)
         self.hashes: dict[str, str] = {}
+        self.algorithm = algorithm
 
     async def _background_serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
@@ -274,7 +303,7 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
                                               *source.shape[1:]]
             store = await ts.open(ts.Spec(spec), create=True, open=True,
                                   context=info.ts_context)
-            digest, row = tensor_digest(source.dtype, source.shape), 0
+            digest, row = tensor_digest(source.dtype, source.shape, self.algorithm), 0
             for piece in itertools.chain([] if first is None else [first], pieces):
                 piece = np.asarray(piece, order="C")
                 if piece.dtype != source.dtype or piece.shape[1:] != source.shape[1:] or (
@@ -308,7 +337,8 @@ def save_streaming(path: str | pathlib.Path, sources: Mapping[str, TensorSource]
     partial = path.with_name(path.name + PARTIAL)
     if partial.exists():
         shutil.rmtree(partial)
-    writer = _StreamingNumpyHandler()
+    meta = {"hash": HASH, **meta}
+    writer = _StreamingNumpyHandler(hash_algorithm(meta))
     registry = ocp.type_handlers.create_type_handler_registry(
         (TensorSource, writer), (jax.Array, ocp.type_handlers.ArrayHandler()))
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
@@ -316,7 +346,7 @@ def save_streaming(path: str | pathlib.Path, sources: Mapping[str, TensorSource]
         with ocp.Checkpointer(handler) as checkpointer:
             checkpointer.save(partial / PARAMS, args=ocp.args.PyTreeSave(unflatten(sources)))
         hashes = {name: writer.hashes[name.replace("/", ".")] for name in sources}
-        meta = {**meta, "fingerprint": meta.get("fingerprint") or fingerprint_of_hashes(hashes)}
+        meta["fingerprint"] = meta.get("fingerprint") or fingerprint_of_hashes(hashes)
         for name, source in (files or {}).items():
             shutil.copyfile(source, partial / name)
         (partial / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
@@ -385,9 +415,9 @@ class TensorReader:
         for row in range(0, self.shape[0], step):
             yield self[row:row + step]
 
-    def hash(self, rows_per_piece: int = 1) -> str:
+    def hash(self, rows_per_piece: int = 1, algorithm: str = HASH) -> str:
         """`tensor_hash` of the stored tensor, read `rows_per_piece` rows at a time."""
-        digest = tensor_digest(self.dtype, self.shape)
+        digest = tensor_digest(self.dtype, self.shape, algorithm)
         if not self.shape:
             digest.update(byte_view(self.read()))
         for row in range(0, self.shape[0] if self.shape else 0, rows_per_piece):
@@ -395,12 +425,12 @@ class TensorReader:
         return digest.hexdigest()
 
 
-def scan(dtype, shape, pieces) -> tuple[str, tuple[int, ...] | None]:
+def scan(dtype, shape, pieces, algorithm: str = HASH) -> tuple[str, tuple[int, ...] | None]:
     """(`tensor_hash`, index of the first NaN or Inf, else None) of a tensor given as its row
     blocks in order (one read for both); stops at the first non-finite value."""
     dtype = np.dtype(dtype)
     floating = np.issubdtype(dtype, np.floating) or dtype.kind == "V"  # V: bfloat16
-    digest, start = tensor_digest(dtype, shape), 0
+    digest, start = tensor_digest(dtype, shape, algorithm), 0
     for piece in pieces:
         digest.update(byte_view(piece))
         if floating:
@@ -419,12 +449,13 @@ def verify(path: str | pathlib.Path, label: str = "checkpoint") -> None:
     swapped file. What a command that loads a checkpoint calls first (its `--no-verify`
     skips it)."""
     path = pathlib.Path(path)
-    recorded = read_meta(path).get("fingerprint")
+    meta = read_meta(path)
+    recorded, algorithm = meta.get("fingerprint"), hash_algorithm(meta)
     hashes = {}
     try:
         for name in sorted(tensor_metadata(path)):
             reader = TensorReader(path, name)
-            hashes[name], bad = scan(reader.dtype, reader.shape, reader.pieces())
+            hashes[name], bad = scan(reader.dtype, reader.shape, reader.pieces(), algorithm)
             if bad is not None:
                 raise ValueError(f"{label} {str(path)!r}: tensor {name!r} holds NaN or Inf "
                                  f"(first at index {bad}); a model with non-finite weights "

@@ -108,6 +108,31 @@ def test_tensor_digest_fed_in_pieces_is_the_tensor_hash():
     assert checkpoint.tensor_hash(array) != checkpoint.tensor_hash(array.reshape(3, 7))
 
 
+def test_blake3_is_recorded_and_a_sha256_checkpoint_still_verifies(tmp_path):
+    """New checkpoints record "hash": "blake3"; one whose meta.json has no "hash" (written
+    before blake3) is verified with sha256, and a damaged one is still refused."""
+    import hashlib
+    import json
+
+    path = tmp_path / "ckpt"
+    checkpoint.save(path, _flat(1.0), {"kind": "x", "value": 1.0})
+    meta = checkpoint.read_meta(path)
+    assert meta["hash"] == "blake3"
+    checkpoint.verify(path)
+    array = _flat(1.0)["blocks/w"]
+    header = f"{array.dtype}|{array.shape}|".encode()
+    assert checkpoint.tensor_hash(array, "sha256") == hashlib.sha256(
+        header + array.tobytes()).hexdigest()
+    assert checkpoint.tensor_hash(array) != checkpoint.tensor_hash(array, "sha256")
+    legacy = {k: v for k, v in meta.items() if k != "hash"}
+    legacy["fingerprint"] = checkpoint.fingerprint(_flat(1.0), "sha256")
+    (path / checkpoint.META).write_text(json.dumps(legacy))
+    checkpoint.verify(path)
+    (path / checkpoint.META).write_text(json.dumps({**legacy, "hash": "blake3"}))
+    with pytest.raises(ValueError, match="fingerprint"):
+        checkpoint.verify(path)
+
+
 def test_a_discarded_folder_stays_gone_while_late_writers_finish(tmp_path):
     """A Ctrl-C during a streaming write leaves tensorstore threads that still create files
     for a moment; the half-written folder must not survive them."""
