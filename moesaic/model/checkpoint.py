@@ -40,7 +40,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from moesaic.model import damage, host_pieces
+from moesaic.model import damage, host_pieces, read_ahead
 from moesaic.model.config import ModelConfig
 from moesaic.model.names import LAYER_STACKED
 from moesaic.model.sharding import Rules, make_mesh, state_shardings
@@ -274,7 +274,8 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
     """Writes `TensorSource`s one after another, piece by piece, with the tensorstore spec a
     numpy leaf gets (same typestr; same chunks, or chunks of the pieces' rows when a piece is
     not the whole tensor), so the checkpoint reads like any other.
-    Records each tensor's `tensor_hash` on the way."""
+    Records each tensor's `tensor_hash` on the way: the next piece is read by a thread
+    (`read_ahead.prefetched`) and each piece is hashed while tensorstore writes it."""
 
     def __init__(self, algorithm: str = HASH):
         super().__init__(deepcopy_host_arrays=False)
@@ -284,7 +285,7 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
     async def _background_serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
         for source, info, arg in zip(values, infos, args):
-            pieces = iter(source.pieces())
+            pieces = read_ahead.prefetched(source.pieces())
             first = next(pieces, None)
             if source.ndim and np.ndim(first) and 0 < np.shape(first)[0] < source.shape[0]:
                 # chunks of the pieces' rows: each write fills whole chunks (no read-modify-
@@ -310,12 +311,15 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
                         source.ndim == 0 and piece.shape != ()):
                     raise ValueError(f"tensor {info.name}: piece {piece.dtype}{piece.shape} "
                                      f"does not fit {source.dtype}{source.shape}")
-                digest.update(byte_view(piece))
                 if source.ndim == 0:
-                    await store.write(piece)
+                    write = store.write(piece)
+                    digest.update(byte_view(piece))  # while tensorstore's threads write
+                    await write
                     row = None
                     continue
-                await store[row:row + piece.shape[0]].write(piece)
+                write = store[row:row + piece.shape[0]].write(piece)
+                digest.update(byte_view(piece))
+                await write
                 row += piece.shape[0]
                 del piece
             if row is not None and row != (source.shape[0] if source.ndim else 0):
