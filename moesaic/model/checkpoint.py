@@ -40,7 +40,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from moesaic.model import damage, host_pieces, read_ahead
+from moesaic.model import damage, host_pieces
 from moesaic.model.config import ModelConfig
 from moesaic.model.names import LAYER_STACKED
 from moesaic.model.sharding import Rules, make_mesh, state_shardings
@@ -274,8 +274,8 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
     """Writes `TensorSource`s one after another, piece by piece, with the tensorstore spec a
     numpy leaf gets (same typestr; same chunks, or chunks of the pieces' rows when a piece is
     not the whole tensor), so the checkpoint reads like any other.
-    Records each tensor's `tensor_hash` on the way: the next piece is read by a thread
-    (`read_ahead.prefetched`) and each piece is hashed while tensorstore writes it."""
+    Records each tensor's `tensor_hash` on the way: each piece is hashed while tensorstore
+    writes it."""
 
     def __init__(self, algorithm: str = HASH):
         super().__init__(deepcopy_host_arrays=False)
@@ -285,7 +285,7 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
     async def _background_serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
         for source, info, arg in zip(values, infos, args):
-            pieces = read_ahead.prefetched(source.pieces())
+            pieces = iter(source.pieces())
             first = next(pieces, None)
             if source.ndim and np.ndim(first) and 0 < np.shape(first)[0] < source.shape[0]:
                 # chunks of the pieces' rows: each write fills whole chunks (no read-modify-

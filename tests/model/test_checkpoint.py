@@ -157,25 +157,3 @@ def test_a_discarded_folder_stays_gone_while_late_writers_finish(tmp_path):
     thread.join()
     assert not folder.exists()
 
-
-def test_read_ahead_keeps_order_raises_where_it_failed_and_stops_when_closed():
-    import threading
-
-    from moesaic.model import read_ahead
-
-    assert list(read_ahead.prefetched(iter(range(7)))) == list(range(7))
-
-    def failing():
-        yield 0
-        yield 1
-        raise OSError("read failed")
-    got = []
-    with pytest.raises(OSError, match="read failed"):
-        for piece in read_ahead.prefetched(failing()):
-            got.append(piece)
-    assert got == [0, 1]
-    before = threading.active_count()
-    pieces = read_ahead.prefetched(iter(range(1000)))
-    assert next(pieces) == 0
-    pieces.close()
-    assert threading.active_count() == before
