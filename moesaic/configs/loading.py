@@ -35,6 +35,22 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg or None)
 
 
+def _literal(text: str):
+    """A Python literal from an override's text: numbers without the parser, the rest with
+    `ast.literal_eval`. CPython 3.11's AST parser keeps one recursion count for all threads
+    (gh-106905), so a traceback printed by another thread (Orbax's, for a damaged checkpoint)
+    while this parses fails it with SystemError; that parse is retried once."""
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    try:
+        return ast.literal_eval(text)
+    except SystemError:
+        return ast.literal_eval(text)
+
+
 def _parse_value(text: str, old):
     if isinstance(old, bool):
         if text.lower() in ("true", "1", "yes"):
@@ -44,11 +60,11 @@ def _parse_value(text: str, old):
         raise ValueError(f"expected a boolean, got {text!r}")
     if isinstance(old, str) or old is None:
         try:
-            return ast.literal_eval(text) if old is None else text
+            return _literal(text) if old is None else text
         except (ValueError, SyntaxError):
             return text
     try:
-        value = ast.literal_eval(text)
+        value = _literal(text)
     except (ValueError, SyntaxError):
         raise ValueError(f"expected {type(old).__name__}, got {text!r}") from None
     if isinstance(value, bool):  # True is an int to Python, never to a config
