@@ -110,6 +110,13 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--low-rank", type=whole_number(1), default=None, metavar="R",
                         help="every FFN party as a rank-R low-rank expert: the truncated SVD "
                              "of its difference from the public FFN (docs/low-rank.md)")
+    parser.add_argument("--fine-grained", type=int, default=None, metavar="M",
+                        help="every FFN expert as M sub-experts of width d_ff/M (its hidden "
+                             "units grouped by gate direction), top-k times M; remove/add keep "
+                             "it (docs/low-rank.md)")
+    parser.add_argument("--fine-grained-scale", type=float, default=None, metavar="S",
+                        help="--fine-grained: weight of each sub-expert's own router part, its "
+                             "group's mean gate column (default 0: the unsplit merge exactly)")
     parser.add_argument("--calibrate", default=None, metavar="DATA",
                         help="prepared data folder: fit a temperature and a bias per party "
                              "expert and layer on its 'public' source (moesaic.merge.calibrate)"
@@ -142,7 +149,8 @@ ROUTER_FLAGS = {"router": "--router", "public_stats": "--public-stats",
                 "router_scale": "--router-scale", "seed": "--seed",
                 "router_option": "--router-option"}
 FLAGS = {"merged": "M", "base": "--base", "branch": "--branch", "source": "--source",
-         "top_k": "--top-k", "low_rank": "--low-rank", "weights_data": "--weights-data",
+         "top_k": "--top-k", "low_rank": "--low-rank", "fine_grained": "--fine-grained",
+         "fine_grained_scale": "--fine-grained-scale", "weights_data": "--weights-data",
          "weights_source": "--weights-source", "weighting": "--weighting",
          "calibrate": "--calibrate", "calibrate_option": "--calibrate-option",
          "screen": "--screen", "policy": "--policy", "refuse_below": "--refuse-below",
@@ -155,7 +163,7 @@ USES = {"merge": {"base", "branch", "top_k", "calibrate", "calibrate_option", "s
         "soup": {"branch", "weights_data", "weights_source", "weighting"},
         "btx": {"branch", "top_k", "router", "ridge_lambda", "router_scale", "seed",
                 "router_option"}}
-USES["merge"].add("low_rank")  # remove and add keep the merged model's --low-rank
+USES["merge"].update(("low_rank", "fine_grained", "fine_grained_scale"))  # remove/add keep them
 WHY = {"remove": "it rebuilds the router with the kind, options and statistics the model was "
                  "merged with",
        "add": "it rebuilds the router with the kind, options and statistics the model was "
@@ -234,6 +242,18 @@ def _screening(args):
                              policy=args.policy or "warn", threshold=threshold)
 
 
+def _fine_grained(args) -> dict:
+    if args.fine_grained_scale is not None and args.fine_grained is None:
+        raise MergeRefused("--fine-grained-scale without --fine-grained M")
+    if args.fine_grained is None:
+        return {}
+    if args.screen:
+        raise MergeRefused("--fine-grained with --screen: screening scores one expert slot per "
+                           "party, a fine-grained merge has --fine-grained of them")
+    return {"fine_grained_to": args.fine_grained,
+            "fine_grained_scale": args.fine_grained_scale or 0.0}
+
+
 def _run(args) -> None:
     from moesaic.merge import fuse
 
@@ -253,7 +273,8 @@ def _run(args) -> None:
             merge = fuse.merge_paths if screening is None else screening
             merge(args.base, args.branch, router=args.router, top_k=args.top_k or 1,
                   out=args.out, public_stats=public, low_rank_to=args.low_rank,
-                  options=_options(args), calibration=calibration)
+                  options=_options(args), calibration=calibration,
+                  **_fine_grained(args))
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)

@@ -185,6 +185,10 @@ def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
     if cfg.lora_experts:
         raise ValueError(f"{model_path}: {cfg.lora_experts} low-rank experts (blocks/lora/...); "
                          "FlexOlmoForCausalLM holds only full FFN experts (docs/low-rank.md)")
+    if cfg.expert_split > 1:
+        raise ValueError(f"{model_path}: model.expert_split={cfg.expert_split} (fine-grained "
+                         "experts, router weights scaled by it); FlexOlmoForCausalLM has no such "
+                         "scale (docs/low-rank.md)")
     tokenizer = _tokenizer_source(cfg)  # a missing or unusable one is refused before any weight
     if cfg.is_moe and cfg.router_input != "token":
         raise ValueError(f"{model_path}: model.router_input={cfg.router_input!r}; "

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from moesaic.merge import calibrate, low_rank
+from moesaic.merge import calibrate, fine_grained, low_rank
 from moesaic.merge import sources as src
 from moesaic.merge.sources import PUBLIC, Base, MergeRefused, Party, PublicStats
 from moesaic.merge.verify import router_dtype, router_input, verify
@@ -75,10 +75,13 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
           out: str | pathlib.Path, public: PublicStats | None = None,
           options: dict | None = None, overwrite: bool = False, low_rank_to: int | None = None,
           log: Callable[[str], None] = print,
-          calibration: calibrate.Request | None = None) -> dict:
+          calibration: calibrate.Request | None = None,
+          fine_grained_to: int | None = None, fine_grained_scale: float = 0.0) -> dict:
     """Verifies, builds the router, writes the merged checkpoint at `out`; returns its meta.
     Raises MergeRefused (nothing written) when an input fails verification. `calibration`:
-    fit the router's temperatures and biases on proxy rows (moesaic.merge.calibrate)."""
+    fit the router's temperatures and biases on proxy rows (moesaic.merge.calibrate).
+    `fine_grained_to` M: every expert as M sub-experts of width d_ff / M, top-k times M
+    (moesaic.merge.fine_grained; `fine_grained_scale` weighs their own router parts)."""
     out = pathlib.Path(out)
     parties = low_rank.ordered(parties)  # slots: the FFN parties, then the low-rank ones
     inputs_paths = {base.path.resolve(), *(p.path.resolve() for p in parties)}
@@ -98,6 +101,9 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
     if not 1 <= top_k <= n_experts:
         raise MergeRefused(f"--top-k {top_k}: the merged model has {n_experts} experts "
                            f"({base.n_experts} base + {len(parties)} parties)")
+    if fine_grained_to is not None:
+        fine_grained.check(base, parties, fine_grained_to, low_rank_to=low_rank_to,
+                           calibration=calibration)
     public_fingerprint = verify(base, parties, public)
     parties = low_rank.converted(base, parties, low_rank_to)  # --low-rank R (FlexMoRE)
     try:
@@ -119,8 +125,14 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
         tensors[name] = src.stack_experts([base.tensors[name],
                                            *(p.own[name] for p in parties if not p.low_rank)])
     tensors.update(low_rank.stacked(parties))
-    tensors[ROUTER] = _in_memory(built.rows.astype(row_dtype))
-    tensors[BIAS] = _in_memory(built.bias.astype(row_dtype))
+    rows, bias = built.rows, built.bias
+    split = (fine_grained.Units(base, parties, fine_grained_to, fine_grained_scale)
+             if fine_grained_to not in (None, 1) else None)
+    if split is not None:  # each expert as m sub-experts; the units' rows for each
+        tensors.update(split.tensors())
+        rows, bias = split.rows(rows, bias)
+    tensors[ROUTER] = _in_memory(rows.astype(row_dtype))
+    tensors[BIAS] = _in_memory(bias.astype(row_dtype))
     for name in (ROUTER, BIAS):
         if name in base.tensors:
             tensors[rows_name(PUBLIC, name)] = base.tensors[name].source()
@@ -136,11 +148,15 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
     cfg = base.cfg.replace(n_experts=n_experts, top_k=top_k, router_trainable=False,
                            router_bias=True, router_input=router_input(base, parties, public))
     cfg = low_rank.merged_config(cfg, parties)
+    if split is not None:
+        cfg = split.config(cfg)
     calibrated = (calibrate.into(tensors, cfg, names, base.n_experts, calibration, log)
                   if calibration is not None else None)
     experts = [{"source": s, "fingerprint": base.fingerprint} for s in base.expert_names()]
     experts += [{"source": p.source, "fingerprint": p.meta["fingerprint"],
                  "branch_meta": p.meta} for p in parties]
+    if split is not None:
+        experts = split.experts(experts)
     meta = {
         "kind": "merged",
         "model": cfg.to_dict(),
@@ -154,7 +170,8 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
                   "public_stats": public is not None,
                   "public_stats_tokens": public.tokens if public is not None else 0,
                   "public_stats_fingerprint": public_fingerprint,
-                  **({"low_rank": low_rank_to} if low_rank_to else {})},
+                  **({"low_rank": low_rank_to} if low_rank_to else {}),
+                  **(split.record() if split is not None else {})},
         "routing_report": [{k: v for k, v in r.items()} for r in reports],
         "routing_warnings": warnings,
         **src.seq_len_record([p.meta for p in parties]),
@@ -175,7 +192,7 @@ def merge_paths(base_path, branch_paths, *, public_stats=None, **kw) -> dict:
 
 
 def _again(merged_path, parties_change, *, out, top_k=None, overwrite=False, log=print):
-    base, parties, meta = src.parties_of_merged(merged_path)
+    base, parties, meta = fine_grained.parties_of_merged(merged_path)
     public = src.public_stats_of_merged(merged_path, meta)
     parties = parties_change(parties)
     router = meta["router"]
@@ -188,7 +205,8 @@ def _again(merged_path, parties_change, *, out, top_k=None, overwrite=False, log
                  top_k=router["top_k"] if top_k is None else top_k,
                  out=out, public=public, options=router["options"], overwrite=overwrite,
                  low_rank_to=meta["merge"].get("low_rank"),
-                 log=log, calibration=calibrate.request_of_merged(merged_path, meta))
+                 log=log, calibration=calibrate.request_of_merged(merged_path, meta),
+                 **fine_grained.options_of_merged(meta))
 
 
 def remove(merged_path, source: str, *, out, **kw) -> dict:

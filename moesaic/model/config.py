@@ -52,6 +52,10 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 0.0  # 0: the rank (scale 1)
     lora_targets: tuple[str, ...] = ()
+    # fine-grained experts (moesaic.merge.fine_grained): every expert is stored as expert_split
+    # sub-experts of width d_ff, in consecutive slots; their top-k router weights are multiplied
+    # by expert_split, so m sub-experts sharing one row weigh what their unsplit expert did
+    expert_split: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives a list
@@ -74,6 +78,10 @@ class ModelConfig:
             bad("router_input", f"unknown router input; one of {ROUTER_INPUTS}")
         if self.remat not in REMATS:
             bad("remat", f"unknown remat policy; one of {REMATS}")
+        if self.expert_split < 1 or self.n_experts % self.expert_split:
+            bad("expert_split", f"must be at least 1 and divide n_experts={self.n_experts}")
+        if self.expert_split > 1 and self.lora_experts:
+            bad("expert_split", "fine-grained experts do not hold low-rank experts")
         if self.expert_padding < 0:
             bad("expert_padding", "must be 0 or positive")
         if self.head_dim < 0:

@@ -121,8 +121,10 @@ class MoE(nnx.Module):
         scored, so no token reaches them and they get no gradient."""
         n = self.cfg.n_experts
         bias = self.bias[..., :n] if self.cfg.router_bias else None
-        return route(x_td, self.router[..., :n, :], bias, self.cfg.top_k,
-                     self.cfg.norm_topk_prob)
+        r = route(x_td, self.router[..., :n, :], bias, self.cfg.top_k, self.cfg.norm_topk_prob)
+        if self.cfg.expert_split > 1:  # m sub-experts of one row: each p/m of the softmax
+            r = r._replace(weights_tk=r.weights_tk * self.cfg.expert_split)
+        return r
 
     def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
