@@ -191,6 +191,7 @@ class Joined:
         shape = list(self.reader.shape)
         shape[1], shape[self.hidden] = len(units), shape[self.hidden] * m
         self.shape, self.dtype = tuple(shape), self.reader.dtype
+        self.scans: dict = {}  # what verifying it found, as `sources.View` records it
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, *self.shape[1:]), self.dtype)
