@@ -4,6 +4,9 @@ base's projections (`moesaic.model.lora`) and its router row, nothing else.
     config.branch.lora.rank     r, the rank of every update
     config.branch.lora.alpha    the scale is alpha / r (0: alpha = r, scale 1)
     config.branch.lora.targets  the adapted projections, among q, k, v, o, gate, up, down
+    config.branch.lora.quantize "none", "int8" or "nf4": the frozen base's projection
+                                matrices held quantized (QLoRA; `moesaic.model.quantized`),
+                                dequantized a layer at a time in the step
 
 The branch model is the base plus one low-rank expert (the last router slot): the merged model
 of this one party. Its layout (`lora_layout`) trains exactly the expert's A and B tensors
@@ -14,7 +17,10 @@ from the job's seed and B at zero, so the branch starts as the base.
 
 The artifact (`write_lora`) is a branch artifact (`moesaic.branch_train.artifact`) whose own
 tensors are the expert's blocks/lora/<target>_{a,b} (L, 1, ...) with the row and bias; its
-model config records the rank, alpha and targets (model.lora_*).
+model config records the rank, alpha and targets (model.lora_*). With a quantized base the
+adapters train against the dequantized base, while the artifact's frozen hashes are the
+unquantized base's (re-read from --base): the merge applies the adapters to the stored base.
+Its meta records `frozen_quantize` (and its config branch.lora.quantize).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import ml_collections
 import numpy as np
 
 from moesaic.branch_train import outputs, upcycle
-from moesaic.model import lora, params
+from moesaic.model import lora, params, quantized
 from moesaic.model.config import ModelConfig
 from moesaic.model.names import BIAS, ROUTER, W_GATE
 from moesaic.model.sharding import variable_axes
@@ -46,6 +52,21 @@ def lora_settings(config: ml_collections.ConfigDict) -> dict:
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     return dict(lora_rank=int(section.rank), lora_alpha=float(section.alpha),
                 lora_targets=tuple(targets))
+
+
+def quantize_setting(config: ml_collections.ConfigDict, kind: str) -> str:
+    """config.branch.lora.quantize ("none", "int8", "nf4": the frozen base held quantized,
+    QLoRA), refused unless "none" for a job that is not a low-rank branch."""
+    branch = config.get("branch")
+    section = branch.get("lora") if branch is not None else None
+    value = str(section.get("quantize", "none")) if section is not None else "none"
+    quantized.check_kind(value, "config.branch.lora.quantize")
+    if value != "none" and kind != "lora":
+        raise ValueError(f"config.branch.lora.quantize={value!r} holds the frozen base of a "
+                         f"low-rank branch quantized; this job is a {kind!r} job "
+                         f"(config.branch.mode={branch.get('mode')!r}): use "
+                         "--config.branch.mode=lora, or quantize=none")
+    return value
 
 
 def branch_model_config(base_cfg: ModelConfig, config: ml_collections.ConfigDict
@@ -103,7 +124,9 @@ def start(layout: upcycle.ParamLayout, base: Mapping[str, jax.Array], base_cfg: 
 def write_lora(t: outputs.Trained) -> pathlib.Path:
     """The branch artifact of a low-rank branch: the expert's A and B, row and bias."""
     own = {n: t.trainable[n] for n in (*t.layout.trainable, *SPLIT)}
-    return outputs._write_artifact(t, own, {}, t.layout.cfg, t.layout.base_experts)
+    quantize = quantize_setting(t.config, "lora")
+    extra = {"frozen_quantize": quantize} if quantize != "none" else {}
+    return outputs._write_artifact(t, own, {}, t.layout.cfg, t.layout.base_experts, extra)
 
 
 def trainable_counts(cfg: ModelConfig, ranks: tuple[int, ...] = ()) -> dict[str, int]:

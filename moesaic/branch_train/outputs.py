@@ -110,8 +110,8 @@ def write_branch(t: Trained) -> pathlib.Path:
     return _write_artifact(t, own, {}, t.layout.cfg, t.layout.base_experts)
 
 
-def _write_artifact(t: Trained, own: dict, public_hashes: dict, model, base_experts: int
-                    ) -> pathlib.Path:
+def _write_artifact(t: Trained, own: dict, public_hashes: dict, model, base_experts: int,
+                    extra_meta: dict | None = None) -> pathlib.Path:
     path = t.workdir / "artifact"
     base_names = set(t.base_meta["tensors"])
     frozen_hashes = {n: checkpoint.tensor_hash(a) for n, a in t.frozen.items()
@@ -121,6 +121,7 @@ def _write_artifact(t: Trained, own: dict, public_hashes: dict, model, base_expe
         **t.common_meta(), "source": str(t.config.branch.source),
         "base_fingerprint": t.base_meta["fingerprint"], "frozen_hashes": frozen_hashes,
         "base_experts": base_experts, "model": model.to_dict(),
-        "stats_tokens": t.stats.n_tokens, "stats_documents": t.stats.n_documents},
+        "stats_tokens": t.stats.n_tokens, "stats_documents": t.stats.n_documents,
+        **(extra_meta or {})},
         overwrite=True)
     return path

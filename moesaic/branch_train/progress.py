@@ -35,7 +35,7 @@ def parameter_overview(layout: ParamLayout, trainable_shardings: Mapping,
     for kind, shapes, shardings in (("train", layout.trainable_shapes(), trainable_shardings),
                                     ("frozen", layout.frozen_shapes(), frozen_shardings)):
         for name, s in shapes.items():
-            spec = tuple(shardings[name].spec)
+            spec = tuple(jax.tree.leaves(shardings[name])[0].spec)  # a quantized one's codes
             lines.append(f"  {kind:6s} {name:22s} {str(tuple(s.shape)):22s} "
                          f"{int(np.prod(s.shape)):>12,}  {spec}")
     return "\n".join(lines)

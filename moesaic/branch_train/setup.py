@@ -26,7 +26,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moesaic.branch_train import dp, kinds
+from moesaic.branch_train import dp, kinds, lora
 from moesaic.branch_train.optimizer import make_optimizer, schedule
 from moesaic.branch_train.precision import Precision
 from moesaic.branch_train.upcycle import ParamLayout
@@ -70,8 +70,14 @@ class StepConfig:
         return self.layout.shardings(self.trainable_shapes, self.mesh, self.rules)
 
     @functools.cached_property
-    def frozen_shardings(self) -> dict[str, NamedSharding]:
-        return self.layout.shardings(self.frozen_shapes, self.mesh, self.rules)
+    def frozen_shardings(self) -> dict:
+        """By logical axes; a quantized tensor's codes and scales each by the tensor's axes
+        (a dimension the mesh does not divide stays replicated)."""
+        def by_axes(name, s):
+            return NamedSharding(self.mesh, logical_to_spec(self.layout.axes[name], self.rules,
+                                                            self.mesh, s.shape))
+        return {n: jax.tree.map(functools.partial(by_axes, n), s)
+                for n, s in self.frozen_shapes.items()}
 
     @functools.cached_property
     def opt_shardings(self):
@@ -198,14 +204,15 @@ def set_up(config: ml_collections.ConfigDict, kind: str, mesh: Mesh,
            base_cfg: ModelConfig | None = None):
     """(StepConfig, jitted step) of a `kind` job (`kinds.KINDS`) of `config` on `mesh`;
     `base_cfg`: the model config of the base a branch, dense or ffn job starts from.
-    A bad `config.train.microbatches`, `master_dtype` or `frozen_dtype` is refused here,
-    before anything is compiled."""
+    A bad `config.train.microbatches`, `master_dtype`, `frozen_dtype` or
+    `branch.lora.quantize` is refused here, before anything is compiled."""
     batch_shape = (int(config.data.global_batch), int(config.data.seq_len) + 1)
     rules = tuple(tuple(r) for r in config.rules)
     microbatches = config.train.get("microbatches", 1)
     check_microbatches(microbatches, batch_shape[0], dict(mesh.shape), rules)
     layout = kinds.kind_of(kind).layout(config, base_cfg)
-    precision = Precision.from_config(config.train, layout.cfg, base_cfg is not None)
+    precision = Precision.from_config(config.train, layout.cfg, base_cfg is not None,
+                                      lora.quantize_setting(config, kind))
     sc = StepConfig(layout, make_optimizer(config.train), schedule(config.train), mesh,
                     rules, batch_shape, microbatches, precision)
     private = dp.DpSettings.of(config) if kind != "pretrain" else None

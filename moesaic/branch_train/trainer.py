@@ -366,10 +366,12 @@ def _start_from_base(config: ml_collections.ConfigDict, job: Job, kind: kinds.Jo
 
 
 def _stored_frozen(job: Job, sc: setup.StepConfig, frozen: dict) -> dict:
-    """`frozen` as the base stores it: the tensors held in the compute dtype for the step
-    (`Precision.held_in_compute`) read again from --base, which they are by construction."""
+    """`frozen` as the base stores it: the tensors held in the compute dtype or quantized for
+    the step (`Precision.held_in_compute`) read again from --base, which they are by
+    construction."""
     names = sc.precision.held_in_compute(sc.layout.frozen_shapes())
     if not names:
         return frozen
-    return {**frozen, **checkpoint.load_tensors(
-        job.base, names, {n: sc.frozen_shardings[n] for n in names})}
+    stored = sc.layout.shardings(sc.layout.frozen_shapes(), sc.mesh, sc.rules)
+    return {**frozen, **checkpoint.load_tensors(job.base, names,
+                                                {n: stored[n] for n in names})}

@@ -95,7 +95,8 @@ def build(*, model: dict, seq_len: int, global_batch: int, steps: int, lr: float
         router_vector="", negative_bias=True, train_top_k=0, frozen=DEFAULT_FROZEN,
         stats_batches=8,
         # mode=lora: the low-rank expert (moesaic.branch_train.lora, docs/low-rank.md)
-        lora=ml_collections.ConfigDict(dict(rank=8, alpha=0.0, targets=LORA_TARGETS)),
+        lora=ml_collections.ConfigDict(dict(rank=8, alpha=0.0, targets=LORA_TARGETS,
+                                           quantize="none")),  # none, int8, nf4 (QLoRA)
         # private training, DP-SGD (moesaic.branch_train.dp): clip_norm 0 is off
         dp=ml_collections.ConfigDict(dict(clip_norm=0.0, noise_multiplier=0.0, delta=1e-5)),
     ))

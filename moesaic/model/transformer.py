@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moesaic.model import lora
+from moesaic.model import lora, quantized
 from moesaic.model.config import ModelConfig
 from moesaic.model.layers import Attention, dense, rms_norm, stacked_param
 from moesaic.model.moe import MoE, router_inputs
@@ -79,7 +79,8 @@ class Decoder(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         graphdef, layers = nnx.split(self.blocks)
 
-        def body(x, layer):
+        def body(x, layer):  # a frozen base held quantized: this layer's slice dequantized
+            layer = quantized.dequantize_layer(layer, cfg.compute_dtype)
             return nnx.merge(graphdef, layer)(x, positions, collect_stats)
 
         if _REMAT[cfg.remat] is not None:
