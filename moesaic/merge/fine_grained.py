@@ -11,9 +11,10 @@ permutation of the F units, group after group, so `remove` and `add` rebuild eac
 bit for bit and run the same merge.
 
 Routing: the router is built over the units as for an unsplit merge; sub-expert j of unit u
-gets u's row plus `scale` times the mean of its group's gate columns minus the mean of all of
-u's gate columns (derived from the weights alone: x times it is the group's mean gate
-pre-activation above the unit's mean), and u's bias (0 for the public expert's sub-experts,
+gets u's row plus, for a party, `scale` times the mean of its group's gate columns minus the
+mean of all of u's gate columns (derived from the weights alone: x times it is the group's mean
+gate pre-activation above the unit's mean; the base's experts keep their rows, so the public
+FFN is taken whole or not at all), and u's bias (0 for the public expert's sub-experts,
 whose bias the model holds at 0 as it does the public expert's). The model takes top-(k*m)
 over the pool and multiplies the weights by m (`model.expert_split`). With scale 0 the m
 sub-experts of a unit tie, each gets p_u / m of the softmax, so the top k*m are the top k
@@ -109,7 +110,7 @@ class Units:
     """The units of a merge (base experts, then parties) and their groupings, for one split."""
 
     def __init__(self, base: Base, parties: list[Party], m: int, scale: float):
-        self.m, self.scale = m, float(scale)
+        self.m, self.scale, self.base_units = m, float(scale), base.n_experts
         self.names = base.expert_names() + [p.source for p in parties]
         # (view, expert index within it) for each unit's FFN tensors
         self.ffn = {name: [(base.tensors[name], e) for e in range(base.n_experts)]
@@ -129,7 +130,9 @@ class Units:
         """Unit rows (L, U, D) and biases (L, U) as sub-expert ones (L, U*m, D), (L, U*m)."""
         sub = np.repeat(rows, self.m, axis=1)
         if self.scale:
-            delta = self.scale * self.centres.transpose(1, 0, 2, 3).reshape(sub.shape)
+            delta = self.scale * self.centres.transpose(1, 0, 2, 3)  # (L, U, m, D)
+            delta[:, :self.base_units] = 0  # the public expert is taken whole or not at all
+            delta = delta.reshape(sub.shape)
             sub = (sub.astype(np.float64) + delta).astype(rows.dtype)
         sub_bias = np.repeat(bias, self.m, axis=1)
         sub_bias[:, :self.m] = 0  # the public expert's: held at 0 by the model (slot 0 only)

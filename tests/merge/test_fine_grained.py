@@ -52,11 +52,13 @@ def test_shared_rows_give_the_unsplit_merge(world, tmp_path):
         export_hf(fine, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
-    # a per-sub-expert part: rows differ within a unit, and their mean is still the unit's row
+    # a per-sub-expert part: a party's rows differ, their mean is still its row; the public
+    # expert's stay its row
     _merge(world, ["code", "math"], scaled, fine_grained_to=4, fine_grained_scale=2.0)
     rows = all_tensors(scaled)[names.ROUTER].reshape(2, 3, 4, -1)
     unit_rows = all_tensors(fine)[names.ROUTER].reshape(2, 3, 4, -1)[:, :, 0]
-    assert np.abs(rows - rows[:, :, :1]).max() > 1e-3
+    assert np.abs(rows[:, 1:] - rows[:, 1:, :1]).max() > 1e-3  # the parties' sub-experts
+    np.testing.assert_array_equal(rows[:, 0], unit_rows[:, :1].repeat(4, axis=1))  # public's
     np.testing.assert_allclose(rows.mean(axis=2), unit_rows, atol=1e-6)
 
 
