@@ -40,14 +40,14 @@ PRESETS = {
                     lr=3e-3, branch_lr=2e-3, public_mix=0.3, router_input="prefix_mean",
                     top_k=4, tune_steps=150, eval_sequences=48, uncoordinated=False,
                     negative_bias=False, btx_top_k=2, low_rank=16, lora_branches=False,
-                    lora_rank=16),
+                    lora_rank=16, screen_rows=16),
     "smoke": dict(data_size="smoke", model=dict(d_model=32, n_layers=2, n_heads=2,
                                                 n_kv_heads=2, d_ff=64),
                   seq_len=32, batch=8, pretrain_steps=300, branch_steps=40, dense_steps=40,
                   moe_steps=60, lr=3e-3, branch_lr=2e-3, public_mix=0.3,
                   router_input="prefix_mean", top_k=4, tune_steps=20, eval_sequences=6,
                   uncoordinated=False, negative_bias=False, btx_top_k=2, low_rank=16,
-                  lora_branches=False, lora_rank=16),
+                  lora_branches=False, lora_rank=16, screen_rows=0),
 }
 # What the settings mean (every preset has all of them):
 #   data_size       the embedded corpora's size (moesaic.data.corpora)
@@ -65,6 +65,7 @@ PRESETS = {
 #   btx_top_k       experts per token of the BTX baseline (BTX's recipe is 2)
 #   low_rank        the branches also merged as rank-R low-rank experts (FlexMoRE), 0: not
 #   lora_branches   also a low-rank branch per party (moesaic.demo.low_rank), of lora_rank
+#   screen_rows     public rows the screening reads (moesaic.demo.screening), 0: none
 
 
 class JobSpec(NamedTuple):

@@ -10,13 +10,12 @@ merges.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 from collections.abc import Mapping
 
 from tqdm import tqdm
 
+from moesaic.demo import runner
 from moesaic.demo.systems import DOMAINS, OPT_OUT
 from moesaic.eval import audit, perplexity
 
@@ -46,9 +45,7 @@ def run_audit(paths: Mapping[str, pathlib.Path], data_dir: pathlib.Path, seq_len
                 match_len=length).to_dict()
     record = {"samples": SAMPLES, "prefix_len": length, "match_len": length,
               "loose": audit.LOOSE, "parties": parties}
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps(record, indent=1))
-    os.replace(partial, out)
+    runner.write_record(out, record)
     return record
 
 

