@@ -109,13 +109,16 @@ class Precision:
         return {n: jnp.array(a, dtype=self.master, copy=True) for n, a in trainable.items()}
 
     def hold_frozen(self, frozen: Mapping[str, jax.Array]) -> dict:
-        """The frozen tensors as held: cast, or quantized one layer at a time."""
-        def hold(n, a):
-            if self.quantizes(n):
-                return jax.jit(quantized.quantize, static_argnums=(1, 2))(a, self.quantize, n)
-            want = self.frozen_dtype(n, a.dtype)
-            return a if a.dtype == want else a.astype(want)
-        return {n: hold(n, a) for n, a in frozen.items()}
+        """The frozen tensors as held: cast, or quantized one layer at a time (all of them
+        in one compiled program)."""
+        held = {n: a if a.dtype == self.frozen_dtype(n, a.dtype)
+                else a.astype(self.frozen_dtype(n, a.dtype))
+                for n, a in frozen.items() if not self.quantizes(n)}
+        kind, todo = self.quantize, {n: a for n, a in frozen.items() if self.quantizes(n)}
+        if todo:
+            held.update(jax.jit(lambda d: {n: quantized.quantize(a, kind, n)
+                                           for n, a in d.items()})(todo))
+        return {n: held[n] for n in frozen}
 
     def compute_view(self, trainable: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Inside the step: the master's `COMPUTE_READ` tensors in the compute dtype (what

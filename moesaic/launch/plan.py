@@ -260,10 +260,12 @@ def make_plan(config, mesh_shape: dict[str, int], *, base: str = "",
     by_hand = {"trainable": total(args[0]), "frozen": total(args[2]),
                "optimizer": total(args[1]), "batch": total(args[3]) + total(args[4])}
     xla = xla_memory(compiled)
-    parameters = [
-        {"name": name, "kind": kind, "shape": list(a.shape), "dtype": str(a.dtype),
-         "spec": [s if s is None or isinstance(s, str) else list(s) for s in a.sharding.spec],
-         "bytes_per_device": per_device_bytes(a.shape, a.dtype, a.sharding)}
+    parameters = [  # a frozen tensor held quantized: its codes' spec, codes and scales' bytes
+        {"name": name, "kind": kind, "shape": list(a.shape),
+         "dtype": getattr(a, "kind", None) or str(a.dtype),
+         "spec": [s if s is None or isinstance(s, str) else list(s)
+                  for s in jax.tree.leaves(a)[0].sharding.spec],
+         "bytes_per_device": total(a)}
         for kind, tree in (("train", args[0]), ("frozen", args[2]))
         for name, a in tree.items()]
     from moesaic.launch.collectives import collective_bytes

@@ -1,5 +1,6 @@
 """The low-rank branch: frozen by construction (the optimizer state holds only the expert's
-A and B, the row and the bias), its artifact, and bad settings named."""
+A and B, the row and the bias), its artifact, and bad settings named; QLoRA (the frozen base
+held int8 or nf4): quantized bytes and error, training, and the merge of its artifact."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from moesaic.branch_train import artifact
 from moesaic.branch_train.trainer import Job, train
-from moesaic.model import checkpoint, lora, names
+from moesaic.merge import fuse
+from moesaic.model import checkpoint, lora, names, quantized
 from tests.support.training import make_data, tiny_config
 
 
@@ -21,6 +23,7 @@ def _job(kind, workdir, data, base=None) -> Job:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """A low-rank branch whose frozen base is held in nf4 (QLoRA): one job checks both."""
     data = make_data(tmp_path_factory.mktemp("data"))
     pre = tmp_path_factory.mktemp("pretrain")
     train(tiny_config(train__steps=2), _job("pretrain", pre, data))
@@ -29,6 +32,7 @@ def trained(tmp_path_factory):
     config.branch.mode = "lora"
     config.branch.lora.rank = 4
     config.branch.lora.targets = ("q", "v", "gate", "down")
+    config.branch.lora.quantize = "nf4"
     return data, pre / "public", workdir, train(config, _job("lora", workdir, data, pre / "public"))
 
 
@@ -39,26 +43,93 @@ def test_only_the_adapters_and_the_row_train(trained):
     want = set(lora.tensor_names(("q", "v", "gate", "down")))
     assert set(layout.trainable) == want and set(layout.split) == {names.ROUTER, names.BIAS}
     assert set(base) <= set(layout.frozen)
-    for name in base:  # frozen bit for bit
+    for name in set(base) - set(quantized.INPUT_AXES):  # frozen bit for bit
         np.testing.assert_array_equal(np.asarray(result.frozen[name]), base[name], err_msg=name)
+    for name in quantized.INPUT_AXES:  # held in nf4
+        held = result.frozen[name]
+        assert isinstance(held, quantized.Quantized) and held.kind == "nf4", name
+        # codes: the float32 base's 1/8; a float32 scale per block of up to 64 weights along
+        # the input axis (here d_model 32, or the head size 16 for o)
+        assert held.codes.nbytes * 8 == base[name].nbytes, name
+        block = np.gcd(base[name].shape[quantized.INPUT_AXES[name][-1]], 64)
+        assert held.scale.dtype == np.float32 and held.scale.size * block == base[name].size
     shapes = {n: tuple(a.shape) for n, a in result.trainable.items()}
     assert shapes[lora.tensor_name("gate", "a")] == (2, 1, 32, 4)
     assert shapes[names.ROUTER] == (2, 1, 32)
+    _assert_optimizer_holds_only(result, shapes)
+    assert not np.any(np.asarray(result.trainable[lora.tensor_name("q", "b")]) == 0), \
+        "B did not train"
+    assert result.losses[3] < result.losses[1]
+
+    meta = artifact.read_meta(workdir / "artifact")
+    stored = checkpoint.tensor_metadata(workdir / "artifact")
+    assert set(stored) == want | {names.ROUTER, names.BIAS, *artifact.STATS}
+    assert meta["model"]["lora_experts"] == 1 and meta["model"]["lora_rank"] == 4
+    assert meta["frozen_quantize"] == "nf4"
+    assert meta["config"]["branch"]["lora"]["quantize"] == "nf4"
+    for name in base:  # the unquantized base's hashes, which the merge checks
+        assert meta["frozen_hashes"][name] == checkpoint.tensor_hash(base[name]), name
+
+
+def _assert_optimizer_holds_only(result, shapes):
     opt_dicts = [node for node in jax.tree.leaves(
         result.opt_state, is_leaf=lambda x: isinstance(x, dict)) if isinstance(node, dict)]
     assert len(opt_dicts) == 2  # Adam's mu and nu, over exactly the trainable leaves
     for tree in opt_dicts:
         assert {n: tuple(a.shape) for n, a in tree.items()} == shapes
     opt_size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(result.opt_state))
-    assert opt_size - 2 * layout.counts()["trainable"] < 8
-    assert not np.any(np.asarray(result.trainable[lora.tensor_name("q", "b")]) == 0), \
-        "B did not train"
+    assert opt_size - 2 * result.layout.counts()["trainable"] < 8
 
-    meta = artifact.read_meta(workdir / "artifact")
-    stored = checkpoint.tensor_metadata(workdir / "artifact")
-    assert set(stored) == want | {names.ROUTER, names.BIAS, *artifact.STATS}
-    assert meta["model"]["lora_experts"] == 1 and meta["model"]["lora_rank"] == 4
-    assert set(meta["frozen_hashes"]) >= set(base)
+
+@pytest.mark.parametrize("kind, ratio, half_gap", [
+    ("int8", 0.26, 0.5 / 127.5),  # codes 1/4 of float32, one scale per output column
+    ("nf4", 0.15, 0.1520),  # 1/8, plus a float32 scale per 64 weights; half the widest gap
+    # between NF4 levels (-1 to -0.696)
+])
+def test_a_quantized_matrix_is_smaller_and_within_its_bound(kind, ratio, half_gap):
+    """Bytes held against float32, and the dequantized matrix within half a quantization step
+    of the original everywhere (step: scale per column for int8, the widest gap between NF4
+    levels times the block's absmax for nf4)."""
+    w = np.random.default_rng(3).standard_normal((2, 1, 256, 128)).astype(np.float32)
+    held = quantized.quantize(jax.numpy.asarray(w), kind, names.W_GATE)
+    assert held.codes.dtype == np.uint8 if kind == "nf4" else np.int8
+    assert held.shape == w.shape and held.nbytes < ratio * w.nbytes
+    back = np.asarray(quantized.dequantize(held, np.float32))
+    if kind == "int8":
+        absmax = np.abs(w).max(axis=2, keepdims=True)  # over the input axis
+    else:
+        blocks = np.abs(w).reshape(2, 1, 4, 64, 128).max(axis=3, keepdims=True)
+        absmax = np.broadcast_to(blocks, (2, 1, 4, 64, 128)).reshape(w.shape)
+    assert np.all(np.abs(back - w) <= half_gap * absmax * (1 + 1e-4))  # float32 rounding
+    assert np.abs(back - w).max() > 0  # it did quantize
+
+
+def test_the_merge_takes_a_qlora_artifact(trained, tmp_path):
+    _, base_path, workdir, _ = trained
+    out = tmp_path / "merged"
+    meta = fuse.merge_paths(base_path, [workdir / "artifact"], router="learned-rows",
+                            top_k=2, out=out, log=lambda s: None)
+    assert checkpoint.model_config(meta).lora_experts == 1
+    merged = checkpoint.load_tensors(out, checkpoint.tensor_metadata(out))
+    own = checkpoint.load_tensors(workdir / "artifact",
+                                  checkpoint.tensor_metadata(workdir / "artifact"))
+    for name in lora.tensor_names(("q", "v", "gate", "down")):
+        np.testing.assert_array_equal(merged[name][:, -1:], own[name], err_msg=name)
+
+
+@pytest.mark.parametrize("mode, quantize, named", [
+    ("lora", "int4", r"config.branch.lora.quantize='int4': one of \('none', 'int8', 'nf4'\)"),
+    ("coordinated", "nf4", r"config.branch.lora.quantize='nf4'.*'branch' job.*mode=lora"),
+])
+def test_bad_quantize_settings_are_named(trained, tmp_path, mode, quantize, named):
+    data, base_path, _, _ = trained
+    config = tiny_config("source=code")
+    config.branch.mode = mode
+    config.branch.lora.quantize = quantize
+    with pytest.raises(ValueError, match=named):
+        train(config, _job({"lora": "lora", "coordinated": "branch"}[mode], tmp_path / "w",
+                           data, base_path))
+    assert not (tmp_path / "w" / "artifact").exists()
 
 
 @pytest.mark.parametrize("field, value, named", [
@@ -88,3 +159,23 @@ def test_a_7b_low_rank_branch_trains_under_one_percent_of_an_ffn_branch():
     low = plan.branch_layout(config, base_experts=1).counts()
     assert (ffn["trainable"], low["trainable"]) == (4_328_652_832, 40_108_064)
     assert low["frozen"] == 7_298_748_448  # the whole 7B base, router row and bias slots
+
+
+def test_a_7b_nf4_base_is_held_in_about_a_third_of_bf16():
+    """What `moesaic plan` counts for a 7B QLoRA branch's frozen tree (shapes only)."""
+    from moesaic.branch_train.precision import Precision
+    from moesaic.configs import olmo2_7b
+    from moesaic.launch import plan
+
+    config = olmo2_7b.get_config("source=code")
+    config.branch.mode = "lora"
+    layout = plan.branch_layout(config, base_experts=1)
+    shapes = layout.frozen_shapes()
+
+    def held(quantize):
+        p = Precision.from_config(config.train, layout.cfg, True, quantize)
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+                   for a in jax.tree.leaves(p.frozen_shapes(shapes)))
+
+    bf16, nf4 = held("none"), held("nf4")
+    assert 14.5e9 < bf16 < 14.7e9 and 5.2e9 < nf4 < 5.4e9  # embed and lm_head stay bf16
