@@ -25,4 +25,4 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest tests -n auto --dist loadfile

@@ -4,7 +4,12 @@ One XLA persistent compilation cache serves the whole session and its subprocess
 demo's four branches (and four dense experts) compile the same programs, and the training
 tests compile the same small programs many times. Unlike the `moesaic` command, the session
 leaves glibc's allocator as it is (moesaic.launch.host_memory): its models are small, and
-keeping freed memory measured slower for them (the smoke demo 123 s against 113 s)."""
+keeping freed memory measured slower for them (the smoke demo 123 s against 113 s).
+
+`make test` runs the suite on every core with pytest-xdist (`-n auto --dist loadfile`: a test
+file's tests stay in one worker, so module fixtures are built once). Compiling is most of the
+suite's time, and XLA compiles a program on one thread. Each worker keeps its own cache: the
+cache writes its files unlocked, so a worker could read an entry another is still writing."""
 
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ def compilation_cache(tmp_path_factory):
     import jax
     from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-    path = str(tmp_path_factory.mktemp("xla-cache"))
+    path = str(tmp_path_factory.mktemp("xla-cache"))  # under pytest-xdist, one per worker
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path  # the subprocesses'
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     jax.config.update("jax_compilation_cache_dir", path)
