@@ -71,6 +71,37 @@ def _in_memory(array: np.ndarray) -> checkpoint.TensorSource:
     return checkpoint.TensorSource(array.shape, array.dtype, lambda: [array])
 
 
+def _streamed_views(base: Base, parties: list[Party], public: PublicStats | None,
+                    plain: bool) -> list[tuple[src.View, str]]:
+    """(view, hash algorithm) of the inputs the write streams out as they are (the base's
+    tensors but its router and bias, the FFN parties' experts), marked `deferred`: they are
+    verified by the write's own read of them (`View.tap`) before the output is committed.
+    None when the merge reads them in other ways first (`plain` False: fine-grained,
+    low-rank, calibration); every view's recorded scans are cleared, so each merge reads
+    its inputs afresh."""
+    views = [*base.tensors.values(), *(v for p in parties for v in (*p.own.values(),
+                                                                   *p.stats.values())),
+             *(public.stats.values() if public is not None else ())]
+    for view in views:
+        view.scans.clear()
+        view.deferred = False
+    if not plain:
+        return []
+    streamed = [(view, base.hash) for name, view in base.tensors.items()
+                if name not in (ROUTER, BIAS)]
+    for party in parties:
+        if party.low_rank:
+            continue
+        try:
+            algorithm = checkpoint.hash_algorithm(party.meta)
+        except ValueError:
+            continue  # refused by verify, which names it
+        streamed += [(party.own[name], algorithm) for name in FFN_EXPERT]
+    for view, _ in streamed:
+        view.deferred = True
+    return streamed
+
+
 def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
           out: str | pathlib.Path, public: PublicStats | None = None,
           options: dict | None = None, overwrite: bool = False, low_rank_to: int | None = None,
@@ -104,11 +135,21 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
     if fine_grained_to is not None:
         fine_grained.check(base, parties, fine_grained_to, low_rank_to=low_rank_to,
                            calibration=calibration)
-    public_fingerprint = verify(base, parties, public)
+    streamed = _streamed_views(base, parties, public, plain=(
+        fine_grained_to in (None, 1) and low_rank_to is None and calibration is None))
+    public_fingerprint = verify(base, parties, public)  # all but the streamed tensors' hashes
+    checked = list(parties)
+
+    def verify_streamed() -> None:  # they are hashed and scanned as the write reads them
+        for view, _ in streamed:
+            view.deferred = False
+        verify(base, checked, public)
+
     parties = low_rank.converted(base, parties, low_rank_to)  # --low-rank R (FlexMoRE)
     try:
         built = build(router_inputs(base, parties, public, options))
     except ValueError as err:
+        verify_streamed()  # a refused input is named first, as when verified up front
         raise MergeRefused(str(err)) from None
     names = base.expert_names() + [p.source for p in parties]
     reports, warnings = report.routing_report(built.rows, names)
@@ -177,7 +218,10 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
         **src.seq_len_record([p.meta for p in parties]),
         **({"calibration": calibrated} if calibrated is not None else {}),
     }
-    checkpoint.save_streaming(out, tensors, meta, overwrite=overwrite)
+    for view, algorithm in streamed:
+        view.tap(algorithm)
+    checkpoint.save_streaming(out, tensors, meta, overwrite=overwrite,
+                              before_commit=verify_streamed)
     log(f"merged {n_experts} experts ({', '.join(names)}) with router {router!r}, top-{top_k} "
         f"-> {out}")
     return checkpoint.read_meta(out)

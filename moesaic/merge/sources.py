@@ -21,7 +21,7 @@ import re
 import numpy as np
 
 from moesaic.branch_train import artifact
-from moesaic.model import checkpoint, lora
+from moesaic.model import checkpoint, fingerprint, lora
 from moesaic.model.config import ModelConfig
 from moesaic.model.names import (
     BIAS,
@@ -38,7 +38,13 @@ PIECE_BYTES = 64 << 20  # rows read per block of a tensor without a layer axis
 
 
 class View:
-    """A stored tensor, optionally restricted to experts [lo, hi) of axis 1."""
+    """A stored tensor, optionally restricted to experts [lo, hi) of axis 1.
+
+    `scans` {algorithm: (tensor hash, first NaN/Inf index or None)} records what verifying
+    it found, so it is read for that once. While `tap(algorithm)` is set, the rows read in
+    order from row 0 (the merge's writer streaming this view out) are hashed and scanned on
+    the way, and `scans` gets the result when the last row has been read: verification and
+    the write share one read (moesaic.merge.verify). `deferred`: its check waits for that."""
 
     def __init__(self, path: str | pathlib.Path, name: str, experts: tuple[int, int] | None = None):
         self.reader = checkpoint.TensorReader(path, name)
@@ -47,11 +53,26 @@ class View:
         if experts is not None:
             shape[1] = experts[1] - experts[0]
         self.shape, self.dtype = tuple(shape), self.reader.dtype
+        self.scans: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+        self.deferred = False
+        self._tap: tuple[str, fingerprint.Scan] | None = None
+
+    def tap(self, algorithm: str) -> None:
+        """Hash and scan the rows read from now on, when read in order from row 0."""
+        if self.shape and algorithm not in self.scans:
+            self._tap = (algorithm, fingerprint.Scan(self.dtype, self.shape, algorithm))
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         if self.experts is None:
-            return self.reader[start:stop]
-        return self.reader[start:stop, self.experts[0]:self.experts[1]]
+            block = self.reader[start:stop]
+        else:
+            block = self.reader[start:stop, self.experts[0]:self.experts[1]]
+        if self._tap is not None and start == self._tap[1].start and len(block):
+            algorithm, running = self._tap
+            running.update(block)
+            if running.start >= self.shape[0]:
+                self.scans[algorithm], self._tap = running.result(), None
+        return block
 
     def read(self) -> np.ndarray:
         if not self.shape:
@@ -86,15 +107,19 @@ class View:
 
 
 def stack_experts(views: list[View]) -> checkpoint.TensorSource:
-    """The tensors concatenated along the expert axis (1), produced a layer at a time."""
+    """The tensors concatenated along the expert axis (1), produced one layer of one view at
+    a time and stored in chunks of one layer of one expert: what is held does not grow with
+    the number of experts."""
     shape = list(views[0].shape)
     shape[1] = sum(v.shape[1] for v in views)
 
     def pieces():
         for layer in range(shape[0]):
-            yield np.concatenate([v.rows(layer, layer + 1) for v in views], axis=1)
+            for view in views:
+                yield view.rows(layer, layer + 1)
 
-    return checkpoint.TensorSource(tuple(shape), views[0].dtype, pieces, rows_per_chunk=1)
+    return checkpoint.TensorSource(tuple(shape), views[0].dtype, pieces, rows_per_chunk=1,
+                                   cols_per_chunk=1)
 
 
 @dataclasses.dataclass

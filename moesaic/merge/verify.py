@@ -13,7 +13,13 @@ A merge refuses (raises `MergeRefused`, naming the branch and the tensor) when:
   - a party's expert, row, bias and statistics no longer match the fingerprint the branch
     job recorded (in its artifact, or in the merged checkpoint `remove`/`add` read it from),
     or the public statistics of a merged checkpoint no longer match theirs.
-Everything is read a layer at a time, once: the finiteness scan also hashes.
+Everything is read a layer at a time, once: the finiteness scan also hashes. A merge runs
+`verify` twice: first before writing, with the tensors it streams into the output marked
+`deferred` (their hashes are None, and checks that need them wait), then again before the
+output is committed, when the writer's read of those tensors has hashed and scanned them
+(`View.tap`) and every other hash is the one recorded the first time: one read of each input,
+and a merge that fails the second pass removes what it wrote (checkpoint.save_streaming's
+`before_commit`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ def base_hashes(base: Base) -> dict[str, str]:
     hashes = {name: scan(label, view, cause="a model with non-finite weights cannot be merged "
                                             "from", algorithm=base.hash)
               for name, view in sorted(base.tensors.items())}
-    if checkpoint.fingerprint_of_hashes(hashes) != base.fingerprint:
+    if None not in hashes.values() and checkpoint.fingerprint_of_hashes(
+            hashes) != base.fingerprint:
         raise MergeRefused(f"{label}: its tensors do not match its recorded "
                            f"fingerprint {base.fingerprint[:12]}...; the checkpoint was "
                            f"modified after it was written")
@@ -62,10 +69,15 @@ def check_unique(sources: list[str]) -> None:
 
 
 def scan(label: str, view, cause: str = "the job that wrote it diverged",
-         algorithm: str = checkpoint.HASH) -> str:
+         algorithm: str = checkpoint.HASH) -> str | None:
     """`checkpoint.tensor_hash` of a stored view, refusing NaN or Inf on the way (one read for
-    both)."""
-    digest, bad = checkpoint.scan(view.dtype, view.shape, view.pieces(), algorithm)
+    both, recorded in `view.scans`); None for a `deferred` view not read yet."""
+    scans = getattr(view, "scans", {})
+    if algorithm not in scans:
+        if getattr(view, "deferred", False):
+            return None
+        scans[algorithm] = checkpoint.scan(view.dtype, view.shape, view.pieces(), algorithm)
+    digest, bad = scans[algorithm]
     if bad is not None:
         raise MergeRefused(f"{label}: tensor {view.name!r} holds NaN or Inf (first at index "
                            f"{bad}); {cause}")
@@ -113,6 +125,8 @@ def check_party(base: Base, verified: dict[str, dict[str, str]], party: Party,
     frozen = dict(meta.get("frozen_hashes") or {})
     hashes = base_hashes_as(base, verified, algorithm)
     for name in sorted(frozen):
+        if name in hashes and hashes[name] is None:
+            continue  # deferred: checked when the merge's write has read it
         expected = _expected_frozen_hash(base, hashes, name, party, algorithm)
         if expected is None:
             raise MergeRefused(f"{label}: frozen tensor {name!r} is not a tensor of the base")
@@ -142,7 +156,7 @@ def check_party(base: Base, verified: dict[str, dict[str, str]], party: Party,
     own.update({stat_name(stat): scan(label, party.stats[stat], algorithm=algorithm)
                 for stat in STAT_NAMES})
     recorded = meta.get("fingerprint")
-    if checkpoint.fingerprint_of_hashes(own) != recorded:
+    if None not in own.values() and checkpoint.fingerprint_of_hashes(own) != recorded:
         raise MergeRefused(f"{label}: its expert, router row, bias and statistics do not match "
                            f"the fingerprint {str(recorded)[:12]}... the branch job recorded; "
                            f"they were modified after it wrote them (merge the artifact it "

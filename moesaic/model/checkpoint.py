@@ -5,11 +5,8 @@ not at all (docs/design.md, contract 8).
     PATH/meta.json    {"kind": ..., "model": ModelConfig fields, "fingerprint": ...,
                        "hash": "blake3", ...}
 
-The fingerprint is a sha256 over every tensor's name and hash; a tensor's hash is the `HASH`
-algorithm (blake3, multi-threaded: about as fast as reading the bytes) over its dtype, shape
-and C-order bytes. meta.json's "hash" names the algorithm of every tensor hash it records (the
-fingerprint's, a branch's frozen_hashes); a meta without it is sha256 (`hash_algorithm`), so
-checkpoints written before blake3 still verify.
+The fingerprint is a sha256 over every tensor's name and hash (moesaic.model.fingerprint, whose
+names this module re-exports); `verify` checks a stored checkpoint against it.
 
 Everything is written under `PATH.partial` and renamed to PATH when complete: a reader either
 sees a finished checkpoint or none; overwriting renames the old PATH aside first (`commit`),
@@ -20,8 +17,9 @@ be read alone (merges and exports stream tensor by tensor).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import hashlib
+import functools
 import itertools
 import json
 import logging
@@ -30,7 +28,6 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-import blake3
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -40,27 +37,34 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from moesaic.model import damage, host_pieces
+from moesaic.model import damage, host_memory
 from moesaic.model.config import ModelConfig
+from moesaic.model.fingerprint import (  # noqa: F401 (re-exported: checkpoint.HASH, ...)
+    HASH,
+    HASHES,
+    LEGACY_HASH,
+    byte_view,
+    fingerprint,
+    fingerprint_of_hashes,
+    hash_algorithm,
+    scan,
+    tensor_digest,
+    tensor_hash,
+)
 from moesaic.model.names import LAYER_STACKED
 from moesaic.model.sharding import Rules, make_mesh, state_shardings
 from moesaic.model.transformer import Decoder
 
 META = "meta.json"
 PARAMS = "params"
-HASH = "blake3"  # the tensor hash new checkpoints record
-LEGACY_HASH = "sha256"  # a meta.json without "hash"
-HASHES = (HASH, LEGACY_HASH)
-
-
-def hash_algorithm(meta: Mapping) -> str:
-    """The tensor hash algorithm of the hashes a checkpoint's meta records."""
-    algorithm = meta.get("hash", LEGACY_HASH)
-    if algorithm not in HASHES:
-        raise ValueError(f"meta.json records tensor hash {algorithm!r}; known: {HASHES}")
-    return algorithm
-
-
+# zstd on the tensors new checkpoints write. Off: float weights gain about 8% from zstd (level
+# 1), and decoding it made reading a checkpoint several times slower than the disk (a merge,
+# a verification); checkpoints written with it read as before (each array's zarr metadata
+# names its compressor).
+COMPRESS = False
+# Bytes a streaming write lets commit (tensorstore, OCDBT) while it reads the next pieces
+# (at least one piece); the commits of small pieces in flight together share an OCDBT update.
+IN_FLIGHT_BYTES = 32 << 20
 def flatten(state: nnx.State | Mapping) -> dict[str, jax.Array]:
     """nnx.State or nested dict -> {"blocks/ffn/w_gate": array}."""
     if isinstance(state, nnx.State):
@@ -86,50 +90,6 @@ def unflatten(flat: Mapping[str, object]) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = value
     return out
-
-
-def tensor_digest(dtype, shape, algorithm: str = HASH):
-    """The running hash behind `tensor_hash`: feed it the tensor's C-order bytes, in order
-    and in pieces of any size, and its hexdigest is the tensor's hash. For code that reads a
-    tensor piece by piece and hashes it on the way. blake3 hashes each piece on all cores
-    (and releases the GIL while it does)."""
-    shape = tuple(int(n) for n in shape)  # numpy ints would print otherwise
-    header = f"{np.dtype(dtype)}|{shape}|".encode()
-    if algorithm == HASH:
-        return blake3.blake3(header, max_threads=blake3.blake3.AUTO)
-    if algorithm == LEGACY_HASH:
-        return hashlib.sha256(header)
-    raise ValueError(f"unknown tensor hash {algorithm!r}; known: {HASHES}")
-
-
-def byte_view(array) -> np.ndarray:
-    """The array's bytes in C order as a uint8 view, for hashing without a copy (`tobytes`
-    would copy a whole piece; a non-contiguous array is copied once, as it must be)."""
-    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-
-
-def tensor_hash(array, algorithm: str = HASH) -> str:
-    """Hash (`HASH` unless `algorithm`) of one tensor's dtype, shape and bytes. A sharded
-    jax.Array is read a bounded slab at a time (`host_pieces`), never gathered whole; every
-    process must call this then."""
-    if not isinstance(array, jax.Array):
-        array = np.asarray(array)
-    digest = tensor_digest(array.dtype, array.shape, algorithm)
-    for piece in host_pieces.pieces(array):
-        digest.update(byte_view(piece))
-    return digest.hexdigest()
-
-
-def fingerprint_of_hashes(hashes: Mapping[str, str]) -> str:
-    """The fingerprint from per-tensor hashes, so it can be computed tensor by tensor."""
-    lines = "".join(f"{name}:{hashes[name]}\n" for name in sorted(hashes))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def fingerprint(flat: Mapping[str, object], algorithm: str = HASH) -> str:
-    """sha256 over every tensor's name and hash (`algorithm`), in name order."""
-    return fingerprint_of_hashes({name: tensor_hash(value, algorithm)
-                                  for name, value in flat.items()})
 
 
 PARTIAL, ASIDE = ".partial", ".replaced"
@@ -241,10 +201,11 @@ def save(path: str | pathlib.Path, flat: Mapping[str, jax.Array], meta: dict, *,
     meta.setdefault("hash", HASH)
     meta.setdefault("fingerprint", fingerprint(flat, meta["hash"]))
     try:  # an error (a full disk) or a signal: PATH.partial removed, PATH as it was
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(partial / PARAMS, unflatten(flat), save_args=unflatten(
-                {n: _layer_chunks(n, a) for n, a in flat.items()}))
-            checkpointer.wait_until_finished()
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
+                use_compression=COMPRESS)) as checkpointer:
+            checkpointer.save(partial / PARAMS, args=ocp.args.PyTreeSave(
+                unflatten(flat), save_args=unflatten(
+                    {n: _layer_chunks(n, a) for n, a in flat.items()})))
         if jax.process_index() == 0:
             (partial / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
     except BaseException:
@@ -261,13 +222,59 @@ class TensorSource:
     front; `pieces()` yields consecutive blocks along axis 0 (C order), each written and
     dropped before the next is produced. With `rows_per_chunk`, the stored chunks are that
     many rows (pieces should be whole chunks: a piece that cuts a chunk makes tensorstore
-    read-modify-write it); without, one chunk holds the whole tensor, as `save` writes it."""
+    read-modify-write it); without, one chunk holds the whole tensor, as `save` writes it.
+    With `cols_per_chunk` (stacked experts: one expert of one layer), the stored chunks are
+    one row by that many entries of axis 1, and the pieces are blocks of one row and some
+    entries of axis 1, still in C order (layer 0's experts, then layer 1's, ...), so no piece
+    grows with the size of axis 1."""
 
     def __init__(self, shape: tuple[int, ...], dtype, pieces: Callable[[], Iterable],
-                 rows_per_chunk: int | None = None):
+                 rows_per_chunk: int | None = None, cols_per_chunk: int | None = None):
         self.shape, self.dtype, self.pieces = tuple(shape), np.dtype(dtype), pieces
-        self.rows_per_chunk = rows_per_chunk
+        self.rows_per_chunk, self.cols_per_chunk = rows_per_chunk, cols_per_chunk
+        if cols_per_chunk and len(self.shape) < 2:
+            raise ValueError(f"cols_per_chunk needs a tensor of 2 or more axes, not {shape}")
         self.ndim, self.size = len(self.shape), int(np.prod(self.shape, dtype=np.int64))
+
+
+class _Cursor:
+    """Where the next piece of a `TensorSource` goes: rows of axis 0, or (with
+    `cols_per_chunk`) entries of axis 1 within one row; refuses a piece that does not fit."""
+
+    def __init__(self, source: TensorSource, name: str):
+        self.source, self.name, self.row, self.col = source, name, 0, 0
+
+    def place(self, piece: np.ndarray) -> tuple:
+        source = self.source
+        fits = (piece.dtype == source.dtype and piece.ndim == source.ndim
+                and piece.shape[1:] == source.shape[1:])
+        if source.cols_per_chunk:
+            fits = (piece.dtype == source.dtype and piece.ndim == source.ndim
+                    and piece.shape[0] == 1 and piece.shape[2:] == source.shape[2:])
+        if not fits or (source.ndim and self.row >= source.shape[0]):
+            raise ValueError(f"tensor {self.name}: piece {piece.dtype}{piece.shape} does not "
+                             f"fit {source.dtype}{source.shape} at row {self.row}")
+        if source.ndim == 0:
+            self.row = None
+            return ()
+        if not source.cols_per_chunk:
+            index = (slice(self.row, self.row + piece.shape[0]),)
+            self.row += piece.shape[0]
+            return index
+        index = (slice(self.row, self.row + 1), slice(self.col, self.col + piece.shape[1]))
+        self.col += piece.shape[1]
+        if self.col > source.shape[1]:
+            raise ValueError(f"tensor {self.name}: pieces of row {self.row} cover {self.col} "
+                             f"of {source.shape[1]} entries of axis 1")
+        if self.col == source.shape[1]:
+            self.row, self.col = self.row + 1, 0
+        return index
+
+    def check_complete(self) -> None:
+        if self.row is not None and (self.row, self.col) != (
+                self.source.shape[0] if self.source.ndim else 0, 0):
+            raise ValueError(f"tensor {self.name}: pieces cover {self.row} of "
+                             f"{self.source.shape[0]} rows")
 
 
 class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
@@ -302,41 +309,42 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
             if source.rows_per_chunk and source.ndim and "chunks" in spec.get("metadata", {}):
                 spec["metadata"]["chunks"] = [min(source.rows_per_chunk, source.shape[0]),
                                               *source.shape[1:]]
+            if source.cols_per_chunk and "chunks" in spec.get("metadata", {}):
+                spec["metadata"]["chunks"] = [1, min(source.cols_per_chunk, source.shape[1]),
+                                              *source.shape[2:]]
             store = await ts.open(ts.Spec(spec), create=True, open=True,
                                   context=info.ts_context)
-            digest, row = tensor_digest(source.dtype, source.shape, self.algorithm), 0
+            digest = tensor_digest(source.dtype, source.shape, self.algorithm)
+            cursor, pending = _Cursor(source, info.name), collections.deque()
             for piece in itertools.chain([] if first is None else [first], pieces):
                 piece = np.asarray(piece, order="C")
-                if piece.dtype != source.dtype or piece.shape[1:] != source.shape[1:] or (
-                        source.ndim == 0 and piece.shape != ()):
-                    raise ValueError(f"tensor {info.name}: piece {piece.dtype}{piece.shape} "
-                                     f"does not fit {source.dtype}{source.shape}")
-                if source.ndim == 0:
-                    write = store.write(piece)
-                    digest.update(byte_view(piece))  # while tensorstore's threads write
-                    await write
-                    row = None
-                    continue
-                write = store[row:row + piece.shape[0]].write(piece)
-                digest.update(byte_view(piece))
-                await write
-                row += piece.shape[0]
+                write = store[cursor.place(piece)].write(piece)
+                digest.update(byte_view(piece))  # while tensorstore's threads write
+                await write.copy
+                pending.append((write.commit, piece.nbytes))
                 del piece
-            if row is not None and row != (source.shape[0] if source.ndim else 0):
-                raise ValueError(f"tensor {info.name}: pieces cover {row} of "
-                                 f"{source.shape[0]} rows")
+                while len(pending) > 1 and sum(n for _, n in pending) > IN_FLIGHT_BYTES:
+                    await pending.popleft()[0]  # the next pieces are read while these commit
+                    host_memory.release_freed()
+            for commit_, _ in pending:
+                await commit_
+            cursor.check_complete()
             self.hashes[info.name] = digest.hexdigest()
+            host_memory.release_freed()
 
 
 def save_streaming(path: str | pathlib.Path, sources: Mapping[str, TensorSource], meta: dict,
                    *, overwrite: bool = False,
-                   files: Mapping[str, pathlib.Path] | None = None) -> dict[str, str]:
+                   files: Mapping[str, pathlib.Path] | None = None,
+                   before_commit: Callable[[], None] | None = None) -> dict[str, str]:
     """Like `save`, but holds only a piece of one tensor in memory at a time. Same layout on
     disk as `save` of numpy arrays, same atomic rename (nothing but PATH.partial exists until
     it is complete; on error PATH.partial is removed). The fingerprint is computed while
     writing (unless `meta` has one). `files` {name: source path} are copied in before the
-    rename (e.g. a tokenizer.json the meta points at). Returns {name: tensor_hash}. Single
-    process."""
+    rename (e.g. a tokenizer.json the meta points at). `before_commit()` runs when
+    everything is written, before the rename: if it raises, PATH.partial is removed and PATH
+    is as it was (a merge checks what it read while writing). Returns {name: tensor_hash}.
+    Single process."""
     path = output_path(path, overwrite)
     partial = path.with_name(path.name + PARTIAL)
     if partial.exists():
@@ -345,7 +353,8 @@ def save_streaming(path: str | pathlib.Path, sources: Mapping[str, TensorSource]
     writer = _StreamingNumpyHandler(hash_algorithm(meta))
     registry = ocp.type_handlers.create_type_handler_registry(
         (TensorSource, writer), (jax.Array, ocp.type_handlers.ArrayHandler()))
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry,
+                                          use_compression=COMPRESS)
     try:
         with ocp.Checkpointer(handler) as checkpointer:
             checkpointer.save(partial / PARAMS, args=ocp.args.PyTreeSave(unflatten(sources)))
@@ -354,6 +363,8 @@ def save_streaming(path: str | pathlib.Path, sources: Mapping[str, TensorSource]
         for name, source in (files or {}).items():
             shutil.copyfile(source, partial / name)
         (partial / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        if before_commit is not None:
+            before_commit()
     except BaseException:
         discard(partial)
         raise
@@ -373,6 +384,16 @@ def discard(folder: pathlib.Path, *, settle: float = 0.2, limit: float = 10.0) -
             return
 
 
+@functools.cache
+def _reading_context() -> ts.Context:
+    """One tensorstore context for every `TensorReader`: its I/O and copy thread pools are
+    shared, where a context each made a merge's memory grow with its number of inputs (each
+    reader had its own pools). It caches nothing (no cache pool), so a reader sees the
+    files as they are when it reads."""
+    return ts.Context({"file_io_concurrency": {"limit": 128},
+                       "cache_pool#ocdbt": {"total_bytes_limit": 0}})
+
+
 class TensorReader:
     """Reads blocks of one stored tensor (`reader[l]`, `reader[a:b]`) without reading the rest:
     what lets a merge go layer by layer through tensors larger than memory."""
@@ -389,7 +410,7 @@ class TensorReader:
             use_ocdbt=bool(tree_meta.get("use_ocdbt", True)))
         try:
             self._store = ts.open(ts.Spec(spec.json), open=True,
-                                  context=ts_utils.get_ts_context(use_ocdbt=True)).result()
+                                  context=_reading_context()).result()
         except ValueError as err:
             if damage.index_problem(path):
                 raise damage.damaged(path) from err
@@ -427,23 +448,6 @@ class TensorReader:
         for row in range(0, self.shape[0] if self.shape else 0, rows_per_piece):
             digest.update(byte_view(self[row:row + rows_per_piece]))
         return digest.hexdigest()
-
-
-def scan(dtype, shape, pieces, algorithm: str = HASH) -> tuple[str, tuple[int, ...] | None]:
-    """(`tensor_hash`, index of the first NaN or Inf, else None) of a tensor given as its row
-    blocks in order (one read for both); stops at the first non-finite value."""
-    dtype = np.dtype(dtype)
-    floating = np.issubdtype(dtype, np.floating) or dtype.kind == "V"  # V: bfloat16
-    digest, start = tensor_digest(dtype, shape, algorithm), 0
-    for piece in pieces:
-        digest.update(byte_view(piece))
-        if floating:
-            bad = ~np.isfinite(np.asarray(piece, np.float32))
-            if bad.any():
-                where = tuple(int(i) for i in np.argwhere(bad)[0])
-                return digest.hexdigest(), (where[0] + start, *where[1:]) if where else ()
-        start += piece.shape[0] if np.ndim(piece) else 1
-    return digest.hexdigest(), None
 
 
 def verify(path: str | pathlib.Path, label: str = "checkpoint") -> None:
@@ -548,3 +552,4 @@ def load(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,
 def save_model(path: str | pathlib.Path, model: Decoder, meta: dict | None = None, **kw) -> None:
     meta = {"kind": "model", **(meta or {}), "model": model.cfg.to_dict()}
     save(path, flatten(nnx.state(model)), meta, **kw)
+

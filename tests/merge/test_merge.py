@@ -218,3 +218,35 @@ def test_the_parties_sequence_length_travels_to_the_merged_model(world, tmp_path
     assert "config" not in fuse.merge_paths(world["base"], [a, c], out=tmp_path / "m2", **kw)
     meta = fuse.remove(tmp_path / "m", "math", out=tmp_path / "r", log=lambda s: None)
     assert meta["config"] == {"data": {"seq_len": 16}}
+
+
+def test_a_merge_reads_each_streamed_input_once_and_writes_expert_by_expert(world, tmp_path,
+                                                                           monkeypatch):
+    """Verification and the write share one read of every tensor the merge streams out as it
+    is (the base's tensors, the parties' experts): each is read exactly once, whole. The
+    stacked experts are stored in chunks of one layer of one expert."""
+    import collections
+
+    from moesaic.model.names import BIAS, FFN_EXPERT, ROUTER, W_GATE
+
+    read = collections.Counter()
+    original = checkpoint.TensorReader.__getitem__
+
+    def counting(self, index):
+        block = original(self, index)
+        read[(pathlib.Path(self.path).name, self.name)] += block.nbytes
+        return block
+    monkeypatch.setattr(checkpoint.TensorReader, "__getitem__", counting)
+    branches = [world["branches"]["code"], world["branches"]["math"]]
+    fuse.merge_paths(world["base"], branches, router="learned-rows", top_k=2,
+                     out=tmp_path / "m", log=lambda s: None)
+    expected = {(world["base"].name, name): int(np.prod(shape)) * dtype.itemsize
+                for name, (shape, dtype) in checkpoint.tensor_metadata(world["base"]).items()
+                if name not in (ROUTER, BIAS)}
+    for path in branches:
+        stored = checkpoint.tensor_metadata(path)
+        expected.update({(path.name, n): int(np.prod(stored[n][0])) * stored[n][1].itemsize
+                         for n in FFN_EXPERT})
+    assert {key: read[key] for key in expected} == expected
+    chunk = checkpoint.TensorReader(tmp_path / "m", W_GATE)._store.chunk_layout.read_chunk.shape
+    assert tuple(chunk[:2]) == (1, 1)

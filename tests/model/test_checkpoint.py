@@ -157,3 +157,44 @@ def test_a_discarded_folder_stays_gone_while_late_writers_finish(tmp_path):
     thread.join()
     assert not folder.exists()
 
+
+
+def _compressor(path, name):
+    spec = checkpoint.TensorReader(path, name)._store.spec().to_json()
+    return (spec.get("metadata") or {}).get("compressor")
+
+
+def test_new_checkpoints_are_uncompressed_and_zstd_ones_still_load(tmp_path, monkeypatch):
+    """Tensors are written without zstd (`checkpoint.COMPRESS`); a checkpoint written with it
+    (every one before) still loads, reads by rows and verifies."""
+    flat = {**_flat(2.0), "blocks/ffn/w_up": np.arange(4 * 3 * 5, dtype=np.float32).reshape(
+        4, 3, 5)}
+    monkeypatch.setattr(checkpoint, "COMPRESS", True)
+    checkpoint.save(tmp_path / "old", flat, {"kind": "x"})
+    monkeypatch.setattr(checkpoint, "COMPRESS", False)
+    checkpoint.save(tmp_path / "new", flat, {"kind": "x"})
+    assert _compressor(tmp_path / "old", "blocks/ffn/w_up")["id"] == "zstd"
+    assert _compressor(tmp_path / "new", "blocks/ffn/w_up") is None
+    for which in ("old", "new"):
+        checkpoint.verify(tmp_path / which)
+        loaded = checkpoint.load_tensors(tmp_path / which, flat)
+        for name in flat:
+            np.testing.assert_array_equal(loaded[name], flat[name], err_msg=f"{which} {name}")
+        np.testing.assert_array_equal(
+            checkpoint.TensorReader(tmp_path / which, "blocks/ffn/w_up")[1:3], flat[
+                "blocks/ffn/w_up"][1:3])
+    assert (checkpoint.read_meta(tmp_path / "old")["fingerprint"]
+            == checkpoint.read_meta(tmp_path / "new")["fingerprint"])
+
+
+def test_scan_finds_the_first_non_finite_value_and_not_an_overflowing_sum():
+    """The NaN/Inf scan tests a piece's sum first; finite values whose sum overflows are not
+    refused, and the index of the first NaN or Inf is exact across pieces."""
+    big = np.full((4, 3), 3e38, np.float32)
+    assert checkpoint.scan(big.dtype, big.shape, [big[:2], big[2:]])[1] is None
+    bad = np.zeros((5, 3), np.float32)
+    bad[3, 1], bad[4, 0] = np.inf, np.nan
+    digest, where = checkpoint.scan(bad.dtype, bad.shape, [bad[:2], bad[2:4], bad[4:]])
+    assert where == (3, 1)
+    ints = np.arange(6, dtype=np.int32).reshape(2, 3)
+    assert checkpoint.scan(ints.dtype, ints.shape, [ints]) == (checkpoint.tensor_hash(ints), None)
