@@ -110,11 +110,14 @@ class Precision:
 
     def hold_frozen(self, frozen: Mapping[str, jax.Array]) -> dict:
         """The frozen tensors as held: cast, or quantized one layer at a time (all of them
-        in one compiled program)."""
-        held = {n: a if a.dtype == self.frozen_dtype(n, a.dtype)
+        in one compiled program); one already held quantized (a start that quantized as it
+        loaded, `moesaic.branch_train.quantized_base`) passes as it is."""
+        held = {n: a if quantized.is_quantized(a) or a.dtype == self.frozen_dtype(n, a.dtype)
                 else a.astype(self.frozen_dtype(n, a.dtype))
-                for n, a in frozen.items() if not self.quantizes(n)}
-        kind, todo = self.quantize, {n: a for n, a in frozen.items() if self.quantizes(n)}
+                for n, a in frozen.items()
+                if not self.quantizes(n) or quantized.is_quantized(a)}
+        kind = self.quantize
+        todo = {n: a for n, a in frozen.items() if n not in held}
         if todo:
             held.update(jax.jit(lambda d: {n: quantized.quantize(a, kind, n)
                                            for n, a in d.items()})(todo))

@@ -30,7 +30,16 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from moesaic.branch_train import base_model, dp, kinds, lora, outputs, setup, upcycle
+from moesaic.branch_train import (
+    base_model,
+    dp,
+    kinds,
+    lora,
+    outputs,
+    quantized_base,
+    setup,
+    upcycle,
+)
 from moesaic.branch_train.checkpointing import (
     JobCheckpoints,
     StopSignal,
@@ -163,7 +172,8 @@ def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Re
     base_meta = base_cfg = None
     if kind.from_base:
         base_meta = base_model.read_base(job.base, config)
-        if job.verify:
+        # a QLoRA start verifies as it reads the base to quantize it (`quantized_base`)
+        if job.verify and lora.quantize_setting(config, job.kind) == "none":
             checkpoint.verify(job.base, "base")
         base_cfg = base_model.job_model_config(checkpoint.model_config(base_meta), config)
 
@@ -323,7 +333,10 @@ def _start_from_base(config: ml_collections.ConfigDict, job: Job, kind: kinds.Jo
     loaded, its data's router statistics and the owner's router row as the kind needs them,
     the trainable and frozen trees cut from it (upcycled for a branch)."""
     layout, mesh, rules = sc.layout, sc.mesh, sc.rules
-    base = base_model.load_base(job.base, base_meta, mesh, rules, base_cfg)
+    if sc.precision.quantize != "none":  # never the unquantized base on a device
+        base, _ = quantized_base.load(job.base, base_meta, sc, base_cfg, verify=job.verify)
+    else:
+        base = base_model.load_base(job.base, base_meta, mesh, rules, base_cfg)
     # the party's router statistics under the base: a branch's router row is set from
     # them and the merge's routers read them; a dense branch of one source keeps them for
     # BTX routers (one trained on a mixture has no single domain to route to), unless
@@ -373,5 +386,6 @@ def _stored_frozen(job: Job, sc: setup.StepConfig, frozen: dict) -> dict:
     if not names:
         return frozen
     stored = sc.layout.shardings(sc.layout.frozen_shapes(), sc.mesh, sc.rules)
-    return {**frozen, **checkpoint.load_tensors(job.base, names,
-                                                {n: stored[n] for n in names})}
+    # a tensor held quantized is read to the host only (its hash), never whole to a device
+    return {**frozen, **checkpoint.load_tensors(job.base, names, {
+        n: stored[n] for n in names if not sc.precision.quantizes(n)})}

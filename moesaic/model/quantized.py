@@ -101,19 +101,22 @@ def quantize(array: jax.Array, kind: str, name: str) -> Quantized:
     """`array` (L, ...) of tensor `name` held as `kind` ("int8" or "nf4"), one layer at a time
     (`jax.lax.map`: the temporaries of one layer, not of the stack)."""
     check_shape(name, array.shape, kind)
-    how = _how(name, array.shape[1:], kind)
-    qtype = jnp.int8 if kind == "int8" else "nf4"
-
-    def one(layer):
-        q = qwix.quantize(layer.astype(jnp.float32), qtype, **how)
-        codes = q.qvalue
-        if kind == "nf4":
-            codes = codes.astype(jnp.uint8)
-            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-        return codes, q.scale.astype(jnp.float32)
-
-    codes, scale = jax.lax.map(one, array)
+    codes, scale = jax.lax.map(lambda layer: quantize_layer(layer, kind, name), array)
     return Quantized(codes, scale, kind)
+
+
+def quantize_layer(layer: jax.Array, kind: str, name: str) -> tuple[jax.Array, jax.Array]:
+    """(codes, scale) of one layer's slice of tensor `name` (its layer axis dropped): what
+    `quantize` stacks, and what a start that quantizes as it loads computes a layer at a time
+    (`moesaic.branch_train.quantized_base`)."""
+    how = _how(name, layer.shape, kind)
+    qtype = jnp.int8 if kind == "int8" else "nf4"
+    q = qwix.quantize(layer.astype(jnp.float32), qtype, **how)
+    codes = q.qvalue
+    if kind == "nf4":
+        codes = codes.astype(jnp.uint8)
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, q.scale.astype(jnp.float32)
 
 
 def dequantize(q: Quantized, dtype) -> jax.Array:

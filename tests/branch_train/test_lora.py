@@ -4,16 +4,19 @@ held int8 or nf4): quantized bytes and error, training, and the merge of its art
 
 from __future__ import annotations
 
+import json
 import pathlib
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from moesaic.branch_train import artifact
+from moesaic.branch_train import artifact, base_model, quantized_base
 from moesaic.branch_train.trainer import Job, train
 from moesaic.merge import fuse
-from moesaic.model import checkpoint, lora, names, quantized
+from moesaic.model import checkpoint, lora, names, params, quantized
+from moesaic.model.sharding import make_mesh
 from tests.support.training import make_data, tiny_config
 
 
@@ -22,7 +25,13 @@ def _job(kind, workdir, data, base=None) -> Job:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def start_log():
+    """What the QLoRA start of `trained` put on a device, and the slices it quantized."""
+    return {"placed": [], "quantized": []}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, start_log):
     """A low-rank branch whose frozen base is held in nf4 (QLoRA): one job checks both."""
     data = make_data(tmp_path_factory.mktemp("data"))
     pre = tmp_path_factory.mktemp("pretrain")
@@ -33,7 +42,21 @@ def trained(tmp_path_factory):
     config.branch.lora.rank = 4
     config.branch.lora.targets = ("q", "v", "gate", "down")
     config.branch.lora.quantize = "nf4"
-    return data, pre / "public", workdir, train(config, _job("lora", workdir, data, pre / "public"))
+    place, quantize = quantized_base.place, quantized_base.quantize_layer
+
+    def placing(host, sharding):
+        start_log["placed"].append((tuple(host.shape), np.dtype(host.dtype)))
+        return place(host, sharding)
+
+    def quantizing(layer, kind, name):
+        start_log["quantized"].append((name, tuple(layer.shape)))
+        return quantize(layer, kind, name)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantized_base, "place", placing)
+        patch.setattr(quantized_base, "quantize_layer", quantizing)
+        result = train(config, _job("lora", workdir, data, pre / "public"))
+    return data, pre / "public", workdir, result
 
 
 def test_only_the_adapters_and_the_row_train(trained):
@@ -69,6 +92,78 @@ def test_only_the_adapters_and_the_row_train(trained):
     assert meta["config"]["branch"]["lora"]["quantize"] == "nf4"
     for name in base:  # the unquantized base's hashes, which the merge checks
         assert meta["frozen_hashes"][name] == checkpoint.tensor_hash(base[name]), name
+
+
+def test_the_qlora_start_places_only_the_quantized_base(trained, start_log):
+    """The start read the base a layer at a time: each projection reached a device one
+    layer's float32 slice at a time (to be quantized), and what it placed is the held frozen
+    tree, nf4 codes and scales for the projections, never a float stacked projection; the
+    codes are those of the whole stacked tensor quantized at once, bit for bit."""
+    _, base_path, _, result = trained
+    base = checkpoint.load_tensors(base_path, checkpoint.tensor_metadata(base_path))
+    projections = sorted(quantized.INPUT_AXES)
+    assert sorted(start_log["quantized"]) == sorted(
+        (n, base[n].shape[1:]) for n in projections for _ in range(base[n].shape[0]))
+    placed = start_log["placed"]
+    stacked = {base[n].shape for n in projections}
+    assert not [p for p in placed if p[0] in stacked and p[1].kind == "f"], placed
+    held = [(tuple(a.shape), np.dtype(a.dtype))
+            for a in jax.tree.leaves([result.frozen[n] for n in base])]
+    assert sorted(placed, key=str) == sorted(held, key=str)
+    wants = jax.jit(lambda d: {n: quantized.quantize(a, "nf4", n) for n, a in d.items()})(
+        {n: base[n] for n in projections})
+    for name, want in wants.items():
+        np.testing.assert_array_equal(np.asarray(result.frozen[name].codes), want.codes, name)
+        np.testing.assert_array_equal(np.asarray(result.frozen[name].scale), want.scale, name)
+
+
+def test_qlora_router_statistics_are_the_quantized_bases(trained):
+    """The statistics the start collected (the artifact's) ran through the nf4 base, a layer
+    dequantized at a time: equal, to float32 rounding, to those of the stored base whose
+    projections are replaced by their dequantized nf4 values (bit for bit on CPU); against
+    the stored float32 base's they differ by the quantization alone (15% of their largest
+    value on this 2-layer model of width 32, whose nf4 blocks are 32 weights)."""
+    data, base_path, workdir, result = trained
+    own = checkpoint.load_tensors(workdir / "artifact", artifact.STATS)
+    config = tiny_config("source=code")
+    meta = base_model.read_base(base_path, config)
+    mesh = make_mesh(dict(config.mesh))
+    rules = tuple(tuple(r) for r in config.rules)
+    stored = base_model.load_base(base_path, meta, mesh, rules)
+    rounded = {**stored.flat, **jax.jit(lambda d: {
+        n: quantized.dequantize(quantized.quantize(a, "nf4", n), a.dtype)
+        for n, a in d.items()})({n: stored.flat[n] for n in quantized.INPUT_AXES})}
+    as_nf4 = base_model.Base(stored.cfg, params.build_model(stored.cfg, rounded), rounded, meta)
+    for base, bound in ((as_nf4, 1e-6), (stored, 0.25)):  # measured: 0 and 0.152
+        stats = base_model.party_stats(base, config, data, mesh, rules).tensors()
+        gaps = {n: np.abs(own[n] - want).max() / np.abs(want).max()
+                for n, want in stats.items()}
+        assert max(gaps.values()) <= bound, gaps
+    assert min(gaps.values()) > 1e-3  # the float32 base's differ: it ran on the quantized one
+
+
+def test_a_damaged_base_is_refused_by_the_qlora_start(trained, tmp_path):
+    """Verified as it is read: a base whose bytes are not its fingerprint's, or that holds
+    NaN, refused naming it, nothing written."""
+    data, base_path, _, _ = trained
+    config = tiny_config("source=code")
+    config.branch.mode = "lora"
+    config.branch.lora.quantize = "nf4"
+    changed = tmp_path / "changed"
+    shutil.copytree(base_path, changed)
+    meta = json.loads((changed / checkpoint.META).read_text())
+    meta["fingerprint"] = "0" * 64
+    (changed / checkpoint.META).write_text(json.dumps(meta))
+    nan = checkpoint.load_tensors(base_path, checkpoint.tensor_metadata(base_path))
+    nan[names.W_UP] = nan[names.W_UP].copy()
+    nan[names.W_UP][1, 0, 3, 5] = np.nan
+    del meta["fingerprint"]
+    checkpoint.save(tmp_path / "nan", nan, meta)
+    for base, named in ((changed, "base .*changed.* is damaged: its tensors do not match"),
+                        (tmp_path / "nan", r"tensor 'blocks/ffn/w_up' holds NaN.*\(1, 0, 3, 5\)")):
+        with pytest.raises(ValueError, match=named):
+            train(config, _job("lora", tmp_path / base.name / "w", data, base))
+        assert not (tmp_path / base.name / "w" / "artifact").exists()
 
 
 def _assert_optimizer_holds_only(result, shapes):
