@@ -145,7 +145,8 @@ def screening_table(record: dict) -> list[str]:
     domains = list(next(iter(record["bpb"].values())))
     others = [d for d in domains if d != record["hijacker"]]
     base = record["bpb"][WITHOUT]
-    honest_flagged = [r["source"] for r in honest["experts"] if r["trust"] < threshold]
+    honest_flagged = [r["source"] for r in honest["experts"]  # flagged without the hijacker too
+                      if r["trust"] < threshold and r["source"] in hijacked["flagged"]]
     lines += ["| merge | experts | " + " | ".join(domains) + " | worst other domain |",
               "| --- | --- |" + " ---: |" * (len(domains) + 1)]
     for name, row in record["bpb"].items():

@@ -27,10 +27,11 @@ def _expert(source, trust, flagged=(), **values):
 
 def test_the_report_section_compares_each_merge_with_the_merge_without_the_hijacker():
     honest = {"proxy_rows": 8, "proxy_tokens": 1016, "public_share": 0.1,
-              "experts": [_expert("code", 0.9), _expert("law", 0.1, ["gain"], gain=-0.1)]}
+              "experts": [_expert("code", 0.9), _expert("law", 0.1, ["gain"], gain=-0.1),
+                          _expert("math", 0.2, ["gain"])]}  # not flagged with the hijacker
     hijacked = {**honest, "threshold": 0.5, "flagged": ["code", "law"],
                 "experts": [_expert("code", 0.0, ["row_norm"], row_norm=48.0),
-                            _expert("law", 0.1, ["gain"])]}
+                            _expert("law", 0.1, ["gain"]), _expert("math", 0.6)]}
     domains = ("code", "law", "math")
     bpb = {screening.WITHOUT: dict(zip(domains, (2.0, 2.0, 1.0))),
            screening.UNSCREENED: dict(zip(domains, (1.0, 2.1, 1.3))),
@@ -45,7 +46,7 @@ def test_the_report_section_compares_each_merge_with_the_merge_without_the_hijac
     assert rows[screening.UNSCREENED].endswith("| +30.0% |")  # math 1.3 against 1.0
     assert rows[screening.screened_name("refuse")].endswith("| +25.0% |")  # law
     assert rows[screening.WITHOUT].endswith("| – |")
-    assert "flagged here: code, law, of which law also in the demo's own merge" in text
+    assert "flagged here: code, law, of which law also in the demo's own merge (" in text
     header = next(line for line in lines if line.startswith("| expert"))
     rule = lines[lines.index(header) + 1]
     assert header.count("|") == rule.count("|") == rows["code"].count("|")
