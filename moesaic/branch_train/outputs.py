@@ -59,6 +59,8 @@ class Trained:
     meta: dict  # the job's checkpoint meta at its last step
     base_meta: dict | None
     handover: FfnHandover | None = None
+    # hashes of frozen tensors as the base stores them, for those held otherwise (quantized)
+    stored_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def common_meta(self) -> dict:
         # the mixture the job read, not config.branch.public_mix: only a coordinated branch
@@ -114,8 +116,8 @@ def _write_artifact(t: Trained, own: dict, public_hashes: dict, model, base_expe
                     extra_meta: dict | None = None) -> pathlib.Path:
     path = t.workdir / "artifact"
     base_names = set(t.base_meta["tensors"])
-    frozen_hashes = {n: checkpoint.tensor_hash(a) for n, a in t.frozen.items()
-                     if n in base_names}
+    frozen_hashes = {n: t.stored_hashes.get(n) or checkpoint.tensor_hash(a)
+                     for n, a in t.frozen.items() if n in base_names}
     frozen_hashes.update(public_hashes)
     artifact.save(path, own, t.stats.tensors(), {
         **t.common_meta(), "source": str(t.config.branch.source),

@@ -280,10 +280,11 @@ def _train(config: ml_collections.ConfigDict, job: Job, lock: WorkdirLock) -> Re
     if job.write_output and not stopped:
         # in the stored dtypes: the master copy cast back, frozen tensors held in the
         # compute dtype read again from the base (`moesaic.branch_train.precision`)
+        stored_frozen, stored_hashes = _stored_frozen(job, sc, frozen)
         output = kind.write(outputs.Trained(
             workdir, config, kinds.job_mixture(config, job.kind), layout,
-            sc.precision.stored(trainable, layout.dtypes), _stored_frozen(job, sc, frozen),
-            stats, job_meta(step), base_meta, handover))
+            sc.precision.stored(trainable, layout.dtypes), stored_frozen,
+            stats, job_meta(step), base_meta, handover, stored_hashes))
     return Result(step, losses, stopped, output, layout, trainable, frozen, opt_state)
 
 
@@ -378,14 +379,19 @@ def _start_from_base(config: ml_collections.ConfigDict, job: Job, kind: kinds.Jo
     return make_trainable, frozen, stats, handover
 
 
-def _stored_frozen(job: Job, sc: setup.StepConfig, frozen: dict) -> dict:
-    """`frozen` as the base stores it: the tensors held in the compute dtype or quantized for
-    the step (`Precision.held_in_compute`) read again from --base, which they are by
-    construction."""
+def _stored_frozen(job: Job, sc: setup.StepConfig, frozen: dict) -> tuple[dict, dict]:
+    """(`frozen` as the base stores it, {name: hash} of the tensors held quantized): the
+    tensors held in the compute dtype for the step (`Precision.held_in_compute`) read again
+    from --base, which they are by construction; a tensor held quantized is only hashed as
+    stored, a layer at a time on the host (never whole, and never again on a device)."""
     names = sc.precision.held_in_compute(sc.layout.frozen_shapes())
     if not names:
-        return frozen
+        return frozen, {}
     stored = sc.layout.shardings(sc.layout.frozen_shapes(), sc.mesh, sc.rules)
-    # a tensor held quantized is read to the host only (its hash), never whole to a device
-    return {**frozen, **checkpoint.load_tensors(job.base, names, {
-        n: stored[n] for n in names if not sc.precision.quantizes(n)})}
+    cast = [n for n in names if not sc.precision.quantizes(n)]
+    hashes = {n: checkpoint.TensorReader(job.base, n).hash() for n in names
+              if sc.precision.quantizes(n)}
+    if cast:
+        frozen = {**frozen, **checkpoint.load_tensors(job.base, cast,
+                                                      {n: stored[n] for n in cast})}
+    return frozen, hashes

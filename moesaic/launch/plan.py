@@ -105,6 +105,7 @@ def has_fake_devices(count: int) -> bool:
 
 class MemoryReport:
     """What every plan reports, for a dataclass with `by_hand`, `xla` and `collectives`."""
+    need_note = "argument + output - alias + temp"
 
     @property
     def needed(self) -> int:
@@ -123,7 +124,7 @@ class MemoryReport:
         lines += ["per device, planned by XLA:"]
         lines += [f"  {k:10s} {human(v):>10s}" for k, v in self.xla.items()]
         lines += report_lines(self.collectives)
-        verdict = f"needs {human(self.needed)} per device (argument + output - alias + temp)"
+        verdict = f"needs {human(self.needed)} per device ({self.need_note})"
         if hbm is not None:
             verdict += (f"; fits {human(hbm)}" if self.needed <= hbm
                         else f"; does NOT fit {human(hbm)}")
@@ -149,6 +150,26 @@ class Plan(MemoryReport):
     parameters: list[dict]  # name, kind, shape, dtype, spec, bytes per device
     compile_seconds: float
     collectives: dict = dataclasses.field(default_factory=dict)  # launch.collectives
+    start: dict = dataclasses.field(default_factory=dict)  # launch.plan_start
+
+    @property
+    def needed(self) -> int:
+        """The job's need per device: its step's, or its start's when that is larger."""
+        return max(MemoryReport.needed.fget(self), self.start.get("needed", 0))
+
+    @property
+    def need_note(self) -> str:
+        if self.start.get("needed", 0) > MemoryReport.needed.fget(self):
+            return "the start's, above the step's argument + output - alias + temp"
+        return MemoryReport.need_note
+
+    def start_lines(self) -> list[str]:
+        if not self.start:
+            return []
+        parts = ", ".join(f"{k} {human(v)}" for k, v in self.start.items() if k != "needed")
+        step = MemoryReport.needed.fget(self)
+        return ["", f"start (base loaded, router statistics): {human(self.start['needed'])} "
+                f"per device ({parts}); the step: {human(step)}"]
 
     def report(self, hbm: int | None) -> str:
         base = (f" (a base of {self.base_experts} plus the own)"
@@ -161,7 +182,7 @@ class Plan(MemoryReport):
             lines.append(f"  {p['kind']:6s} {p['name']:22s} {str(tuple(p['shape'])):24s} "
                          f"{p['dtype']:8s} {str(tuple(p['spec'])):30s} "
                          f"{human(p['bytes_per_device']):>10s}/device")
-        return "\n".join([*lines, "", *self.memory_lines(hbm)])
+        return "\n".join([*lines, *self.start_lines(), "", *self.memory_lines(hbm)])
 
 
 def per_device_bytes(shape: tuple[int, ...], dtype, sharding) -> int:
@@ -269,7 +290,9 @@ def make_plan(config, mesh_shape: dict[str, int], *, base: str = "",
         for kind, tree in (("train", args[0]), ("frozen", args[2]))
         for name, a in tree.items()]
     from moesaic.launch.collectives import collective_bytes
+    from moesaic.launch.plan_start import start_memory
 
     return Plan(dict(mesh_shape), layout.cfg.n_experts,
                 layout.base_experts or layout.cfg.n_experts, layout.counts(), by_hand, xla,
-                parameters, seconds, collective_bytes(compiled.as_text()))
+                parameters, seconds, collective_bytes(compiled.as_text()),
+                start_memory(sc, base_cfg))

@@ -75,23 +75,14 @@ def collect(model: Decoder, sequences: np.ndarray, n_documents: int, *, batch_ro
     if n_rows == 0:
         raise ValueError(f"router statistics need at least {batch_rows} sequences (one global "
                          f"batch), got {len(sequences)}")
-    spec = logical_to_spec(("batch", "length"), rules, mesh, (batch_rows, sequences.shape[1]))
-    batch_sharding = NamedSharding(mesh, spec)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = stats_batch_sharding(mesh, rules, (batch_rows, sequences.shape[1]))
     procs, me = jax.process_count(), jax.process_index()
     if batch_rows % procs:
         raise ValueError(f"batch of {batch_rows} rows does not split over {procs} processes")
     local = batch_rows // procs
 
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def sums(state, tokens):
-        with activate(mesh, rules):
-            _, aux = nnx.merge(graphdef, state)(tokens, collect_stats=True)
-        out = (aux["x_sum"], aux["xtx"])
-        return jax.lax.with_sharding_constraint(out, replicated)
-
+    sums = stats_program(graphdef, mesh, rules)
     x_sum = xtx = None
     for start in range(0, n_rows, batch_rows):
         rows = sequences[start + me * local: start + (me + 1) * local]
@@ -101,6 +92,27 @@ def collect(model: Decoder, sequences: np.ndarray, n_documents: int, *, batch_ro
         x_sum = s if x_sum is None else x_sum + s
         xtx = q if xtx is None else xtx + q
     return RouterStats(x_sum, xtx, n_rows * sequences.shape[1], n_documents)
+
+
+def stats_batch_sharding(mesh: Mesh, rules: Rules, shape: tuple[int, int]) -> NamedSharding:
+    """The sharding of one batch of token rows `collect` runs."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, mesh, shape))
+
+
+def stats_program(graphdef, mesh: Mesh, rules: Rules = ()):
+    """jit(sums)(state, tokens) -> (x_sum (L, D), xtx (L, D, D)), replicated: the program
+    `collect` runs per batch on a model of `graphdef` (and `moesaic plan` compiles to count
+    a job's start)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    @jax.jit
+    def sums(state, tokens):
+        with activate(mesh, rules):
+            _, aux = nnx.merge(graphdef, state)(tokens, collect_stats=True)
+        out = (aux["x_sum"], aux["xtx"])
+        return jax.lax.with_sharding_constraint(out, replicated)
+
+    return sums
 
 
 def unit_rows(vectors_ld: np.ndarray) -> jax.Array:

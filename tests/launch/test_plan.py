@@ -116,6 +116,39 @@ def test_plan_reruns_itself_when_jax_has_too_few_devices(capfd):
     assert result["counts"]["trainable"] == 3 * 2 * 32 * 64 + 2 * 32 + 2
     assert result["by_hand"]["trainable"] == 4 * ((3 * 2 * 32 * 64 + 2 * 32) // 2 + 2)
     assert result["needed"] < 1e9
+    assert result["start"] == {}  # only a QLoRA start is planned
+
+
+def test_a_qlora_start_is_planned_beside_its_step():
+    """A QLoRA branch's start (`plan_start`): the base held as the step holds it (its frozen
+    argument, less the router slots a dense base lacks), quantized a layer at a time, then
+    the router statistics over it; the job needs the larger of the start and the step. (The
+    start's programs only: the step's compile is the other tests'.)"""
+    import jax
+
+    from moesaic.branch_train import setup
+    from moesaic.configs import loading
+    from moesaic.launch import plan_start
+    from moesaic.model.sharding import make_mesh
+
+    config = loading.resolve("moesaic/configs/tiny.py:source=code",
+                             [*TINY, "branch.mode=lora", "branch.lora.quantize=nf4"])
+    base_cfg = plan._base_config(config, "", 1)
+    mesh = make_mesh(plan.parse_mesh("data=1"), devices=jax.devices()[:1])
+    sc, _ = setup.set_up(config, "lora", mesh, base_cfg)
+    start = plan_start.start_memory(sc, base_cfg)
+    frozen = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(sc.frozen_shapes))
+    assert frozen - start["held"] == 4 * 2 * (32 + 1)  # router (2, 1, 32), bias (2, 1)
+    assert start["quantize"] > start["held"] and start["stats"] > start["held"]
+    assert start["needed"] == max(start["quantize"], start["stats"])
+    config.branch.lora.quantize = "none"
+    assert plan_start.start_memory(setup.set_up(config, "lora", mesh, base_cfg)[0],
+                                   base_cfg) == {}
+    xla = {"argument": 10, "output": 2, "alias": 2, "temp": 5}
+    assert plan.Plan({}, 2, 1, {}, {}, xla, [], 0.0, start={"needed": 4}).needed == 15
+    larger = plan.Plan({}, 2, 1, {}, {}, xla, [], 0.0, start={"needed": 20, "held": 3})
+    assert larger.needed == 20 and "the start's" in larger.memory_lines(None)[-1]
+    assert larger.start_lines()[-1].startswith("start (base loaded, router statistics)")
 
 
 def test_plan_of_a_dense_branch_trains_everything(capfd):
