@@ -12,8 +12,9 @@ tree (`Precision`): the projections `quantized.Quantized`, the tensors the model
 compute dtype cast on the host, the rest as stored, each placed with the step's sharding.
 Everything the start computes under the base (the router statistics, the owner's row) runs
 on this model, whose layer scan dequantizes one layer at a time, as the step's does: the
-statistics are the quantized base's, not the stored one's (on the tiny test model, mean
-router inputs within 2% of their scale; docs/low-rank.md, "QLoRA").
+statistics are the quantized base's, not the stored one's (docs/low-rank.md, "The start:
+quantized as it loads": equal to the dequantized base's, 15% of their scale from the float32
+base's on the 2-layer test model).
 
 Verifying is `checkpoint.verify`'s, in the same read: every stored tensor hashed
 (`checkpoint.scan`, which also finds the first NaN or Inf) and the fingerprint compared
