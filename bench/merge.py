@@ -1,8 +1,8 @@
 """Merge cost, as ratios measured in one run:
 
-- time: the merge (verification included: it reads every input once to hash / scan it and
-  once to write) over a plain copy (shutil.copytree, best of three) of the same input
-  checkpoints;
+- time: the merge (verification included: the tensors it streams out as they are are hashed
+  and scanned by the write's own read of them, the rest read once to verify and once to
+  write) over a plain copy (shutil.copytree, best of three) of the same input checkpoints;
 - memory: the peak resident memory the merge adds (sampled every 2 ms with psutil, above the
   process's RSS just before it starts, after the heap the warm-up freed is handed back with
   glibc's malloc_trim, so the merge cannot hide in memory it left behind) over the largest

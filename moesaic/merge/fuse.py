@@ -13,8 +13,9 @@ experts [{"source", "fingerprint", "branch_meta"}], base_fingerprint, router {ki
 options, inputs}, merge {base_model, base_tensors, public_stats, public_stats_fingerprint...},
 routing_report. `remove` and `add` check every recorded fingerprint again.
 
-Memory: one layer of one tensor at a time (checkpoint.save_streaming pulls pieces; every piece is a
-layer slice read from disk), whatever the number of parties.
+Memory: a few pieces at a time (checkpoint.save_streaming pulls them; a stacked expert
+tensor's piece is one layer of one expert), whatever the number of parties. Each input is
+read once: the tensors written as they are are verified by the write's read (`merge`).
 
 `remove` and `add` read the base and the parties back out of a merged checkpoint and run
 this same merge, so they give exactly the parameters of a merge made at once.

@@ -28,7 +28,7 @@ import numpy as np
 
 from moesaic.merge import low_rank
 from moesaic.merge.sources import Base, MergeRefused, Party, PublicStats
-from moesaic.model import checkpoint
+from moesaic.model import checkpoint, host_memory
 from moesaic.model.names import BIAS, FFN_EXPERT, ROUTER, STAT_NAMES, stat_name
 
 
@@ -77,6 +77,7 @@ def scan(label: str, view, cause: str = "the job that wrote it diverged",
         if getattr(view, "deferred", False):
             return None
         scans[algorithm] = checkpoint.scan(view.dtype, view.shape, view.pieces(), algorithm)
+        host_memory.release_freed()  # its pieces, freed on tensorstore's threads
     digest, bad = scans[algorithm]
     if bad is not None:
         raise MergeRefused(f"{label}: tensor {view.name!r} holds NaN or Inf (first at index "

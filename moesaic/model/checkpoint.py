@@ -464,6 +464,7 @@ def verify(path: str | pathlib.Path, label: str = "checkpoint") -> None:
         for name in sorted(tensor_metadata(path)):
             reader = TensorReader(path, name)
             hashes[name], bad = scan(reader.dtype, reader.shape, reader.pieces(), algorithm)
+            host_memory.release_freed()
             if bad is not None:
                 raise ValueError(f"{label} {str(path)!r}: tensor {name!r} holds NaN or Inf "
                                  f"(first at index {bad}); a model with non-finite weights "
