@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import train_parts  # bench/train_parts.py, beside this script
 from data import data_wait, smoke_data_dir  # bench/data.py, beside this script
 from flax import nnx
 
@@ -113,7 +115,9 @@ def branch_vs_full(config, repeats: int) -> tuple[float, float, ModelConfig]:
     return best["branch"], best["full"], cfg
 
 
-def hf_step_time(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) -> float | None:
+def hf_runner(cfg: ModelConfig, batch: int, seq_len: int, adamw: bool = False):
+    """transformers' FlexOlmoForCausalLM forward+backward on the same shapes as a function
+    (with `adamw`: then clip 1.0 and torch.optim.AdamW), or None without the `hf` extra."""
     if importlib.util.find_spec("transformers") is None:
         return None
     import torch
@@ -129,13 +133,32 @@ def hf_step_time(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) -> fl
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     model = FlexOlmoForCausalLM(hf)
     tokens = torch.randint(0, 256, (batch, seq_len + 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
 
     def run():
         model.zero_grad(set_to_none=True)
         out = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1])
         out.loss.backward()
+        if adamw:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
 
-    return best_of(run, repeats)
+    return run
+
+
+def hf_step_time(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) -> float | None:
+    run = hf_runner(cfg, batch, seq_len)
+    return None if run is None else best_of(run, repeats)
+
+
+def parts(config, cfg: ModelConfig, batch: int, seq_len: int, repeats: int) -> None:
+    """The component table of bench/train_parts.py, then the whole steps."""
+    run = step_runner(config)
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(
+        nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))))
+    steps = {"whole step (ours: AdamW; torch: none)": (run, hf_runner(cfg, batch, seq_len)),
+             "whole step (both AdamW + clip)": (run, hf_runner(cfg, batch, seq_len, True))}
+    train_parts.component_table(cfg, batch, seq_len, n_params, steps, repeats)
 
 
 def main() -> None:
@@ -151,10 +174,20 @@ def main() -> None:
                         help="glibc's default allocator settings (see host_memory)")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--data-steps", type=int, default=20, help="data-wait loop steps")
+    parser.add_argument("--one-thread", action="store_true",
+                        help="XLA and torch on one thread each (set before JAX starts)")
+    parser.add_argument("--parts", action="store_true",
+                        help="the step's components against torch's (bench/train_parts.py)")
     parser.add_argument("--branch", action="store_true",
                         help="a coordinated branch's step against full training instead")
     args = parser.parse_args()
 
+    if args.one_thread:  # read when the CPU backend starts, at the first computation
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_multi_thread_eigen=false")
+        if importlib.util.find_spec("torch") is not None:
+            import torch
+            torch.set_num_threads(1)
     if not args.system_malloc:
         host_memory.keep_freed_memory()  # before the first JAX computation
     rate = dot_rate()
@@ -174,6 +207,9 @@ def main() -> None:
             print(f"{name:5s} B={batch} T={seq_len} E={cfg.n_experts} k={cfg.top_k}: "
                   f"coordinated branch step {branch * 1e3:8.1f} ms, full training "
                   f"{full * 1e3:8.1f} ms: {branch / full:.2f}x", flush=True)
+            continue
+        if args.parts:
+            parts(config, cfg, batch, seq_len, args.repeats)
             continue
         ours = our_step_time(config, args.repeats)
         tokens = batch * seq_len

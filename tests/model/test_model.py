@@ -196,6 +196,26 @@ def test_dense_is_the_einsum_it_replaces():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [4, 5])
+def test_causal_attention_in_query_blocks_is_the_one_call(monkeypatch, block):
+    """CPU's blocked causal attention: the same outputs and gradients as the one call (block
+    5 does not divide T = 16, so it is the one call too)."""
+    from moesaic.model import layers
+
+    monkeypatch.setattr(layers, "CPU_QUERY_BLOCK", block)
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 2, 8)) for i in range(3))
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+    one = jax.jit(jax.value_and_grad(loss(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True)), argnums=(0, 1, 2)))(q, k, v)
+    blocked = jax.jit(jax.value_and_grad(loss(layers.causal_attention),
+                                         argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(blocked)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("experts", [1, 3])
 def test_the_layer_loop_is_the_scan(experts):
     """`model.scan_layers=False` unrolls the layers: same logits, per-layer aux, statistics and
