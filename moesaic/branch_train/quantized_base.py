@@ -85,12 +85,15 @@ def load(path: str | pathlib.Path, meta: dict, sc, cfg: ModelConfig, *, verify: 
                 elif name in wanted:
                     kept.append(piece)
 
-            hashes[name], bad = checkpoint.scan(reader.dtype, reader.shape,
-                                                _passing(reader.pieces(), take), algorithm)
+            passing = _passing(reader.pieces(), take)
+            hashes[name], bad = checkpoint.scan(reader.dtype, reader.shape, passing,
+                                                algorithm)
             if bad is not None and verify:
                 raise ValueError(f"{label} {str(path)!r}: tensor {name!r} holds NaN or Inf "
                                  f"(first at index {bad}); a model with non-finite weights "
                                  "cannot be trained from or evaluated")
+            for _ in passing:  # scan stops at a NaN; --no-verify takes the rest as it is
+                pass
             if name not in wanted:
                 continue
             sharding = sc.frozen_shardings.get(name)

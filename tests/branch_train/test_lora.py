@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from moesaic.branch_train import artifact, base_model, quantized_base
+from moesaic.branch_train import artifact, base_model, quantized_base, setup
 from moesaic.branch_train.trainer import Job, train
 from moesaic.merge import fuse
 from moesaic.model import checkpoint, lora, names, params, quantized
@@ -145,7 +145,7 @@ def test_qlora_router_statistics_are_the_quantized_bases(trained):
 def test_a_damaged_base_is_refused_by_the_qlora_start(trained, tmp_path):
     """Verified as it is read: a base whose bytes are not its fingerprint's, or that holds
     NaN, refused naming it, nothing written."""
-    data, base_path, _, _ = trained
+    data, base_path, _, result = trained
     config = tiny_config("source=code")
     config.branch.mode = "lora"
     config.branch.lora.quantize = "nf4"
@@ -156,14 +156,20 @@ def test_a_damaged_base_is_refused_by_the_qlora_start(trained, tmp_path):
     (changed / checkpoint.META).write_text(json.dumps(meta))
     nan = checkpoint.load_tensors(base_path, checkpoint.tensor_metadata(base_path))
     nan[names.W_UP] = nan[names.W_UP].copy()
-    nan[names.W_UP][1, 0, 3, 5] = np.nan
+    nan[names.W_UP][0, 0, 3, 5] = np.nan  # layer 0: the read goes on past it
     del meta["fingerprint"]
     checkpoint.save(tmp_path / "nan", nan, meta)
     for base, named in ((changed, "base .*changed.* is damaged: its tensors do not match"),
-                        (tmp_path / "nan", r"tensor 'blocks/ffn/w_up' holds NaN.*\(1, 0, 3, 5\)")):
+                        (tmp_path / "nan", r"tensor 'blocks/ffn/w_up' holds NaN.*\(0, 0, 3, 5\)")):
         with pytest.raises(ValueError, match=named):
             train(config, _job("lora", tmp_path / base.name / "w", data, base))
         assert not (tmp_path / base.name / "w" / "artifact").exists()
+    # --no-verify: the NaN base read whole all the same (the check stops at the NaN, not the read)
+    meta = checkpoint.read_meta(tmp_path / "nan")
+    base_cfg = base_model.job_model_config(checkpoint.model_config(meta), config)
+    sc, _ = setup.set_up(config, "lora", make_mesh(dict(config.mesh)), base_cfg)
+    held, _ = quantized_base.load(tmp_path / "nan", meta, sc, base_cfg, verify=False)
+    assert held.flat[names.W_UP].codes.shape == result.frozen[names.W_UP].codes.shape
 
 
 def _assert_optimizer_holds_only(result, shapes):
