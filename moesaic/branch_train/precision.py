@@ -22,7 +22,8 @@ Norms, router rows and biases are read in float32 and stay as stored.
 What a job writes is in model.param_dtype: its trainable tensors cast back (`Precision.stored`),
 and frozen tensors held in model.dtype re-read from the base they came from (the trainer), so
 a branch's frozen hashes and an ffn job's model are the base's own. A quantized tensor is
-re-read the same way: the artifact's frozen hashes are the unquantized base's.
+hashed as the base stores it (a layer at a time, on the host): the artifact's frozen hashes
+are the unquantized base's.
 """
 
 from __future__ import annotations
