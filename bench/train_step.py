@@ -3,6 +3,7 @@ FLOP utilisation, for the tiny and small configs.
 
     python bench/train_step.py [--configs tiny,small] [--batch 4 --seq-len 256] [--repeats 3]
                                [--experts E --top-k K] [--unroll] [--system-malloc] [--branch]
+                               [--parts] [--one-thread]
 
 All figures are ratios to rates measured in this same run, so they hold on any machine:
   MFU      model FLOPs per step / step time / the jnp.dot rate (float32 2048^3, best of 5)
@@ -15,6 +16,9 @@ All figures are ratios to rates measured in this same run, so they hold on any m
            only the owner's expert, router row and bias train; a base of --experts experts,
            default 1, plus the owner's) over pretraining every parameter of the same model
            (base experts + 1, top-k all, router bias), same shapes, taking turns each round.
+  --parts  the step's components (attention, projections, norms, FFN, head, AdamW) and the
+           whole step against torch's, as CPU and wall time (bench/train_parts.py);
+           --one-thread runs XLA and torch on one thread each (docs/training.md, Speed on CPU).
 Like the `moesaic` command, it keeps freed host memory for reuse (moesaic.launch.host_memory)
 unless --system-malloc; --unroll runs the layers as a loop (model.scan_layers=False).
 Model FLOPs per token: 6 * (attention + top_k experts + router + lm_head parameters)
