@@ -3,7 +3,7 @@
 Reads config.json (mapped by `hf_config`), the safetensors (one file or shards with
 model.safetensors.index.json) and tokenizer.json. Every moesaic tensor is stacked over layers
 (and experts); it is built from its per-layer Hugging Face pieces, written, and dropped before
-the next one (`checkpoint.save_streaming`, which also computes the fingerprint on the way), so
+the next one (`streaming.save_streaming`, which also computes the fingerprint on the way), so
 memory holds one layer of one tensor at a time. Every key is checked (missing, or without a place in
 moesaic) before anything is written.
 
@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from moesaic.data.tokenizer import load_tokenizer
 from moesaic.interop.hf_config import model_fields_from_hf
-from moesaic.model import checkpoint, names
+from moesaic.model import checkpoint, names, streaming
 from moesaic.model.config import ModelConfig
 
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -182,7 +182,7 @@ class _StackedTensor:
         return piece.astype(self.dtype, copy=False)
 
     def layer_blocks(self) -> Iterator[np.ndarray]:
-        """Consecutive blocks along axis 0 (what checkpoint.save_streaming writes): the whole tensor
+        """Consecutive blocks along axis 0 (what streaming.save_streaming writes): the whole tensor
         for unstacked ones, one layer (all its experts) for stacked ones."""
         if self.n_lead == 0:
             yield self._piece(0, 0)
@@ -271,10 +271,10 @@ def import_hf(folder: str | pathlib.Path, out: str | pathlib.Path, *,
                              f"e.g. {unused[:3]}; the config does not describe these weights")
         meta = {"kind": "public", "model": cfg.to_dict(),
                 "hf": {"source": str(folder.resolve()), "config": hf}}
-        sources = {name: checkpoint.TensorSource(t.shape, t.dtype, t.layer_blocks)
+        sources = {name: streaming.TensorSource(t.shape, t.dtype, t.layer_blocks)
                    for name, t in tensors.items()}
         files = {"tokenizer.json": folder / "tokenizer.json"} if tokenizer is None else None
-        checkpoint.save_streaming(out, sources, meta, overwrite=overwrite, files=files)
+        streaming.save_streaming(out, sources, meta, overwrite=overwrite, files=files)
     meta = checkpoint.read_meta(out)
     log(f"import-hf: wrote {out} ({len(tensors)} tensors, fingerprint {meta['fingerprint'][:12]})")
     return meta

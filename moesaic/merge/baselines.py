@@ -26,7 +26,7 @@ from moesaic.branch_train.artifact import DENSE_KIND
 from moesaic.merge import sources as src
 from moesaic.merge.sources import MergeRefused, View
 from moesaic.merge.verify import check_unique, scan
-from moesaic.model import checkpoint
+from moesaic.model import checkpoint, streaming
 from moesaic.model.names import BIAS, FFN_EXPERT, ROUTER, STAT_NAMES, STATS, stat_name
 from moesaic.model.transformer import lm_loss
 from moesaic.routing import registry, report
@@ -83,7 +83,7 @@ def open_dense(paths) -> list[DenseBranch]:
     return branches
 
 
-def _mean_source(views: list[View], weights: np.ndarray) -> checkpoint.TensorSource:
+def _mean_source(views: list[View], weights: np.ndarray) -> streaming.TensorSource:
     """The weighted mean of same-shaped tensors, a piece at a time, summed in float64 in
     branch order."""
     first = views[0]
@@ -94,7 +94,7 @@ def _mean_source(views: list[View], weights: np.ndarray) -> checkpoint.TensorSou
             total = sum(w * p.astype(np.float64) for w, p in zip(weights, parts))
             yield total.astype(first.dtype)
 
-    return checkpoint.TensorSource(first.shape, first.dtype, pieces,
+    return streaming.TensorSource(first.shape, first.dtype, pieces,
                            rows_per_chunk=first.row_block() if first.shape else None)
 
 
@@ -137,7 +137,7 @@ def soup(branch_paths, out: str | pathlib.Path, *, sample_bt1: np.ndarray | None
             "weighting": how, "losses": losses,
             "base_fingerprint": branches[0].meta.get("base_fingerprint"),
             **src.seq_len_record([b.meta for b in branches])}
-    checkpoint.save_streaming(out, tensors, meta)
+    streaming.save_streaming(out, tensors, meta)
     log(f"soup ({how}) of {[b.source for b in branches]} weights "
         f"{np.round(weights, 3).tolist()} -> {out}")
     return checkpoint.read_meta(out)
@@ -193,10 +193,10 @@ def btx(branch_paths, out: str | pathlib.Path, *, router: str, top_k: int,
     for name in FFN_EXPERT:
         tensors[name] = src.stack_experts([b.tensors[name] for b in branches])
     dtype = branches[0].tensors[FFN_EXPERT[0]].dtype
-    tensors[ROUTER] = checkpoint.TensorSource(built.rows.shape, dtype,
-                                              lambda: [built.rows.astype(dtype)])
-    tensors[BIAS] = checkpoint.TensorSource(built.bias.shape, dtype,
-                                            lambda: [built.bias.astype(dtype)])
+    tensors[ROUTER] = streaming.TensorSource(built.rows.shape, dtype,
+                                             lambda: [built.rows.astype(dtype)])
+    tensors[BIAS] = streaming.TensorSource(built.bias.shape, dtype,
+                                           lambda: [built.bias.astype(dtype)])
     merged_cfg = cfg.replace(n_experts=n, top_k=top_k, router_bias=True, router_trainable=False)
     meta = {"kind": "btx", "model": merged_cfg.to_dict(),
             "experts": [{"source": b.source, "fingerprint": b.meta.get("fingerprint")}
@@ -205,6 +205,6 @@ def btx(branch_paths, out: str | pathlib.Path, *, router: str, top_k: int,
                        "inputs": built.inputs, "trainable": False},
             "base_fingerprint": branches[0].meta.get("base_fingerprint"),
             "routing_warnings": warnings, **src.seq_len_record([b.meta for b in branches])}
-    checkpoint.save_streaming(out, tensors, meta)
+    streaming.save_streaming(out, tensors, meta)
     log(f"btx of {inputs.sources} with router {router!r}, top-{top_k} -> {out}")
     return checkpoint.read_meta(out)

@@ -293,10 +293,10 @@ def request_of_merged(path: str | pathlib.Path, meta: dict) -> Request | None:
 
 def into(tensors: dict, cfg: ModelConfig, names: list[str], base_experts: int,
          request: Request, log=print) -> dict:
-    """Calibrates the merged model whose tensors `tensors` (name -> checkpoint.TensorSource)
+    """Calibrates the merged model whose tensors `tensors` (name -> streaming.TensorSource)
     are about to be written: replaces its router and bias with the calibrated ones, adds the
     calib/ tensors, and returns the record for meta.json."""
-    from moesaic.model import checkpoint
+    from moesaic.model import streaming
     from moesaic.model.params import variables
 
     flat = {name: _materialise(tensors[name]) for name in variables(cfg)}
@@ -314,8 +314,8 @@ def into(tensors: dict, cfg: ModelConfig, names: list[str], base_experts: int,
     for name, value in ((ROUTER, rows.astype(dtype)), (BIAS, bias.astype(dtype)),
                         (TOKENS, request.tokens.astype(np.int32)),
                         (SCALE, fitted.scale), (SHIFT, fitted.bias), (DELTA, fitted.rows)):
-        tensors[name] = checkpoint.TensorSource(value.shape, value.dtype,
-                                                lambda v=value: [v])
+        tensors[name] = streaming.TensorSource(value.shape, value.dtype,
+                                               lambda v=value: [v])
     for layer, (before, after) in enumerate(fitted.record["fit_loss"]):
         scales = ", ".join(f"{v:.2f}" for v in fitted.scale[layer, base_experts:])
         biases = ", ".join(f"{v:.2f}" for v in fitted.bias[layer, base_experts:])

@@ -29,7 +29,7 @@ import numpy as np
 
 from moesaic.merge import sources as src
 from moesaic.merge.sources import Base, MergeRefused, Party, View
-from moesaic.model import checkpoint
+from moesaic.model import checkpoint, streaming
 from moesaic.model.config import ModelConfig
 from moesaic.model.names import (
     BIAS,
@@ -138,7 +138,7 @@ class Units:
         sub_bias[:, :self.m] = 0  # the public expert's: held at 0 by the model (slot 0 only)
         return sub, sub_bias
 
-    def split(self, name: str) -> checkpoint.TensorSource:
+    def split(self, name: str) -> streaming.TensorSource:
         """FFN tensor `name` as (L, U*m, ...) sub-experts, a layer at a time."""
         views = self.ffn[name]
         first = views[0][0]
@@ -156,14 +156,14 @@ class Units:
                     subs += np.split(w, self.m, axis=hidden - 2)
                 yield np.stack(subs)[None]
 
-        return checkpoint.TensorSource(tuple(shape), first.dtype, pieces, rows_per_chunk=1)
+        return streaming.TensorSource(tuple(shape), first.dtype, pieces, rows_per_chunk=1)
 
-    def tensors(self) -> dict[str, checkpoint.TensorSource]:
+    def tensors(self) -> dict[str, streaming.TensorSource]:
         out = {name: self.split(name) for name in FFN_EXPERT}
         for u, source in enumerate(self.names):
             order = self.orders[u]
-            out[order_name(source)] = checkpoint.TensorSource(order.shape, order.dtype,
-                                                              lambda o=order: [o])
+            out[order_name(source)] = streaming.TensorSource(order.shape, order.dtype,
+                                                             lambda o=order: [o])
         return out
 
     def experts(self, unit_experts: list[dict]) -> list[dict]:
@@ -217,8 +217,8 @@ class Joined:
         for layer in range(self.shape[0]):
             yield self.rows(layer, layer + 1)
 
-    def source(self) -> checkpoint.TensorSource:
-        return checkpoint.TensorSource(self.shape, self.dtype, self.pieces, rows_per_chunk=1)
+    def source(self) -> streaming.TensorSource:
+        return streaming.TensorSource(self.shape, self.dtype, self.pieces, rows_per_chunk=1)
 
 
 def parties_of_merged(path) -> tuple[Base, list[Party], dict]:

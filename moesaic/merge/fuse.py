@@ -13,7 +13,7 @@ experts [{"source", "fingerprint", "branch_meta"}], base_fingerprint, router {ki
 options, inputs}, merge {base_model, base_tensors, public_stats, public_stats_fingerprint...},
 routing_report. `remove` and `add` check every recorded fingerprint again.
 
-Memory: a few pieces at a time (checkpoint.save_streaming pulls them; a stacked expert
+Memory: a few pieces at a time (streaming.save_streaming pulls them; a stacked expert
 tensor's piece is one layer of one expert), whatever the number of parties. Each input is
 read once: the tensors written as they are are verified by the write's read (`merge`).
 
@@ -32,7 +32,7 @@ from moesaic.merge import calibrate, fine_grained, low_rank
 from moesaic.merge import sources as src
 from moesaic.merge.sources import PUBLIC, Base, MergeRefused, Party, PublicStats
 from moesaic.merge.verify import router_dtype, router_input, verify
-from moesaic.model import checkpoint
+from moesaic.model import checkpoint, streaming
 from moesaic.model.names import (
     BIAS,
     EXPERT_TENSORS,
@@ -68,8 +68,8 @@ def router_inputs(base: Base, parties: list[Party], public: PublicStats | None,
         party_update=lambda i, layer: low_rank.update_blocks(base, parties[i], layer))
 
 
-def _in_memory(array: np.ndarray) -> checkpoint.TensorSource:
-    return checkpoint.TensorSource(array.shape, array.dtype, lambda: [array])
+def _in_memory(array: np.ndarray) -> streaming.TensorSource:
+    return streaming.TensorSource(array.shape, array.dtype, lambda: [array])
 
 
 def _streamed_views(base: Base, parties: list[Party], public: PublicStats | None,
@@ -159,7 +159,7 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
         log(f"WARNING: {warning}")
 
     row_dtype = router_dtype(base, parties)
-    tensors: dict[str, checkpoint.TensorSource] = {}
+    tensors: dict[str, streaming.TensorSource] = {}
     for name, view in base.tensors.items():
         if name not in EXPERT_TENSORS:
             tensors[name] = view.source()
@@ -221,8 +221,8 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
     }
     for view, algorithm in streamed:
         view.tap(algorithm)
-    checkpoint.save_streaming(out, tensors, meta, overwrite=overwrite,
-                              before_commit=verify_streamed)
+    streaming.save_streaming(out, tensors, meta, overwrite=overwrite,
+                             before_commit=verify_streamed)
     log(f"merged {n_experts} experts ({', '.join(names)}) with router {router!r}, top-{top_k} "
         f"-> {out}")
     return checkpoint.read_meta(out)

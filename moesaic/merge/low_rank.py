@@ -21,7 +21,7 @@ import numpy as np
 
 from moesaic.merge import sources as src
 from moesaic.merge.sources import Base, MergeRefused, Party
-from moesaic.model import checkpoint, lora
+from moesaic.model import checkpoint, lora, streaming
 from moesaic.model.config import ModelConfig
 from moesaic.model.names import BIAS, ROUTER, W_DOWN, W_GATE, W_UP, stat_name
 
@@ -70,7 +70,7 @@ def check_shapes(base: Base, party: Party, label: str) -> None:
                                f"rank and the base need {shape}")
 
 
-def stacked(parties: list[Party]) -> dict[str, checkpoint.TensorSource]:
+def stacked(parties: list[Party]) -> dict[str, streaming.TensorSource]:
     """The low-rank parties' A and B, stacked on the expert axis in slot order."""
     low = [p for p in parties if p.low_rank]
     if not low:
@@ -125,8 +125,8 @@ class ArrayView:
         for layer in range(self.shape[0]):
             yield self.array[layer:layer + 1]
 
-    def source(self) -> checkpoint.TensorSource:
-        return checkpoint.TensorSource(self.shape, self.dtype, self.pieces, rows_per_chunk=1)
+    def source(self) -> streaming.TensorSource:
+        return streaming.TensorSource(self.shape, self.dtype, self.pieces, rows_per_chunk=1)
 
 
 def factor(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:

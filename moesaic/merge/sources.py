@@ -21,7 +21,7 @@ import re
 import numpy as np
 
 from moesaic.branch_train import artifact
-from moesaic.model import checkpoint, fingerprint, lora
+from moesaic.model import checkpoint, fingerprint, lora, streaming
 from moesaic.model.config import ModelConfig
 from moesaic.model.names import (
     BIAS,
@@ -97,16 +97,16 @@ class View:
             stop = min(start + step, self.shape[0])
             yield whole[start:stop] if whole is not None else self.rows(start, stop)
 
-    def source(self) -> checkpoint.TensorSource:
+    def source(self) -> streaming.TensorSource:
         """This tensor as a streaming-write source (chunks of `row_block` rows)."""
-        return checkpoint.TensorSource(self.shape, self.dtype, self.pieces,
+        return streaming.TensorSource(self.shape, self.dtype, self.pieces,
                                rows_per_chunk=self.row_block() if self.shape else None)
 
     def __repr__(self) -> str:
         return f"{self.path}:{self.name}"
 
 
-def stack_experts(views: list[View]) -> checkpoint.TensorSource:
+def stack_experts(views: list[View]) -> streaming.TensorSource:
     """The tensors concatenated along the expert axis (1), produced one layer of one view at
     a time and stored in chunks of one layer of one expert: what is held does not grow with
     the number of experts."""
@@ -118,8 +118,8 @@ def stack_experts(views: list[View]) -> checkpoint.TensorSource:
             for view in views:
                 yield view.rows(layer, layer + 1)
 
-    return checkpoint.TensorSource(tuple(shape), views[0].dtype, pieces, rows_per_chunk=1,
-                                   cols_per_chunk=1)
+    return streaming.TensorSource(tuple(shape), views[0].dtype, pieces, rows_per_chunk=1,
+                                  cols_per_chunk=1)
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from moesaic.configs.common import DEFAULT_RULES
 from moesaic.data.loader import TokenBatches
 from moesaic.merge.sources import MergeRefused, View
-from moesaic.model import checkpoint, expert_parallel
+from moesaic.model import checkpoint, expert_parallel, streaming
 from moesaic.model.names import ROUTER
 from moesaic.model.params import build_model
 from moesaic.model.sharding import activate, logical_to_spec, make_mesh
@@ -90,8 +90,8 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
     tensors = {}
     for name in stored:
         if name == ROUTER:
-            tensors[name] = checkpoint.TensorSource(new_rows.shape, new_rows.dtype,
-                                                    lambda: [new_rows])
+            tensors[name] = streaming.TensorSource(new_rows.shape, new_rows.dtype,
+                                                   lambda: [new_rows])
         else:
             tensors[name] = View(merged, name).source()
     router = dict(meta["router"], tuned={"steps": steps, "lr": lr, "data": data or {},
@@ -102,7 +102,7 @@ def tune_router(merged: str | pathlib.Path, out: str | pathlib.Path,
     names = [str(e.get("source", i)) for i, e in enumerate(meta.get("experts") or [])]
     reports, warnings = report.routing_report(np.asarray(rows, np.float32), names)
     new_meta.update(routing_report=reports, routing_warnings=warnings)
-    checkpoint.save_streaming(out, tensors, new_meta)
+    streaming.save_streaming(out, tensors, new_meta)
     return checkpoint.read_meta(out)
 
 

@@ -18,7 +18,7 @@ Everything is read a layer at a time, once: the finiteness scan also hashes. A m
 `deferred` (their hashes are None, and checks that need them wait), then again before the
 output is committed, when the writer's read of those tensors has hashed and scanned them
 (`View.tap`) and every other hash is the one recorded the first time: one read of each input,
-and a merge that fails the second pass removes what it wrote (checkpoint.save_streaming's
+and a merge that fails the second pass removes what it wrote (streaming.save_streaming's
 `before_commit`).
 """
 

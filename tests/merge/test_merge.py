@@ -12,7 +12,7 @@ from flax import nnx
 
 from moesaic.merge import fuse, sources
 from moesaic.merge.sources import MergeRefused
-from moesaic.model import Decoder, checkpoint
+from moesaic.model import Decoder, checkpoint, streaming
 from moesaic.routing import registry
 from tests.support.merging import (
     CFG,
@@ -139,8 +139,8 @@ def test_streaming_write_equals_whole_write(tmp_path):
 
     def pieces(v):
         return (lambda: [v]) if v.ndim == 0 else (lambda: [v[i:i + 2] for i in range(0, len(v), 2)])
-    sources = {k: checkpoint.TensorSource(v.shape, v.dtype, pieces(v)) for k, v in flat.items()}
-    hashes = checkpoint.save_streaming(tmp_path / "stream", sources, {"kind": "x"})
+    sources = {k: streaming.TensorSource(v.shape, v.dtype, pieces(v)) for k, v in flat.items()}
+    hashes = streaming.save_streaming(tmp_path / "stream", sources, {"kind": "x"})
     assert hashes == {k: checkpoint.tensor_hash(v) for k, v in flat.items()}
     assert checkpoint.read_meta(tmp_path / "stream")["fingerprint"] == \
         checkpoint.read_meta(tmp_path / "whole")["fingerprint"]
@@ -157,8 +157,8 @@ def test_streaming_write_equals_whole_write(tmp_path):
         yield flat["a/w"][:2]
         raise RuntimeError("source failed")
     with pytest.raises(RuntimeError, match="source failed"):
-        source = checkpoint.TensorSource((5, 3, 4), np.float32, broken)
-        checkpoint.save_streaming(tmp_path / "broken", {"a/w": source}, {})
+        source = streaming.TensorSource((5, 3, 4), np.float32, broken)
+        streaming.save_streaming(tmp_path / "broken", {"a/w": source}, {})
     assert not (tmp_path / "broken").exists() and not (tmp_path / "broken.partial").exists()
 
 

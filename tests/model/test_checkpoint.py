@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moesaic.model import Decoder, ModelConfig, checkpoint
+from moesaic.model import Decoder, ModelConfig, checkpoint, streaming
 
 
 def test_round_trip_under_a_relative_path(tmp_path, monkeypatch):
@@ -61,8 +61,8 @@ def test_overwrite_killed_while_deleting_the_old_checkpoint(tmp_path, monkeypatc
         raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_rmtree)
-    for save in (checkpoint.save, lambda p, flat, meta, **kw: checkpoint.save_streaming(p, {
-            n: checkpoint.TensorSource(a.shape, a.dtype, lambda a=a: [a]) for n, a in flat.items()},
+    for save in (checkpoint.save, lambda p, flat, meta, **kw: streaming.save_streaming(p, {
+            n: streaming.TensorSource(a.shape, a.dtype, lambda a=a: [a]) for n, a in flat.items()},
             meta, **kw)):
         with pytest.raises(KeyboardInterrupt):
             save(path, _flat(2.0), {"kind": "x", "value": 2.0}, overwrite=True)
