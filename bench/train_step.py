@@ -19,7 +19,7 @@ All figures are ratios to rates measured in this same run, so they hold on any m
   --parts  the step's components (attention, projections, norms, FFN, head, AdamW) and the
            whole step against torch's, as CPU and wall time (bench/train_parts.py);
            --one-thread runs XLA and torch on one thread each (docs/training.md, Speed on CPU).
-Like the `moesaic` command, it keeps freed host memory for reuse (moesaic.launch.host_memory)
+Like the `moesaic` command, it keeps freed host memory for reuse (moesaic.model.host_memory)
 unless --system-malloc; --unroll runs the layers as a loop (model.scan_layers=False).
 Model FLOPs per token: 6 * (attention + top_k experts + router + lm_head parameters)
 + 12 * layers * seq_len * heads * head_dim (attention scores, PaLM's count).
@@ -41,8 +41,7 @@ from flax import nnx
 
 from moesaic.branch_train import setup, upcycle
 from moesaic.configs import small, tiny
-from moesaic.launch import host_memory
-from moesaic.model import checkpoint
+from moesaic.model import checkpoint, host_memory
 from moesaic.model.config import ModelConfig
 from moesaic.model.sharding import make_mesh
 from moesaic.model.transformer import Decoder

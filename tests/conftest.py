@@ -3,7 +3,7 @@
 One XLA persistent compilation cache serves the whole session and its subprocesses: the smoke
 demo's four branches (and four dense experts) compile the same programs, and the training
 tests compile the same small programs many times. Unlike the `moesaic` command, the session
-leaves glibc's allocator as it is (moesaic.launch.host_memory): its models are small, and
+leaves glibc's allocator as it is (moesaic.model.host_memory): its models are small, and
 keeping freed memory measured slower for them (the smoke demo 123 s against 113 s).
 
 `make test` runs the suite on every core with pytest-xdist (`-n auto --dist loadfile`: a test

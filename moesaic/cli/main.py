@@ -16,7 +16,7 @@ import importlib.util
 import sys
 
 from moesaic.cli.args import split_config_args
-from moesaic.launch import host_memory
+from moesaic.model import host_memory
 
 # name: (module, one-line help). Order is the order of the workflow.
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -1,4 +1,4 @@
-"""moesaic.launch.host_memory: freed host memory is reused, not faulted in again, and a user's
+"""moesaic.model.host_memory: freed host memory is reused, not faulted in again, and a user's
 own allocator choice is left alone."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ import platform
 
 import pytest
 
-from moesaic.launch import host_memory
+from moesaic.model import host_memory
 from tests.support.processes import last_json_line, run_python
 
 ALLOCATE = """
 import json, os, resource, threading
 import numpy as np
-from moesaic.launch import host_memory
+from moesaic.model import host_memory
 while (name := host_memory.user_chose_allocator()) is not None:  # the caller's own choice
     del os.environ[name]
 if {system}:
