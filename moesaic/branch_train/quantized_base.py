@@ -89,9 +89,7 @@ def load(path: str | pathlib.Path, meta: dict, sc, cfg: ModelConfig, *, verify: 
             hashes[name], bad = checkpoint.scan(reader.dtype, reader.shape, passing,
                                                 algorithm)
             if bad is not None and verify:
-                raise ValueError(f"{label} {str(path)!r}: tensor {name!r} holds NaN or Inf "
-                                 f"(first at index {bad}); a model with non-finite weights "
-                                 "cannot be trained from or evaluated")
+                raise checkpoint.non_finite(label, path, name, bad)
             for _ in passing:  # scan stops at a NaN; --no-verify takes the rest as it is
                 pass
             if name not in wanted:
@@ -109,8 +107,5 @@ def load(path: str | pathlib.Path, meta: dict, sc, cfg: ModelConfig, *, verify: 
     except damage.CheckpointDamaged as err:
         raise err.relabel(label) from None
     if verify and checkpoint.fingerprint_of_hashes(hashes) != meta.get("fingerprint"):
-        raise ValueError(f"{label} {str(path)!r} is damaged: its tensors do not match the "
-                         f"fingerprint its {checkpoint.META} records (a changed byte, or a file "
-                         "of another checkpoint); copy it again from its source (--no-verify "
-                         "skips this check)")
+        raise checkpoint.fingerprint_mismatch(label, path)
     return base_model.Base(cfg, params.build_model(cfg, held), held, meta), hashes

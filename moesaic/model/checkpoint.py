@@ -306,16 +306,26 @@ def verify(path: str | pathlib.Path, label: str = "checkpoint") -> None:
             hashes[name], bad = scan(reader.dtype, reader.shape, reader.pieces(), algorithm)
             host_memory.release_freed()
             if bad is not None:
-                raise ValueError(f"{label} {str(path)!r}: tensor {name!r} holds NaN or Inf "
-                                 f"(first at index {bad}); a model with non-finite weights "
-                                 "cannot be trained from or evaluated")
+                raise non_finite(label, path, name, bad)
     except damage.CheckpointDamaged as err:  # a file missing or cut short: named, by role
         raise err.relabel(label) from None
     if recorded is not None and fingerprint_of_hashes(hashes) != recorded:
-        raise ValueError(f"{label} {str(path)!r} is damaged: its tensors do not match the "
-                         f"fingerprint its {META} records (a changed byte, or a file of another "
-                         "checkpoint); copy it again from its source (--no-verify skips this "
-                         "check)")
+        raise fingerprint_mismatch(label, path)
+
+
+def non_finite(label: str, path: pathlib.Path, name: str, index) -> ValueError:
+    """The refusal of a checkpoint whose tensor `name` holds NaN or Inf, first at `index`."""
+    return ValueError(f"{label} {str(path)!r}: tensor {name!r} holds NaN or Inf (first at "
+                      f"index {index}); a model with non-finite weights cannot be trained from "
+                      "or evaluated")
+
+
+def fingerprint_mismatch(label: str, path: pathlib.Path) -> ValueError:
+    """The refusal of a checkpoint whose tensors are not those its fingerprint records."""
+    return ValueError(f"{label} {str(path)!r} is damaged: its tensors do not match the "
+                      f"fingerprint its {META} records (a changed byte, or a file of another "
+                      "checkpoint); copy it again from its source (--no-verify skips this "
+                      "check)")
 
 
 def tensor_metadata(path: str | pathlib.Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
