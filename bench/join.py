@@ -15,8 +15,7 @@ goes on the new domain, and the joined model's move on every other domain agains
 it joined (percent of bits per byte); OUT/join.json keeps them.
 
     .venv/bin/python bench/join.py --workdir runs/demo --out /tmp/join [--merged learned-rows]
-        [--calibrate]   # also every party merged at once, calibrated on W's public data
-        [--std-normalise]  # also the joined merge with its parties' router margins scaled
+        [--calibrate]   # also the calibrated merge, and the party joined to it
 """
 
 from __future__ import annotations
@@ -56,42 +55,14 @@ def prepare(w: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     return data
 
 
-def std_normalised(src: pathlib.Path, out: pathlib.Path, data: pathlib.Path,
-                   seq_len: int) -> None:
-    """`src` with each party's router margin over the public expert, x . (row_p - row_0),
-    scaled per layer to the parties' median spread (standard deviation) on 64 public proxy
-    rows: row_p <- row_0 + (row_p - row_0) * median_q(sd_q) / sd_p. Biases unchanged."""
-    import jax.numpy as jnp
-
-    from moesaic.merge import calibrate, screen
-    from moesaic.model import checkpoint
-    from moesaic.model.names import ROUTER
-
-    meta = checkpoint.read_meta(src)
-    cfg = checkpoint.model_config(meta)
-    flat = {n: jnp.asarray(v)
-            for n, v in checkpoint.load_tensors(src, checkpoint.tensor_metadata(src)).items()}
-    tokens = calibrate.proxy_tokens(data, cfg, seq_len=seq_len, rows=64)
-    _, logits = screen._weights(cfg, flat, tokens)  # (L, N*T, E), biases are constants
-    spread = np.asarray(jnp.std(logits[:, :, 1:] - logits[:, :, :1], axis=1))  # (L, P)
-    k = np.median(spread, axis=1, keepdims=True) / spread
-    rows = np.array(flat[ROUTER], np.float32)  # a writable copy
-    rows[:, 1:] = rows[:, :1] + (rows[:, 1:] - rows[:, :1]) * k[..., None]
-    new = {n: np.asarray(v) for n, v in flat.items()}
-    new[ROUTER] = rows.astype(new[ROUTER].dtype)
-    checkpoint.save(out, new, {key: v for key, v in meta.items() if key != "fingerprint"})
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="a finished demo workdir")
     parser.add_argument("--out", required=True, help="scratch folder (kept: a re-run resumes)")
     parser.add_argument("--merged", default="learned-rows", help="W/merged/NAME to join")
     parser.add_argument("--calibrate", action="store_true",
-                        help="also the joined merge calibrated on W's public data")
-    parser.add_argument("--std-normalise", action="store_true",
-                        help="also the joined merge with each party's router margin over "
-                             "the public expert scaled to the same spread on public rows")
+                        help="also join the calibrated merge (W/merged/learned-rows-calibrated, "
+                             "made from W's branches when W has none) with `merge add`")
     args = parser.parse_args()
 
     from moesaic.branch_train.trainer import Job, train
@@ -125,21 +96,21 @@ def main() -> None:
     if not checkpoint.is_complete(models["alone"]):
         fuse.merge_paths(public, [made["branch"]], router="learned-rows", top_k=2,
                          out=models["alone"])
-    if args.calibrate:
+    if args.calibrate:  # the calibrated merge, and the party joined to it with `merge add`
+        calibrated = w / "merged" / "learned-rows-calibrated"
+        if not checkpoint.is_complete(calibrated):
+            calibrated = out / "calibrated"
+        if not checkpoint.is_complete(calibrated):
+            cfg = checkpoint.model_config(checkpoint.read_meta(public))
+            request = calibrate.request_from_data(w / "data", cfg, seq_len=preset.seq_len,
+                                                  rows=64)
+            fuse.merge_paths(public, [w / "branches" / d / "artifact" for d in DOMAINS],
+                             router="learned-rows", top_k=preset.top_k, out=calibrated,
+                             public_stats=w / "public-stats" / "stats", calibration=request)
+        models["merged, calibrated"] = calibrated
         models["joined, calibrated"] = out / "joined-calibrated"
         if not checkpoint.is_complete(models["joined, calibrated"]):
-            cfg = checkpoint.model_config(checkpoint.read_meta(merged))
-            request = calibrate.request_from_data(data, cfg, seq_len=preset.seq_len, rows=64)
-            branches = [e["source"] for e in checkpoint.read_meta(merged)["experts"]][1:]
-            fuse.merge_paths(public, [w / "branches" / b / "artifact" for b in branches]
-                             + [made["branch"]], router="learned-rows", top_k=preset.top_k,
-                             public_stats=w / "public-stats" / "stats",
-                             out=models["joined, calibrated"], calibration=request)
-    if args.std_normalise:
-        models["joined, std-normalised"] = out / "joined-std"
-        if not checkpoint.is_complete(models["joined, std-normalised"]):
-            std_normalised(models["joined"], models["joined, std-normalised"], data,
-                           preset.seq_len)
+            fuse.add(calibrated, [made["branch"]], out=models["joined, calibrated"])
     domains = [*DOMAINS, "public", NEW]
     bpb, shares = {}, {}
     for name, path in models.items():
@@ -157,10 +128,11 @@ def main() -> None:
         name: (bpb["public"][NEW] - bpb[name][NEW]) / gain
         for name in models if name not in ("public", "dense")}}
     record["weight share on the new domain (mean over layers)"] = shares
-    for name in models:
+    for name in models:  # against the merge it joined
         if name.startswith("joined"):
+            before = bpb["merged, calibrated" if "calibrated" in name else "merged"]
             record[f"{name}: move on other domains (%)"] = {
-                d: 100 * (bpb[name][d] / bpb["merged"][d] - 1) for d in domains if d != NEW}
+                d: 100 * (bpb[name][d] / before[d] - 1) for d in domains if d != NEW}
     (out / "join.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record, indent=1))
 

@@ -10,6 +10,8 @@ Only what the owner trained, plus aggregates of its data under the base model:
     stats/x_sum        (L, D) float32  per layer, sum of the router inputs (X^T 1)
     stats/xtx          (L, D, D)       per layer, X^T X
     stats/mean_hidden  (L, D)          x_sum / n_tokens
+    ngram/bigram       (buckets,)      token-pair counts of its data (moesaic.routing.ngram)
+    ngram/context      (V,)            counts of each pair's first token
 
 meta.json: kind="branch", source, base_fingerprint (of the base it started from),
 frozen_hashes {tensor name: hash of that base tensor as the branch job held it at the end},
@@ -36,6 +38,7 @@ KIND = "branch"
 DENSE_KIND = "dense_branch"
 OWN_TENSORS = names.EXPERT_TENSORS  # the owner's slice of each, expert axis of size 1
 STATS = tuple(names.stat_name(s) for s in names.STAT_NAMES)
+NGRAM = tuple(names.ngram_name(s) for s in names.NGRAM_NAMES)
 REQUIRED_META = ("source", "base_fingerprint", "frozen_hashes", "base_experts", "model",
                  "config", "tokens_seen", "stats_tokens", "stats_documents", "steps")
 
@@ -61,7 +64,8 @@ def save(path: str | pathlib.Path, own: Mapping, stats: Mapping, meta: dict, **k
     missing += [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"branch artifact {path}: missing {missing}")
-    extra = sorted(set(own) - set(own_names)) + sorted(set(stats) - set(STATS))
+    known = set(STATS) | set(NGRAM)  # the bigram counts are optional (older artifacts)
+    extra = sorted(set(own) - set(own_names)) + sorted(set(stats) - known)
     if extra:
         raise ValueError(f"branch artifact {path}: unexpected tensors {extra}")
     checkpoint.save(path, {**own, **stats}, {**meta, "kind": KIND}, **kw)

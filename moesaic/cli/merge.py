@@ -118,11 +118,14 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
                         help="--fine-grained: weight of each sub-expert's own router part, its "
                              "group's mean gate column (default 0: the unsplit merge exactly)")
     parser.add_argument("--calibrate", default=None, metavar="DATA",
-                        help="prepared data folder: fit a temperature and a bias per party "
-                             "expert and layer on its 'public' source (moesaic.merge.calibrate)"
-                             "; kept in the model and refitted by remove/add")
+                        help="prepared data folder: add the party gate (a bigram posterior "
+                             "over the parties, from their counts), its temperature chosen on "
+                             "the folder's 'public' source (moesaic.merge.calibrate); kept in "
+                             "the model and rebuilt by remove/add")
     parser.add_argument("--calibrate-option", action="append", default=None, metavar="NAME=X",
-                        type=_router_option, help="a calibration setting, e.g. steps=200")
+                        type=_router_option,
+                        help="a calibration setting: temperatures=T (one temperature instead "
+                             "of the grid 0.5, 1, 2, 4) or alpha=A (count smoothing)")
     parser.add_argument("--screen", default=None, metavar="DATA",
                         help="prepared data folder: screen every expert on its 'public' source "
                              "(moesaic.merge.screen); report beside --out")

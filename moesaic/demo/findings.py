@@ -8,6 +8,7 @@ import numpy as np
 from moesaic.demo.systems import (
     BTX,
     BTX_TUNED,
+    CALIBRATED,
     CEILING,
     DENSE_OWN,
     DOMAINS,
@@ -66,6 +67,8 @@ def findings(results: dict, preset_name: str) -> list[str]:
                      f"{avg[FFN_ALONE]:.3f} alone on their own domains (the coordinated branches "
                      f"{avg.get(CEILING, float('nan')):.3f}); merged: {merges}, against "
                      f"{merged:.3f} for the coordinated merge.")
+    if CALIBRATED in avg:
+        lines.append(calibrated_line(avg, merged))
     gaps = []
     for d in DOMAINS:
         own = systems[DENSE_OWN][d]["bpb"]
@@ -94,6 +97,21 @@ def findings(results: dict, preset_name: str) -> list[str]:
                  f"to {without[OPT_OUT]['bpb']:.3f} bits per byte; the other domains move by "
                  f"at most {others:.3f}.")
     return lines
+
+
+def calibrated_line(avg: dict[str, float], merged: float) -> str:
+    """The calibrated merge (the party gate, no router training) against the plain one, the
+    router tuning and the baselines it is meant to reach, with its routing cost."""
+    cal = avg[CALIBRATED]
+    line = (f"- calibrated (the party gate from each party's bigram counts, its temperature "
+            f"chosen on public proxy rows; no router training): {cal:.3f}, {cal - merged:+.3f} "
+            f"against the merge without it")
+    if CEILING in avg:
+        line += f"; routing cost {cal - avg[CEILING]:+.3f}"
+    rivals = [(n, avg[n]) for n in (TUNED, "soup (weighted)", "c-BTM (top-2)", "BTM (top-2)")
+              if n in avg]
+    verdicts = [f"{'beats' if cal < a else 'does NOT beat'} {n} ({a:.3f})" for n, a in rivals]
+    return line + ("; it " + ", ".join(verdicts) if verdicts else "") + "."
 
 
 def corpus_note(hashes: dict[str, str]) -> str:

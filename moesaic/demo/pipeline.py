@@ -60,6 +60,8 @@ from moesaic.demo.runner import Stage
 from moesaic.demo.systems import (
     BTX,
     BTX_TUNED,
+    CALIBRATED,
+    CALIBRATION_ROWS,
     CEILING,
     DOMAINS,
     FFN_ALONE,
@@ -71,7 +73,7 @@ from moesaic.demo.systems import (
     UNCOORDINATED,
 )
 from moesaic.eval import ensembles, perplexity, report
-from moesaic.merge import baselines, fuse
+from moesaic.merge import baselines, calibrate, fuse
 from moesaic.merge.public_stats import compute_public_stats
 from moesaic.merge.tune import tune_router_on_data
 from moesaic.model import checkpoint
@@ -92,6 +94,7 @@ class Demo:
             "moe-all": w / "moe-all" / "artifact",
             "public-stats": w / "public-stats" / "stats",
             **{f"merge/{r}": w / "merged" / r for r in ROUTERS},
+            "calibrated": w / "merged" / "learned-rows-calibrated",
             **{f"alone/{d}": w / "alone" / d for d in DOMAINS},
             "soups": w / "soups" / "done",
             "btx": w / "btx",
@@ -140,6 +143,11 @@ class Demo:
         for r in ROUTERS:
             work[f"merge/{r}"] = lambda r=r: self.merge([p[f"branch/{d}"] for d in DOMAINS], r,
                                                         p[f"merge/{r}"])
+        work["calibrated"] = lambda: self.merge(
+            [p[f"branch/{d}"] for d in DOMAINS], "learned-rows", p["calibrated"],
+            calibration=calibrate.request_from_data(
+                self.data, checkpoint.model_config(checkpoint.read_meta(p["public"])),
+                seq_len=preset.seq_len, rows=CALIBRATION_ROWS))
         for r in UNCOORDINATED:
             work[f"uncoordinated/{r}"] = lambda r=r: self.merge(
                 [p[f"ffn/{d}"] for d in DOMAINS], r, p[f"uncoordinated/{r}"])
@@ -232,6 +240,7 @@ class Demo:
         for r in ROUTERS:
             systems[f"merged MoE ({r})"] = ev(p[f"merge/{r}"], r)
         systems[TUNED] = ev(p["tune"], "tuned")
+        systems[CALIBRATED] = ev(p["calibrated"], "calibrated")
         systems[f"merged MoE (learned-rows) without {OPT_OUT}"] = ev(p["optout"], "optout")
         systems["unrestricted MoE (all data)"] = ev(p["moe-all"], "moe-all")
         for d in DOMAINS:

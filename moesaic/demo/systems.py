@@ -17,12 +17,15 @@ OPT_OUT = "code"
 CEILING = "each branch alone on its domain"
 DENSE_OWN = "each dense expert on its own domain"  # what BTM's posterior picks, at best
 TUNED = "merged MoE (learned-rows, router tuned)"
+# the learned-rows merge calibrated on public proxy rows: the party gate (moesaic.merge.calibrate)
+CALIBRATED = "merged MoE (learned-rows, calibrated)"
+CALIBRATION_ROWS = 64
 BTX = "BTX (random router)"
 BTX_TUNED = "BTX (router tuned on public data)"
 # The systems of the per-domain bar plot: one of each kind (the other routers, the opt-out and
 # the dense experts off their own domains are in the tables and the average plot).
 HEADLINE = ("public model", "soup (uniform)", "soup (weighted)", "BTM (top-2)", "c-BTM (top-2)",
-            BTX_TUNED, "merged MoE (learned-rows)", TUNED, CEILING,
+            BTX_TUNED, "merged MoE (learned-rows)", TUNED, CALIBRATED, CEILING,
             "unrestricted MoE (all data)", DENSE_OWN)
 
 # The uncoordinated experts' merges: router kind -> what its rows are. Their learned rows are

@@ -189,6 +189,10 @@ def export_hf(model_path: str | pathlib.Path, out: str | pathlib.Path, *,
         raise ValueError(f"{model_path}: model.expert_split={cfg.expert_split} (fine-grained "
                          "experts, router weights scaled by it); FlexOlmoForCausalLM has no such "
                          "scale (docs/low-rank.md)")
+    if cfg.gate_parties:
+        raise ValueError(f"{model_path}: a party gate over {cfg.gate_parties} parties "
+                         "(merge --calibrate); FlexOlmoForCausalLM has only a linear router "
+                         "(export the merge made without --calibrate; docs/calibration.md)")
     tokenizer = _tokenizer_source(cfg)  # a missing or unusable one is refused before any weight
     if cfg.is_moe and cfg.router_input != "token":
         raise ValueError(f"{model_path}: model.router_input={cfg.router_input!r}; "

@@ -156,7 +156,8 @@ def make_plan(config, mesh_shape: dict[str, int], job: str, *, batch: int, seq_l
         cache_axes = decode.Cache(k=("layers", "batch", None, "kv_heads", "head_dim"),
                                   v=("layers", "batch", None, "kv_heads", "head_dim"),
                                   valid=("batch", None), x_sum=("layers", "batch", "embed"),
-                                  count=("batch",), length=())
+                                  count=("batch",), length=(), gate_z=("batch", None),
+                                  last=("batch",))
         cache = decode.Cache(*(sharded(s.shape, s.dtype, a)
                                for s, a in zip(cache_shapes, cache_axes)))
         tokens = sharded((batch, 1), jnp.int32, ("batch", None))

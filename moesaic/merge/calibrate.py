@@ -1,29 +1,29 @@
-"""Calibration at merge: a temperature and a bias per party expert and layer, fitted on the
-merger's public proxy data so the router's weights agree with which expert lowers the loss.
+"""Calibration at merge: the party gate (`moesaic.model.gate`), built from the parties' token
+bigram counts, its temperature chosen on the merger's public proxy data.
 
 Each party's row was learned against the public row alone, so rows are not calibrated against
-each other: on code text a prose row may score higher than the code row. Calibration asks the
-model instead. Over proxy rows (public text, which every party may read), it runs forward
-passes of the merged model:
-  - with every party masked (the public model), and with all parties but one masked (that
-    party merged alone with the public model, its own row against the public one): per token
-    the loss of each, so the gain g_p = loss(public) - loss(p alone);
-  - the gains averaged over the row's prefix when the router scores the prefix mean (what the
-    router can see), and a target over experts per token: q = sum_k pi_k alone_k, where pi is
-    a softmax of the gains over {public only, each party} (temperature `target_temperature`
-    nats) and alone_k the weights the merged router would give with every other party masked;
-  - per layer, in order, a fit of logit_p = a_p (x . row_p) + c_p (a_p > 0, c_p <= 0: the model
-    clamps a party's bias at 0) minimising the cross-entropy of softmax(logits) to q, plus a
-    small pull of log a_p and c_p towards the merged values; the inputs x of a layer are those
-    of the model with the layers before it calibrated.
-The fit has 2 P numbers per layer; nothing trains the model. The result is folded into the
-router: rows a_p row_p, biases c_p, so the calibrated model loads and runs like any merged one.
-The merged checkpoint keeps the proxy rows (`calib/tokens`) and the fitted `calib/scale`,
-`calib/bias` (L, E; 1 and the merged bias for base experts), and `remove`/`add` fit again on
-the same rows: a remove equals a fresh merge without that party, calibration included.
+each other: on code text a prose row may score higher than the code row, and a party that joins
+later finds its tokens taken by the rows already there. Calibration gives the merged model what
+the rows lack, a posterior over the parties of the text read so far: each party's bigram model
+(its counts, which the branch job writes beside its router statistics) scores the prefix, and the
+router mixes each party's model alone by that posterior. With the posterior on one party the
+model computes exactly that party merged alone with the base.
 
-Cost: (P + 2) + L forward passes over the proxy rows and L small fits (the demo: seconds).
-Memory: the merged model is held whole while it is calibrated (the merge itself streams).
+The gate has one number to choose, the temperature that divides the bigram log-likelihoods (naive
+Bayes is overconfident: bigrams are not independent). Over proxy rows (public text, which every
+party may read) the merged model is run once per temperature of `temperatures`, and the one with
+the lowest proxy loss is kept. Nothing trains the model.
+
+The merged checkpoint keeps the proxy rows (`calib/tokens`), each party's counts
+(`ngram/<source>/{bigram,context}`) and the gate (gate_bigram, gate_context, gate_bias), and
+`remove`/`add` build it again from the same rows: a remove equals a fresh calibrated merge
+without that party, an add the merge of all of them at once.
+
+A party to down-weight (screening's `--policy down-weight`) gets the log prior
+`DOWN_WEIGHT_PRIOR` in the gate: it takes tokens only where its bigram evidence outweighs that.
+
+Cost: one forward pass over the proxy rows per temperature (the demo: seconds). Memory: the merged
+model is held whole while it is calibrated (the merge itself streams).
 """
 
 from __future__ import annotations
@@ -38,26 +38,19 @@ import numpy as np
 from flax import nnx
 
 from moesaic.merge.sources import MergeRefused
+from moesaic.model import gate
 from moesaic.model.config import ModelConfig
 from moesaic.model.layers import rms_norm
-from moesaic.model.moe import effective_bias, router_inputs
-from moesaic.model.names import BIAS, ROUTER
+from moesaic.model.moe import router_inputs
+from moesaic.model.names import GATE_BIAS, GATE_BIGRAM, GATE_CONTEXT, NGRAM_NAMES, ngram_name
 from moesaic.model.params import build_model
 from moesaic.model.transformer import token_nll
 
-TOKENS, SCALE, SHIFT, DELTA = "calib/tokens", "calib/scale", "calib/bias", "calib/rows"
+TOKENS = "calib/tokens"
 MASKED = -1e9  # a masked party's bias: its weight underflows to exactly 0
-DEFAULTS = {"target_temperature": 0.05, "prior": 1e-3, "steps": 200, "balance": 1.0,
-            "rows": 0.0, "lr": 0.1}
+DEFAULTS = {"temperatures": (0.5, 1.0, 2.0, 4.0), "alpha": 1.0}
+DOWN_WEIGHT_PRIOR = -20.0  # a down-weighted party's log prior in the gate
 PROXY_SOURCE = "public"
-
-
-@dataclasses.dataclass
-class Fit:
-    scale: np.ndarray  # (L, E) float32: multiplies each expert's row
-    bias: np.ndarray  # (L, E) float32: each expert's bias (base experts: as merged)
-    rows: np.ndarray  # (L, E, D) float32: added to each scaled row (0 unless option rows)
-    record: dict  # what meta.json keeps under "calibration"
 
 
 def proxy_tokens(data_dir: str | pathlib.Path, cfg: ModelConfig, *, seq_len: int,
@@ -100,81 +93,14 @@ def _router_inputs(cfg: ModelConfig, flat: dict, tokens_bt1: jax.Array) -> jax.A
     x = model.embed[...].astype(cfg.compute_dtype)[inputs]
     positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
     graphdef, layers = nnx.split(model.blocks)
+    gate_tp = model.party_gate(inputs)
     seen = []
     for i in range(cfg.n_layers):
         block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], layers))
         h = x + rms_norm(block.attn(x, positions), block.attn_norm[...], cfg.norm_eps)
         seen.append(router_inputs(h, cfg.router_input).reshape(-1, h.shape[-1]))
-        x, _ = block(x, positions)
+        x, _ = block(x, positions, False, gate_tp)
     return jnp.stack(seen)
-
-
-def _gains_to_weights(nll_public, nll_alone, keep, prefix: bool, temperature: float):
-    """pi (B*T, P+1): softmax over {public only, party 1..P} of each one's loss gain over the
-    public model, averaged over the prefix when the router sees the prefix mean."""
-    gains = jnp.concatenate([jnp.zeros_like(nll_public)[None], nll_public[None] - nll_alone])
-    gains = jnp.where(keep[None], gains, 0.0)  # (P+1, B, T)
-    if prefix:
-        counts = jnp.cumsum(keep.astype(jnp.float32), axis=1)[None]
-        gains = jnp.cumsum(gains, axis=2) / jnp.maximum(counts, 1.0)
-    pi = jax.nn.softmax(gains / temperature, axis=0)
-    return pi.reshape(pi.shape[0], -1).T
-
-
-def _layer_fit(x_nd, rows_ed, bias_e, pi_nk, keep_n, base: int, prior: float, steps: int,
-               with_rows: bool, rows_prior: float, lr: float):
-    """(scale, bias, row correction) of the parties in one layer: softmax(a s + c + x.v)
-    fitted to the target (v = 0 unless `with_rows`), and the fit loss before and after."""
-    scores = x_nd @ rows_ed.T  # (N, E) raw scores
-    eff = effective_bias(bias_e)
-    n_exp = rows_ed.shape[0]
-    # alone_k: the merged router's weights with every party but k masked (k = 0: all masked)
-    masks = jnp.full((n_exp - base + 1, n_exp), MASKED).at[:, :base].set(0.0)
-    masks = masks.at[jnp.arange(1, n_exp - base + 1), jnp.arange(base, n_exp)].set(0.0)
-    alone = jax.nn.softmax((scores + eff)[:, None, :] + masks[None], axis=-1)  # (N, K, E)
-    target = jnp.einsum("nk,nke->ne", pi_nk, alone)
-    weight = keep_n / jnp.maximum(jnp.sum(keep_n), 1.0)
-    c0 = jnp.minimum(bias_e[base:], 0.0)
-
-    n_par, d = n_exp - base, x_nd.shape[1]
-    rms = jnp.sqrt(jnp.mean(x_nd * x_nd)) + 1e-12  # the correction reads x / rms: unit scale
-
-    def unpack(theta):
-        log_a, c = theta[:n_par], theta[n_par:2 * n_par]
-        v = theta[2 * n_par:].reshape(n_par, d) if with_rows else jnp.zeros((n_par, d))
-        return log_a, -jax.nn.softplus(c), v
-
-    def loss(theta):
-        log_a, c, v = unpack(theta)
-        party = jnp.exp(log_a) * scores[:, base:] + c
-        if with_rows:
-            party = party + (x_nd / rms) @ v.T
-        logits = jnp.concatenate([scores[:, :base] + eff[:base], party], axis=1)
-        # the cross-entropy less the target's entropy: the KL divergence, 0 at a perfect fit
-        ce = jnp.sum(weight * jnp.sum(jax.scipy.special.xlogy(target, target)
-                                      - target * jax.nn.log_softmax(logits, -1), -1))
-        return (ce + prior * (jnp.sum(log_a ** 2) + jnp.sum((c - c0) ** 2))
-                + rows_prior * jnp.sum(v ** 2))
-
-    # softplus^-1 of -c0, kept finite for c0 = 0
-    start = jnp.concatenate([jnp.zeros(n_par), jnp.log(jnp.expm1(jnp.maximum(-c0, 1e-3))),
-                             jnp.zeros(n_par * d if with_rows else 0)])
-    grad = jax.grad(loss)
-
-    def step(carry, _):  # Adam, fixed steps: deterministic, no line search
-        theta, m, v, t = carry
-        g = grad(theta)
-        m, v, t = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g, t + 1
-        mhat, vhat = m / (1 - 0.9 ** t), v / (1 - 0.999 ** t)
-        return (theta - lr * mhat / (jnp.sqrt(vhat) + 1e-8), m, v, t), None
-
-    zeros = jnp.zeros_like(start)
-    (theta, _, _, _), _ = jax.lax.scan(step, (start, zeros, zeros, 0.0), None, length=steps)
-    log_a, c, v = unpack(theta)
-    return jnp.exp(log_a), c, v / rms, loss(start), loss(theta)
-
-
-_fit_layer = jax.jit(_layer_fit, static_argnums=(5, 7, 8))
 
 
 @functools.lru_cache(maxsize=8)
@@ -184,79 +110,54 @@ def _compiled(cfg: ModelConfig):
             jax.jit(functools.partial(_router_inputs, cfg)))
 
 
-def fit(cfg: ModelConfig, flat: dict[str, np.ndarray], tokens: np.ndarray, *, base_experts: int,
-        options: dict | None = None, batch_rows: int = 16,
-        distrusted: list[int] | tuple[int, ...] = ()) -> Fit:
-    """The calibration of the merged model `flat` (config `cfg`) on proxy rows `tokens`.
-    `distrusted` parties (positions among the parties) are never a target: the fit gives
-    them as little weight as its bounds allow."""
+def gated_config(cfg: ModelConfig, n_parties: int) -> ModelConfig:
+    """`cfg` with a party gate over its last `n_parties` experts."""
+    return cfg.replace(gate_parties=n_parties, gate_buckets=gate.buckets_for(cfg.vocab_size))
+
+
+def _options(options: dict | None) -> dict:
     opts = {**DEFAULTS, **(options or {})}
     unknown = sorted(set(opts) - set(DEFAULTS))
     if unknown:
         raise MergeRefused(f"calibration options {unknown}: known {sorted(DEFAULTS)}")
-    if (not opts["target_temperature"] > 0 or opts["prior"] < 0 or int(opts["steps"]) < 1
-            or opts["rows"] < 0 or not opts["lr"] > 0):
-        raise MergeRefused(f"calibration options {opts}: target_temperature > 0, prior >= 0, "
-                           f"steps >= 1")
-    n_exp, n_par = cfg.n_experts, cfg.n_experts - base_experts
+    temps = opts["temperatures"]
+    temps = (temps,) if isinstance(temps, (int, float)) else tuple(temps)
+    if not temps or not all(isinstance(t, (int, float)) and t > 0 for t in temps):
+        raise MergeRefused(f"calibration option temperatures={opts['temperatures']!r}: one or "
+                           f"more numbers > 0")
+    if not (isinstance(opts["alpha"], (int, float)) and opts["alpha"] > 0):
+        raise MergeRefused(f"calibration option alpha={opts['alpha']!r}: a number > 0")
+    return {"temperatures": [float(t) for t in temps], "alpha": float(opts["alpha"])}
+
+
+def fit(cfg: ModelConfig, flat: dict, tokens: np.ndarray, counts: list[dict], *,
+        options: dict | None = None, distrusted=(), batch_rows: int = 16
+        ) -> tuple[dict[str, np.ndarray], dict]:
+    """The party gate of the merged model `flat` (a gated `cfg`) from each party's bigram
+    counts ({"bigram", "context"}, in slot order): (its three tensors, the record meta.json
+    keeps). `distrusted` parties (positions among the parties) get `DOWN_WEIGHT_PRIOR`."""
+    opts = _options(options)
+    prior = np.zeros((cfg.gate_parties,), np.float32)
+    prior[list(distrusted)] = DOWN_WEIGHT_PRIOR
+    nll_fn, _ = _compiled(cfg)
     params = {k: jnp.asarray(v) for k, v in flat.items()}
-    rows0 = np.asarray(flat[ROUTER], np.float32)
-    bias0 = np.asarray(flat[BIAS], np.float32)
-    nll_fn, seen_fn = _compiled(cfg)
-
-    def batches(fn, bias, rows=None):  # fn over all proxy rows, batch_rows at a time
-        p = {**params, BIAS: jnp.asarray(bias),
-             ROUTER: jnp.asarray(rows0 if rows is None else rows)}
-        return [fn(p, jnp.asarray(tokens[i:i + batch_rows]))
-                for i in range(0, len(tokens), batch_rows)]
-
-    def run(bias):  # nll (N, T) and the mask of real targets
-        outs = batches(nll_fn, bias)
-        return jnp.concatenate([o[0] for o in outs]), jnp.concatenate([o[1] for o in outs])
-
-    masked = bias0.copy()
-    masked[:, base_experts:] = MASKED
-    nll_public, keep = run(masked)
-    alone = []
-    for j in range(n_par):
-        one = masked.copy()
-        one[:, base_experts + j] = bias0[:, base_experts + j]
-        alone.append(run(one)[0])
-    pi = _gains_to_weights(nll_public, jnp.stack(alone), keep,
-                           cfg.router_input == "prefix_mean", float(opts["target_temperature"]))
-    if len(distrusted):
-        columns = 1 + np.asarray(distrusted)  # their share goes to the public expert alone
-        pi = pi.at[:, 0].add(jnp.sum(pi[:, columns], axis=1)).at[:, columns].set(0.0)
-    keep_n = keep.reshape(-1).astype(jnp.float32)
-    if opts["balance"]:  # each target (public only, each party) weighs the same in the fit
-        best = jax.nn.one_hot(jnp.argmax(pi, axis=1), pi.shape[1]) * keep_n[:, None]
-        counts = jnp.sum(best, axis=0)
-        keep_n = keep_n * (best @ jnp.where(counts > 0, 1.0 / jnp.maximum(counts, 1.0), 0.0))
-    scale = np.ones((cfg.n_layers, n_exp), np.float32)
-    delta = np.zeros_like(rows0)
-    bias = bias0.copy()
-    losses = []
-    for layer in range(cfg.n_layers):
-        seen = jnp.concatenate(batches(seen_fn, bias, rows0 * scale[:, :, None] + delta),
-                               axis=1)
-        a, c, v, before, after = _fit_layer(
-            seen[layer], jnp.asarray(rows0[layer]), jnp.asarray(bias0[layer]), pi, keep_n,
-            base_experts, float(opts["prior"]), int(opts["steps"]), bool(opts["rows"] > 0),
-            float(opts["rows"]), float(opts["lr"]))
-        scale[layer, base_experts:] = np.asarray(a)
-        bias[layer, base_experts:] = np.asarray(c)
-        delta[layer, base_experts:] = np.asarray(v)
-        losses.append([round(float(before), 6), round(float(after), 6)])
-    gains = (nll_public[None] - jnp.stack(alone)) * keep[None]
+    losses, best = {}, None
+    for temp in opts["temperatures"]:
+        big, ctx = gate.tables([c["bigram"] for c in counts], [c["context"] for c in counts],
+                               temperature=temp, alpha=opts["alpha"])
+        tables = {GATE_BIGRAM: big, GATE_CONTEXT: ctx, GATE_BIAS: prior}
+        p = {**params, **{k: jnp.asarray(v) for k, v in tables.items()}}
+        total = count = 0.0
+        for i in range(0, len(tokens), batch_rows):
+            nll, keep = nll_fn(p, jnp.asarray(tokens[i:i + batch_rows]))
+            total, count = total + float(jnp.sum(nll)), count + float(jnp.sum(keep))
+        losses[temp] = total / max(count, 1.0)
+        if best is None or losses[temp] < losses[best[0]]:
+            best = (temp, tables)
     record = {"proxy_rows": int(tokens.shape[0]), "seq_len": int(tokens.shape[1] - 1),
-              "options": opts, "fit_loss": losses,
-              "party_gain_nats": [round(float(jnp.sum(g) / jnp.sum(keep)), 6) for g in gains]}
-    return Fit(scale, bias, delta, record)
-
-
-def apply(rows: np.ndarray, fitted: Fit) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, bias) of the calibrated router: each row times its scale, the fitted biases."""
-    return rows * fitted.scale[:, :, None] + fitted.rows, fitted.bias
+              "options": opts, "gate": "bigram", "temperature": best[0],
+              "proxy_nll": {str(t): round(v, 6) for t, v in losses.items()}}
+    return best[1], record
 
 
 @dataclasses.dataclass
@@ -293,36 +194,38 @@ def request_of_merged(path: str | pathlib.Path, meta: dict) -> Request | None:
 
 def into(tensors: dict, cfg: ModelConfig, names: list[str], base_experts: int,
          request: Request, log=print) -> dict:
-    """Calibrates the merged model whose tensors `tensors` (name -> streaming.TensorSource)
-    are about to be written: replaces its router and bias with the calibrated ones, adds the
-    calib/ tensors, and returns the record for meta.json."""
+    """Calibrates the merged model (gated `cfg`) whose tensors `tensors` (name ->
+    streaming.TensorSource) are about to be written: adds the party gate and the calib/
+    tensors, and returns the record for meta.json. A party without bigram counts (an artifact
+    made before the branch job wrote them) is refused by name."""
     from moesaic.model import streaming
     from moesaic.model.params import variables
 
-    flat = {name: _materialise(tensors[name]) for name in variables(cfg)}
-    down_weight = [s for s in request.down_weight
-                   if s in names[base_experts:] or not request.carried]
-    unknown = sorted(set(down_weight) - set(names[base_experts:]))
+    parties = names[base_experts:]
+    missing = [s for s in parties if ngram_name("bigram", s) not in tensors]
+    if missing:
+        raise MergeRefused(f"--calibrate: parties {missing} have no token-bigram counts "
+                           f"(ngram/bigram, which branch jobs write since the party gate); "
+                           f"train those branches again, or merge without --calibrate")
+    down_weight = [s for s in request.down_weight if s in parties or not request.carried]
+    unknown = sorted(set(down_weight) - set(parties))
     if unknown:
         raise MergeRefused(f"calibration: down-weighted parties {unknown} are not among the "
-                           f"parties {names[base_experts:]}")
-    distrusted = [names.index(s) - base_experts for s in down_weight]
-    fitted = fit(cfg, flat, request.tokens, base_experts=base_experts, options=request.options,
-                 distrusted=distrusted)
-    rows, bias = apply(np.asarray(flat[ROUTER], np.float32), fitted)
-    dtype = tensors[ROUTER].dtype
-    for name, value in ((ROUTER, rows.astype(dtype)), (BIAS, bias.astype(dtype)),
-                        (TOKENS, request.tokens.astype(np.int32)),
-                        (SCALE, fitted.scale), (SHIFT, fitted.bias), (DELTA, fitted.rows)):
-        tensors[name] = streaming.TensorSource(value.shape, value.dtype,
-                                               lambda v=value: [v])
-    for layer, (before, after) in enumerate(fitted.record["fit_loss"]):
-        scales = ", ".join(f"{v:.2f}" for v in fitted.scale[layer, base_experts:])
-        biases = ", ".join(f"{v:.2f}" for v in fitted.bias[layer, base_experts:])
-        log(f"calibration layer {layer}: fit loss {before:.4f} -> {after:.4f}; party scales "
-            f"{scales}; biases {biases}")
+                           f"parties {parties}")
+    gate_names = (GATE_BIGRAM, GATE_CONTEXT, GATE_BIAS)
+    flat = {name: _materialise(tensors[name]) for name in variables(cfg)
+            if name not in gate_names}
+    counts = [{stat: _materialise(tensors[ngram_name(stat, s)]) for stat in NGRAM_NAMES}
+              for s in parties]
+    tables, record = fit(cfg, flat, request.tokens, counts, options=request.options,
+                         distrusted=[parties.index(s) for s in down_weight])
+    for name, value in [*tables.items(), (TOKENS, request.tokens.astype(np.int32))]:
+        tensors[name] = streaming.TensorSource(value.shape, value.dtype, lambda v=value: [v])
+    nlls = ", ".join(f"{t}: {v:.4f}" for t, v in record["proxy_nll"].items())
+    log(f"calibration: party gate over {len(parties)} parties, temperature "
+        f"{record['temperature']} (proxy loss by temperature {nlls})")
     down = {"down_weighted": sorted(down_weight)} if down_weight else {}
-    return {**fitted.record, "data": request.data, **down}
+    return {**record, "data": request.data, **down}
 
 
 def _materialise(source) -> np.ndarray:

@@ -243,7 +243,8 @@ def parties_of_merged(path) -> tuple[Base, list[Party], dict]:
         own[ROUTER] = View(path, rows_name(source, ROUTER))
         own[BIAS] = View(path, rows_name(source, BIAS))
         stats = {s: View(path, stat_name(s, source)) for s in STAT_NAMES}
-        parties.append(Party(source, path, expert["branch_meta"], own, stats))
+        parties.append(Party(source, path, expert["branch_meta"], own, stats,
+                             src.party_ngram(path, source)))
     return base, parties, meta
 
 

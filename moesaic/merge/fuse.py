@@ -39,6 +39,7 @@ from moesaic.model.names import (
     FFN_EXPERT,
     ROUTER,
     STAT_NAMES,
+    ngram_name,
     rows_name,
     stat_name,
 )
@@ -111,7 +112,7 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
           fine_grained_to: int | None = None, fine_grained_scale: float = 0.0) -> dict:
     """Verifies, builds the router, writes the merged checkpoint at `out`; returns its meta.
     Raises MergeRefused (nothing written) when an input fails verification. `calibration`:
-    fit the router's temperatures and biases on proxy rows (moesaic.merge.calibrate).
+    the party gate, its temperature chosen on proxy rows (moesaic.merge.calibrate).
     `fine_grained_to` M: every expert as M sub-experts of width d_ff / M, top-k times M
     (moesaic.merge.fine_grained; `fine_grained_scale` weighs their own router parts)."""
     out = pathlib.Path(out)
@@ -183,6 +184,8 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
     for p in parties:
         for stat in STAT_NAMES:
             tensors[stat_name(stat, p.source)] = p.stats[stat].source()
+        for stat, view in (p.ngram or {}).items():
+            tensors[ngram_name(stat, p.source)] = view.source()
     if public is not None:
         for stat in STAT_NAMES:
             tensors[stat_name(stat, PUBLIC)] = public.stats[stat].source()
@@ -192,8 +195,10 @@ def merge(base: Base, parties: list[Party], *, router: str, top_k: int,
     cfg = low_rank.merged_config(cfg, parties)
     if split is not None:
         cfg = split.config(cfg)
-    calibrated = (calibrate.into(tensors, cfg, names, base.n_experts, calibration, log)
-                  if calibration is not None else None)
+    calibrated = None
+    if calibration is not None:  # the party gate over every party (moesaic.merge.calibrate)
+        cfg = calibrate.gated_config(cfg, len(parties))
+        calibrated = calibrate.into(tensors, cfg, names, base.n_experts, calibration, log)
     experts = [{"source": s, "fingerprint": base.fingerprint} for s in base.expert_names()]
     experts += [{"source": p.source, "fingerprint": p.meta["fingerprint"],
                  "branch_meta": p.meta} for p in parties]

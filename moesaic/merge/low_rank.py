@@ -23,7 +23,7 @@ from moesaic.merge import sources as src
 from moesaic.merge.sources import Base, MergeRefused, Party
 from moesaic.model import checkpoint, lora, streaming
 from moesaic.model.config import ModelConfig
-from moesaic.model.names import BIAS, ROUTER, W_DOWN, W_GATE, W_UP, stat_name
+from moesaic.model.names import BIAS, ROUTER, W_DOWN, W_GATE, W_UP, ngram_name, stat_name
 
 SETTINGS = ("lora_rank", "lora_alpha", "lora_targets")
 
@@ -164,6 +164,8 @@ def convert(base: Base, party: Party, rank: int) -> Party:
     hashes = {n: checkpoint.tensor_hash(v.read(), algorithm) for n, v in out.items()}
     hashes.update({stat_name(s): checkpoint.tensor_hash(v.read(), algorithm)
                    for s, v in party.stats.items()})
+    hashes.update({ngram_name(s): checkpoint.tensor_hash(v.read(), algorithm)
+                   for s, v in (party.ngram or {}).items()})
     meta = {**party.meta,
             "model": {**party.meta["model"], "lora_experts": 1, "lora_rank": rank,
                       "lora_alpha": 0.0, "lora_targets": list(FFN_TARGETS)},

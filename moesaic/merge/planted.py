@@ -66,7 +66,7 @@ def plant(kind: str, branch: str | pathlib.Path, out: str | pathlib.Path, *, see
     flat = checkpoint.load_tensors(branch, checkpoint.tensor_metadata(branch))
     own_names = artifact.own_tensor_names(meta)
     own = {n: np.asarray(flat[n]) for n in own_names}
-    stats = {n: np.asarray(flat[n]) for n in artifact.STATS}
+    stats = {n: np.asarray(flat[n]) for n in (*artifact.STATS, *artifact.NGRAM) if n in flat}
     lm_head = None
     if kind == "backdoor":
         if base is None:

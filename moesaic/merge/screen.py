@@ -41,7 +41,7 @@ import numpy as np
 
 from moesaic.merge import calibrate, fuse
 from moesaic.merge.sources import PUBLIC, MergeRefused
-from moesaic.model import checkpoint
+from moesaic.model import checkpoint, gate
 from moesaic.model.moe import effective_bias
 from moesaic.model.names import BIAS, ROUTER, rows_name
 from moesaic.model.params import build_model, variables
@@ -91,6 +91,11 @@ def _prediction(cfg, flat, tokens, batch_rows=16) -> np.ndarray:
     return np.asarray(jnp.mean(jnp.stack(means), axis=0), np.float64)
 
 
+@functools.lru_cache(maxsize=8)
+def _gate_fn(cfg):
+    return jax.jit(lambda flat, tokens_bt1: build_model(cfg, flat).party_gate(tokens_bt1[:, :-1]))
+
+
 def _weights(cfg, flat, tokens, batch_rows=16):
     """Router weights (L, N*T, E) of the merged model (top-k of the softmax) and the logits."""
     _, seen_fn = calibrate._compiled(cfg)
@@ -98,7 +103,13 @@ def _weights(cfg, flat, tokens, batch_rows=16):
                             for i in range(0, len(tokens), batch_rows)], axis=1)
     logits = jnp.einsum("lnd,led->lne", seen, flat[ROUTER].astype(jnp.float32))
     logits = logits + jax.vmap(effective_bias)(flat[BIAS])[:, None, :]
-    probs = jax.nn.softmax(logits, axis=-1)
+    if cfg.gate_parties:  # the party gate's mixture (moesaic.model.gate)
+        gate_fn = _gate_fn(cfg)
+        g = jnp.concatenate([gate_fn(flat, jnp.asarray(tokens[i:i + batch_rows]))
+                             for i in range(0, len(tokens), batch_rows)])
+        probs = jax.vmap(gate.mix, in_axes=(0, None))(logits, g)
+    else:
+        probs = jax.nn.softmax(logits, axis=-1)
     kth = jax.lax.top_k(probs, cfg.top_k)[0][..., -1:]
     return jnp.where(probs >= kth, probs, 0.0), logits
 

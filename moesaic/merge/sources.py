@@ -26,8 +26,10 @@ from moesaic.model.config import ModelConfig
 from moesaic.model.names import (
     BIAS,
     FFN_EXPERT,
+    NGRAM_NAMES,
     ROUTER,
     STAT_NAMES,
+    ngram_name,
     rows_name,
     stat_name,
 )
@@ -153,6 +155,7 @@ class Party:
     meta: dict  # the branch artifact's meta (kept in the merged checkpoint's meta)
     own: dict[str, View]  # EXPERT_TENSORS (low-rank: A, B, row, bias), expert axis of size 1
     stats: dict[str, View]  # STAT_NAMES -> (L, D) / (L, D, D)
+    ngram: dict[str, View] | None = None  # NGRAM_NAMES -> its bigram counts, when it has them
 
     @property
     def stats_tokens(self) -> int:
@@ -253,7 +256,17 @@ def open_branch(path: str | pathlib.Path) -> Party:
                            f"digits, _ . -; not starting with {PUBLIC!r})")
     own = {n: View(path, n) for n in own_names}
     stats = {s: View(path, stat_name(s)) for s in STAT_NAMES}
-    return Party(source, path, meta, own, stats)
+    return Party(source, path, meta, own, stats, party_ngram(path, None, stored))
+
+
+def party_ngram(path: pathlib.Path, source: str | None, stored=None) -> dict[str, View] | None:
+    """A party's bigram counts (`moesaic.routing.ngram`) in a branch artifact (source None)
+    or a merged checkpoint, or None when it has none."""
+    stored = checkpoint.tensor_metadata(path) if stored is None else stored
+    found = {s: ngram_name(s, source) for s in NGRAM_NAMES}
+    if not all(name in stored for name in found.values()):
+        return None
+    return {s: View(path, name) for s, name in found.items()}
 
 
 def open_public_stats(path: str | pathlib.Path) -> PublicStats:
@@ -310,6 +323,7 @@ def parties_of_merged(path: str | pathlib.Path) -> tuple[Base, list[Party], dict
     if meta.get("kind") != "merged":
         raise MergeRefused(f"{path}: a {meta.get('kind')!r} checkpoint, not a merged one")
     base = base_of_merged(path, meta)
+    stored = checkpoint.tensor_metadata(path)
     parties = []
     ffn_slots = meta["model"]["n_experts"] - meta["model"].get("lora_experts", 0)
     for slot, expert in enumerate(meta["experts"]):
@@ -325,7 +339,8 @@ def parties_of_merged(path: str | pathlib.Path) -> tuple[Base, list[Party], dict
         own[ROUTER] = View(path, rows_name(source, ROUTER))
         own[BIAS] = View(path, rows_name(source, BIAS))
         stats = {s: View(path, stat_name(s, source)) for s in STAT_NAMES}
-        parties.append(Party(source, path, expert["branch_meta"], own, stats))
+        parties.append(Party(source, path, expert["branch_meta"], own, stats,
+                             party_ngram(path, source, stored)))
     return base, parties, meta
 
 

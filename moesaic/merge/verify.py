@@ -29,7 +29,8 @@ import numpy as np
 from moesaic.merge import low_rank
 from moesaic.merge.sources import Base, MergeRefused, Party, PublicStats
 from moesaic.model import checkpoint, host_memory
-from moesaic.model.names import BIAS, FFN_EXPERT, ROUTER, STAT_NAMES, stat_name
+from moesaic.model.names import BIAS, FFN_EXPERT, ROUTER, STAT_NAMES, ngram_name, stat_name
+from moesaic.routing import ngram
 
 
 def base_hashes(base: Base) -> dict[str, str]:
@@ -156,6 +157,10 @@ def check_party(base: Base, verified: dict[str, dict[str, str]], party: Party,
     own = {name: scan(label, party.own[name], algorithm=algorithm) for name in sorted(party.own)}
     own.update({stat_name(stat): scan(label, party.stats[stat], algorithm=algorithm)
                 for stat in STAT_NAMES})
+    if party.ngram is not None:  # the bigram counts (moesaic.routing.ngram)
+        for stat, want in ngram.shapes(cfg.vocab_size).items():
+            _check_shape(label, ngram_name(stat), party.ngram[stat], want)
+            own[ngram_name(stat)] = scan(label, party.ngram[stat], algorithm=algorithm)
     recorded = meta.get("fingerprint")
     if None not in own.values() and checkpoint.fingerprint_of_hashes(own) != recorded:
         raise MergeRefused(f"{label}: its expert, router row, bias and statistics do not match "

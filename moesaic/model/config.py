@@ -56,6 +56,10 @@ class ModelConfig:
     # sub-experts of width d_ff, in consecutive slots; their top-k router weights are multiplied
     # by expert_split, so m sub-experts sharing one row weigh what their unsplit expert did
     expert_split: int = 1
+    # the party gate (moesaic.model.gate): the last gate_parties experts are parties whose
+    # router weight a bigram posterior of the prefix splits, over gate_buckets pair buckets
+    gate_parties: int = 0
+    gate_buckets: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives a list
@@ -80,6 +84,12 @@ class ModelConfig:
             bad("remat", f"unknown remat policy; one of {REMATS}")
         if self.expert_split < 1 or self.n_experts % self.expert_split:
             bad("expert_split", f"must be at least 1 and divide n_experts={self.n_experts}")
+        if self.gate_parties:
+            if not 1 <= self.gate_parties < self.n_experts:
+                bad("gate_parties", f"must leave at least one base expert of "
+                                    f"n_experts={self.n_experts}")
+            if self.gate_buckets < 1 or self.expert_split > 1:
+                bad("gate_parties", "needs gate_buckets >= 1 and no fine-grained split")
         if self.expert_split > 1 and self.lora_experts:
             bad("expert_split", "fine-grained experts do not hold low-rank experts")
         if self.expert_padding < 0:

@@ -11,10 +11,12 @@ tokens before it in its row, so a padded row computes what it would alone.
 The cache holds, per layer, the keys and values of every slot written so far and, for
 `router_input="prefix_mean"`, the running sum of the router inputs over each row's real tokens
 (with the count in `count`): the router of a new token scores (sum + its input) / (count + 1),
-which is the causal mean `moe.router_inputs` takes over the whole row. Everything else is the
-block of `transformer.Block` (same norms, RoPE, routing and `dropless` dispatch), computed from
-the same parameters; `tests/model/test_decode.py` holds greedy decoding with the cache to
-recomputing the whole prefix each step, for dense, MoE and prefix-mean models.
+which is the causal mean `moe.router_inputs` takes over the whole row. A model with a party
+gate (`moesaic.model.gate`) keeps each row's gate scores and last real token the same way.
+Everything else is the block of `transformer.Block` (same norms, RoPE, routing and `dropless`
+dispatch), computed from the same parameters; `tests/model/test_decode.py` holds greedy
+decoding with the cache to recomputing the whole prefix each step, for dense, MoE,
+prefix-mean and gated models.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moesaic.model import dispatch
+from moesaic.model import dispatch, gate
 from moesaic.model.config import ModelConfig
 from moesaic.model.layers import dense, rms_norm, rope
 from moesaic.model.moe import swiglu
@@ -39,6 +41,8 @@ class Cache(NamedTuple):
     x_sum: jax.Array  # (L, B, D) float32: sum of the router inputs of each row's real tokens
     count: jax.Array  # (B,) int32: real tokens of each row so far
     length: jax.Array  # () int32: slots written (the same for every row)
+    gate_z: jax.Array  # (B, P) float32: the party gate's scores so far (P = 0 without one)
+    last: jax.Array  # (B,) int32: each row's last real token (eos before the first)
 
     @property
     def size(self) -> int:
@@ -51,7 +55,27 @@ def init_cache(cfg: ModelConfig, *, batch: int, size: int) -> Cache:
     return Cache(k=jnp.zeros(kv, cfg.compute_dtype), v=jnp.zeros(kv, cfg.compute_dtype),
                  valid=jnp.zeros((batch, size), bool),
                  x_sum=jnp.zeros((cfg.n_layers, batch, cfg.d_model), jnp.float32),
-                 count=jnp.zeros((batch,), jnp.int32), length=jnp.zeros((), jnp.int32))
+                 count=jnp.zeros((batch,), jnp.int32), length=jnp.zeros((), jnp.int32),
+                 gate_z=jnp.zeros((batch, cfg.gate_parties), jnp.float32),
+                 last=jnp.full((batch,), cfg.eos_id, jnp.int32))
+
+
+def _party_gate(model: Decoder, tokens_bt, valid_bt, cache: Cache):
+    """(B*T, P) the party gate of the new tokens (`Decoder.party_gate` over the whole row)
+    and the scores and last token the cache keeps; (None, ...) without a gate."""
+    cfg = model.cfg
+    last = jnp.max(jnp.where(valid_bt, jnp.arange(tokens_bt.shape[1])[None], -1), axis=1)
+    new_last = jnp.where(last >= 0, jnp.take_along_axis(tokens_bt, jnp.maximum(last, 0)[:, None],
+                                                        axis=1)[:, 0], cache.last)
+    if not cfg.gate_parties:
+        return None, cache.gate_z, new_last.astype(jnp.int32)
+    prev = gate.previous_tokens(tokens_bt, cfg.eos_id, cache.last.astype(tokens_bt.dtype),
+                                valid_bt)
+    ll = gate.log_likelihoods(model.gate_bigram[...], model.gate_context[...], tokens_bt, prev,
+                              cfg.vocab_size)
+    z = cache.gate_z[:, None, :] + jnp.cumsum(jnp.where(valid_bt[..., None], ll, 0.0), axis=1)
+    g = jax.nn.softmax(z + model.gate_bias[...].astype(jnp.float32), axis=-1)
+    return g.reshape(-1, g.shape[-1]), z[:, -1], new_last.astype(jnp.int32)
 
 
 def _attention(attn, cfg: ModelConfig, x_btd, positions_bt, k_cache, v_cache, mask_b1ts, start):
@@ -67,7 +91,7 @@ def _attention(attn, cfg: ModelConfig, x_btd, positions_bt, k_cache, v_cache, ma
     return dense(out, attn.o[...].astype(dt), n_in=2), k_cache, v_cache
 
 
-def _ffn(ffn, cfg: ModelConfig, h_btd, valid_bt, x_sum_bd, count_b):
+def _ffn(ffn, cfg: ModelConfig, h_btd, valid_bt, x_sum_bd, count_b, gate_tp=None):
     """The MoE FFN of `moe.MoE` on new tokens; returns (y, the new running sum)."""
     dt = cfg.compute_dtype
     w_gate, w_up, w_down = (w[...].astype(dt) for w in (ffn.w_gate, ffn.w_up, ffn.w_down))
@@ -83,7 +107,7 @@ def _ffn(ffn, cfg: ModelConfig, h_btd, valid_bt, x_sum_bd, count_b):
         x_sum_bd = sums[:, -1]
     else:
         scored = x32
-    r = ffn.routing(scored.reshape(b * t, d))
+    r = ffn.routing(scored.reshape(b * t, d), gate_tp)
     y, _ = dispatch.get("dropless")(h_btd.reshape(b * t, d), r.weights_tk, r.experts_tk,
                                     w_gate, w_up, w_down)
     return y.reshape(b, t, d).astype(h_btd.dtype), x_sum_bd
@@ -112,6 +136,7 @@ def forward(model: Decoder, tokens_bt: jax.Array, valid_bt: jax.Array, cache: Ca
     mask = mask[:, None]  # (B, 1, T, S): every head alike
     x = model.embed[...].astype(cfg.compute_dtype)[tokens_bt]
     graphdef, layers = nnx.split(model.blocks)
+    gate_tp, gate_z, last = _party_gate(model, tokens_bt, valid_bt, cache)
 
     def body(x, inputs):
         layer, k_cache, v_cache, x_sum = inputs
@@ -119,11 +144,11 @@ def forward(model: Decoder, tokens_bt: jax.Array, valid_bt: jax.Array, cache: Ca
         a, k_cache, v_cache = _attention(block.attn, cfg, x, positions, k_cache, v_cache, mask,
                                          start)
         h = x + rms_norm(a, block.attn_norm[...], cfg.norm_eps)
-        y, x_sum = _ffn(block.ffn, cfg, h, valid_bt, x_sum, cache.count)
+        y, x_sum = _ffn(block.ffn, cfg, h, valid_bt, x_sum, cache.count, gate_tp)
         return h + rms_norm(y, block.ffn_norm[...], cfg.norm_eps), (k_cache, v_cache, x_sum)
 
     x, (k, v, x_sum) = jax.lax.scan(body, x, (layers, cache.k, cache.v, cache.x_sum))
     x = rms_norm(x, model.final_norm[...], cfg.norm_eps)
     logits = dense(x, model.lm_head[...].astype(x.dtype)).astype(jnp.float32)
     count = cache.count + jnp.sum(valid_bt.astype(jnp.int32), axis=1)
-    return logits, Cache(k, v, valid, x_sum, count, start + t)
+    return logits, Cache(k, v, valid, x_sum, count, start + t, gate_z, last)

@@ -161,14 +161,14 @@ def low_rank_weights(r: Routing, first: int, m: int) -> jax.Array:
     return jnp.einsum("tk,tkm->tm", r.weights_tk, onehot)
 
 
-def attention_delta(moe, lora: LowRank, x_btd: jax.Array):
+def attention_delta(moe, lora: LowRank, x_btd: jax.Array, gate_tp: jax.Array | None = None):
     """The attention's hook (`Attention.__call__`'s `delta`): adds the routed low-rank updates
     of the attention targets, weighted by the router over the block input."""
     cfg = moe.cfg
     if not any(lora.has(t) for t in ATTENTION_TARGETS):
         return None
     b, t, d = x_btd.shape
-    r = moe.routing(router_inputs(x_btd, cfg.router_input).reshape(b * t, d))
+    r = moe.routing(router_inputs(x_btd, cfg.router_input).reshape(b * t, d), gate_tp)
     w_tm = low_rank_weights(r, cfg.n_experts - cfg.lora_experts, cfg.lora_experts)
 
     def delta(target: str, x_in: jax.Array, y: jax.Array) -> jax.Array:
@@ -207,7 +207,8 @@ def _ffn_experts(cfg: ModelConfig, x_td, r: Routing, w_gate, w_up, w_down):
     return y_td, jnp.maximum(dropped - jnp.maximum(spare, 0), 0)
 
 
-def mixed_ffn(moe, lora: LowRank, x_btd: jax.Array) -> tuple[jax.Array, dict]:
+def mixed_ffn(moe, lora: LowRank, x_btd: jax.Array, gate_tp: jax.Array | None = None
+              ) -> tuple[jax.Array, dict]:
     """The FFN of a block with low-rank experts: the FFN experts (`_ffn_experts`) plus the
     low-rank experts, each the public FFN with its updates."""
     cfg = moe.cfg
@@ -216,7 +217,7 @@ def mixed_ffn(moe, lora: LowRank, x_btd: jax.Array) -> tuple[jax.Array, dict]:
     e, m = cfg.n_experts - cfg.lora_experts, cfg.lora_experts
     w_gate, w_up, w_down = (w[...].astype(dt) for w in (moe.w_gate, moe.w_up, moe.w_down))
     x_td = x_btd.reshape(b * t, d)
-    r = moe.routing(router_inputs(x_btd, cfg.router_input).reshape(b * t, d))
+    r = moe.routing(router_inputs(x_btd, cfg.router_input).reshape(b * t, d), gate_tp)
     y_td, dropped = _ffn_experts(cfg, x_td, r, w_gate, w_up, w_down)
     w_tm = low_rank_weights(r, e, m).astype(dt)
     gate = x_td @ w_gate[0]

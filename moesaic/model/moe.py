@@ -27,6 +27,7 @@ from flax import nnx
 from moesaic.model import (
     all_to_all,  # noqa: F401  (registers the "all_to_all" dispatch)
     dispatch,
+    gate,
 )
 from moesaic.model.config import ModelConfig
 from moesaic.model.layers import dense, stacked_param
@@ -64,14 +65,20 @@ def router_inputs(x_btd: jax.Array, kind: str) -> jax.Array:
 
 
 def route(x_td: jax.Array, router_ed: jax.Array, bias_e: jax.Array | None, top_k: int,
-          norm_topk_prob: bool) -> Routing:
+          norm_topk_prob: bool, gate_tp: jax.Array | None = None) -> Routing:
+    """Softmax routing over the experts, or with `gate_tp` (T, P) the party gate's mixture of
+    each party's model alone (`moesaic.model.gate.mix`); `logits_te` is then log of the mix."""
     # full float32 products: on TPU a float32 matmul defaults to one bfloat16 pass, which
     # would let near ties pick other experts than the exported model does
     logits = jnp.einsum("td,ed->te", x_td.astype(jnp.float32), router_ed.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST)
     if bias_e is not None:
         logits = logits + effective_bias(bias_e)
-    probs = jax.nn.softmax(logits, axis=-1)
+    if gate_tp is None:
+        probs = jax.nn.softmax(logits, axis=-1)
+    else:
+        probs = gate.mix(logits, gate_tp)
+        logits = jnp.log(jnp.maximum(probs, 1e-30))
     weights, experts = jax.lax.top_k(probs, top_k)
     if norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -116,17 +123,20 @@ class MoE(nnx.Module):
             if cfg.router_bias:
                 self.bias = stacked_param(None, cfg, (n,), ("expert",), init="zeros", kind=kind)
 
-    def routing(self, x_td: jax.Array) -> Routing:
+    def routing(self, x_td: jax.Array, gate_tp: jax.Array | None = None) -> Routing:
         """Routing over the n_experts real experts: padding rows (`expert_padding`) are not
-        scored, so no token reaches them and they get no gradient."""
+        scored, so no token reaches them and they get no gradient. `gate_tp`: the party
+        gate of each token (a model with `gate_parties`)."""
         n = self.cfg.n_experts
         bias = self.bias[..., :n] if self.cfg.router_bias else None
-        r = route(x_td, self.router[..., :n, :], bias, self.cfg.top_k, self.cfg.norm_topk_prob)
+        r = route(x_td, self.router[..., :n, :], bias, self.cfg.top_k, self.cfg.norm_topk_prob,
+                  gate_tp)
         if self.cfg.expert_split > 1:  # m sub-experts of one row: each p/m of the softmax
             r = r._replace(weights_tk=r.weights_tk * self.cfg.expert_split)
         return r
 
-    def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x_btd: jax.Array, gate_tp: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
         dt = cfg.compute_dtype
         w_gate, w_up, w_down = (w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down))
@@ -138,7 +148,7 @@ class MoE(nnx.Module):
             return y, dict(z_loss=zero, lb_loss=zero, dropped=zero, token_share=one,
                            weight_share=one, weight_per_token=one)
         x_td = x_btd.reshape(b * t, d)
-        r = self.routing(router_inputs(x_btd, cfg.router_input).reshape(b * t, d))
+        r = self.routing(router_inputs(x_btd, cfg.router_input).reshape(b * t, d), gate_tp)
         fn = dispatch.get(cfg.dispatch)
         # padding slots hold no tokens: the capacity per expert stays that of n_experts
         factor = cfg.capacity_factor

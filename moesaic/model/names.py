@@ -10,7 +10,9 @@ stacked over the layers (axis 0); the FFN's are also stacked over the experts (a
     blocks/ffn/w_gate, w_up (L, E, D, F)   blocks/ffn/w_down (L, E, F, D)
     blocks/ffn/router (L, E, D)   blocks/ffn/bias (L, E)   (MoE only; bias with router_bias)
 
-Beside the parameters, checkpoints of the flow hold router statistics (`stat_name`) and, in a
+A merged model with a party gate (`moesaic.model.gate`) also has gate_bigram (buckets, P),
+gate_context (V, P) and gate_bias (P,). Beside the parameters, checkpoints of the flow hold
+router statistics (`stat_name`), each party's token-bigram counts (`ngram_name`) and, in a
 merged model, each party's learned router row and bias (`rows_name`).
 """
 
@@ -34,6 +36,9 @@ COMPUTE_READ = (EMBED, LM_HEAD, ATTN_Q, ATTN_K, ATTN_V, ATTN_O, *FFN_EXPERT)
 
 STATS = "stats/"  # router statistics: stats/<stat>, stats/<source>/<stat> in a merge (`stat_name`)
 STAT_NAMES = ("x_sum", "xtx", "mean_hidden")
+NGRAM = "ngram/"  # token-bigram counts of a party's data: ngram/<stat>, ngram/<source>/<stat>
+NGRAM_NAMES = ("bigram", "context")  # (buckets,) pair counts, (V,) counts of each first token
+GATE_BIGRAM, GATE_CONTEXT, GATE_BIAS = "gate_bigram", "gate_context", "gate_bias"  # party gate
 ROWS = "rows/"  # a merged model's learned rows: rows/<source>/{router,bias} (`rows_name`)
 LAYER_STACKED = ("blocks/", STATS, ROWS)  # tensors whose axis 0 is the layer
 
@@ -41,6 +46,11 @@ LAYER_STACKED = ("blocks/", STATS, ROWS)  # tensors whose axis 0 is the layer
 def stat_name(stat: str, source: str | None = None) -> str:
     """"stats/x_sum", or "stats/code/x_sum" for a source's statistics kept in a merge."""
     return f"{STATS}{stat}" if source is None else f"{STATS}{source}/{stat}"
+
+
+def ngram_name(stat: str, source: str | None = None) -> str:
+    """"ngram/bigram", or "ngram/code/bigram" for a source's counts kept in a merge."""
+    return f"{NGRAM}{stat}" if source is None else f"{NGRAM}{source}/{stat}"
 
 
 def rows_name(source: str, tensor: str) -> str:

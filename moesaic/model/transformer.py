@@ -11,6 +11,7 @@ Parameter paths (what freeze patterns, merges and exports name):
     embed (V, D) | blocks/attn/{q,k,v,o,q_norm,k_norm} | blocks/attn_norm (L, D)
     blocks/ffn/{w_gate,w_up,w_down,router,bias} | blocks/ffn_norm (L, D) | final_norm | lm_head
     blocks/lora/<target>_{a,b} (low-rank experts: moesaic.model.lora)
+    gate_bigram, gate_context, gate_bias (the party gate of a merged model: moesaic.model.gate)
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moesaic.model import lora, quantized
+from moesaic.model import gate, lora, quantized
 from moesaic.model.config import ModelConfig
 from moesaic.model.layers import Attention, dense, rms_norm, stacked_param
-from moesaic.model.moe import MoE, router_inputs
+from moesaic.model.moe import MoE, RouterState, router_inputs
 from moesaic.model.sharding import constrain
 
 _REMAT = {
@@ -42,13 +43,14 @@ class Block(nnx.Module):
         if cfg.lora_experts:
             self.lora = lora.LowRank(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, positions_bt, collect_stats: bool = False):
+    def __call__(self, x_btd, positions_bt, collect_stats: bool = False, gate_tp=None):
         eps = self.cfg.norm_eps
         low_rank = self.cfg.lora_experts > 0
-        delta = lora.attention_delta(self.ffn, self.lora, x_btd) if low_rank else None
+        delta = lora.attention_delta(self.ffn, self.lora, x_btd, gate_tp) if low_rank else None
         h = x_btd + rms_norm(self.attn(x_btd, positions_bt, delta), self.attn_norm[...], eps)
         h = constrain(h, ("batch", "length", "embed"))
-        y, aux = lora.mixed_ffn(self.ffn, self.lora, h) if low_rank else self.ffn(h)
+        y, aux = (lora.mixed_ffn(self.ffn, self.lora, h, gate_tp) if low_rank
+                  else self.ffn(h, gate_tp))
         if collect_stats:  # sums of the router inputs, no per-token data
             h32 = router_inputs(h, self.cfg.router_input).reshape(-1, h.shape[-1])
             aux["x_sum"] = jnp.sum(h32, axis=0)
@@ -70,6 +72,19 @@ class Decoder(nnx.Module):
         self.final_norm = nnx.Param(jnp.ones((d,), dtype), axes=("embed",))
         self.lm_head = nnx.Param(cfg.init_std * jax.random.normal(rngs.params(), (d, v), dtype),
                                  axes=("embed", "vocab"))
+        if cfg.gate_parties:  # the party gate's tables (moesaic.model.gate), never trained
+            p = cfg.gate_parties
+            self.gate_bigram = RouterState(jnp.zeros((cfg.gate_buckets, p)), axes=(None, None))
+            self.gate_context = RouterState(jnp.zeros((v, p)), axes=(None, None))
+            self.gate_bias = RouterState(jnp.zeros((p,)), axes=(None,))
+
+    def party_gate(self, tokens_bt: jax.Array) -> jax.Array | None:
+        """(B*T, P) the party gate of every position, or None without one."""
+        if not self.cfg.gate_parties:
+            return None
+        g = gate.gate_probs(self.gate_bigram[...], self.gate_context[...], self.gate_bias[...],
+                            tokens_bt, self.cfg.eos_id)
+        return g.reshape(-1, g.shape[-1])
 
     def hidden(self, tokens_bt: jax.Array, collect_stats: bool = False):
         """Final hidden states (B, T, D) before the final norm, and per-layer aux (L, ...)."""
@@ -78,10 +93,11 @@ class Decoder(nnx.Module):
         x = constrain(x, ("batch", "length", "embed"))
         positions = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         graphdef, layers = nnx.split(self.blocks)
+        gate_tp = self.party_gate(tokens_bt)
 
         def body(x, layer):  # a frozen base held quantized: this layer's slice dequantized
             layer = quantized.dequantize_layer(layer, cfg.compute_dtype)
-            return nnx.merge(graphdef, layer)(x, positions, collect_stats)
+            return nnx.merge(graphdef, layer)(x, positions, collect_stats, gate_tp)
 
         if _REMAT[cfg.remat] is not None:
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat])

@@ -33,6 +33,7 @@ class RouterStats:
     xtx: np.ndarray  # (L, D, D) float64
     n_tokens: int
     n_documents: int
+    ngram: dict[str, np.ndarray] | None = None  # token-bigram counts (moesaic.routing.ngram)
 
     @property
     def mean_hidden(self) -> np.ndarray:
@@ -40,8 +41,13 @@ class RouterStats:
         return self.x_sum / max(self.n_tokens, 1)
 
     def tensors(self) -> dict[str, np.ndarray]:
-        """The artifact's stats/* tensors, float32."""
-        return {stat_name(stat): getattr(self, stat).astype(np.float32) for stat in STAT_NAMES}
+        """The artifact's stats/* tensors (and ngram/* with counts), float32."""
+        out = {stat_name(stat): getattr(self, stat).astype(np.float32) for stat in STAT_NAMES}
+        if self.ngram is not None:
+            from moesaic.routing import ngram
+
+            out.update(ngram.tensors(self.ngram))
+        return out
 
 
 def stats_sequences(data_dir: str | os.PathLike, source: str, *, seq_len: int,

@@ -77,7 +77,8 @@ def test_artifact_holds_exactly_the_owner_tensors_stats_and_metadata(dense_base,
     result, workdir = code_branch
     path = workdir / "artifact"
     shapes = {n: s for n, (s, _) in checkpoint.tensor_metadata(path).items()}
-    assert set(shapes) == set(artifact.OWN_TENSORS) | set(artifact.STATS)
+    assert set(shapes) == set(artifact.OWN_TENSORS) | set(artifact.STATS) | set(artifact.NGRAM)
+    assert shapes["ngram/bigram"] == (264 * 264,) and shapes["ngram/context"] == (264,)
     assert shapes["blocks/ffn/w_gate"] == (2, 1, 32, 64)
     assert shapes["blocks/ffn/router"] == (2, 1, 32) and shapes["blocks/ffn/bias"] == (2, 1)
     assert shapes["stats/xtx"] == (2, 32, 32)
@@ -99,6 +100,8 @@ def test_artifact_holds_exactly_the_owner_tensors_stats_and_metadata(dense_base,
                                stored["stats/x_sum"] / meta["stats_tokens"], rtol=1e-5)
     xtx = stored["stats/xtx"]
     np.testing.assert_allclose(xtx, np.swapaxes(xtx, 1, 2), rtol=1e-5)
+    pairs = stored["ngram/bigram"].reshape(264, 264)  # every pair counted once, by its first
+    assert pairs.sum() > 1000 and np.array_equal(pairs.sum(axis=1), stored["ngram/context"])
     assert np.all(np.linalg.eigvalsh(xtx.astype(np.float64)) > -1e-3 * np.abs(xtx).max())
 
 

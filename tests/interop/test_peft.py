@@ -84,8 +84,8 @@ def test_merged_party_computes_what_peft_computes(world, monkeypatch):
     assert (model.cfg.n_experts, model.cfg.lora_experts) == (2, 1)
     original = moe.route
 
-    def one_hot(x_td, router_ed, bias_e, top_k, norm):  # all weight on the party's slot 1
-        r = original(x_td, router_ed, bias_e, top_k, norm)
+    def one_hot(x_td, router_ed, bias_e, top_k, norm, gate_tp=None):  # all on party slot 1
+        r = original(x_td, router_ed, bias_e, top_k, norm, gate_tp)
         t = x_td.shape[0]
         return moe.Routing(jnp.zeros((t, top_k)).at[:, 0].set(1.0),
                            jnp.ones((t, top_k), jnp.int32), r.probs_te, r.logits_te)

@@ -1,6 +1,6 @@
-"""Calibration at merge (moesaic.merge.calibrate): folded into the router, kept in the
-checkpoint, refitted exactly by remove and add; bad calibration data refused before anything
-is written."""
+"""Calibration at merge (moesaic.merge.calibrate): the party gate, kept in the checkpoint,
+exactly that party's model when it is sure, rebuilt exactly by remove and add; bad calibration
+data refused before anything is written."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from moesaic.cli.main import main
+from moesaic.interop.hf_export import export_hf
 from moesaic.merge import calibrate, fuse
 from moesaic.merge.sources import MergeRefused
-from moesaic.model import checkpoint
-from moesaic.model.names import BIAS, ROUTER
+from moesaic.model import checkpoint, gate
+from moesaic.model.names import GATE_BIAS, GATE_BIGRAM, GATE_CONTEXT
+from moesaic.model.params import build_model
 from tests.support.merging import all_tensors, assert_same, make_base, make_branch
 from tests.support.planted import BYTE_CFG
 from tests.support.training import make_data
@@ -29,7 +31,7 @@ def calib_world(tmp_path_factory):
                 for seed, s in enumerate(["code", "math", "law"], start=1)}
     data = make_data(root / "data")
     request = calibrate.request_from_data(data, BYTE_CFG, seq_len=16, rows=16,
-                                          options={"steps": 60})
+                                          options={"temperatures": [1.0, 4.0]})
     merged = root / "merged"
     fuse.merge_paths(base, [branches["code"], branches["math"]], router="learned-rows",
                      top_k=2, out=merged, calibration=request, **QUIET)
@@ -37,34 +39,58 @@ def calib_world(tmp_path_factory):
             "request": request, "merged": merged}
 
 
-def test_calibration_is_folded_into_the_router_and_kept(calib_world, tmp_path):
+def test_the_party_gate_is_added_and_kept(calib_world, tmp_path):
+    """Calibration adds the party gate (and keeps the proxy rows and each party's counts);
+    every other tensor is the plain merge's."""
     w = calib_world
     meta = checkpoint.read_meta(w["merged"])
     record = meta["calibration"]
     assert record["proxy_rows"] == 16 and record["seq_len"] == 16
-    assert record["options"]["steps"] == 60 and record["data"]["source"] == "public"
-    for before, after in record["fit_loss"]:
-        assert after <= before  # the fit never ends worse than the merged router
+    assert record["data"]["source"] == "public" and record["gate"] == "bigram"
+    assert record["options"]["temperatures"] == [1.0, 4.0]
+    assert record["temperature"] in (1.0, 4.0)
+    assert min(record["proxy_nll"].values()) == record["proxy_nll"][str(record["temperature"])]
+    assert meta["model"]["gate_parties"] == 2 and meta["model"]["gate_buckets"] == 264 * 264
     t = all_tensors(w["merged"])
     np.testing.assert_array_equal(t[calibrate.TOKENS], w["request"].tokens)
-    rows = np.concatenate([np.zeros_like(t["rows/code/router"]), t["rows/code/router"],
-                           t["rows/math/router"]], axis=1)
-    np.testing.assert_allclose(t[ROUTER], rows * t[calibrate.SCALE][:, :, None], rtol=1e-6)
-    np.testing.assert_array_equal(t[BIAS], t[calibrate.SHIFT])
-    np.testing.assert_array_equal(t[calibrate.SCALE][:, 0], 1.0)  # the public row is as merged
-    assert (t[BIAS][:, 1:] <= 0).all() and (t[calibrate.SCALE] > 0).all()
-    assert not np.allclose(t[calibrate.SCALE][:, 1:], 1.0)  # the fit moved something
+    counts = [all_tensors(w["branches"][s]) for s in ("code", "math")]
+    big, ctx = gate.tables([c["ngram/bigram"] for c in counts],
+                           [c["ngram/context"] for c in counts],
+                           temperature=record["temperature"])
+    np.testing.assert_array_equal(t[GATE_BIGRAM], big)
+    np.testing.assert_array_equal(t[GATE_CONTEXT], ctx)
+    np.testing.assert_array_equal(t[GATE_BIAS], 0.0)
     uncalibrated = tmp_path / "plain"
     fuse.merge_paths(w["base"], [w["branches"]["code"], w["branches"]["math"]],
                      router="learned-rows", top_k=2, out=uncalibrated, **QUIET)
     plain = all_tensors(uncalibrated)
     assert "calibration" not in checkpoint.read_meta(uncalibrated)
-    for name in plain:  # calibration changes the router and bias only
-        if name not in (ROUTER, BIAS):
-            np.testing.assert_array_equal(plain[name], t[name], err_msg=name)
+    assert set(t) - set(plain) == {GATE_BIGRAM, GATE_CONTEXT, GATE_BIAS, calibrate.TOKENS}
+    for name in plain:
+        np.testing.assert_array_equal(plain[name], t[name], err_msg=name)
     model, _ = checkpoint.load(w["merged"])
     logits, _ = model(w["request"].tokens[:2, :-1])
     assert np.isfinite(np.asarray(logits)).all()
+    with pytest.raises(ValueError, match="party gate over 2 parties"):
+        export_hf(w["merged"], tmp_path / "hf")  # FlexOlmo's router is linear only
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_gate_on_one_party_is_that_party_merged_alone(calib_world, tmp_path):
+    """The gate mixes each party's model alone: with all its weight on code, the calibrated
+    merge computes the merge of code alone with the public expert (and not without it)."""
+    w = calib_world
+    flat = all_tensors(w["merged"])
+    cfg = checkpoint.model_config(checkpoint.read_meta(w["merged"]))
+    alone = tmp_path / "alone"
+    fuse.merge_paths(w["base"], [w["branches"]["code"]], router="learned-rows", top_k=2,
+                     out=alone, **QUIET)
+    want, _ = checkpoint.load(alone)[0](w["request"].tokens[:4, :-1])
+    for bias, close in (([0.0, -1e4], True), ([0.0, 0.0], False)):
+        params = {**flat, GATE_BIAS: np.asarray(bias, np.float32)}
+        got, _ = build_model(cfg, params)(w["request"].tokens[:4, :-1])
+        same = np.allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+        assert same == close, bias
 
 
 def test_remove_and_add_refit_exactly(calib_world, tmp_path):
@@ -89,18 +115,26 @@ def test_bad_calibration_data_is_refused(calib_world, tmp_path):
     other = BYTE_CFG.replace(vocab_size=300, eos_id=298, pad_id=299)
     with pytest.raises(MergeRefused, match="calibration data .*tokenized|eos"):
         calibrate.request_from_data(w["data"], other, seq_len=16)
-    with pytest.raises(MergeRefused, match="calibration options"):
-        calibrate.fit(BYTE_CFG, {}, w["request"].tokens, base_experts=1,
-                      options={"target_temperature": 0.0})
+    for options in ({"steps": 3}, {"temperatures": [0.0]}, {"alpha": -1}):
+        with pytest.raises(MergeRefused, match="calibration option"):
+            calibrate.fit(BYTE_CFG, {}, w["request"].tokens, [], options=options)
+    # a party whose artifact has no bigram counts
+    old = make_branch(w["base"], tmp_path / "old", "old", 7, tamper=lambda own, stats, m, h: [
+        stats.pop(n) for n in ("ngram/bigram", "ngram/context")])
+    with pytest.raises(MergeRefused, match=r"parties \['old'\] have no token-bigram counts"):
+        fuse.merge_paths(w["base"], [w["branches"]["code"], old], router="learned-rows",
+                         top_k=2, out=tmp_path / "never", calibration=w["request"], **QUIET)
+    assert not (tmp_path / "never").exists()
     # the command line: exit 2, nothing written
     argv = ["merge", "--base", str(w["base"]), "--branch", str(w["branches"]["code"]),
             "--router", "learned-rows", "--top-k", "2"]
-    for extra in (["--calibrate", str(no_public)], ["--calibrate-option", "steps=3"]):
+    for extra in (["--calibrate", str(no_public)], ["--calibrate-option", "alpha=2"],
+                  ["--calibrate", str(w["data"]), "--calibrate-option", "steps=3"]):
         out = tmp_path / "refused"
         assert main([*argv, *extra, "--out", str(out)]) == 2
         assert not out.exists() and not out.with_name("refused.partial").exists()
     out = tmp_path / "cli"
-    assert main([*argv, "--calibrate", str(w["data"]), "--calibrate-option", "steps=5",
+    assert main([*argv, "--calibrate", str(w["data"]), "--calibrate-option", "temperatures=2",
                  "--out", str(out)]) == 0
     record = json.loads((out / "meta.json").read_text())["calibration"]
-    assert record["options"]["steps"] == 5
+    assert record["options"]["temperatures"] == [2.0] and record["temperature"] == 2.0

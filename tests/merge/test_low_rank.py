@@ -76,8 +76,9 @@ def test_one_hot_router_gives_the_partys_adapted_model(world, low, tmp_path, mon
 
         original = moe.route
 
-        def one_hot(x_td, router_ed, bias_e, top_k, norm, slot=slot, original=original):
-            r = original(x_td, router_ed, bias_e, top_k, norm)
+        def one_hot(x_td, router_ed, bias_e, top_k, norm, gate_tp=None, *, slot=slot,
+                    original=original):
+            r = original(x_td, router_ed, bias_e, top_k, norm, gate_tp)
             t = x_td.shape[0]
             return moe.Routing(jnp.zeros((t, top_k)).at[:, 0].set(1.0),
                                jnp.full((t, top_k), slot, jnp.int32), r.probs_te, r.logits_te)

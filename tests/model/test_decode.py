@@ -16,6 +16,8 @@ KINDS = {
     "dense": dict(n_experts=1, top_k=1),
     "moe": dict(n_experts=4, top_k=2, router_input="token"),
     "prefix_mean": dict(n_experts=3, top_k=1, router_input="prefix_mean"),
+    "gated": dict(n_experts=3, top_k=2, router_input="prefix_mean", gate_parties=2,
+                  gate_buckets=64),  # a party gate over a hashed bigram table
 }
 
 
@@ -23,7 +25,13 @@ def _model(kind: str) -> Decoder:
     # init_std 0.3 spreads the logits, so greedy picks are no near ties
     cfg = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32,
                       init_std=0.3, eos_id=-1, pad_id=-1, **KINDS[kind])
-    return Decoder(cfg, rngs=nnx.Rngs(3))
+    model = Decoder(cfg, rngs=nnx.Rngs(3))
+    if cfg.gate_parties:  # tables that move the gate (zeros would keep it uniform)
+        rng = np.random.default_rng(4)
+        model.gate_bigram[...] = jnp.asarray(rng.normal(0, 2, model.gate_bigram.shape))
+        model.gate_context[...] = jnp.asarray(rng.normal(0, 1, model.gate_context.shape))
+        model.gate_bias[...] = jnp.asarray([0.5, -0.5])
+    return model
 
 
 def _recomputed(model: Decoder, prompt: np.ndarray, n: int, width: int = 16) -> list[int]:

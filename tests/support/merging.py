@@ -14,6 +14,7 @@ from moesaic.branch_train import artifact
 from moesaic.merge import fuse
 from moesaic.merge.sources import MergeRefused
 from moesaic.model import Decoder, ModelConfig, checkpoint, names
+from moesaic.routing import ngram
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=48,
                   eos_id=62, pad_id=63)
@@ -35,6 +36,20 @@ def synthetic_stats(cfg, seed, n_tokens=200):
             "stats/mean_hidden": (x_sum / n_tokens).astype(np.float32)}, n_tokens
 
 
+def synthetic_ngram(cfg, seed):
+    """Token-bigram counts (moesaic.routing.ngram) of a made-up party: skewed, its own."""
+    rng = np.random.default_rng(seed)
+    v = cfg.vocab_size
+    pairs = rng.gamma(0.3, 20.0, size=(v, v)).round()
+    counts = ngram.count(np.zeros((1, 1), np.int64), vocab_size=v, eos_id=cfg.eos_id)
+    if counts["bigram"].shape[0] == v * v:
+        counts = {"bigram": pairs.reshape(-1), "context": pairs.sum(axis=1)}
+    else:
+        counts = {"bigram": rng.gamma(0.3, 20.0, counts["bigram"].shape).round(),
+                  "context": pairs.sum(axis=1)}
+    return ngram.tensors(counts)
+
+
 def make_branch(base_path, path, source, seed, *, tamper=None, noise=0.01):
     """A branch artifact as the branch job writes it. `tamper(own, stats, meta, hashes)` may
     change anything before it is saved."""
@@ -52,6 +67,7 @@ def make_branch(base_path, path, source, seed, *, tamper=None, noise=0.01):
         hashes[names.ROUTER] = checkpoint.tensor_hash(np.zeros((lyr, 1, d), np.float32))
         hashes[names.BIAS] = checkpoint.tensor_hash(np.zeros((lyr, 1), np.float32))
     stats, n_tokens = synthetic_stats(cfg, seed + 1000)
+    stats.update(synthetic_ngram(cfg, seed + 2000))
     branch_meta = {"source": source, "base_fingerprint": meta["fingerprint"],
                    "frozen_hashes": hashes, "base_experts": eb,
                    "model": cfg.replace(n_experts=eb + 1, top_k=eb + 1).to_dict(),
