@@ -1,19 +1,20 @@
 """The demo's screening (docs/calibration.md): does each of its parties earn its tokens, and
 what does a party that hijacks the router cost the others, screened and unscreened?
 
-  screen              the learned-rows merge of the demo's parties screened on `screen_rows`
-                      rows of the public source (moesaic.merge.screen): share, leave-one-out,
-                      gain, row norm, logit range, skew and trust per expert; the report is
-                      written beside the merge (W/merged/learned-rows.screening.json)
+  screen              the calibrated merge of the demo's parties (the `calibrated` stage: the
+                      party gate) screened on `screen_rows` rows of the public source
+                      (moesaic.merge.screen): share, leave-one-out, gain, row norm, logit
+                      range, skew and trust per expert; the report is written beside the merge
+                      (W/merged/learned-rows-calibrated.screening.json)
   hijacker            party HIJACKER's branch with its router row scaled by 50
                       (moesaic.merge.planted), under the same name
-  hijack/unscreened   the learned-rows merge with the hijacker in HIJACKER's place
+  hijack/calibrated   the calibrated merge with the hijacker in HIJACKER's place, unscreened
   hijack/refuse       the same merge screened, `--policy refuse`: the parties below the trust
-                      threshold left out (`down-weight`, which calibrates the merge, costs
-                      about as much again as every other stage here together and is left out;
-                      its figures are in docs/calibration.md)
-  screening           every model above and the merge without HIJACKER (the opt-out stage's
-                      model, made by `merge remove`) on every domain's held-out split:
+                      threshold left out
+  hijack/unscreened   the learned-rows merge (no gate) with the hijacker, unscreened
+  without             the calibrated merge without HIJACKER (`merge remove`)
+  screening           every model above, the merge without HIJACKER and the learned-rows merge
+                      without it (the opt-out stage's model) on every domain's held-out split:
                       W/screening.json and the report's screening section
 
 `screen_rows` 0 runs none of these.
@@ -28,37 +29,50 @@ import numpy as np
 from tqdm import tqdm
 
 from moesaic.demo import runner
-from moesaic.demo.systems import DOMAINS, OPT_OUT, ROUTER_OPTIONS
+from moesaic.demo.systems import CALIBRATION_ROWS, DOMAINS, OPT_OUT, ROUTER_OPTIONS
 from moesaic.eval import perplexity
-from moesaic.merge import calibrate, planted, screen
+from moesaic.merge import calibrate, fuse, planted, screen
 from moesaic.model import checkpoint
 
 HIJACKER = OPT_OUT  # its merge without it is the opt-out stage's
 ROUTER = "learned-rows"
 POLICIES = ("refuse",)
-WITHOUT = f"merge without {HIJACKER}"
-UNSCREENED = f"with {HIJACKER} hijacking, unscreened"
+WITHOUT = f"calibrated merge without {HIJACKER}"
+CALIBRATED = f"calibrated, with {HIJACKER} hijacking, unscreened"
+PLAIN_WITHOUT = f"learned-rows merge without {HIJACKER} (no gate)"
+UNSCREENED = f"learned rows (no gate), with {HIJACKER} hijacking, unscreened"
 
 
 def screened_name(policy: str) -> str:
-    return f"with {HIJACKER} hijacking, screened ({policy})"
+    return f"calibrated, with {HIJACKER} hijacking, screened ({policy})"
 
 
 def paths(w: pathlib.Path, preset) -> dict[str, pathlib.Path]:
     if not preset.screen_rows:
         return {}
-    hijacked = w / "merged" / f"{ROUTER}-{HIJACKER}-hijacker"
-    return {"screen": w / "merged" / f"{ROUTER}.screening.json",
+    hijacked = w / "merged" / f"calibrated-{HIJACKER}-hijacker"
+    return {"screen": w / "merged" / "learned-rows-calibrated.screening.json",
             "hijacker": w / "screening" / f"{HIJACKER}-hijacker",
-            "hijack/unscreened": hijacked,
+            "hijack/calibrated": hijacked,
             **{f"hijack/{p}": hijacked.with_name(f"{hijacked.name}-{p}") for p in POLICIES},
+            "hijack/unscreened": w / "merged" / f"{ROUTER}-{HIJACKER}-hijacker",
+            "without": w / "merged" / f"calibrated-without-{HIJACKER}",
             "screening": w / "screening.json"}
 
 
 def _tokens(demo) -> np.ndarray:
-    cfg = checkpoint.model_config(checkpoint.read_meta(demo.paths[f"merge/{ROUTER}"]))
-    return calibrate.proxy_tokens(demo.data, cfg, seq_len=demo.preset.seq_len,
+    return calibrate.proxy_tokens(demo.data, _cfg(demo), seq_len=demo.preset.seq_len,
                                   rows=int(demo.preset.screen_rows))
+
+
+def _cfg(demo):
+    return checkpoint.model_config(checkpoint.read_meta(demo.paths[f"merge/{ROUTER}"]))
+
+
+def _calibration(demo) -> calibrate.Request:
+    """The `calibrated` stage's calibration (the same proxy rows)."""
+    return calibrate.request_from_data(demo.data, _cfg(demo), seq_len=demo.preset.seq_len,
+                                       rows=CALIBRATION_ROWS)
 
 
 def _branches(demo) -> list[pathlib.Path]:
@@ -78,17 +92,21 @@ def work(demo) -> dict:
         return {}
     out = {
         "screen": lambda: screen.write_report(
-            screen.screen(p[f"merge/{ROUTER}"], _tokens(demo), log=tqdm.write),
-            p[f"merge/{ROUTER}"]),
+            screen.screen(p["calibrated"], _tokens(demo), log=tqdm.write), p["calibrated"]),
         "hijacker": lambda: planted.plant("hijacker", p[f"branch/{HIJACKER}"], p["hijacker"]),
+        "hijack/calibrated": lambda: demo.merge(_branches(demo), ROUTER, p["hijack/calibrated"],
+                                                calibration=_calibration(demo)),
         "hijack/unscreened": lambda: demo.merge(_branches(demo), ROUTER,
                                                 p["hijack/unscreened"]),
+        "without": lambda: fuse.remove(p["calibrated"], HIJACKER, out=p["without"],
+                                       log=tqdm.write),
         "screening": lambda: evaluate(demo),
     }
     for policy in POLICIES:
         out[f"hijack/{policy}"] = (lambda policy=policy: screen.screened_merge(
             p["public"], _branches(demo), out=p[f"hijack/{policy}"], tokens=_tokens(demo),
-            policy=policy, log=tqdm.write, **_merge_kw(demo)))
+            policy=policy, calibration=_calibration(demo), log=tqdm.write,
+            **_merge_kw(demo)))
     return out
 
 
@@ -99,8 +117,9 @@ def _report(model: pathlib.Path) -> dict:
 def evaluate(demo) -> dict:
     """W/screening.json: the screening reports and each model's held-out bits per byte."""
     p, preset = demo.paths, demo.preset
-    models = {WITHOUT: p["optout"], UNSCREENED: p["hijack/unscreened"],
-              **{screened_name(policy): p[f"hijack/{policy}"] for policy in POLICIES}}
+    models = {WITHOUT: p["without"], CALIBRATED: p["hijack/calibrated"],
+              **{screened_name(policy): p[f"hijack/{policy}"] for policy in POLICIES},
+              PLAIN_WITHOUT: p["optout"], UNSCREENED: p["hijack/unscreened"]}
     domains = [*DOMAINS, "public"]
     bpb = {}
     for name, path in tqdm(models.items(), desc="screening eval", unit="model", leave=False):
@@ -109,7 +128,9 @@ def evaluate(demo) -> dict:
                                       name=name, progress=False)
         bpb[name] = {d: metrics[d]["bpb"] for d in domains}
     record = {"hijacker": HIJACKER, "scale": planted.HIJACK_SCALE,
-              "honest": _report(p[f"merge/{ROUTER}"]),
+              "honest": _report(p["calibrated"]),
+              "against": {name: PLAIN_WITHOUT if name == UNSCREENED else WITHOUT
+                          for name in models if name not in (WITHOUT, PLAIN_WITHOUT)},
               "hijacked": {policy: _report(p[f"hijack/{policy}"]) for policy in POLICIES},
               "experts": {name: [e["source"] for e in checkpoint.read_meta(path)["experts"]]
                           for name, path in models.items()},
@@ -136,7 +157,7 @@ def screening_table(record: dict) -> list[str]:
     honest, hijacked = record["honest"], record["hijacked"][POLICIES[0]]
     threshold = hijacked["threshold"]
     lines = ["## Screening of the parties (public proxy data; docs/calibration.md)", "",
-             f"The learned-rows merge of the demo's parties, screened on "
+             f"The calibrated merge of the demo's parties (the party gate), screened on "
              f"{honest['proxy_rows']} public rows ({honest['proxy_tokens']} tokens; the public "
              f"expert's share {honest['public_share']:.3f}):", "", *_expert_rows(honest), "",
              f"The same merge with {record['hijacker']}'s router row scaled by "
@@ -144,19 +165,20 @@ def screening_table(record: dict) -> list[str]:
              *_expert_rows(hijacked), ""]
     domains = list(next(iter(record["bpb"].values())))
     others = [d for d in domains if d != record["hijacker"]]
-    base = record["bpb"][WITHOUT]
     honest_flagged = [r["source"] for r in honest["experts"]  # flagged without the hijacker too
                       if r["trust"] < threshold and r["source"] in hijacked["flagged"]]
     lines += ["| merge | experts | " + " | ".join(domains) + " | worst other domain |",
               "| --- | --- |" + " ---: |" * (len(domains) + 1)]
     for name, row in record["bpb"].items():
-        worst = max(100 * (row[d] / base[d] - 1) for d in others)
+        against = record["against"].get(name)
+        worst = (f"{max(100 * (row[d] / record['bpb'][against][d] - 1) for d in others):+.1f}%"
+                 if against else "–")
         lines.append(f"| {name} | {', '.join(record['experts'][name])} | "
-                     + " | ".join(f"{row[d]:.4f}" for d in domains)
-                     + (" | – |" if name == WITHOUT else f" | {worst:+.1f}% |"))
+                     + " | ".join(f"{row[d]:.4f}" for d in domains) + f" | {worst} |")
     lines += ["", f"Bits per byte on the held-out split. Worst other domain: the largest change "
-              f"on a domain other than {record['hijacker']} against the merge without "
-              f"{record['hijacker']} (made by `merge remove`). Screened: parties whose trust "
+              f"on a domain other than {record['hijacker']} against the merge of the same kind "
+              f"without {record['hijacker']} (made by `merge remove`). Screened: parties whose "
+              f"trust "
               f"is below {threshold:g} are left out; flagged here: "
               f"{', '.join(hijacked['flagged']) or 'none'}"
               + (f", of which {', '.join(honest_flagged)} also in the demo's own merge "
