@@ -64,8 +64,8 @@ def check(base: Base, parties: list[Party], m: int, *, low_rank_to, calibration)
         raise MergeRefused(f"--fine-grained {m}: splits FFN experts only; "
                            + (f"parties {low} are low-rank" if low else "not with --low-rank"))
     if calibration is not None:
-        raise MergeRefused(f"--fine-grained {m}: not with --calibrate (it fits one temperature "
-                           f"and bias per expert slot)")
+        raise MergeRefused(f"--fine-grained {m}: not with --calibrate (its party gate mixes "
+                           f"one expert slot per party)")
 
 
 def balanced(score: np.ndarray, size: int) -> np.ndarray:

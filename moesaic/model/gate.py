@@ -75,6 +75,7 @@ def log_likelihoods(bigram_hp: jax.Array, context_vp: jax.Array, tokens_bt: jax.
 def gate_probs(bigram_hp: jax.Array, context_vp: jax.Array, bias_p: jax.Array,
                tokens_bt: jax.Array, eos_id: int) -> jax.Array:
     """(B, T, P) float32: the gate of every position of whole rows."""
+    tokens_bt = jnp.asarray(tokens_bt)
     vocab = context_vp.shape[0]
     ll = log_likelihoods(bigram_hp, context_vp, tokens_bt, previous_tokens(tokens_bt, eos_id),
                          vocab)

@@ -14,8 +14,9 @@ from moesaic.interop.hf_export import export_hf
 from moesaic.merge import calibrate, fuse
 from moesaic.merge.sources import MergeRefused
 from moesaic.model import checkpoint, gate
-from moesaic.model.names import GATE_BIAS, GATE_BIGRAM, GATE_CONTEXT
+from moesaic.model.names import GATE_BIAS, GATE_BIGRAM, GATE_CONTEXT, ROUTER
 from moesaic.model.params import build_model
+from moesaic.routing import ngram
 from tests.support.merging import all_tensors, assert_same, make_base, make_branch
 from tests.support.planted import BYTE_CFG
 from tests.support.training import make_data
@@ -138,3 +139,39 @@ def test_bad_calibration_data_is_refused(calib_world, tmp_path):
                  "--out", str(out)]) == 0
     record = json.loads((out / "meta.json").read_text())["calibration"]
     assert record["options"]["temperatures"] == [2.0] and record["temperature"] == 2.0
+
+
+def test_a_party_that_joins_later_gets_the_tokens_of_its_own_text(calib_world, tmp_path):
+    """The failure the gate mends: a joining party whose row is weaker than the rows already
+    there. Parties a and b (bytes 0-59 and 60-119, rows x20) are merged; c (bytes 120-179, row
+    x0.05) joins with `merge add`. On c's kind of text the learned rows give c a third of the
+    weight c's model alone gives it; joined to the calibrated merge, c takes all of it."""
+    rng = np.random.default_rng(5)
+
+    def party(source, lo, scale, seed):
+        rows = rng.integers(lo, lo + 60, (400, 32))
+
+        def tamper(own, stats, meta, hashes):
+            own[ROUTER] = own[ROUTER] * scale
+            stats.update(ngram.tensors(ngram.count(rows, vocab_size=264, eos_id=256)))
+        return make_branch(calib_world["base"], tmp_path / source, source, seed, tamper=tamper)
+
+    a, b, c = party("a", 0, 20.0, 11), party("b", 60, 20.0, 12), party("c", 120, 0.05, 13)
+    text = rng.integers(120, 180, (4, 32)).astype(np.int32)
+    kw = dict(router="learned-rows", top_k=2, **QUIET)
+
+    def c_weight(path):  # c's share of the router weight on c's kind of text, mean over layers
+        model, meta = checkpoint.load(path)
+        _, aux = model(text)
+        share = np.asarray(aux["expert_weight_share"])
+        return float(share[:, [e["source"] for e in meta["experts"]].index("c")].mean())
+
+    for calibration in (None, calib_world["request"]):
+        name = "cal" if calibration else "plain"
+        fuse.merge_paths(calib_world["base"], [a, b], out=tmp_path / name,
+                         calibration=calibration, **kw)
+        fuse.add(tmp_path / name, [c], out=tmp_path / f"{name}+c", **QUIET)
+    fuse.merge_paths(calib_world["base"], [c], out=tmp_path / "c_alone", **kw)
+    alone, plain, joined = (c_weight(tmp_path / n) for n in ("c_alone", "plain+c", "cal+c"))
+    assert plain < 0.5 * alone  # the rows already there take c's text (measured: 0.35 of it)
+    assert joined > 0.9 * alone  # the gate gives it back (measured: 0.99)
