@@ -182,19 +182,19 @@ class Units:
 
 # ---- from a fine-grained merged checkpoint ---------------------------------------------------
 
-class Joined:
+class Joined(View):
     """Experts of a fine-grained merged tensor put back together: unit u from its m slots
-    [first, first + m) and its recorded order. Read like a `sources.View`: (L, units, ...)."""
+    [first, first + m) and its recorded order. A `sources.View` of (L, units, ...) whose rows
+    are reassembled (its reading in pieces and as a streaming source are View's)."""
 
     def __init__(self, path, name: str, units: list[tuple[int, str]], m: int):
-        self.path, self.name, self.m = path, name, m
-        self.reader = checkpoint.TensorReader(path, name)
+        super().__init__(path, name)
+        self.m = m
         self.units = [(first, checkpoint.TensorReader(path, order)) for first, order in units]
         self.hidden = 2 if name == W_DOWN else 3
         shape = list(self.reader.shape)
         shape[1], shape[self.hidden] = len(units), shape[self.hidden] * m
-        self.shape, self.dtype = tuple(shape), self.reader.dtype
-        self.scans: dict = {}  # what verifying it found, as `sources.View` records it
+        self.shape = tuple(shape)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, *self.shape[1:]), self.dtype)
@@ -209,16 +209,6 @@ class Joined:
                 unit[tuple(index)] = permuted[i]
                 out[i, u] = unit
         return out
-
-    def read(self) -> np.ndarray:
-        return self.rows(0, self.shape[0])
-
-    def pieces(self):
-        for layer in range(self.shape[0]):
-            yield self.rows(layer, layer + 1)
-
-    def source(self) -> streaming.TensorSource:
-        return streaming.TensorSource(self.shape, self.dtype, self.pieces, rows_per_chunk=1)
 
 
 def parties_of_merged(path) -> tuple[Base, list[Party], dict]:
