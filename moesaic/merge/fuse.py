@@ -81,8 +81,9 @@ def _streamed_views(base: Base, parties: list[Party], public: PublicStats | None
     None when the merge reads them in other ways first (`plain` False: fine-grained,
     low-rank, calibration); every view's recorded scans are cleared, so each merge reads
     its inputs afresh."""
-    views = [*base.tensors.values(), *(v for p in parties for v in (*p.own.values(),
-                                                                   *p.stats.values())),
+    views = [*base.tensors.values(),
+             *(v for p in parties for v in (*p.own.values(), *p.stats.values(),
+                                            *(p.ngram or {}).values())),
              *(public.stats.values() if public is not None else ())]
     for view in views:
         view.scans.clear()
