@@ -18,7 +18,15 @@ from collections.abc import Callable, Mapping
 from tqdm import tqdm
 
 from moesaic.demo import runner
-from moesaic.demo.systems import BTX_TUNED, CEILING, DENSE_OWN, DOMAINS, OPT_OUT, TUNED
+from moesaic.demo.systems import (
+    BTX_TUNED,
+    CALIBRATED,
+    CEILING,
+    DENSE_OWN,
+    DOMAINS,
+    OPT_OUT,
+    TUNED,
+)
 from moesaic.eval import ensembles, perplexity
 from moesaic.eval.tasks import RowScorer, TaskSet, chance, ensemble_scorer, model_scorer
 
@@ -53,6 +61,7 @@ def _systems(paths: Mapping[str, pathlib.Path], w: pathlib.Path
         CEILING: {d: one(paths[f"alone/{d}"]) for d in DOMAINS},
         "merged MoE (learned-rows)": one(paths["merge/learned-rows"]),
         TUNED: one(paths["tune"]),
+        CALIBRATED: one(paths["calibrated"]),
         f"merged MoE (learned-rows) without {OPT_OUT}": one(paths["optout"]),
         "unrestricted MoE (all data)": one(paths["moe-all"]),
         DENSE_OWN: {d: one(dense[d]) for d in DOMAINS},
