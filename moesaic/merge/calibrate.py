@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import pathlib
 
 import jax
@@ -122,11 +123,14 @@ def _options(options: dict | None) -> dict:
         raise MergeRefused(f"calibration options {unknown}: known {sorted(DEFAULTS)}")
     temps = opts["temperatures"]
     temps = (temps,) if isinstance(temps, (int, float)) else tuple(temps)
-    if not temps or not all(isinstance(t, (int, float)) and t > 0 for t in temps):
+    def positive(x) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+    if not temps or not all(positive(t) for t in temps):
         raise MergeRefused(f"calibration option temperatures={opts['temperatures']!r}: one or "
-                           f"more numbers > 0")
-    if not (isinstance(opts["alpha"], (int, float)) and opts["alpha"] > 0):
-        raise MergeRefused(f"calibration option alpha={opts['alpha']!r}: a number > 0")
+                           f"more finite numbers > 0")
+    if not positive(opts["alpha"]):
+        raise MergeRefused(f"calibration option alpha={opts['alpha']!r}: a finite number > 0")
     return {"temperatures": [float(t) for t in temps], "alpha": float(opts["alpha"])}
 
 

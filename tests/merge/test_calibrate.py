@@ -116,7 +116,8 @@ def test_bad_calibration_data_is_refused(calib_world, tmp_path):
     other = BYTE_CFG.replace(vocab_size=300, eos_id=298, pad_id=299)
     with pytest.raises(MergeRefused, match="calibration data .*tokenized|eos"):
         calibrate.request_from_data(w["data"], other, seq_len=16)
-    for options in ({"steps": 3}, {"temperatures": [0.0]}, {"alpha": -1}):
+    for options in ({"steps": 3}, {"temperatures": [0.0]}, {"temperatures": float("inf")},
+                    {"alpha": -1}):
         with pytest.raises(MergeRefused, match="calibration option"):
             calibrate.fit(BYTE_CFG, {}, w["request"].tokens, [], options=options)
     # a party whose artifact has no bigram counts
