@@ -99,23 +99,22 @@ def load_base(path: str | pathlib.Path, meta: dict, mesh: Mesh, rules: Rules,
 
 def party_stats(base: Base, config: ml_collections.ConfigDict, data_dir: str | pathlib.Path,
                 mesh: Mesh, rules: Rules, source: str | None = None) -> router_stats.RouterStats:
-    """Router statistics of the party's source (or `source`) under the base, on
-    config.branch.stats_batches global batches, with its token-bigram counts (the party gate's
-    input: `moesaic.routing.ngram`)."""
-    import dataclasses
-
+    """Router statistics of the party's source under the base, on config.branch.stats_batches
+    global batches, with its token-bigram counts (the party gate's input:
+    `moesaic.routing.ngram`); of `source` (public data for a contrast row) without them."""
     from moesaic.routing import ngram
 
     batch = int(config.data.global_batch)
-    source = source or str(config.branch.source)
     sequences, n_docs = router_stats.stats_sequences(
-        data_dir, source, seq_len=int(config.data.seq_len),
+        data_dir, source or str(config.branch.source), seq_len=int(config.data.seq_len),
         max_sequences=int(config.branch.stats_batches) * batch, batch_rows=batch)
     collected = router_stats.collect(base.model, sequences, n_docs, batch_rows=batch, mesh=mesh,
                                      rules=rules)
-    counts = ngram.count_source(data_dir, source, width=int(config.data.seq_len),
-                                vocab_size=base.cfg.vocab_size, eos_id=base.cfg.eos_id)
-    return dataclasses.replace(collected, ngram=counts)
+    if source is not None:
+        return collected
+    return ngram.with_counts(collected, data_dir, str(config.branch.source),
+                             width=int(config.data.seq_len), vocab_size=base.cfg.vocab_size,
+                             eos_id=base.cfg.eos_id)
 
 
 def own_router_row(config: ml_collections.ConfigDict, base: Base,

@@ -145,9 +145,7 @@ class Demo:
                                                         p[f"merge/{r}"])
         work["calibrated"] = lambda: self.merge(
             [p[f"branch/{d}"] for d in DOMAINS], "learned-rows", p["calibrated"],
-            calibration=calibrate.request_from_data(
-                self.data, checkpoint.model_config(checkpoint.read_meta(p["public"])),
-                seq_len=preset.seq_len, rows=CALIBRATION_ROWS))
+            calibration=self.calibration())
         for r in UNCOORDINATED:
             work[f"uncoordinated/{r}"] = lambda r=r: self.merge(
                 [p[f"ffn/{d}"] for d in DOMAINS], r, p[f"uncoordinated/{r}"])
@@ -188,6 +186,12 @@ class Demo:
         fuse.merge_paths(self.paths["public"], branches, router=router, top_k=self.preset.top_k,
                          out=out, public_stats=self.paths["public-stats"],
                          options=ROUTER_OPTIONS.get(router), log=tqdm.write, **kw)
+
+    def calibration(self) -> calibrate.Request:
+        """The calibration of the demo's calibrated merges: CALIBRATION_ROWS public rows."""
+        cfg = checkpoint.model_config(checkpoint.read_meta(self.paths["public"]))
+        return calibrate.request_from_data(self.data, cfg, seq_len=self.preset.seq_len,
+                                           rows=CALIBRATION_ROWS)
 
     def make_soups(self) -> None:  # five soups, one stage: a re-run keeps those already written
         soups = self.w / "soups"

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from moesaic.demo import runner
-from moesaic.demo.systems import CALIBRATION_ROWS, DOMAINS, OPT_OUT, ROUTER_OPTIONS
+from moesaic.demo.systems import DOMAINS, OPT_OUT, ROUTER_OPTIONS
 from moesaic.eval import perplexity
 from moesaic.merge import calibrate, fuse, planted, screen
 from moesaic.model import checkpoint
@@ -61,18 +61,9 @@ def paths(w: pathlib.Path, preset) -> dict[str, pathlib.Path]:
 
 
 def _tokens(demo) -> np.ndarray:
-    return calibrate.proxy_tokens(demo.data, _cfg(demo), seq_len=demo.preset.seq_len,
+    cfg = checkpoint.model_config(checkpoint.read_meta(demo.paths[f"merge/{ROUTER}"]))
+    return calibrate.proxy_tokens(demo.data, cfg, seq_len=demo.preset.seq_len,
                                   rows=int(demo.preset.screen_rows))
-
-
-def _cfg(demo):
-    return checkpoint.model_config(checkpoint.read_meta(demo.paths[f"merge/{ROUTER}"]))
-
-
-def _calibration(demo) -> calibrate.Request:
-    """The `calibrated` stage's calibration (the same proxy rows)."""
-    return calibrate.request_from_data(demo.data, _cfg(demo), seq_len=demo.preset.seq_len,
-                                       rows=CALIBRATION_ROWS)
 
 
 def _branches(demo) -> list[pathlib.Path]:
@@ -95,7 +86,7 @@ def work(demo) -> dict:
             screen.screen(p["calibrated"], _tokens(demo), log=tqdm.write), p["calibrated"]),
         "hijacker": lambda: planted.plant("hijacker", p[f"branch/{HIJACKER}"], p["hijacker"]),
         "hijack/calibrated": lambda: demo.merge(_branches(demo), ROUTER, p["hijack/calibrated"],
-                                                calibration=_calibration(demo)),
+                                                calibration=demo.calibration()),
         "hijack/unscreened": lambda: demo.merge(_branches(demo), ROUTER,
                                                 p["hijack/unscreened"]),
         "without": lambda: fuse.remove(p["calibrated"], HIJACKER, out=p["without"],
@@ -105,7 +96,7 @@ def work(demo) -> dict:
     for policy in POLICIES:
         out[f"hijack/{policy}"] = (lambda policy=policy: screen.screened_merge(
             p["public"], _branches(demo), out=p[f"hijack/{policy}"], tokens=_tokens(demo),
-            policy=policy, calibration=_calibration(demo), log=tqdm.write,
+            policy=policy, calibration=demo.calibration(), log=tqdm.write,
             **_merge_kw(demo)))
     return out
 

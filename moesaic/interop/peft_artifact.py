@@ -33,6 +33,7 @@ from moesaic.interop import peft_format
 from moesaic.model import checkpoint, lora
 from moesaic.model.config import ModelConfig
 from moesaic.model.names import BIAS, ROUTER
+from moesaic.routing import ngram
 
 ROUTER_INITS = ("contrast", "mean_hidden")
 
@@ -108,7 +109,8 @@ def import_peft(adapter_dir: str | pathlib.Path, base: str | pathlib.Path, sourc
     own = {name: value.astype(dtype) for name, value in adapter.tensors.items()}
     own[ROUTER] = np.asarray(row, dtype).reshape(base_cfg.n_layers, 1, base_cfg.d_model)
     own[BIAS] = np.asarray(bias, dtype).reshape(base_cfg.n_layers, 1)
-    party = stats[source]
+    party = ngram.with_counts(stats[source], data_dir, source, width=seq_len,
+                              vocab_size=base_cfg.vocab_size, eos_id=base_cfg.eos_id)
     meta = {
         "source": source, "base_fingerprint": base_meta["fingerprint"],
         "frozen_hashes": hashes, "base_experts": base_cfg.n_experts,

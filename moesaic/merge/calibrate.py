@@ -209,8 +209,9 @@ def into(tensors: dict, cfg: ModelConfig, names: list[str], base_experts: int,
     missing = [s for s in parties if ngram_name("bigram", s) not in tensors]
     if missing:
         raise MergeRefused(f"--calibrate: parties {missing} have no token-bigram counts "
-                           f"(ngram/bigram, which branch jobs write since the party gate); "
-                           f"train those branches again, or merge without --calibrate")
+                           f"(ngram/bigram, which branch jobs and import-peft write since the "
+                           f"party gate); make those artifacts again, or merge without "
+                           f"--calibrate")
     down_weight = [s for s in request.down_weight if s in parties or not request.carried]
     unknown = sorted(set(down_weight) - set(parties))
     if unknown:

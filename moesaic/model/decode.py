@@ -69,12 +69,10 @@ def _party_gate(model: Decoder, tokens_bt, valid_bt, cache: Cache):
                                                         axis=1)[:, 0], cache.last)
     if not cfg.gate_parties:
         return None, cache.gate_z, new_last.astype(jnp.int32)
-    prev = gate.previous_tokens(tokens_bt, cfg.eos_id, cache.last.astype(tokens_bt.dtype),
-                                valid_bt)
-    ll = gate.log_likelihoods(model.gate_bigram[...], model.gate_context[...], tokens_bt, prev,
-                              cfg.vocab_size)
-    z = cache.gate_z[:, None, :] + jnp.cumsum(jnp.where(valid_bt[..., None], ll, 0.0), axis=1)
-    g = jax.nn.softmax(z + model.gate_bias[...].astype(jnp.float32), axis=-1)
+    z = gate.scores(model.gate_bigram[...], model.gate_context[...], tokens_bt, cfg.eos_id,
+                    first_b=cache.last.astype(tokens_bt.dtype), valid_bt=valid_bt,
+                    start_bp=cache.gate_z)
+    g = gate.probs(z, model.gate_bias[...])
     return g.reshape(-1, g.shape[-1]), z[:, -1], new_last.astype(jnp.int32)
 
 

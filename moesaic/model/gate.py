@@ -72,14 +72,24 @@ def log_likelihoods(bigram_hp: jax.Array, context_vp: jax.Array, tokens_bt: jax.
             - context_vp.astype(jnp.float32)[jnp.clip(prev_bt, 0, vocab_size - 1)])
 
 
-def gate_probs(bigram_hp: jax.Array, context_vp: jax.Array, bias_p: jax.Array,
-               tokens_bt: jax.Array, eos_id: int) -> jax.Array:
-    """(B, T, P) float32: the gate of every position of whole rows."""
+def scores(bigram_hp: jax.Array, context_vp: jax.Array, tokens_bt: jax.Array, eos_id: int, *,
+           first_b: jax.Array | None = None, valid_bt: jax.Array | None = None,
+           start_bp: jax.Array | None = None) -> jax.Array:
+    """(B, T, P) float32: each party's running log-likelihood / temperature at every position,
+    over the valid tokens (all without `valid_bt`), from `start_bp` (0: a row's first token,
+    which follows `first_b`, default eos). Decoding passes what its cache kept."""
     tokens_bt = jnp.asarray(tokens_bt)
-    vocab = context_vp.shape[0]
-    ll = log_likelihoods(bigram_hp, context_vp, tokens_bt, previous_tokens(tokens_bt, eos_id),
-                         vocab)
-    return jax.nn.softmax(jnp.cumsum(ll, axis=1) + bias_p.astype(jnp.float32), axis=-1)
+    prev = previous_tokens(tokens_bt, eos_id, first_b, valid_bt)
+    ll = log_likelihoods(bigram_hp, context_vp, tokens_bt, prev, context_vp.shape[0])
+    if valid_bt is not None:
+        ll = jnp.where(valid_bt[..., None], ll, 0.0)
+    z = jnp.cumsum(ll, axis=1)
+    return z if start_bp is None else z + start_bp[:, None, :]
+
+
+def probs(scores_btp: jax.Array, bias_p: jax.Array) -> jax.Array:
+    """(B, T, P) the gate: a softmax over the parties of their scores and log priors."""
+    return jax.nn.softmax(scores_btp + bias_p.astype(jnp.float32), axis=-1)
 
 
 def mix(logits_te: jax.Array, gate_tp: jax.Array) -> jax.Array:

@@ -82,8 +82,8 @@ class Decoder(nnx.Module):
         """(B*T, P) the party gate of every position, or None without one."""
         if not self.cfg.gate_parties:
             return None
-        g = gate.gate_probs(self.gate_bigram[...], self.gate_context[...], self.gate_bias[...],
-                            tokens_bt, self.cfg.eos_id)
+        z = gate.scores(self.gate_bigram[...], self.gate_context[...], tokens_bt, self.cfg.eos_id)
+        g = gate.probs(z, self.gate_bias[...])
         return g.reshape(-1, g.shape[-1])
 
     def hidden(self, tokens_bt: jax.Array, collect_stats: bool = False):

@@ -10,6 +10,7 @@ them beside its router statistics (`ngram/bigram` (buckets,), `ngram/context` (V
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -43,6 +44,14 @@ def count_source(data_dir: str | os.PathLike, source: str, *, width: int, vocab_
     rows, _, _ = packed_rows(data_dir, source, "train", width=width,
                              max_rows=max(1, max_tokens // width))
     return count(rows, vocab_size=vocab_size, eos_id=eos_id)
+
+
+def with_counts(stats, data_dir: str | os.PathLike, source: str, *, width: int,
+                vocab_size: int, eos_id: int):
+    """A party's `routing.stats.RouterStats` with its source's counts: what its artifact
+    hands over (a branch job's, an imported adapter's)."""
+    return dataclasses.replace(stats, ngram=count_source(
+        data_dir, source, width=width, vocab_size=vocab_size, eos_id=eos_id))
 
 
 def tensors(counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

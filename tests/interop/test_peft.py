@@ -77,6 +77,8 @@ def test_merged_party_computes_what_peft_computes(world, monkeypatch):
     assert meta["kind"] == "branch" and meta["source"] == "code"
     assert (meta["model"]["lora_rank"], meta["model"]["lora_alpha"]) == (4, 6.0)
     assert meta["stats_tokens"] > 0 and meta["peft"]["router_init"] == "contrast"
+    counts = checkpoint.load_tensors(world["artifact"], ["ngram/bigram", "ngram/context"])
+    assert counts["ngram/bigram"].sum() == counts["ngram/context"].sum() > 0  # the party gate's
     merged = world["root"] / "merged"
     assert main(["merge", "--base", str(world["base"]), "--branch", str(world["artifact"]),
                  "--router", "learned-rows", "--out", str(merged)]) == 0
